@@ -1,0 +1,156 @@
+//! The command line: argument definitions and the small helpers every command shares. Each
+//! command's work is a call into the library; this layer parses, prints and sets exit codes.
+
+mod api;
+mod sandbox;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use dweetpipe::client::{Client, Key};
+
+pub use api::{AlertCommand, run_alert};
+
+const ABOUT: &str = "Keep, query and watch the data of a dweet.io fleet.";
+
+const LONG_ABOUT: &str = "\
+Keep, query and watch the data of a dweet.io fleet.
+
+Talk to any dweet.io-compatible server (renesas.dweet.io, a self-hosted `dweetpipe sandbox`),
+run a sandbox of your own, or simulate a fleet of Renesas S5D9 boards.
+
+Quick start, in three terminals:
+  dweetpipe sandbox --listen 127.0.0.1:8080
+  dweetpipe --server http://127.0.0.1:8080 simulate --things 5 --interval 1
+  dweetpipe --server http://127.0.0.1:8080 listen S5D9-0001";
+
+#[derive(Debug, Parser)]
+#[command(name = "dweetpipe", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// The dweet.io-compatible server to talk to: scheme://host[:port][/prefix].
+    #[arg(long, global = true, env = "DWEET_SERVER", default_value = dweetpipe::client::DEFAULT_BASE_URL)]
+    pub server: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a dweet: `dweetpipe dweet S5D9-63de TemperatureC=29 LED=0`.
+    ///
+    /// Values that read as numbers are sent as numbers. Without a THING the server names one
+    /// (the answer says which). --json gives a whole object; k=v pairs are added to it.
+    Dweet(api::DweetArgs),
+    /// Print the newest dweet of a thing as one JSON line.
+    Latest(api::ThingArgs),
+    /// Print the dweets the server keeps for a thing, one JSON line each, newest first.
+    ///
+    /// The output is JSON Lines, ready for `dweetpipe import`.
+    History(api::ThingArgs),
+    /// Follow a thing's new dweets, one compact JSON line each, as they arrive.
+    ///
+    /// Reconnects by itself when the server closes the stream; with --timeout it stops after
+    /// that many seconds (dweepy's timeout), otherwise it runs until interrupted.
+    Listen(api::ListenArgs),
+    /// Attach a lock to a thing; from then on every call on it needs the key.
+    Lock(api::LockArgs),
+    /// Detach the lock from a thing.
+    Unlock(api::KeyedThingArgs),
+    /// Detach a lock from whatever thing holds it.
+    RemoveLock(api::RemoveLockArgs),
+    /// Set, show or remove the alert of a locked thing.
+    #[command(subcommand)]
+    Alert(AlertCommand),
+    /// Serve the dweet.io API (a self-hosted replacement for the public service).
+    Sandbox(sandbox::SandboxArgs),
+    /// Dweet from a simulated fleet of Renesas S5D9 boards.
+    Simulate(sandbox::SimulateArgs),
+}
+
+/// Where a lock's master key comes from. The environment or a file keeps it out of shell
+/// history and process listings; --key is there for quick tries.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The lock's master key. Prefer DWEET_KEY or --key-file outside quick tries.
+    #[arg(long, env = "DWEET_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Read the key from this file (surrounding whitespace ignored).
+    #[arg(long, conflicts_with = "key", value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    pub fn optional(&self) -> anyhow::Result<Option<Key>> {
+        if let Some(key) = &self.key {
+            return Ok(Some(Key::new(key.clone())));
+        }
+        let Some(path) = &self.key_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read the key file {}", path.display()))?;
+        let key = text.trim();
+        if key.is_empty() {
+            bail!("the key file {} is empty", path.display());
+        }
+        Ok(Some(Key::new(key)))
+    }
+
+    pub fn required(&self) -> anyhow::Result<Key> {
+        match self.optional()? {
+            Some(key) => Ok(key),
+            None => bail!(
+                "this needs the lock's master key: pass --key, --key-file PATH or set DWEET_KEY"
+            ),
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = || Client::new(&cli.server).with_context(|| format!("--server {:?}", cli.server));
+    match cli.command {
+        Command::Dweet(args) => api::dweet(&client()?, args).await,
+        Command::Latest(args) => api::latest(&client()?, args).await,
+        Command::History(args) => api::history(&client()?, args).await,
+        Command::Listen(args) => api::listen(&client()?, args).await,
+        Command::Lock(args) => api::lock(&client()?, args).await,
+        Command::Unlock(args) => api::unlock(&client()?, args).await,
+        Command::RemoveLock(args) => api::remove_lock(&client()?, args).await,
+        Command::Alert(command) => run_alert(&client()?, command).await,
+        Command::Sandbox(args) => sandbox::serve(args).await,
+        Command::Simulate(args) => sandbox::simulate(client()?, args).await,
+    }
+}
+
+/// The default log filter: servers say what they do, one-shot verbs only what went wrong.
+pub fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Sandbox(_) | Command::Simulate(_) => "info",
+        _ => "warn",
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, the signals a terminal, systemd and Kubernetes send.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,176 @@
+//! `dweetpipe sandbox` and `dweetpipe simulate`: the self-hosted server and the fleet.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dweetpipe::client::{Client, Key};
+use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
+use dweetpipe::sandbox::{Limits, SandboxConfig};
+
+use super::KeyArgs;
+use super::api::seconds;
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Address to serve on (port 0 picks a free one; the URL is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A lock and its master key, NAME:KEY; repeat for more. DWEETPIPE_SANDBOX_LOCKS takes a
+    /// comma-separated list and keeps keys out of the process list.
+    #[arg(
+        long = "lock",
+        value_name = "NAME:KEY",
+        env = "DWEETPIPE_SANDBOX_LOCKS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    locks: Vec<String>,
+    /// A file of locks, one NAME:KEY per line (`#` starts a comment).
+    #[arg(long, value_name = "PATH")]
+    locks_file: Option<PathBuf>,
+    /// Serve under this path prefix, e.g. /dweet.
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// Dweets kept per thing (the Renesas sandbox kept 500).
+    #[arg(long, default_value_t = 500)]
+    max_history: usize,
+    /// How long a thing's history lives after its last dweet (e.g. 24h, 90m).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Most characters of content per dweet.
+    #[arg(long, default_value_t = 2000)]
+    max_content: usize,
+    /// Requests per second allowed per thing (the public service allowed about 1). Off when
+    /// not given.
+    #[arg(long, value_name = "PER_SECOND")]
+    rate_limit: Option<f64>,
+    /// Close a listen stream after this long without a dweet, as the public service did.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_close: Duration,
+}
+
+pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
+    if let Some(rate) = args.rate_limit
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        bail!("--rate-limit must be a positive number of requests per second, not {rate}");
+    }
+    let mut locks = Vec::new();
+    for spec in &args.locks {
+        locks.push(parse_lock(spec).context("--lock")?);
+    }
+    if let Some(path) = &args.locks_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read the locks file {}", path.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            locks.push(
+                parse_lock(line)
+                    .with_context(|| format!("{} line {}", path.display(), number + 1))?,
+            );
+        }
+    }
+    let config = SandboxConfig {
+        listen: args.listen,
+        prefix: args.prefix,
+        locks,
+        limits: Limits {
+            max_history: args.max_history,
+            retention: args.retention,
+            rate_limit: args.rate_limit,
+            ..Limits::default()
+        },
+        max_content_chars: args.max_content,
+        idle_close: args.idle_close,
+        ..SandboxConfig::default()
+    };
+    let handle = dweetpipe::sandbox::start(config)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen))?;
+    println!("listening on {}", handle.base_url());
+    super::shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// `NAME:KEY`; the key itself never appears in the error.
+fn parse_lock(spec: &str) -> anyhow::Result<(String, Key)> {
+    match spec.split_once(':') {
+        Some((name, key)) if !name.trim().is_empty() && !key.trim().is_empty() => {
+            Ok((name.trim().to_owned(), Key::new(key.trim())))
+        }
+        _ => bail!("a lock is written NAME:KEY (both non-empty)"),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// How many boards.
+    #[arg(long, default_value_t = 20)]
+    things: usize,
+    /// Seconds between two dweets of one board (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    interval: f64,
+    /// Dweets per board, then exit. Without it, run until interrupted.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Thing names are PREFIX0001, PREFIX0002, ...
+    #[arg(long, default_value = "S5D9-")]
+    prefix: String,
+    /// Every M-th dweet of a board is an odd payload (missing sensors, strings, nulls, nesting).
+    #[arg(long, value_name = "M")]
+    odd_every: Option<u64>,
+    /// Seed for the boards' values; the same seed sends the same values.
+    #[arg(long, default_value_t = 0x5D9)]
+    seed: u64,
+    #[command(flatten)]
+    key: KeyArgs,
+}
+
+pub async fn simulate(client: Client, args: SimulateArgs) -> anyhow::Result<()> {
+    let interval = seconds("--interval", args.interval)?;
+    if interval.is_zero() {
+        bail!("--interval must be above zero");
+    }
+    let config = FleetConfig {
+        things: args.things,
+        interval,
+        count: args.count,
+        prefix: args.prefix,
+        key: args.key.optional()?,
+        odd_every: args.odd_every,
+        seed: args.seed,
+    };
+    let stats = Arc::new(FleetStats::default());
+    let fleet = run_fleet(client, config, Arc::clone(&stats));
+    let mut progress = tokio::time::interval(Duration::from_secs(5));
+    progress.tick().await;
+    tokio::pin!(fleet);
+    loop {
+        tokio::select! {
+            _ = &mut fleet => break,
+            _ = super::shutdown_signal() => break,
+            _ = progress.tick() => {
+                tracing::info!(sent = stats.sent(), failed = stats.failed(), "simulating");
+            }
+        }
+    }
+    eprintln!(
+        "simulated {} boards: {} dweets sent, {} failed",
+        args.things,
+        stats.sent(),
+        stats.failed()
+    );
+    if stats.failed() > 0 {
+        bail!("{} dweets failed; see the warnings above", stats.failed());
+    }
+    Ok(())
+}

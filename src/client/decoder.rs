@@ -1,0 +1,330 @@
+//! The listen stream's frame decoder: bytes in, dweets out, no I/O.
+//!
+//! dweet.io frames each dweet as `<hex length>\r\n<JSON string literal>\r\n` inside one HTTP
+//! chunk, but nothing guarantees that a read returns exactly one chunk, and clones stream plain
+//! NDJSON instead. So the decoder is line-oriented, the way robust clients in the wild are:
+//! it buffers until a newline, ignores the hex length lines, decodes a string literal twice,
+//! accepts an object line as is, and skips (and reports) anything else. A line longer than
+//! `max_line` is dropped up to its newline so a hostile server cannot grow memory without bound.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use super::types::Dweet;
+
+/// The default longest line kept: far above the protocol's 2000-character content limit, even
+/// double-encoded, and small enough to bound the memory of ten thousand streams.
+pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
+
+/// What one complete line turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    Dweet(Dweet),
+    /// The server answered with a failure envelope instead of a stream (a locked thing, say).
+    Failure {
+        code: Option<u16>,
+        because: String,
+    },
+    /// A line that is neither a frame nor a length line; skipped and counted.
+    Skipped(SkipReason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Not JSON at all (or invalid UTF-8 inside it).
+    NotJson,
+    /// JSON, but not a dweet; carries the decoder's complaint.
+    NotADweet(String),
+    /// Longer than the decoder's line limit; dropped up to its newline.
+    TooLong,
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::NotJson => f.write_str("line is not JSON"),
+            SkipReason::NotADweet(why) => write!(f, "JSON line is not a dweet: {why}"),
+            SkipReason::TooLong => f.write_str("line exceeds the length limit"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Bytes of `buf` before this offset were already consumed.
+    consumed: usize,
+    /// Dropping the rest of an over-long line until its newline.
+    discarding: bool,
+    max_line: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::with_max_line(DEFAULT_MAX_LINE)
+    }
+
+    pub fn with_max_line(max_line: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            consumed: 0,
+            discarding: false,
+            max_line,
+        }
+    }
+
+    /// Feeds bytes as they arrived from the network, in any split.
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        if self.discarding {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    self.discarding = false;
+                    bytes = &bytes[end + 1..];
+                }
+                None => return,
+            }
+        }
+        if self.consumed > 0 && self.consumed >= self.buf.len() / 2 {
+            self.buf.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete line's meaning, or `None` until more bytes arrive.
+    pub fn next_event(&mut self) -> Option<Decoded> {
+        loop {
+            let pending = &self.buf[self.consumed..];
+            match pending.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    let line_range = self.consumed..self.consumed + end;
+                    self.consumed += end + 1;
+                    if end > self.max_line {
+                        return Some(Decoded::Skipped(SkipReason::TooLong));
+                    }
+                    if let Some(event) = classify_line(&self.buf[line_range]) {
+                        return Some(event);
+                    }
+                }
+                None => {
+                    if pending.len() > self.max_line {
+                        self.clear();
+                        self.discarding = true;
+                        return Some(Decoded::Skipped(SkipReason::TooLong));
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Decodes a last line that ended without a newline, when the connection closes.
+    pub fn finish(&mut self) -> Option<Decoded> {
+        let last = classify_line(&self.buf[self.consumed..]);
+        self.clear();
+        self.discarding = false;
+        last
+    }
+
+    /// Forgets any partial line, for a fresh connection.
+    pub fn reset(&mut self) {
+        self.clear();
+        self.discarding = false;
+    }
+
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.consumed = 0;
+    }
+}
+
+#[derive(Deserialize)]
+struct FailureLine {
+    this: String,
+    with: Option<u16>,
+    because: String,
+}
+
+/// Decodes one line without its newline; `None` for lines that carry no dweet by design
+/// (blank lines, hex chunk lengths).
+fn classify_line(line: &[u8]) -> Option<Decoded> {
+    let line = line.trim_ascii();
+    if line.is_empty() || is_hex_length(line) {
+        return None;
+    }
+    let event = match line[0] {
+        b'"' => match serde_json::from_slice::<String>(line) {
+            Ok(inner) => decode_object(inner.as_bytes()),
+            Err(_) => Decoded::Skipped(SkipReason::NotJson),
+        },
+        b'{' => decode_object(line),
+        _ => Decoded::Skipped(SkipReason::NotJson),
+    };
+    Some(event)
+}
+
+fn decode_object(json: &[u8]) -> Decoded {
+    match serde_json::from_slice::<Dweet>(json) {
+        Ok(dweet) => Decoded::Dweet(dweet),
+        Err(dweet_error) => match serde_json::from_slice::<FailureLine>(json) {
+            Ok(failure) if failure.this == "failed" => Decoded::Failure {
+                code: failure.with,
+                because: failure.because,
+            },
+            _ if dweet_error.is_syntax() || dweet_error.is_eof() => {
+                Decoded::Skipped(SkipReason::NotJson)
+            }
+            _ => Decoded::Skipped(SkipReason::NotADweet(dweet_error.to_string())),
+        },
+    }
+}
+
+fn is_hex_length(line: &[u8]) -> bool {
+    line.len() <= 16 && line.iter().all(u8::is_ascii_hexdigit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::encode_stream_frame;
+
+    const DWEET: &str = r#"{"thing":"my-thing","created":"2014-03-19T10:45:28.934Z","content":{"some_key":"some_value","n":6816513845}}"#;
+
+    fn drain(decoder: &mut FrameDecoder) -> Vec<Decoded> {
+        std::iter::from_fn(|| decoder.next_event()).collect()
+    }
+
+    fn dweets(events: &[Decoded]) -> usize {
+        events
+            .iter()
+            .filter(|e| matches!(e, Decoded::Dweet(_)))
+            .count()
+    }
+
+    #[test]
+    fn decodes_one_protocol_frame() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&encode_stream_frame(DWEET));
+        let events = drain(&mut decoder);
+        assert_eq!(events.len(), 1);
+        let Decoded::Dweet(dweet) = &events[0] else {
+            panic!("expected a dweet, got {events:?}");
+        };
+        assert_eq!(dweet.thing, "my-thing");
+        assert_eq!(dweet.created.as_str(), "2014-03-19T10:45:28.934Z");
+        assert_eq!(dweet.content["n"], serde_json::json!(6816513845u64));
+        assert_eq!(dweet.transaction, None);
+    }
+
+    #[test]
+    fn decodes_several_frames_in_one_read() {
+        let mut bytes = Vec::new();
+        for _ in 0..5 {
+            bytes.extend(encode_stream_frame(DWEET));
+        }
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes);
+        assert_eq!(dweets(&drain(&mut decoder)), 5);
+    }
+
+    #[test]
+    fn decodes_frames_split_at_every_position() {
+        let mut bytes = encode_stream_frame(DWEET);
+        bytes.extend(encode_stream_frame(DWEET));
+        for split in 0..=bytes.len() {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes[..split]);
+            let mut events = drain(&mut decoder);
+            decoder.push(&bytes[split..]);
+            events.extend(drain(&mut decoder));
+            assert_eq!(dweets(&events), 2, "split at {split}");
+            assert_eq!(events.len(), 2, "split at {split}: {events:?}");
+        }
+    }
+
+    #[test]
+    fn decodes_one_byte_at_a_time() {
+        let bytes = encode_stream_frame(DWEET);
+        let mut decoder = FrameDecoder::new();
+        let mut events = Vec::new();
+        for byte in &bytes {
+            decoder.push(std::slice::from_ref(byte));
+            events.extend(drain(&mut decoder));
+        }
+        assert_eq!(dweets(&events), 1);
+    }
+
+    #[test]
+    fn accepts_ndjson_object_lines() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(format!("{DWEET}\n{DWEET}\r\n").as_bytes());
+        assert_eq!(dweets(&drain(&mut decoder)), 2);
+    }
+
+    #[test]
+    fn skips_and_reports_garbage_lines() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(b"hello there\n{\"not\":\"a dweet\"}\n\"unterminated\n\xff\xfe\n[1,2]\n");
+        decoder.push(&encode_stream_frame(DWEET));
+        let events = drain(&mut decoder);
+        assert_eq!(dweets(&events), 1);
+        let skipped: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Decoded::Skipped(reason) => Some(reason.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(skipped.len(), 5, "{skipped:?}");
+        assert!(matches!(skipped[1], SkipReason::NotADweet(_)));
+    }
+
+    #[test]
+    fn reports_a_failure_envelope() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(
+            br#"{"this":"failed","with":403,"because":"this thing is locked and requires a key"}"#,
+        );
+        assert_eq!(decoder.next_event(), None);
+        assert_eq!(
+            decoder.finish(),
+            Some(Decoded::Failure {
+                code: Some(403),
+                because: crate::protocol::LOCKED.to_owned()
+            })
+        );
+    }
+
+    #[test]
+    fn drops_overlong_lines_and_recovers() {
+        let mut decoder = FrameDecoder::with_max_line(256);
+        for _ in 0..100 {
+            decoder.push(&[b'x'; 100]);
+            let _ = drain(&mut decoder);
+        }
+        assert!(decoder.buf.capacity() < 4096, "buffer grew without bound");
+        decoder.push(b"xxx\n");
+        decoder.push(&encode_stream_frame(
+            r#"{"thing":"t","created":"2014-03-19T10:45:28.934Z","content":{}}"#,
+        ));
+        let events = drain(&mut decoder);
+        assert_eq!(dweets(&events), 1, "{events:?}");
+    }
+
+    #[test]
+    fn a_complete_overlong_line_is_skipped() {
+        let mut decoder = FrameDecoder::with_max_line(16);
+        decoder.push(b"\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n");
+        assert_eq!(
+            drain(&mut decoder),
+            vec![Decoded::Skipped(SkipReason::TooLong)]
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! The client's one error type. Each variant is something a caller can act on: retry later,
+//! supply a key, fix the thing name, or give up.
+
+use std::time::Duration;
+
+use crate::protocol;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Unknown or expired thing, or no alert. Display is the server's reason.
+    #[error("{because}")]
+    NotFound { because: String },
+    /// The thing is locked and the call carried no key.
+    #[error("{because}")]
+    Locked { because: String },
+    /// The key does not open the thing or the lock.
+    #[error("{because}")]
+    WrongKey { because: String },
+    /// `remove_lock` on a lock attached to nothing.
+    #[error("{because}")]
+    LockNotInUse { because: String },
+    /// The server asked us to slow down.
+    #[error("{because}")]
+    RateLimited { because: String },
+    /// Any other `{"this":"failed"}` answer.
+    #[error("{because}")]
+    Api { code: Option<u16>, because: String },
+    /// A non-2xx answer that was not a failure envelope.
+    #[error("the server answered HTTP {status}: {body}")]
+    Status { status: u16, body: String },
+    /// The request never got an answer: DNS, connect, TLS, timeout, reset.
+    #[error("could not talk to the dweet server: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The answer was not what the protocol says.
+    #[error("could not decode the server's answer to {context}: {detail}")]
+    Decode {
+        context: &'static str,
+        detail: String,
+    },
+    /// A listen stream sent nothing for longer than its idle timeout.
+    #[error("the listen stream sent nothing for {0:?}")]
+    Idle(Duration),
+    /// The base URL or a client option is unusable.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Classifies a `{"this":"failed"}` envelope by its reason.
+    pub fn from_failure(code: Option<u16>, because: String) -> Self {
+        match because.as_str() {
+            protocol::NOT_FOUND => Error::NotFound { because },
+            protocol::LOCKED => Error::Locked { because },
+            protocol::WRONG_KEY => Error::WrongKey { because },
+            protocol::LOCK_NOT_IN_USE => Error::LockNotInUse { because },
+            text if text
+                .to_ascii_lowercase()
+                .contains(protocol::RATE_LIMIT_PHRASE) =>
+            {
+                Error::RateLimited { because }
+            }
+            _ => Error::Api { code, because },
+        }
+    }
+
+    /// Wraps a transport error without its URL: URLs carry `?key=`, and errors get logged.
+    pub(crate) fn transport(error: reqwest::Error) -> Self {
+        Error::Transport(error.without_url())
+    }
+
+    /// Whether the same call may succeed later without the caller changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport(_) | Error::RateLimited { .. } | Error::Idle(_) => true,
+            Error::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_classified_by_their_reason() {
+        let classify = |text: &str| Error::from_failure(Some(400), text.to_owned());
+        assert!(matches!(
+            classify(protocol::NOT_FOUND),
+            Error::NotFound { .. }
+        ));
+        assert!(matches!(classify(protocol::LOCKED), Error::Locked { .. }));
+        assert!(matches!(
+            classify(protocol::WRONG_KEY),
+            Error::WrongKey { .. }
+        ));
+        assert!(matches!(
+            classify(protocol::LOCK_NOT_IN_USE),
+            Error::LockNotInUse { .. }
+        ));
+        assert!(matches!(
+            classify("Rate limit exceeded, try again later"),
+            Error::RateLimited { .. }
+        ));
+        let other = classify("something else");
+        assert!(matches!(
+            other,
+            Error::Api {
+                code: Some(400),
+                ..
+            }
+        ));
+        assert_eq!(other.to_string(), "something else");
+    }
+}

@@ -1,0 +1,280 @@
+//! The listen stream: one HTTP connection's body fed through the [`FrameDecoder`], with an idle
+//! timeout and, optionally, dweepy-style reconnects until an overall deadline.
+//!
+//! The public service closed idle streams after about a minute and sent no keepalives, so an
+//! idle close is a normal end of a connection, not an error. Callers that need their own
+//! reconnect policy (the ingest worker, with backoff and backfill) use a single connection and
+//! reopen it themselves.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, Stream, StreamExt};
+use tokio::time::Instant;
+
+use super::decoder::{Decoded, FrameDecoder};
+use super::error::{Error, Result};
+use super::types::Dweet;
+
+/// How a listen stream behaves.
+#[derive(Debug, Clone)]
+pub struct ListenOptions {
+    /// Reconnect whenever the connection ends or fails, until this much time has passed since
+    /// the stream was opened, then end (dweepy's `timeout=`). `None`: one connection only.
+    pub reconnect_for: Option<Duration>,
+    /// A connection that sends nothing for this long is treated as dead. Keep it above the
+    /// server's own idle close (60 s on the public service). Default 90 s.
+    pub idle_timeout: Duration,
+    /// Pause between reconnect attempts. Default 1 s.
+    pub reconnect_delay: Duration,
+    /// The longest stream line kept; see [`FrameDecoder::with_max_line`].
+    pub max_line: usize,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        ListenOptions {
+            reconnect_for: None,
+            idle_timeout: Duration::from_secs(90),
+            reconnect_delay: Duration::from_secs(1),
+            max_line: super::decoder::DEFAULT_MAX_LINE,
+        }
+    }
+}
+
+/// Counters of one listen stream, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ListenStats {
+    connects: AtomicU64,
+    dweets: AtomicU64,
+    skipped_lines: AtomicU64,
+}
+
+impl ListenStats {
+    /// Connections opened (the first one included).
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+    pub fn dweets(&self) -> u64 {
+        self.dweets.load(Ordering::Relaxed)
+    }
+    /// Lines that were not a dweet and were skipped.
+    pub fn skipped_lines(&self) -> u64 {
+        self.skipped_lines.load(Ordering::Relaxed)
+    }
+}
+
+/// A stream of dweets from `listen_for_dweets_from`. It ends when the connection ends (or,
+/// with `reconnect_for`, when the deadline passes); it yields an error and ends when the
+/// server refuses the stream (unknown lock key, say) or the connection fails without
+/// reconnects.
+pub struct DweetStream {
+    inner: BoxStream<'static, Result<Dweet>>,
+    stats: Arc<ListenStats>,
+}
+
+impl DweetStream {
+    pub fn stats(&self) -> Arc<ListenStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl Stream for DweetStream {
+    type Item = Result<Dweet>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+struct Listener {
+    http: reqwest::Client,
+    url: String,
+    options: ListenOptions,
+    deadline: Option<Instant>,
+    decoder: FrameDecoder,
+    body: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    stats: Arc<ListenStats>,
+    finished: bool,
+}
+
+pub(super) fn open(http: reqwest::Client, url: String, options: ListenOptions) -> DweetStream {
+    let stats = Arc::new(ListenStats::default());
+    let listener = Listener {
+        http,
+        url,
+        deadline: options.reconnect_for.map(|d| Instant::now() + d),
+        decoder: FrameDecoder::with_max_line(options.max_line),
+        options,
+        body: None,
+        stats: Arc::clone(&stats),
+        finished: false,
+    };
+    let inner = futures_util::stream::unfold(listener, |mut listener| async move {
+        let item = listener.next_item().await?;
+        Some((item, listener))
+    })
+    .boxed();
+    DweetStream { inner, stats }
+}
+
+enum Step {
+    Yield(Result<Dweet>),
+    End,
+    Continue,
+}
+
+impl Listener {
+    async fn next_item(&mut self) -> Option<Result<Dweet>> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            match self.step().await {
+                Step::Yield(item) => return Some(item),
+                Step::End => {
+                    self.finished = true;
+                    return None;
+                }
+                Step::Continue => {}
+            }
+        }
+    }
+
+    fn reconnecting(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.time_left() == Some(Duration::ZERO)
+    }
+
+    async fn step(&mut self) -> Step {
+        if let Some(event) = self.decoder.next_event() {
+            return self.on_event(event);
+        }
+        if self.deadline_passed() {
+            return Step::End;
+        }
+        let wait = self.time_left().map_or(self.options.idle_timeout, |left| {
+            left.min(self.options.idle_timeout)
+        });
+        match self.body.as_mut() {
+            None => self.connect().await,
+            Some(body) => {
+                match tokio::time::timeout(wait, body.next()).await {
+                    Ok(Some(Ok(bytes))) => {
+                        self.decoder.push(&bytes);
+                        Step::Continue
+                    }
+                    Ok(Some(Err(error))) => self.connection_lost(Some(Error::transport(error))),
+                    Ok(None) => {
+                        // The server ended the stream (idle close): normal, and a last line
+                        // without a newline still counts.
+                        let last = self.decoder.finish();
+                        let step = self.connection_lost(None);
+                        match last {
+                            Some(event) => self.on_event(event),
+                            None => step,
+                        }
+                    }
+                    Err(_elapsed) if self.deadline_passed() => Step::End,
+                    Err(_elapsed) => self.connection_lost(None),
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Decoded) -> Step {
+        match event {
+            Decoded::Dweet(dweet) => {
+                self.stats.dweets.fetch_add(1, Ordering::Relaxed);
+                Step::Yield(Ok(dweet))
+            }
+            Decoded::Skipped(reason) => {
+                self.stats.skipped_lines.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%reason, "skipped a listen stream line");
+                Step::Continue
+            }
+            Decoded::Failure { code, because } => {
+                // A refusal (locked, wrong key) will not change by reconnecting.
+                self.finished = true;
+                Step::Yield(Err(Error::from_failure(code, because)))
+            }
+        }
+    }
+
+    /// The connection is gone; with reconnects on, the next step opens a new one.
+    fn connection_lost(&mut self, error: Option<Error>) -> Step {
+        self.body = None;
+        self.decoder.reset();
+        match error {
+            _ if self.reconnecting() => Step::Continue,
+            Some(error) => {
+                self.finished = true;
+                Step::Yield(Err(error))
+            }
+            None => Step::End,
+        }
+    }
+
+    async fn connect(&mut self) -> Step {
+        if self.stats.connects() > 0 {
+            let pause = self
+                .time_left()
+                .map_or(self.options.reconnect_delay, |left| {
+                    left.min(self.options.reconnect_delay)
+                });
+            tokio::time::sleep(pause).await;
+            if self.deadline_passed() {
+                return Step::End;
+            }
+        }
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        let request = self.http.get(&self.url).send();
+        let response = match self.time_left() {
+            Some(left) => match tokio::time::timeout(left, request).await {
+                Ok(response) => response,
+                Err(_elapsed) => return Step::End,
+            },
+            None => request.await,
+        };
+        match response {
+            Ok(response) if response.status().is_success() => {
+                self.body = Some(response.bytes_stream().boxed());
+                Step::Continue
+            }
+            Ok(response) => {
+                let status = response.status();
+                let body = response.bytes().await.unwrap_or_default();
+                let error = match super::parse_answer::<serde_json::Value>(status, &body, "listen")
+                {
+                    Err(error) => error,
+                    Ok(_) => Error::Status {
+                        status: status.as_u16(),
+                        body: super::snippet(&body),
+                    },
+                };
+                self.finished = !error.is_transient() || !self.reconnecting();
+                Step::Yield(Err(error))
+            }
+            Err(error) if self.reconnecting() => {
+                tracing::debug!(error = %Error::transport(error), "listen connect failed; retrying");
+                Step::Continue
+            }
+            Err(error) => {
+                self.finished = true;
+                Step::Yield(Err(Error::transport(error)))
+            }
+        }
+    }
+}

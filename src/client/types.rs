@@ -1,0 +1,135 @@
+//! The values the dweet.io API speaks in: dweets, alerts, and the key of a locked thing.
+//!
+//! They serialise in the protocol's key order, so the sandbox answers with the very structs the
+//! client decodes and the two cannot disagree about field names or order.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::protocol;
+
+/// One dweet. `transaction` is present only on the answer to a write.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dweet {
+    pub thing: String,
+    pub created: Created,
+    /// The content as sent. Normally a JSON object; kept as a `Value` so that a clone which
+    /// sends something else is still decoded and can be dead-lettered by the caller.
+    pub content: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<String>,
+}
+
+/// A dweet's `created` timestamp, kept as the exact string the server sent so it round-trips
+/// byte for byte (dedupe keys and re-exports must match what the server said, not our
+/// re-rendering of it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Created(String);
+
+impl Created {
+    pub fn new(text: impl Into<String>) -> Self {
+        Created(text.into())
+    }
+
+    pub fn from_datetime(at: DateTime<Utc>) -> Self {
+        Created(protocol::format_created(at))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The instant, or `None` when the server sent something that is not RFC 3339.
+    pub fn to_datetime(&self) -> Option<DateTime<Utc>> {
+        protocol::parse_created(&self.0)
+    }
+}
+
+impl fmt::Display for Created {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The master key of a lock. Its `Debug` and `Display` never show the secret, so a key held in
+/// a struct that gets logged does not leak.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(String);
+
+impl Key {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Key(secret.into())
+    }
+
+    /// The secret itself, for putting on the wire. Call sites are easy to audit by this name.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(<redacted>)")
+    }
+}
+
+/// An alert as `set_alert` returns it; `get_alert` adds `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub thing: String,
+    pub condition: String,
+    #[serde(default)]
+    pub is_demo: bool,
+    pub recipients: Vec<Recipient>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AlertStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub address: String,
+}
+
+impl Recipient {
+    pub fn email(address: impl Into<String>) -> Self {
+        Recipient {
+            kind: "email".to_owned(),
+            address: address.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertStatus {
+    pub message: String,
+    pub since: Option<String>,
+    pub open: bool,
+    pub alerts_sent_today: u32,
+    pub alerts_allowed_today: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dweet_keeps_key_order_and_big_integers() {
+        let text = r#"{"thing":"t","created":"2014-03-19T10:38:46.010Z","content":{"z":6816513845,"a":1}}"#;
+        let dweet: Dweet = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_string(&dweet).unwrap(), text);
+        assert_eq!(dweet.created.as_str(), "2014-03-19T10:38:46.010Z");
+    }
+
+    #[test]
+    fn key_is_redacted_in_debug() {
+        let key = Key::new("hunter2");
+        assert!(!format!("{key:?}").contains("hunter2"));
+        assert_eq!(key.expose(), "hunter2");
+    }
+}

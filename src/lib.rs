@@ -1,0 +1,12 @@
+//! dweetpipe: keep, query and watch the data of a dweet.io fleet.
+//!
+//! - [`client`]: an async client for the dweet.io API (everything dweepy does).
+//! - [`sandbox`]: a dweet.io-compatible server and an S5D9 fleet simulator, for tests, demos
+//!   and self-hosting now that the public service is gone.
+//! - [`protocol`]: the wire facts both of them share.
+//!
+//! See `ARCHITECTURE.md` for the map of modules and the data flow.
+
+pub mod client;
+pub mod protocol;
+pub mod sandbox;

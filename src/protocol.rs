@@ -1,0 +1,150 @@
+//! The dweet.io wire protocol facts that both ends share: exact failure strings, the
+//! envelope, the `created` timestamp format and the listen stream's inner framing.
+//!
+//! The public service is gone, so `../shared/dweet-protocol.md` and this module are the
+//! reference. The client recognises failures by these strings and the sandbox sends them, so
+//! they live here once and neither side can drift from the other.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+/// `because` of a read on an unknown or expired thing (and of a removed alert).
+pub const NOT_FOUND: &str = "we couldn't find this";
+/// `because` when a locked thing is used without a key.
+pub const LOCKED: &str = "this thing is locked and requires a key";
+/// `because` when the key does not open the thing (or the lock).
+pub const WRONG_KEY: &str = "the key you provided doesn't work with this thing";
+/// `because` of `remove_lock` on a lock that is attached to nothing.
+pub const LOCK_NOT_IN_USE: &str = "this lock is not in use";
+/// Every rate-limit failure contains this phrase; the exact sentence of the public service is
+/// unknown, so clients match the phrase, case-insensitively.
+pub const RATE_LIMIT_PHRASE: &str = "rate limit";
+
+/// Query parameters that carry protocol options and never become dweet content.
+pub const RESERVED_QUERY_KEYS: [&str; 3] = ["key", "callback", "_"];
+
+/// Formats an instant as dweet.io does: UTC, milliseconds, `Z` (`2014-03-19T10:38:46.010Z`).
+pub fn format_created(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Parses a `created` string. Accepts any RFC 3339 instant so that clones with other precision
+/// still decode; the original string is kept by [`crate::client::Created`] for round trips.
+pub fn parse_created(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|at| at.with_timezone(&Utc))
+}
+
+/// How a `k=v` value becomes content: a value that reads as a JSON number becomes one (`18.5`,
+/// `-3`, `6816513845`); anything else (`007`, `1e999`, `true`, `abc`) stays a string.
+pub fn coerce_query_value(value: &str) -> serde_json::Value {
+    let looks_numeric = value
+        .bytes()
+        .next()
+        .is_some_and(|b| b == b'-' || b.is_ascii_digit());
+    if looks_numeric && let Ok(number) = serde_json::from_str::<serde_json::Number>(value) {
+        return serde_json::Value::Number(number);
+    }
+    serde_json::Value::String(value.to_owned())
+}
+
+/// The success envelope. Field order is the wire order: `this` first.
+#[derive(Serialize)]
+pub struct Success<'a, T: Serialize> {
+    pub this: &'static str,
+    pub by: &'a str,
+    pub the: &'a str,
+    pub with: T,
+}
+
+impl<'a, T: Serialize> Success<'a, T> {
+    pub fn new(by: &'a str, the: &'a str, with: T) -> Self {
+        Success {
+            this: "succeeded",
+            by,
+            the,
+            with,
+        }
+    }
+}
+
+/// The failure envelope, sent with HTTP 200 by the public service.
+#[derive(Serialize)]
+pub struct Failure<'a> {
+    pub this: &'static str,
+    pub with: u16,
+    pub because: &'a str,
+}
+
+impl<'a> Failure<'a> {
+    pub fn new(code: u16, because: &'a str) -> Self {
+        Failure {
+            this: "failed",
+            with: code,
+            because,
+        }
+    }
+}
+
+/// Frames one compact dweet JSON object for the listen stream: the object is encoded a second
+/// time as a JSON string literal, preceded by its length in hex, each line ending in CRLF.
+pub fn encode_stream_frame(dweet_json: &str) -> Vec<u8> {
+    // Encoding a &str as JSON cannot fail.
+    let literal = serde_json::to_string(dweet_json).unwrap_or_default();
+    let mut frame = Vec::with_capacity(literal.len() + 12);
+    frame.extend_from_slice(format!("{:x}\r\n", literal.len()).as_bytes());
+    frame.extend_from_slice(literal.as_bytes());
+    frame.extend_from_slice(b"\r\n");
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_has_milliseconds_and_z() {
+        let at = DateTime::parse_from_rfc3339("2014-03-19T10:38:46.01+00:00")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(format_created(at), "2014-03-19T10:38:46.010Z");
+        assert_eq!(parse_created("2014-03-19T10:38:46.010Z"), Some(at));
+        assert_eq!(parse_created("yesterday"), None);
+    }
+
+    #[test]
+    fn query_values_that_read_as_numbers_become_numbers() {
+        use serde_json::json;
+        assert_eq!(coerce_query_value("18.5"), json!(18.5));
+        assert_eq!(coerce_query_value("6816513845"), json!(6816513845u64));
+        assert_eq!(coerce_query_value("-3"), json!(-3));
+        for stays in [
+            "007", "1e999", "true", "", " 5", "5 ", "0x10", "NaN", "+1", "world",
+        ] {
+            assert_eq!(coerce_query_value(stays), json!(stays), "{stays:?}");
+        }
+    }
+
+    #[test]
+    fn stream_frame_matches_protocol_example() {
+        let dweet = r#"{"thing":"my-thing","created":"2014-03-19T10:45:28.934Z","content":{"some_key":"some_value"}}"#;
+        let frame = encode_stream_frame(dweet);
+        let expected = "6d\r\n\"{\\\"thing\\\":\\\"my-thing\\\",\\\"created\\\":\\\"2014-03-19T10:45:28.934Z\\\",\\\"content\\\":{\\\"some_key\\\":\\\"some_value\\\"}}\"\r\n";
+        assert_eq!(String::from_utf8(frame).unwrap(), expected);
+    }
+
+    #[test]
+    fn envelopes_are_compact_with_this_first() {
+        let ok = serde_json::to_string(&Success::new("dweeting", "dweet", 1)).unwrap();
+        assert_eq!(
+            ok,
+            r#"{"this":"succeeded","by":"dweeting","the":"dweet","with":1}"#
+        );
+        let failed = serde_json::to_string(&Failure::new(404, NOT_FOUND)).unwrap();
+        assert_eq!(
+            failed,
+            r#"{"this":"failed","with":404,"because":"we couldn't find this"}"#
+        );
+    }
+}

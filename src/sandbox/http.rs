@@ -1,0 +1,538 @@
+//! The sandbox's HTTP face: routing, request decoding and the exact answer bytes. The rules
+//! themselves live in the store; this module only translates between them and the wire.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use percent_encoding::percent_decode_str;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::store::Store;
+use super::{Refusal, SandboxConfig, content, names};
+use crate::client::Recipient;
+use crate::protocol::{Failure, Success};
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A slow client may take this long to send its request head (slow-loris defence).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Longest alert condition accepted, as on the public service.
+const MAX_CONDITION_CHARS: usize = 2000;
+
+pub(super) struct App {
+    store: Arc<Store>,
+    config: SandboxConfig,
+    prefix: String,
+    shutdown: CancellationToken,
+}
+
+enum Reply {
+    Json(String),
+    NoContent,
+    Stream(broadcast::Receiver<Bytes>),
+}
+
+/// The parts of a request every route may need.
+struct Call<'a> {
+    method: &'a Method,
+    /// Path segments after the prefix, raw (still percent-encoded).
+    segments: Vec<&'a str>,
+    query: Vec<(String, String)>,
+}
+
+impl Call<'_> {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn key(&self) -> Option<&str> {
+        self.param("key")
+    }
+}
+
+impl App {
+    pub(super) fn new(
+        store: Arc<Store>,
+        config: SandboxConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let prefix = config.prefix.trim_end_matches('/').to_owned();
+        App {
+            store,
+            config,
+            prefix,
+            shutdown,
+        }
+    }
+
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        let query: Vec<(String, String)> = parts
+            .uri
+            .query()
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        let callback = query
+            .iter()
+            .rev()
+            .find(|(n, _)| n == "callback")
+            .map(|(_, v)| v.clone());
+        if parts.method == Method::OPTIONS {
+            return respond(StatusCode::NO_CONTENT, None, Empty::new().boxed_unsync());
+        }
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let outcome = match self.split_path(parts.uri.path()) {
+            Some(segments) => {
+                let call = Call {
+                    method: &parts.method,
+                    segments,
+                    query,
+                };
+                self.route(&call, body, content_type).await
+            }
+            None => Err(unknown_path()),
+        };
+        match outcome {
+            Ok(Reply::Json(text)) => json_response(StatusCode::OK, text, callback.as_deref()),
+            Ok(Reply::NoContent) => {
+                respond(StatusCode::NO_CONTENT, None, Empty::new().boxed_unsync())
+            }
+            Ok(Reply::Stream(receiver)) => respond(
+                StatusCode::OK,
+                Some("text/plain; charset=utf-8"),
+                listen_body(receiver, self.config.idle_close, self.shutdown.clone()),
+            ),
+            Err(refusal) => {
+                let status = StatusCode::from_u16(refusal.http_status).unwrap_or(StatusCode::OK);
+                let text = encode(&Failure::new(refusal.code, &refusal.because));
+                json_response(status, text, callback.as_deref())
+            }
+        }
+    }
+
+    /// The raw segments after the prefix, or `None` when the path is outside the prefix.
+    fn split_path<'p>(&self, path: &'p str) -> Option<Vec<&'p str>> {
+        let rest = path.strip_prefix(self.prefix.as_str())?;
+        if !(rest.is_empty() || rest.starts_with('/')) {
+            return None;
+        }
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        Some(if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        })
+    }
+
+    async fn route(
+        &self,
+        call: &Call<'_>,
+        body: Incoming,
+        content_type: Option<&str>,
+    ) -> Result<Reply, Refusal> {
+        if !matches!(*call.method, Method::GET | Method::POST | Method::HEAD) {
+            return Err(Refusal::new(
+                405,
+                format!("method {} is not supported; use GET or POST", call.method),
+            )
+            .with_http_status(405));
+        }
+        let key = call.key();
+        match call.segments.as_slice() {
+            ["dweet"] => {
+                let content = self.read_content(body, content_type, call).await?;
+                let thing = self.store.claim_generated_name({
+                    let mut attempt = 0;
+                    move || {
+                        attempt += 1;
+                        names::generate(&mut rand::rng(), attempt)
+                    }
+                });
+                self.write(&thing, content, key, false)
+            }
+            ["dweet", "for", thing] => {
+                let thing = decode_segment(thing)?;
+                let content = self.read_content(body, content_type, call).await?;
+                self.write(&thing, content, key, false)
+            }
+            ["dweet", "quietly", "for", thing] => {
+                let thing = decode_segment(thing)?;
+                let content = self.read_content(body, content_type, call).await?;
+                self.write(&thing, content, key, true)
+            }
+            ["get", "latest", "dweet", "for", thing] => self.read(&decode_segment(thing)?, key, 1),
+            ["get", "dweets", "for", thing] => self.read(&decode_segment(thing)?, key, usize::MAX),
+            ["listen", "for", "dweets", "from", thing] => {
+                let receiver = self.store.listen(&decode_segment(thing)?, key)?;
+                Ok(Reply::Stream(receiver))
+            }
+            ["lock", thing] => {
+                let thing = decode_segment(thing)?;
+                let lock = call.param("lock").ok_or_else(|| {
+                    Refusal::new(400, "a lock is required: /lock/THING?lock=LOCK&key=KEY")
+                })?;
+                self.store.lock(&thing, lock, key)?;
+                Ok(Reply::Json(encode(&Success::new(
+                    "locking", "lock", &thing,
+                ))))
+            }
+            ["unlock", thing] => {
+                let thing = decode_segment(thing)?;
+                self.store.unlock(&thing, key)?;
+                Ok(Reply::Json(encode(&Success::new(
+                    "unlocking",
+                    "lock",
+                    &thing,
+                ))))
+            }
+            ["remove", "lock", lock] => {
+                let lock = decode_segment(lock)?;
+                self.store.remove_lock(&lock, key)?;
+                Ok(Reply::Json(encode(&Success::new(
+                    "removing", "lock", &lock,
+                ))))
+            }
+            ["alert", who, "when", thing, condition @ ..] if !condition.is_empty() => {
+                let recipients = parse_recipients(&decode_segment(who)?)?;
+                let thing = decode_segment(thing)?;
+                let condition = decode_condition(&condition.join("/"))?;
+                let alert = self.store.set_alert(&thing, recipients, condition, key)?;
+                Ok(Reply::Json(encode(&Success::new(
+                    "alerting", "alert", &alert,
+                ))))
+            }
+            ["get", "alert", "for", thing] => {
+                let alert = self.store.get_alert(&decode_segment(thing)?, key)?;
+                Ok(Reply::Json(encode(&Success::new(
+                    "getting", "alert", &alert,
+                ))))
+            }
+            ["remove", "alert", "for", thing] => {
+                let thing = decode_segment(thing)?;
+                self.store.remove_alert(&thing, key)?;
+                let removed = serde_json::json!({ "thing": thing });
+                Ok(Reply::Json(encode(&Success::new(
+                    "removing", "alert", &removed,
+                ))))
+            }
+            _ => Err(unknown_path()),
+        }
+    }
+
+    async fn read_content(
+        &self,
+        body: Incoming,
+        content_type: Option<&str>,
+        call: &Call<'_>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, Refusal> {
+        let limit = self.config.max_body_bytes;
+        let bytes = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|_| {
+                Refusal::new(
+                    413,
+                    format!("the request body is larger than {limit} bytes"),
+                )
+            })?
+            .to_bytes();
+        let content = content::from_request(&bytes, content_type, &call.query)?;
+        Ok(content)
+    }
+
+    fn write(
+        &self,
+        thing: &str,
+        content: serde_json::Map<String, serde_json::Value>,
+        key: Option<&str>,
+        quietly: bool,
+    ) -> Result<Reply, Refusal> {
+        let max = self.config.max_content_chars;
+        let chars = serde_json::to_string(&content)
+            .map(|text| text.chars().count())
+            .unwrap_or(usize::MAX);
+        if chars > max {
+            return Err(Refusal::new(
+                413,
+                format!("the dweet content is {chars} characters long; the limit is {max}"),
+            ));
+        }
+        let written = self.store.write(thing, content, key)?;
+        if quietly {
+            return Ok(Reply::NoContent);
+        }
+        Ok(Reply::Json(encode(&Success::new(
+            "dweeting",
+            "dweet",
+            &written.dweet,
+        ))))
+    }
+
+    fn read(&self, thing: &str, key: Option<&str>, limit: usize) -> Result<Reply, Refusal> {
+        let kept = self.store.read(thing, key, limit)?;
+        let mut array = String::with_capacity(kept.iter().map(|j| j.len() + 1).sum::<usize>() + 2);
+        array.push('[');
+        for (i, json) in kept.iter().enumerate() {
+            if i > 0 {
+                array.push(',');
+            }
+            array.push_str(json);
+        }
+        array.push(']');
+        let with = RawValue::from_string(array)
+            .map_err(|e| Refusal::new(500, format!("could not encode the dweets: {e}")))?;
+        Ok(Reply::Json(encode(&Success::new(
+            "getting", "dweets", &with,
+        ))))
+    }
+}
+
+pub(super) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, usually: wait for some to close.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let service = service_fn(move |request| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(app.handle(request).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("sandbox shutdown grace expired with connections still open");
+        }
+    }
+}
+
+/// The listen stream body: each dweet's frame as one HTTP chunk, ended after `idle` without a
+/// dweet, at shutdown, or when the listener fell too far behind (it reconnects and backfills).
+fn listen_body(
+    receiver: broadcast::Receiver<Bytes>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) -> Body {
+    let frames = futures_util::stream::unfold(receiver, move |mut receiver| {
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => None,
+                next = tokio::time::timeout(idle, receiver.recv()) => match next {
+                    Ok(Ok(frame)) => Some((Ok(Frame::data(frame)), receiver)),
+                    Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                        tracing::debug!(missed, "ending a listen stream that fell behind");
+                        None
+                    }
+                    Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => None,
+                },
+            }
+        }
+    });
+    StreamBody::new(frames).boxed_unsync()
+}
+
+fn respond(status: StatusCode, content_type: Option<&'static str>, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if let Some(content_type) = content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    // Browser dashboards read dweets straight from the service.
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
+}
+
+/// A JSON answer, wrapped as JSONP (`NAME({...});`) when a valid `callback` was given.
+fn json_response(status: StatusCode, json: String, callback: Option<&str>) -> Response<Body> {
+    match callback {
+        Some(name) if is_jsonp_name(name) => respond(
+            status,
+            Some("application/javascript"),
+            Full::new(Bytes::from(format!("{name}({json});"))).boxed_unsync(),
+        ),
+        Some(_) => {
+            let refusal = Failure::new(
+                400,
+                "the callback parameter must be a JavaScript identifier",
+            );
+            respond(
+                status,
+                Some("application/json"),
+                Full::new(Bytes::from(encode(&refusal))).boxed_unsync(),
+            )
+        }
+        None => respond(
+            status,
+            Some("application/json"),
+            Full::new(Bytes::from(json)).boxed_unsync(),
+        ),
+    }
+}
+
+/// Letters, digits, `_`, `$` and dots (`jQuery123.cb`): enough for every JSONP client, and
+/// nothing that could break out of the call expression.
+fn is_jsonp_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.'))
+}
+
+fn encode<T: Serialize>(value: &T) -> String {
+    // Our own envelopes of strings, numbers and maps with string keys always serialise.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn unknown_path() -> Refusal {
+    Refusal::new(
+        404,
+        "this is not a dweet.io API path; see /dweet/for/THING and /get/dweets/for/THING",
+    )
+    .with_http_status(404)
+}
+
+fn decode_segment(raw: &str) -> Result<String, Refusal> {
+    percent_decode_str(raw)
+        .decode_utf8()
+        .map(|text| text.into_owned())
+        .map_err(|_| Refusal::new(400, "the path is not valid UTF-8 once percent-decoded"))
+}
+
+/// Some clients encode spaces in the condition as `+` (a literal plus arrives as `%2B`).
+fn decode_condition(raw: &str) -> Result<String, Refusal> {
+    let condition = decode_segment(&raw.replace('+', " "))?;
+    let chars = condition.chars().count();
+    if chars > MAX_CONDITION_CHARS {
+        return Err(Refusal::new(
+            400,
+            format!(
+                "the alert condition is {chars} characters long; the limit is {MAX_CONDITION_CHARS}"
+            ),
+        ));
+    }
+    Ok(condition)
+}
+
+fn parse_recipients(who: &str) -> Result<Vec<Recipient>, Refusal> {
+    let addresses: Vec<&str> = who
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        return Err(Refusal::new(
+            400,
+            "an alert needs at least one e-mail address",
+        ));
+    }
+    addresses
+        .into_iter()
+        .map(|address| {
+            if is_plausible_email(address) {
+                Ok(Recipient::email(address))
+            } else {
+                Err(Refusal::new(
+                    400,
+                    format!("{address:?} is not an e-mail address"),
+                ))
+            }
+        })
+        .collect()
+}
+
+/// `local@domain.tld` without spaces: the check a form would make, not RFC 5322.
+pub fn is_plausible_email(address: &str) -> bool {
+    let Some((local, domain)) = address.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !address.chars().any(char::is_whitespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonp_names_are_restricted() {
+        for ok in ["cb", "jQuery1234_5678", "a.b.c", "$x"] {
+            assert!(is_jsonp_name(ok), "{ok}");
+        }
+        for bad in ["", "1cb", "alert(1)", "a b", "x;y", &"a".repeat(200)] {
+            assert!(!is_jsonp_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn conditions_decode_plus_as_space_and_percent_2b_as_plus() {
+        assert_eq!(
+            decode_condition("if(dweet.a+%3E+1%2B1)+return+'hot';").unwrap(),
+            "if(dweet.a > 1+1) return 'hot';"
+        );
+    }
+
+    #[test]
+    fn recipients_are_checked() {
+        let recipients = parse_recipients("a@x.io, b@y.org").unwrap();
+        assert_eq!(recipients[1], Recipient::email("b@y.org"));
+        assert!(parse_recipients("not-an-address").is_err());
+        assert!(parse_recipients(",").is_err());
+    }
+}

@@ -1,0 +1,547 @@
+//! The sandbox's in-memory state: each thing's recent dweets, its lock, its alert and its
+//! listeners, with the protocol's rules (keys, retention, history cap, rate limit) applied here
+//! so that the HTTP layer only translates.
+//!
+//! Things are spread over shards, each behind its own mutex, so writers to different things
+//! rarely meet. The lock table is separate and always taken before a shard, never after.
+
+use std::collections::VecDeque;
+use std::collections::hash_map::{Entry, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio::sync::broadcast;
+
+use super::Refusal;
+use crate::client::{Alert, AlertStatus, Created, Dweet, Key, Recipient};
+use crate::protocol;
+
+const SHARDS: usize = 32;
+/// Frames a slow listener may fall behind before its stream is ended (it then reconnects and
+/// backfills, instead of silently missing dweets).
+const LISTENER_BACKLOG: usize = 256;
+
+/// The protocol's tunable limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Dweets kept per thing (`get/dweets` returns at most this many).
+    pub max_history: usize,
+    /// A thing's history is forgotten this long after its last dweet.
+    pub retention: Duration,
+    /// Requests per second allowed per thing; `None` for no limit.
+    pub rate_limit: Option<f64>,
+    /// Alerts that may be sent per thing per day (reported in the alert's status).
+    pub alerts_allowed_per_day: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_history: 500,
+            retention: Duration::from_secs(24 * 60 * 60),
+            rate_limit: None,
+            alerts_allowed_per_day: 100,
+        }
+    }
+}
+
+/// One dweet as kept: its compact JSON (without `transaction`), ready to be joined into a read
+/// answer without serialising again.
+#[derive(Debug, Clone)]
+struct Kept {
+    json: Arc<str>,
+}
+
+#[derive(Debug)]
+struct AlertRecord {
+    recipients: Vec<Recipient>,
+    condition: String,
+    status: AlertStatus,
+}
+
+#[derive(Debug, Default)]
+struct Thing {
+    /// Newest at the back.
+    history: VecDeque<Kept>,
+    last_dweet_at: Option<Instant>,
+    last_created: Option<DateTime<Utc>>,
+    alert: Option<AlertRecord>,
+    listeners: Option<broadcast::Sender<Bytes>>,
+    bucket: Option<TokenBucket>,
+}
+
+impl Thing {
+    fn expired(&self, now: Instant, retention: Duration) -> bool {
+        self.last_dweet_at
+            .is_none_or(|at| now.duration_since(at) >= retention)
+    }
+
+    /// Whether the entry holds anything once its history is gone.
+    fn is_idle(&self) -> bool {
+        self.history.is_empty()
+            && self.alert.is_none()
+            && self
+                .listeners
+                .as_ref()
+                .is_none_or(|tx| tx.receiver_count() == 0)
+    }
+}
+
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let burst = rate.max(1.0);
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LockEntry {
+    key: Key,
+    thing: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct LockTable {
+    locks: HashMap<String, LockEntry>,
+    /// thing -> lock id, the reverse of `LockEntry::thing`.
+    locked_things: HashMap<String, String>,
+}
+
+impl LockTable {
+    /// Whether `key` may use `thing`: always for an unlocked thing.
+    fn check_access(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+        let Some(lock) = self.locked_things.get(thing) else {
+            return Ok(());
+        };
+        let expected = self.locks.get(lock).map(|entry| entry.key.expose());
+        match key {
+            None => Err(Refusal::locked()),
+            Some(key) if Some(key) == expected => Ok(()),
+            Some(_) => Err(Refusal::wrong_key()),
+        }
+    }
+
+    /// Like `check_access`, for calls that only make sense on a locked thing.
+    fn check_locked_access(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+        if !self.locked_things.contains_key(thing) {
+            return Err(Refusal::new(
+                400,
+                "this thing is not locked; alerts need a locked thing and its key",
+            ));
+        }
+        self.check_access(thing, key)
+    }
+
+    fn lock_with_key(&mut self, lock: &str, key: Option<&str>) -> Result<&mut LockEntry, Refusal> {
+        let entry = self.locks.get_mut(lock).ok_or_else(Refusal::not_found)?;
+        if key != Some(entry.key.expose()) {
+            return Err(Refusal::wrong_key());
+        }
+        Ok(entry)
+    }
+}
+
+/// What a successful write produced.
+pub struct Written {
+    pub dweet: Dweet,
+}
+
+pub struct Store {
+    shards: Vec<Mutex<HashMap<String, Thing>>>,
+    hasher: RandomState,
+    locks: RwLock<LockTable>,
+    limits: Limits,
+}
+
+impl Store {
+    pub fn new(limits: Limits, locks: impl IntoIterator<Item = (String, Key)>) -> Self {
+        let table = LockTable {
+            locks: locks
+                .into_iter()
+                .map(|(name, key)| (name, LockEntry { key, thing: None }))
+                .collect(),
+            locked_things: HashMap::new(),
+        };
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            locks: RwLock::new(table),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn shard(&self, thing: &str) -> MutexGuard<'_, HashMap<String, Thing>> {
+        let index = (self.hasher.hash_one(thing) as usize) % SHARDS;
+        // A panic while holding a shard cannot leave a thing half-written in a way that
+        // matters more than taking the whole server down, so a poisoned shard is used as is.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_table(&self) -> std::sync::RwLockReadGuard<'_, LockTable> {
+        self.locks.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_table_mut(&self) -> std::sync::RwLockWriteGuard<'_, LockTable> {
+        self.locks.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a dweet and fans it out to the thing's listeners.
+    pub fn write(
+        &self,
+        thing: &str,
+        content: Map<String, Value>,
+        key: Option<&str>,
+    ) -> Result<Written, Refusal> {
+        self.lock_table().check_access(thing, key)?;
+        let now = Instant::now();
+        let mut shard = self.shard(thing);
+        let entry = shard.entry(thing.to_owned()).or_default();
+        self.take_token(entry, now)?;
+        if entry.expired(now, self.limits.retention) {
+            entry.history.clear();
+        }
+        // Strictly increasing per thing: (thing, created) identifies a dweet downstream, so two
+        // dweets in one millisecond must not share it.
+        let mut created_at = Utc::now();
+        if let Some(last) = entry.last_created {
+            let next = last + chrono::Duration::milliseconds(1);
+            if created_at < next {
+                created_at = next;
+            }
+        }
+        let created_at = truncate_to_millis(created_at);
+        let mut dweet = Dweet {
+            thing: thing.to_owned(),
+            created: Created::from_datetime(created_at),
+            content: Value::Object(content),
+            transaction: None,
+        };
+        let json: Arc<str> = serde_json::to_string(&dweet)
+            .map_err(|e| Refusal::new(500, format!("could not encode the dweet: {e}")))?
+            .into();
+        if let Some(listeners) = &entry.listeners
+            && listeners.receiver_count() > 0
+        {
+            // An error only means every listener left since the check.
+            let _ = listeners.send(Bytes::from(protocol::encode_stream_frame(&json)));
+        }
+        entry.history.push_back(Kept { json });
+        while entry.history.len() > self.limits.max_history {
+            entry.history.pop_front();
+        }
+        entry.last_dweet_at = Some(now);
+        entry.last_created = Some(created_at);
+        dweet.transaction = Some(uuid::Uuid::new_v4().to_string());
+        Ok(Written { dweet })
+    }
+
+    /// The compact JSON of the kept dweets, newest first, at most `limit`.
+    pub fn read(
+        &self,
+        thing: &str,
+        key: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Arc<str>>, Refusal> {
+        self.lock_table().check_access(thing, key)?;
+        let now = Instant::now();
+        let mut shard = self.shard(thing);
+        let Some(entry) = shard.get_mut(thing) else {
+            return Err(Refusal::not_found());
+        };
+        self.take_token(entry, now)?;
+        if entry.expired(now, self.limits.retention) {
+            return Err(Refusal::not_found());
+        }
+        Ok(entry
+            .history
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|kept| Arc::clone(&kept.json))
+            .collect())
+    }
+
+    /// Subscribes to a thing's new dweets. Listening to a thing that has not dweeted yet is
+    /// allowed: a device that is about to come online is worth waiting for.
+    pub fn listen(
+        &self,
+        thing: &str,
+        key: Option<&str>,
+    ) -> Result<broadcast::Receiver<Bytes>, Refusal> {
+        self.lock_table().check_access(thing, key)?;
+        let now = Instant::now();
+        let mut shard = self.shard(thing);
+        let entry = shard.entry(thing.to_owned()).or_default();
+        self.take_token(entry, now)?;
+        let sender = entry
+            .listeners
+            .get_or_insert_with(|| broadcast::channel(LISTENER_BACKLOG).0);
+        Ok(sender.subscribe())
+    }
+
+    fn take_token(&self, entry: &mut Thing, now: Instant) -> Result<(), Refusal> {
+        let Some(rate) = self.limits.rate_limit else {
+            return Ok(());
+        };
+        let bucket = entry.bucket.get_or_insert(TokenBucket {
+            tokens: rate.max(1.0),
+            refilled_at: now,
+        });
+        if bucket.take(rate, now) {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                429,
+                format!("rate limit exceeded: at most {rate} requests per second per thing"),
+            ))
+        }
+    }
+
+    pub fn lock(&self, thing: &str, lock: &str, key: Option<&str>) -> Result<(), Refusal> {
+        let mut table = self.lock_table_mut();
+        if let Some(current) = table.locked_things.get(thing)
+            && current != lock
+        {
+            return Err(Refusal::new(
+                409,
+                "this thing is already locked with another lock",
+            ));
+        }
+        let entry = table.lock_with_key(lock, key)?;
+        match &entry.thing {
+            Some(holder) if holder == thing => return Ok(()),
+            Some(_) => {
+                return Err(Refusal::new(
+                    409,
+                    "this lock is already in use on another thing",
+                ));
+            }
+            None => entry.thing = Some(thing.to_owned()),
+        }
+        table
+            .locked_things
+            .insert(thing.to_owned(), lock.to_owned());
+        Ok(())
+    }
+
+    /// Detaches the thing's lock. Its alert goes too: an alert needs a locked thing, and once
+    /// unlocked nobody could prove the right to change it.
+    pub fn unlock(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+        let mut table = self.lock_table_mut();
+        let Some(lock) = table.locked_things.get(thing).cloned() else {
+            return Err(Refusal::new(400, "this thing is not locked"));
+        };
+        table.lock_with_key(&lock, key)?.thing = None;
+        table.locked_things.remove(thing);
+        drop(table);
+        self.drop_alert(thing);
+        Ok(())
+    }
+
+    pub fn remove_lock(&self, lock: &str, key: Option<&str>) -> Result<(), Refusal> {
+        let mut table = self.lock_table_mut();
+        let entry = table.lock_with_key(lock, key)?;
+        let Some(thing) = entry.thing.take() else {
+            return Err(Refusal::new(400, protocol::LOCK_NOT_IN_USE));
+        };
+        table.locked_things.remove(&thing);
+        drop(table);
+        self.drop_alert(&thing);
+        Ok(())
+    }
+
+    fn drop_alert(&self, thing: &str) {
+        if let Some(entry) = self.shard(thing).get_mut(thing) {
+            entry.alert = None;
+        }
+    }
+
+    pub fn set_alert(
+        &self,
+        thing: &str,
+        recipients: Vec<Recipient>,
+        condition: String,
+        key: Option<&str>,
+    ) -> Result<Alert, Refusal> {
+        self.lock_table().check_locked_access(thing, key)?;
+        let record = AlertRecord {
+            recipients,
+            condition,
+            status: AlertStatus {
+                message: String::new(),
+                since: None,
+                open: false,
+                alerts_sent_today: 0,
+                alerts_allowed_today: self.limits.alerts_allowed_per_day,
+            },
+        };
+        let alert = alert_view(thing, &record, false);
+        self.shard(thing).entry(thing.to_owned()).or_default().alert = Some(record);
+        Ok(alert)
+    }
+
+    pub fn get_alert(&self, thing: &str, key: Option<&str>) -> Result<Alert, Refusal> {
+        self.lock_table().check_access(thing, key)?;
+        let shard = self.shard(thing);
+        let record = shard
+            .get(thing)
+            .and_then(|entry| entry.alert.as_ref())
+            .ok_or_else(Refusal::not_found)?;
+        Ok(alert_view(thing, record, true))
+    }
+
+    pub fn remove_alert(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+        self.lock_table().check_access(thing, key)?;
+        let mut shard = self.shard(thing);
+        match shard.get_mut(thing).and_then(|entry| entry.alert.take()) {
+            Some(_) => Ok(()),
+            None => Err(Refusal::not_found()),
+        }
+    }
+
+    /// Forgets expired histories and entries that hold nothing; returns how many entries went.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, entry| {
+                if entry.expired(now, self.limits.retention) {
+                    entry.history.clear();
+                }
+                if entry
+                    .listeners
+                    .as_ref()
+                    .is_some_and(|tx| tx.receiver_count() == 0)
+                {
+                    entry.listeners = None;
+                }
+                let keep = !entry.is_idle();
+                removed += usize::from(!keep);
+                keep
+            });
+        }
+        removed
+    }
+
+    /// Reserves a fresh name for `/dweet`, which invents one: the generator is tried until a
+    /// name is free, so a generated name never lands on someone's existing thing.
+    pub fn claim_generated_name(&self, mut generate: impl FnMut() -> String) -> String {
+        loop {
+            let name = generate();
+            let mut shard = self.shard(&name);
+            if let Entry::Vacant(slot) = shard.entry(name.clone()) {
+                slot.insert(Thing::default());
+                return name;
+            }
+        }
+    }
+}
+
+fn alert_view(thing: &str, record: &AlertRecord, with_status: bool) -> Alert {
+    Alert {
+        thing: thing.to_owned(),
+        condition: record.condition.clone(),
+        is_demo: false,
+        recipients: record.recipients.clone(),
+        status: with_status.then(|| record.status.clone()),
+    }
+}
+
+fn truncate_to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap_or(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => unreachable!("test content is an object"),
+        }
+    }
+
+    #[test]
+    fn created_is_strictly_increasing_per_thing() {
+        let store = Store::new(Limits::default(), []);
+        let mut previous = None;
+        for _ in 0..200 {
+            let written = store
+                .write("t", object(serde_json::json!({})), None)
+                .unwrap();
+            let created = written.dweet.created.to_datetime().unwrap();
+            if let Some(previous) = previous {
+                assert!(created > previous);
+            }
+            previous = Some(created);
+        }
+    }
+
+    #[test]
+    fn history_is_capped_and_newest_first() {
+        let limits = Limits {
+            max_history: 3,
+            ..Limits::default()
+        };
+        let store = Store::new(limits, []);
+        for i in 0..5 {
+            store
+                .write("t", object(serde_json::json!({ "i": i })), None)
+                .unwrap();
+        }
+        let kept = store.read("t", None, usize::MAX).unwrap();
+        assert_eq!(kept.len(), 3);
+        assert!(kept[0].contains(r#""i":4"#) && kept[2].contains(r#""i":2"#));
+    }
+
+    #[test]
+    fn rate_limit_refuses_bursts() {
+        let limits = Limits {
+            rate_limit: Some(1.0),
+            ..Limits::default()
+        };
+        let store = Store::new(limits, []);
+        store.write("t", Map::new(), None).unwrap();
+        let refusal = store.write("t", Map::new(), None).unwrap_err();
+        assert!(refusal.because.contains(protocol::RATE_LIMIT_PHRASE));
+        store.write("other", Map::new(), None).unwrap();
+    }
+
+    #[test]
+    fn sweep_forgets_expired_things() {
+        let limits = Limits {
+            retention: Duration::ZERO,
+            ..Limits::default()
+        };
+        let store = Store::new(limits, []);
+        store.write("t", Map::new(), None).unwrap();
+        assert_eq!(store.sweep(), 1);
+        assert!(store.read("t", None, 10).is_err());
+    }
+}
