@@ -39,10 +39,13 @@ pub fn parse_created(text: &str) -> Option<DateTime<Utc>> {
 /// How a `k=v` value becomes content: a value that reads as a JSON number becomes one (`18.5`,
 /// `-3`, `6816513845`); anything else (`007`, `1e999`, `true`, `abc`) stays a string.
 pub fn coerce_query_value(value: &str) -> serde_json::Value {
+    // A JSON number starts with `-` or a digit and ends with a digit; checking both also keeps
+    // serde_json from accepting surrounding whitespace.
     let looks_numeric = value
         .bytes()
         .next()
-        .is_some_and(|b| b == b'-' || b.is_ascii_digit());
+        .is_some_and(|b| b == b'-' || b.is_ascii_digit())
+        && value.bytes().last().is_some_and(|b| b.is_ascii_digit());
     if looks_numeric && let Ok(number) = serde_json::from_str::<serde_json::Number>(value) {
         return serde_json::Value::Number(number);
     }

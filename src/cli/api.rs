@@ -177,7 +177,9 @@ pub async fn listen(client: &Client, args: ListenArgs) -> anyhow::Result<()> {
         idle_timeout: seconds("--idle-timeout", args.idle_timeout)?,
         ..ListenOptions::default()
     };
-    let mut stream = client.listen_for_dweets_from(&args.thing, key.as_ref(), options);
+    let mut stream = client
+        .listen_for_dweets_from(&args.thing, key.as_ref(), options)
+        .await?;
     let mut out = std::io::stdout();
     loop {
         let next = tokio::select! {

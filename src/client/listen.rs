@@ -83,6 +83,14 @@ impl DweetStream {
     }
 }
 
+impl std::fmt::Debug for DweetStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DweetStream")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Stream for DweetStream {
     type Item = Result<Dweet>;
 
@@ -102,9 +110,16 @@ struct Listener {
     finished: bool,
 }
 
-pub(super) fn open(http: reqwest::Client, url: String, options: ListenOptions) -> DweetStream {
+/// Opens the first connection before returning, so that once this resolves the server has
+/// subscribed us: a dweet sent afterwards is delivered. A refusal or a failure to connect is
+/// returned here; later connections follow `options`.
+pub(super) async fn open(
+    http: reqwest::Client,
+    url: String,
+    options: ListenOptions,
+) -> Result<DweetStream> {
     let stats = Arc::new(ListenStats::default());
-    let listener = Listener {
+    let mut listener = Listener {
         http,
         url,
         deadline: options.reconnect_for.map(|d| Instant::now() + d),
@@ -114,12 +129,13 @@ pub(super) fn open(http: reqwest::Client, url: String, options: ListenOptions) -
         stats: Arc::clone(&stats),
         finished: false,
     };
+    listener.connect().await?;
     let inner = futures_util::stream::unfold(listener, |mut listener| async move {
         let item = listener.next_item().await?;
         Some((item, listener))
     })
     .boxed();
-    DweetStream { inner, stats }
+    Ok(DweetStream { inner, stats })
 }
 
 enum Step {
@@ -168,8 +184,10 @@ impl Listener {
         let wait = self.time_left().map_or(self.options.idle_timeout, |left| {
             left.min(self.options.idle_timeout)
         });
+        let reconnecting = self.reconnecting();
         match self.body.as_mut() {
-            None => self.connect().await,
+            None if !reconnecting => Step::End,
+            None => self.reconnect().await,
             Some(body) => {
                 match tokio::time::timeout(wait, body.next()).await {
                     Ok(Some(Ok(bytes))) => {
@@ -227,54 +245,66 @@ impl Listener {
         }
     }
 
-    async fn connect(&mut self) -> Step {
-        if self.stats.connects() > 0 {
-            let pause = self
-                .time_left()
-                .map_or(self.options.reconnect_delay, |left| {
-                    left.min(self.options.reconnect_delay)
-                });
-            tokio::time::sleep(pause).await;
-            if self.deadline_passed() {
-                return Step::End;
-            }
+    /// Opens the next connection after a pause; only reached with reconnects on.
+    async fn reconnect(&mut self) -> Step {
+        let pause = self
+            .time_left()
+            .map_or(self.options.reconnect_delay, |left| {
+                left.min(self.options.reconnect_delay)
+            });
+        tokio::time::sleep(pause).await;
+        if self.deadline_passed() {
+            return Step::End;
         }
-        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        let request = self.http.get(&self.url).send();
-        let response = match self.time_left() {
-            Some(left) => match tokio::time::timeout(left, request).await {
-                Ok(response) => response,
+        let attempt = match self.time_left() {
+            Some(left) => match tokio::time::timeout(left, self.connect()).await {
+                Ok(attempt) => attempt,
                 Err(_elapsed) => return Step::End,
             },
-            None => request.await,
+            None => self.connect().await,
         };
-        match response {
-            Ok(response) if response.status().is_success() => {
-                self.body = Some(response.bytes_stream().boxed());
-                Step::Continue
-            }
-            Ok(response) => {
-                let status = response.status();
-                let body = response.bytes().await.unwrap_or_default();
-                let error = match super::parse_answer::<serde_json::Value>(status, &body, "listen")
-                {
-                    Err(error) => error,
-                    Ok(_) => Error::Status {
-                        status: status.as_u16(),
-                        body: super::snippet(&body),
-                    },
-                };
-                self.finished = !error.is_transient() || !self.reconnecting();
-                Step::Yield(Err(error))
-            }
-            Err(error) if self.reconnecting() => {
-                tracing::debug!(error = %Error::transport(error), "listen connect failed; retrying");
+        match attempt {
+            Ok(()) => Step::Continue,
+            Err(error) if error.is_transient() => {
+                tracing::debug!(%error, "listen reconnect failed; retrying");
                 Step::Continue
             }
             Err(error) => {
+                // A refusal (locked, wrong key) will not change by retrying.
                 self.finished = true;
-                Step::Yield(Err(Error::transport(error)))
+                Step::Yield(Err(error))
             }
+        }
+    }
+
+    /// One connection attempt. A stream is open-ended (chunked); an answer with a length is a
+    /// finished answer, normally a failure envelope, and is read whole.
+    async fn connect(&mut self) -> Result<()> {
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        let response = self
+            .http
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(Error::transport)?;
+        let status = response.status();
+        if status.is_success() && response.content_length().is_none() {
+            self.body = Some(response.bytes_stream().boxed());
+            return Ok(());
+        }
+        let body = response.bytes().await.map_err(Error::transport)?;
+        match super::parse_answer::<serde_json::Value>(status, &body, "listen") {
+            // Not an envelope: a clone that answered with a fixed batch of lines.
+            Err(Error::Decode { .. }) | Ok(_) if status.is_success() => {
+                self.decoder.push(&body);
+                self.decoder.push(b"\n");
+                Ok(())
+            }
+            Err(error) => Err(error),
+            Ok(_) => Err(Error::Status {
+                status: status.as_u16(),
+                body: super::snippet(&body),
+            }),
         }
     }
 }

@@ -237,16 +237,17 @@ impl Client {
         self.call(self.http.get(url), "get_dweets_for").await
     }
 
-    /// Opens the real-time stream of `thing`'s new dweets. See [`ListenOptions`] for reconnects
-    /// and the idle timeout.
-    pub fn listen_for_dweets_from(
+    /// Opens the real-time stream of `thing`'s new dweets. It resolves once the server has
+    /// subscribed us (a dweet sent afterwards is delivered), or with the error that refused
+    /// the stream. See [`ListenOptions`] for reconnects and the idle timeout.
+    pub async fn listen_for_dweets_from(
         &self,
         thing: &str,
         key: Option<&Key>,
         options: ListenOptions,
-    ) -> DweetStream {
+    ) -> Result<DweetStream> {
         let url = self.url("/listen/for/dweets/from/", &[thing], key);
-        listen::open(self.http.clone(), url, options)
+        listen::open(self.http.clone(), url, options).await
     }
 
     /// Attaches `lock` to `thing`; from then on every call on the thing needs `key`. Returns

@@ -282,14 +282,12 @@ impl App {
                 format!("the dweet content is {chars} characters long; the limit is {max}"),
             ));
         }
-        let written = self.store.write(thing, content, key)?;
+        let dweet = self.store.write(thing, content, key)?;
         if quietly {
             return Ok(Reply::NoContent);
         }
         Ok(Reply::Json(encode(&Success::new(
-            "dweeting",
-            "dweet",
-            &written.dweet,
+            "dweeting", "dweet", &dweet,
         ))))
     }
 

@@ -159,11 +159,6 @@ impl LockTable {
     }
 }
 
-/// What a successful write produced.
-pub struct Written {
-    pub dweet: Dweet,
-}
-
 pub struct Store {
     shards: Vec<Mutex<HashMap<String, Thing>>>,
     hasher: RandomState,
@@ -215,7 +210,7 @@ impl Store {
         thing: &str,
         content: Map<String, Value>,
         key: Option<&str>,
-    ) -> Result<Written, Refusal> {
+    ) -> Result<Dweet, Refusal> {
         self.lock_table().check_access(thing, key)?;
         let now = Instant::now();
         let mut shard = self.shard(thing);
@@ -256,7 +251,7 @@ impl Store {
         entry.last_dweet_at = Some(now);
         entry.last_created = Some(created_at);
         dweet.transaction = Some(uuid::Uuid::new_v4().to_string());
-        Ok(Written { dweet })
+        Ok(dweet)
     }
 
     /// The compact JSON of the kept dweets, newest first, at most `limit`.
@@ -495,7 +490,7 @@ mod tests {
             let written = store
                 .write("t", object(serde_json::json!({})), None)
                 .unwrap();
-            let created = written.dweet.created.to_datetime().unwrap();
+            let created = written.created.to_datetime().unwrap();
             if let Some(previous) = previous {
                 assert!(created > previous);
             }

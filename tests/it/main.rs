@@ -1,0 +1,9 @@
+//! Integration tests: the real sandbox over TCP on 127.0.0.1, driven by the client library, by
+//! raw HTTP bytes and by the `dweetpipe` binary. Each test starts its own sandbox on a free
+//! port, so they run in parallel without sharing state.
+
+mod cli;
+mod client;
+mod common;
+mod listen;
+mod protocol;
