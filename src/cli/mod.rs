@@ -2,6 +2,7 @@
 //! command's work is a call into the library; this layer parses, prints and sets exit codes.
 
 mod api;
+mod demo;
 mod sandbox;
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ Keep, query and watch the data of a dweet.io fleet.
 Talk to any dweet.io-compatible server (renesas.dweet.io, a self-hosted `dweetpipe sandbox`),
 run a sandbox of your own, or simulate a fleet of Renesas S5D9 boards.
 
-Quick start, in three terminals:
+Try it with no set-up: `dweetpipe demo`. Or, in three terminals:
   dweetpipe sandbox --listen 127.0.0.1:8080
   dweetpipe --server http://127.0.0.1:8080 simulate --things 5 --interval 1
   dweetpipe --server http://127.0.0.1:8080 listen S5D9-0001";
@@ -67,6 +68,9 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Dweet from a simulated fleet of Renesas S5D9 boards.
     Simulate(sandbox::SimulateArgs),
+    /// Run everything on loopback: a sandbox, a simulated S5D9 fleet and listeners, with live
+    /// progress and a summary. Needs no network and no set-up.
+    Demo(demo::DemoArgs),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -121,6 +125,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Alert(command) => run_alert(&client()?, command).await,
         Command::Sandbox(args) => sandbox::serve(args).await,
         Command::Simulate(args) => sandbox::simulate(client()?, args).await,
+        Command::Demo(args) => demo::run(args).await,
     }
 }
 
@@ -128,6 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn default_log_filter(command: &Command) -> &'static str {
     match command {
         Command::Sandbox(_) | Command::Simulate(_) => "info",
+        Command::Demo(_) => "warn",
         _ => "warn",
     }
 }

@@ -350,3 +350,34 @@ async fn help_teaches_every_verb() {
     let alert = run("http://127.0.0.1:1", &["alert", "set", "--help"]).await;
     assert!(stdout(&alert).contains("--when") && stdout(&alert).contains("--to"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_runs_on_loopback_and_every_dweet_sent_is_received() {
+    let demo = run(
+        "http://127.0.0.1:1",
+        &[
+            "demo",
+            "--things",
+            "4",
+            "--duration",
+            "2",
+            "--interval",
+            "0.2",
+        ],
+    )
+    .await;
+    assert!(demo.status.success(), "{}", stderr(&demo));
+    let summary = stdout(&demo);
+    let numbers: Vec<u64> = summary
+        .split_whitespace()
+        .filter_map(|w| w.trim_end_matches(',').parse().ok())
+        .collect();
+    // "demo: 4 boards sent N dweets, listeners received M, F failed"
+    assert_eq!(numbers.len(), 4, "{summary}");
+    assert!(numbers[1] >= 8, "the fleet dweeted: {summary}");
+    assert_eq!(
+        numbers[1], numbers[2],
+        "every dweet sent was received: {summary}"
+    );
+    assert_eq!(numbers[3], 0, "{summary}");
+}
