@@ -8,5 +8,11 @@
 //! See `ARCHITECTURE.md` for the map of modules and the data flow.
 
 pub mod client;
+pub mod config;
+pub mod http_server;
+pub mod normalize;
 pub mod protocol;
 pub mod sandbox;
+pub mod sink;
+pub mod telemetry;
+pub mod worker;

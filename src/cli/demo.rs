@@ -1,63 +1,108 @@
 //! `dweetpipe demo`: the whole pipeline on an embedded default, in one command. A sandbox on a
-//! free port, a simulated S5D9 fleet dweeting to it, and a listener per board collecting what
-//! the fleet sent, with a live progress line and a summary at the end.
+//! free port, a simulated S5D9 fleet dweeting to it, and the ingest worker writing Parquet,
+//! with a live progress line, a summary, and how to query the output.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use dweetpipe::client::{Client, ListenOptions};
+use dweetpipe::client::Client;
+use dweetpipe::config::{Config, ThingConfig};
 use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
 use dweetpipe::sandbox::{self, SandboxConfig};
-use futures_util::StreamExt;
-use tokio::task::JoinSet;
+use dweetpipe::sink::parquet::ParquetConfig;
+use dweetpipe::telemetry::{Metrics, MetricsConfig};
+use dweetpipe::worker::{self, SourceConfig};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How many simulated boards.
     #[arg(long, default_value_t = 20)]
     things: usize,
-    /// How long to run, in seconds.
+    /// How long the fleet dweets, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     duration: u64,
     /// Seconds between two dweets of one board.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     interval: f64,
+    /// Where the Parquet output goes.
+    #[arg(long, value_name = "DIR", default_value = "data/demo")]
+    data: PathBuf,
+}
+
+/// The figures the progress line and the summary show.
+struct Progress {
+    received: f64,
+    rows: f64,
+    files: f64,
+}
+
+impl Progress {
+    fn read(metrics: &Metrics) -> Self {
+        Progress {
+            received: metrics.value("dweetpipe_dweets_received_total", &[]),
+            rows: metrics.value("dweetpipe_sink_rows_written_total", &[]),
+            files: metrics.value("dweetpipe_parquet_files_finalized_total", &[]),
+        }
+    }
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let interval = super::api::seconds("--interval", args.interval)?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = sandbox::start(SandboxConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        listen: loopback,
         ..SandboxConfig::default()
     })
     .await
     .context("could not start the sandbox on loopback")?;
     let url = server.base_url();
+
+    let config = Config {
+        path: PathBuf::from("(demo)"),
+        source: Some(SourceConfig {
+            start_spread: Duration::from_millis(200),
+            ..SourceConfig::new(url.clone())
+        }),
+        things: (1..=args.things)
+            .map(|i| ThingConfig {
+                name: thing_name("S5D9-", i),
+                key: None,
+                key_source: None,
+            })
+            .collect(),
+        parquet: Some(ParquetConfig {
+            rotate_after: Duration::from_secs(5),
+            ..ParquetConfig::new(&args.data)
+        }),
+        metrics: Some(MetricsConfig { listen: loopback }),
+        shutdown_timeout: Duration::from_secs(10),
+    };
+    let worker = worker::start(config).await?;
+    let metrics = Arc::clone(worker.metrics());
     eprintln!(
         "sandbox on {url}; {} simulated S5D9 boards for {} s",
         args.things, args.duration
     );
-    let client = Client::new(&url)?;
-
-    let received = Arc::new(AtomicU64::new(0));
-    let mut listeners = JoinSet::new();
-    for index in 1..=args.things {
-        let mut stream = client
-            .listen_for_dweets_from(&thing_name("S5D9-", index), None, ListenOptions::default())
-            .await?;
-        let received = Arc::clone(&received);
-        listeners.spawn(async move {
-            while let Some(Ok(_)) = stream.next().await {
-                received.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+    if let Some(addr) = worker.metrics_addr() {
+        eprintln!(
+            "worker metrics on http://{addr}/metrics; Parquet into {}",
+            args.data.display()
+        );
     }
+    if std::env::var_os("DATABASE_URL").is_some() {
+        eprintln!(
+            "note: DATABASE_URL is set, but the PostgreSQL sink is not part of this build yet; writing Parquet only"
+        );
+    }
+    // Let the subscriptions open before the boards start dweeting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
+    let client = Client::new(&url)?;
     let fleet_stats = Arc::new(FleetStats::default());
     let fleet_config = FleetConfig {
         things: args.things,
@@ -65,54 +110,69 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         odd_every: Some(25),
         ..FleetConfig::default()
     };
-    let fleet = tokio::spawn(run_fleet(
-        client.clone(),
-        fleet_config,
-        Arc::clone(&fleet_stats),
-    ));
+    let fleet = tokio::spawn(run_fleet(client, fleet_config, Arc::clone(&fleet_stats)));
 
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let live = std::io::stderr().is_terminal();
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    let mut interrupted = false;
+    while Instant::now() < deadline {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = super::shutdown_signal() => break,
+            _ = super::shutdown_signal() => { interrupted = true; break }
         }
-        let line = format!(
-            "{:>4.0}s  sent {:>6}  received {:>6}  failed {}",
-            started.elapsed().as_secs_f64(),
-            fleet_stats.sent(),
-            received.load(Ordering::Relaxed),
-            fleet_stats.failed()
-        );
         if live {
-            eprint!("\r{line}");
+            let now = Progress::read(&metrics);
+            eprint!(
+                "\r{:>4.0}s  dweets sent {:>6}  received {:>6}  rows written {:>7}  files finalised {:>3}",
+                started.elapsed().as_secs_f64(),
+                fleet_stats.sent(),
+                now.received,
+                now.rows,
+                now.files
+            );
             let _ = std::io::stderr().flush();
-        }
-        if Instant::now() >= deadline {
-            break;
         }
     }
     if live {
         eprintln!();
     }
     fleet.abort();
-    // Let in-flight dweets reach the listeners before counting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The last dweets are in flight; give the streams a moment to deliver them.
+    if !interrupted {
+        let sent = fleet_stats.sent() as f64;
+        let settle = Instant::now();
+        while Progress::read(&metrics).received < sent && settle.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    worker.shutdown(Duration::from_secs(10)).await?;
     server.shutdown().await;
-    while listeners.join_next().await.is_some() {}
 
+    let done = Progress::read(&metrics);
+    let table = |name: &str| metrics.value("dweetpipe_sink_rows_written_total", &[("table", name)]);
     println!(
-        "demo: {} boards sent {} dweets, listeners received {}, {} failed",
+        "demo: {} boards sent {} dweets ({} failed); the worker received {} and wrote {} readings, {} raw dweets and {} dead letters into {} Parquet files under {}",
         args.things,
         fleet_stats.sent(),
-        received.load(Ordering::Relaxed),
-        fleet_stats.failed()
+        fleet_stats.failed(),
+        done.received,
+        table("readings"),
+        table("dweets"),
+        table("dead_letters"),
+        done.files,
+        args.data.display()
     );
+    let dir = args.data.display();
+    println!("query it with DuckDB:");
     println!(
-        "next: keep a sandbox running with `dweetpipe sandbox` and follow a board with `dweetpipe --server URL listen S5D9-0001`"
+        "  duckdb -c \"SELECT thing, sensor, round(avg(value), 2) AS avg FROM read_parquet('{dir}/readings/**/*.parquet', hive_partitioning = true) WHERE sensor = 'sensors.TemperatureC' GROUP BY ALL ORDER BY thing\""
+    );
+    println!("or with pyarrow:");
+    println!(
+        "  python3 -c \"import pyarrow.dataset as ds; t = ds.dataset('{dir}/readings', format='parquet', partitioning='hive').to_table(); print(t.num_rows, t.schema)\""
     );
     Ok(())
 }

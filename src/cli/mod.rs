@@ -4,6 +4,7 @@
 mod api;
 mod demo;
 mod sandbox;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -68,9 +69,17 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Dweet from a simulated fleet of Renesas S5D9 boards.
     Simulate(sandbox::SimulateArgs),
-    /// Run everything on loopback: a sandbox, a simulated S5D9 fleet and listeners, with live
-    /// progress and a summary. Needs no network and no set-up.
+    /// Run everything on loopback: a sandbox, a simulated S5D9 fleet and the ingest worker
+    /// writing Parquet, with live progress and a summary. Needs no network and no set-up.
     Demo(demo::DemoArgs),
+    /// The ingest worker: keep every configured thing's dweets in Parquet, with metrics.
+    ///
+    /// Subscribes to every [[thing]] of the file, backfills gaps on every (re)connect, and
+    /// writes readings, raw dweets and dead letters. SIGTERM/SIGINT: stop and seal the files
+    /// (within shutdown_timeout). SIGHUP: reload the file (validated first).
+    Run(worker::ConfigArgs),
+    /// Validate a things file and say what `run` would do, and whether the source answers.
+    Check(worker::ConfigArgs),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -126,13 +135,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sandbox(args) => sandbox::serve(args).await,
         Command::Simulate(args) => sandbox::simulate(client()?, args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Run(args) => worker::run(args).await,
+        Command::Check(args) => worker::check(args).await,
     }
 }
 
 /// The default log filter: servers say what they do, one-shot verbs only what went wrong.
 pub fn default_log_filter(command: &Command) -> &'static str {
     match command {
-        Command::Sandbox(_) | Command::Simulate(_) => "info",
+        Command::Sandbox(_) | Command::Simulate(_) | Command::Run(_) => "info",
         Command::Demo(_) => "warn",
         _ => "warn",
     }

@@ -27,7 +27,26 @@ pub enum Decoded {
         because: String,
     },
     /// A line that is neither a frame nor a length line; skipped and counted.
-    Skipped(SkipReason),
+    Skipped(SkippedLine),
+}
+
+/// A line the decoder could not use, with the start of its text (lossy UTF-8, at most
+/// [`EXCERPT_BYTES`]) so that callers can keep it as a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedLine {
+    pub reason: SkipReason,
+    pub excerpt: String,
+}
+
+/// How much of a skipped line is kept.
+pub const EXCERPT_BYTES: usize = 4096;
+
+fn skipped(reason: SkipReason, line: &[u8]) -> Decoded {
+    let end = line.len().min(EXCERPT_BYTES);
+    Decoded::Skipped(SkippedLine {
+        reason,
+        excerpt: String::from_utf8_lossy(&line[..end]).into_owned(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,7 +126,7 @@ impl FrameDecoder {
                     let line_range = self.consumed..self.consumed + end;
                     self.consumed += end + 1;
                     if end > self.max_line {
-                        return Some(Decoded::Skipped(SkipReason::TooLong));
+                        return Some(skipped(SkipReason::TooLong, &self.buf[line_range]));
                     }
                     if let Some(event) = classify_line(&self.buf[line_range]) {
                         return Some(event);
@@ -115,9 +134,10 @@ impl FrameDecoder {
                 }
                 None => {
                     if pending.len() > self.max_line {
+                        let event = skipped(SkipReason::TooLong, pending);
                         self.clear();
                         self.discarding = true;
-                        return Some(Decoded::Skipped(SkipReason::TooLong));
+                        return Some(event);
                     }
                     return None;
                 }
@@ -159,29 +179,33 @@ fn classify_line(line: &[u8]) -> Option<Decoded> {
     if line.is_empty() || is_hex_length(line) {
         return None;
     }
-    let event = match line[0] {
+    let reason = match line[0] {
         b'"' => match serde_json::from_slice::<String>(line) {
-            Ok(inner) => decode_object(inner.as_bytes()),
-            Err(_) => Decoded::Skipped(SkipReason::NotJson),
+            Ok(inner) => match decode_object(inner.as_bytes()) {
+                Ok(event) => return Some(event),
+                Err(reason) => reason,
+            },
+            Err(_) => SkipReason::NotJson,
         },
-        b'{' => decode_object(line),
-        _ => Decoded::Skipped(SkipReason::NotJson),
+        b'{' => match decode_object(line) {
+            Ok(event) => return Some(event),
+            Err(reason) => reason,
+        },
+        _ => SkipReason::NotJson,
     };
-    Some(event)
+    Some(skipped(reason, line))
 }
 
-fn decode_object(json: &[u8]) -> Decoded {
+fn decode_object(json: &[u8]) -> Result<Decoded, SkipReason> {
     match serde_json::from_slice::<Dweet>(json) {
-        Ok(dweet) => Decoded::Dweet(dweet),
+        Ok(dweet) => Ok(Decoded::Dweet(dweet)),
         Err(dweet_error) => match serde_json::from_slice::<FailureLine>(json) {
-            Ok(failure) if failure.this == "failed" => Decoded::Failure {
+            Ok(failure) if failure.this == "failed" => Ok(Decoded::Failure {
                 code: failure.with,
                 because: failure.because,
-            },
-            _ if dweet_error.is_syntax() || dweet_error.is_eof() => {
-                Decoded::Skipped(SkipReason::NotJson)
-            }
-            _ => Decoded::Skipped(SkipReason::NotADweet(dweet_error.to_string())),
+            }),
+            _ if dweet_error.is_syntax() || dweet_error.is_eof() => Err(SkipReason::NotJson),
+            _ => Err(SkipReason::NotADweet(dweet_error.to_string())),
         },
     }
 }
@@ -278,12 +302,16 @@ mod tests {
         let skipped: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
-                Decoded::Skipped(reason) => Some(reason.clone()),
+                Decoded::Skipped(line) => Some(line.clone()),
                 _ => None,
             })
             .collect();
         assert_eq!(skipped.len(), 5, "{skipped:?}");
-        assert!(matches!(skipped[1], SkipReason::NotADweet(_)));
+        assert!(matches!(skipped[1].reason, SkipReason::NotADweet(_)));
+        assert_eq!(
+            skipped[0].excerpt, "hello there",
+            "the line is kept for dead letters"
+        );
     }
 
     #[test]
@@ -322,9 +350,16 @@ mod tests {
     fn a_complete_overlong_line_is_skipped() {
         let mut decoder = FrameDecoder::with_max_line(16);
         decoder.push(b"\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n");
-        assert_eq!(
-            drain(&mut decoder),
-            vec![Decoded::Skipped(SkipReason::TooLong)]
+        let events = drain(&mut decoder);
+        assert!(
+            matches!(
+                &events[..],
+                [Decoded::Skipped(SkippedLine {
+                    reason: SkipReason::TooLong,
+                    ..
+                })]
+            ),
+            "{events:?}"
         );
     }
 }

@@ -42,6 +42,10 @@ pub enum Error {
     /// A listen stream sent nothing for longer than its idle timeout.
     #[error("the listen stream sent nothing for {0:?}")]
     Idle(Duration),
+    /// A listen stream line that was not a dweet. Yielded only with
+    /// [`ListenOptions::report_skipped_lines`](super::ListenOptions); the stream goes on.
+    #[error("skipped a stream line: {}", .0.reason)]
+    SkippedLine(super::SkippedLine),
     /// The base URL or a client option is unusable.
     #[error("invalid client configuration: {0}")]
     Config(String),

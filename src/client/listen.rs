@@ -33,6 +33,9 @@ pub struct ListenOptions {
     pub reconnect_delay: Duration,
     /// The longest stream line kept; see [`FrameDecoder::with_max_line`].
     pub max_line: usize,
+    /// Yield lines that are not dweets as [`Error::SkippedLine`] items (the stream goes on),
+    /// instead of only counting them: for callers that keep them as dead letters.
+    pub report_skipped_lines: bool,
 }
 
 impl Default for ListenOptions {
@@ -42,6 +45,7 @@ impl Default for ListenOptions {
             idle_timeout: Duration::from_secs(90),
             reconnect_delay: Duration::from_secs(1),
             max_line: super::decoder::DEFAULT_MAX_LINE,
+            report_skipped_lines: false,
         }
     }
 }
@@ -218,10 +222,14 @@ impl Listener {
                 self.stats.dweets.fetch_add(1, Ordering::Relaxed);
                 Step::Yield(Ok(dweet))
             }
-            Decoded::Skipped(reason) => {
+            Decoded::Skipped(line) => {
                 self.stats.skipped_lines.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%reason, "skipped a listen stream line");
-                Step::Continue
+                tracing::debug!(reason = %line.reason, "skipped a listen stream line");
+                if self.options.report_skipped_lines {
+                    Step::Yield(Err(Error::SkippedLine(line)))
+                } else {
+                    Step::Continue
+                }
             }
             Decoded::Failure { code, because } => {
                 // A refusal (locked, wrong key) will not change by reconnecting.

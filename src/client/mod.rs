@@ -28,7 +28,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-pub use decoder::{DEFAULT_MAX_LINE, Decoded, FrameDecoder, SkipReason};
+pub use decoder::{
+    DEFAULT_MAX_LINE, Decoded, EXCERPT_BYTES, FrameDecoder, SkipReason, SkippedLine,
+};
 pub use error::{Error, Result};
 pub use listen::{DweetStream, ListenOptions, ListenStats};
 pub use types::{Alert, AlertStatus, Created, Dweet, Key, Recipient};

@@ -1,38 +1,26 @@
 //! The sandbox's HTTP face: routing, request decoding and the exact answer bytes. The rules
 //! themselves live in the store; this module only translates between them and the wire.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::store::Store;
 use super::{Refusal, SandboxConfig, content, names};
 use crate::client::Recipient;
+use crate::http_server::Body;
 use crate::protocol::{Failure, Success};
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-/// A slow client may take this long to send its request head (slow-loris defence).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for in-flight requests.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Longest alert condition accepted, as on the public service.
 const MAX_CONDITION_CHARS: usize = 2000;
 
@@ -86,7 +74,7 @@ impl App {
         }
     }
 
-    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         let (parts, body) = request.into_parts();
         let query: Vec<(String, String)> = parts
             .uri
@@ -307,46 +295,6 @@ impl App {
         Ok(Reply::Json(encode(&Success::new(
             "getting", "dweets", &with,
         ))))
-    }
-}
-
-pub(super) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
-    let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, usually: wait for some to close.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let app = Arc::clone(&app);
-        let service = service_fn(move |request| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(app.handle(request).await) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!("sandbox shutdown grace expired with connections still open");
-        }
     }
 }
 

@@ -141,7 +141,15 @@ pub async fn start(config: SandboxConfig) -> io::Result<SandboxHandle> {
     ));
     tokio::spawn(sweep_forever(Arc::clone(&store), shutdown.clone()));
     let app = Arc::new(http::App::new(store, config, shutdown.clone()));
-    let task = tokio::spawn(http::serve(listener, app, shutdown.clone()));
+    let handler = Arc::new(move |request| {
+        let app = Arc::clone(&app);
+        async move { app.handle(request).await }
+    });
+    let task = tokio::spawn(crate::http_server::serve(
+        listener,
+        handler,
+        shutdown.clone(),
+    ));
     tracing::info!(%local_addr, "sandbox listening");
     Ok(SandboxHandle {
         local_addr,

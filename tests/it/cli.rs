@@ -352,7 +352,9 @@ async fn help_teaches_every_verb() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn demo_runs_on_loopback_and_every_dweet_sent_is_received() {
+async fn demo_runs_on_loopback_and_every_dweet_sent_is_stored() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
     let demo = run(
         "http://127.0.0.1:1",
         &[
@@ -363,21 +365,46 @@ async fn demo_runs_on_loopback_and_every_dweet_sent_is_received() {
             "2",
             "--interval",
             "0.2",
+            "--data",
+            data_dir,
         ],
     )
     .await;
     assert!(demo.status.success(), "{}", stderr(&demo));
     let summary = stdout(&demo);
-    let numbers: Vec<u64> = summary
-        .split_whitespace()
-        .filter_map(|w| w.trim_end_matches(',').parse().ok())
-        .collect();
-    // "demo: 4 boards sent N dweets, listeners received M, F failed"
-    assert_eq!(numbers.len(), 4, "{summary}");
-    assert!(numbers[1] >= 8, "the fleet dweeted: {summary}");
+    let number_after = |marker: &str| -> u64 {
+        let start = summary
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker:?} in {summary}"))
+            + marker.len();
+        summary[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let sent = number_after("sent ");
+    assert!(sent >= 8, "the fleet dweeted: {summary}");
     assert_eq!(
-        numbers[1], numbers[2],
+        number_after("received "),
+        sent,
         "every dweet sent was received: {summary}"
     );
-    assert_eq!(numbers[3], 0, "{summary}");
+    assert_eq!(
+        number_after("readings, "),
+        sent,
+        "every dweet was stored raw: {summary}"
+    );
+    assert!(
+        summary.contains("duckdb") && summary.contains("pyarrow"),
+        "says how to query: {summary}"
+    );
+    assert!(
+        std::fs::read_dir(data.path().join("readings"))
+            .unwrap()
+            .next()
+            .is_some(),
+        "Parquet partitions written"
+    );
 }

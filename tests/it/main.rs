@@ -7,3 +7,4 @@ mod client;
 mod common;
 mod listen;
 mod protocol;
+mod worker;

@@ -1,0 +1,219 @@
+//! Arrow schemas of the three datasets and the row buffers that turn records into record
+//! batches.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayBuilder, ArrayRef, Float64Builder, StringBuilder, TimestampMillisecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+
+use crate::normalize::{DeadLetter, Normalized};
+
+/// The datasets under `[parquet] dir`, each its own folder of `date=YYYY-MM-DD/` partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dataset {
+    /// `time, thing, sensor, value`: one row per numeric leaf.
+    Readings,
+    /// `thing, created, received_at, content`: the lossless raw dweets.
+    Dweets,
+    /// `thing, created, received_at, payload, reason`.
+    DeadLetters,
+}
+
+impl Dataset {
+    pub const ALL: [Dataset; 3] = [Dataset::Readings, Dataset::Dweets, Dataset::DeadLetters];
+
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Dataset::Readings => "readings",
+            Dataset::Dweets => "dweets",
+            Dataset::DeadLetters => "dead_letters",
+        }
+    }
+
+    pub fn schema(self) -> SchemaRef {
+        let time = |name: &str| {
+            Field::new(
+                name,
+                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                false,
+            )
+        };
+        let text = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+        Arc::new(Schema::new(match self {
+            Dataset::Readings => vec![
+                time("time"),
+                text("thing", false),
+                text("sensor", false),
+                Field::new("value", DataType::Float64, false),
+            ],
+            Dataset::Dweets => vec![
+                text("thing", false),
+                time("created"),
+                time("received_at"),
+                text("content", false),
+            ],
+            Dataset::DeadLetters => vec![
+                text("thing", true),
+                text("created", true),
+                time("received_at"),
+                text("payload", false),
+                text("reason", false),
+            ],
+        }))
+    }
+}
+
+fn timestamps() -> TimestampMillisecondBuilder {
+    TimestampMillisecondBuilder::new().with_timezone("UTC")
+}
+
+/// Rows of one dataset waiting to become a record batch.
+pub enum Rows {
+    Readings {
+        time: TimestampMillisecondBuilder,
+        thing: StringBuilder,
+        sensor: StringBuilder,
+        value: Float64Builder,
+    },
+    Dweets {
+        thing: StringBuilder,
+        created: TimestampMillisecondBuilder,
+        received_at: TimestampMillisecondBuilder,
+        content: StringBuilder,
+    },
+    DeadLetters {
+        thing: StringBuilder,
+        created: StringBuilder,
+        received_at: TimestampMillisecondBuilder,
+        payload: StringBuilder,
+        reason: StringBuilder,
+    },
+}
+
+impl Rows {
+    pub fn new(dataset: Dataset) -> Self {
+        match dataset {
+            Dataset::Readings => Rows::Readings {
+                time: timestamps(),
+                thing: StringBuilder::new(),
+                sensor: StringBuilder::new(),
+                value: Float64Builder::new(),
+            },
+            Dataset::Dweets => Rows::Dweets {
+                thing: StringBuilder::new(),
+                created: timestamps(),
+                received_at: timestamps(),
+                content: StringBuilder::new(),
+            },
+            Dataset::DeadLetters => Rows::DeadLetters {
+                thing: StringBuilder::new(),
+                created: StringBuilder::new(),
+                received_at: timestamps(),
+                payload: StringBuilder::new(),
+                reason: StringBuilder::new(),
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Readings { value, .. } => value.len(),
+            Rows::Dweets { content, .. } => content.len(),
+            Rows::DeadLetters { reason, .. } => reason.len(),
+        }
+    }
+
+    /// Appends the readings of a dweet (to `Readings`) or the dweet itself (to `Dweets`).
+    pub fn push_dweet(&mut self, dweet: &Normalized) {
+        match self {
+            Rows::Readings {
+                time,
+                thing,
+                sensor,
+                value,
+            } => {
+                for reading in &dweet.readings {
+                    time.append_value(dweet.created_ms);
+                    thing.append_value(&dweet.thing);
+                    sensor.append_value(&reading.sensor);
+                    value.append_value(reading.value);
+                }
+            }
+            Rows::Dweets {
+                thing,
+                created,
+                received_at,
+                content,
+            } => {
+                thing.append_value(&dweet.thing);
+                created.append_value(dweet.created_ms);
+                received_at.append_value(dweet.received_ms);
+                content.append_value(&dweet.content);
+            }
+            Rows::DeadLetters { .. } => {}
+        }
+    }
+
+    pub fn push_dead_letter(&mut self, letter: &DeadLetter) {
+        if let Rows::DeadLetters {
+            thing,
+            created,
+            received_at,
+            payload,
+            reason,
+        } = self
+        {
+            thing.append_option(letter.thing.as_deref());
+            created.append_option(letter.created.as_deref());
+            received_at.append_value(letter.received_ms);
+            payload.append_value(&letter.payload);
+            reason.append_value(&letter.reason);
+        }
+    }
+
+    /// Takes the buffered rows as a batch, leaving the buffer empty.
+    pub fn take_batch(&mut self, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = match self {
+            Rows::Readings {
+                time,
+                thing,
+                sensor,
+                value,
+            } => vec![
+                Arc::new(time.finish()),
+                Arc::new(thing.finish()),
+                Arc::new(sensor.finish()),
+                Arc::new(value.finish()),
+            ],
+            Rows::Dweets {
+                thing,
+                created,
+                received_at,
+                content,
+            } => vec![
+                Arc::new(thing.finish()),
+                Arc::new(created.finish()),
+                Arc::new(received_at.finish()),
+                Arc::new(content.finish()),
+            ],
+            Rows::DeadLetters {
+                thing,
+                created,
+                received_at,
+                payload,
+                reason,
+            } => vec![
+                Arc::new(thing.finish()),
+                Arc::new(created.finish()),
+                Arc::new(received_at.finish()),
+                Arc::new(payload.finish()),
+                Arc::new(reason.finish()),
+            ],
+        };
+        RecordBatch::try_new(Arc::clone(schema), columns)
+    }
+}

@@ -1,0 +1,441 @@
+//! The Parquet sink: three datasets under `[parquet] dir`, partitioned by date, zstd, readable
+//! as they are by pyarrow and DuckDB.
+//!
+//! ```text
+//! dir/readings/date=2026-11-23/part-<generation>-<n>.parquet       time, thing, sensor, value
+//! dir/dweets/date=2026-11-23/part-<generation>-<n>.parquet         thing, created, received_at, content
+//! dir/dead_letters/date=2026-11-23/part-<generation>-<n>.parquet   thing, created, received_at, payload, reason
+//! ```
+//!
+//! Rows are written as they come into hidden `.tmp` files of the open *generation*. A
+//! generation is sealed when it is `rotate_after` old or holds `max_rows` rows, and at
+//! shutdown: every file gets its footer (with the generation, its file count and the per-thing
+//! watermarks), is fsynced and renamed into place, and the folders are fsynced. Recovery
+//! ([`recovery`]) removes what a crash left half-done, so after a restart with backfill every
+//! dweet is in the output exactly once.
+
+mod batch;
+mod recovery;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDate;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::WriterProperties;
+use serde::Deserialize;
+
+pub use batch::Dataset;
+use batch::Rows;
+
+use super::SinkError;
+use crate::normalize::{Record, ms_to_datetime, now_ms};
+use crate::telemetry::Metrics;
+
+const META_GENERATION: &str = "dweetpipe.generation";
+const META_FILES: &str = "dweetpipe.generation_files";
+const META_WATERMARKS: &str = "dweetpipe.watermarks";
+/// Rows buffered per file before they are encoded into the open file.
+const BATCH_ROWS: usize = 16 * 1024;
+/// Recovery opens footers of generations younger than this; older data is past any source's
+/// retention, so its watermarks cannot matter for backfill.
+const RECOVERY_HORIZON: Duration = Duration::from_secs(72 * 60 * 60);
+
+/// The `[parquet]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    pub dir: PathBuf,
+    /// Seal the open files after this long. Default 5 min.
+    #[serde(
+        default = "default_rotate_after",
+        deserialize_with = "crate::config::duration"
+    )]
+    pub rotate_after: Duration,
+    /// Seal the open files once they hold this many rows (readings, dweets and dead letters
+    /// together). Default 1,000,000.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: u64,
+}
+
+fn default_rotate_after() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+fn default_max_rows() -> u64 {
+    1_000_000
+}
+
+impl ParquetConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ParquetConfig {
+            dir: dir.into(),
+            rotate_after: default_rotate_after(),
+            max_rows: default_max_rows(),
+        }
+    }
+
+    /// Checks values; the error is (key, problem).
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(("dir".to_owned(), "the directory is empty".to_owned()));
+        }
+        if self.max_rows == 0 {
+            return Err(("max_rows".to_owned(), "must be at least 1".to_owned()));
+        }
+        if self.rotate_after < Duration::from_millis(100)
+            || self.rotate_after > Duration::from_secs(24 * 60 * 60)
+        {
+            return Err((
+                "rotate_after".to_owned(),
+                "must be between 100ms and 24h".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One file of the open generation.
+struct OpenFile {
+    dataset: Dataset,
+    tmp_path: PathBuf,
+    final_path: PathBuf,
+    writer: ArrowWriter<File>,
+    rows: Rows,
+}
+
+/// The files being written, sealed together.
+struct Generation {
+    id: i64,
+    opened: Instant,
+    rows: u64,
+    /// Rows per dataset, for the rows-written metric once sealed.
+    dataset_rows: HashMap<Dataset, u64>,
+    files: BTreeMap<(Dataset, NaiveDate), OpenFile>,
+    watermarks: HashMap<String, i64>,
+}
+
+pub struct ParquetSink {
+    config: ParquetConfig,
+    properties: WriterProperties,
+    /// What is durable: the maximum `created` per thing over sealed generations.
+    durable: HashMap<String, i64>,
+    last_generation: i64,
+    open: Option<Generation>,
+    metrics: Arc<Metrics>,
+}
+
+/// What recovery did at start-up, for the log and for `check`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Opened {
+    pub removed_temporary: usize,
+    pub removed_incomplete: usize,
+    pub things_with_watermark: usize,
+}
+
+impl ParquetSink {
+    /// Opens `config.dir`, creating it, and recovers from any earlier crash.
+    pub fn open(config: ParquetConfig, metrics: Arc<Metrics>) -> Result<(Self, Opened), SinkError> {
+        for dataset in Dataset::ALL {
+            let dir = config.dir.join(dataset.dir_name());
+            fs::create_dir_all(&dir).map_err(|e| SinkError::io(&dir, e))?;
+        }
+        let horizon = now_ms() - RECOVERY_HORIZON.as_millis() as i64;
+        let recovered = recovery::recover(&config.dir, horizon)?;
+        let opened = Opened {
+            removed_temporary: recovered.removed_temporary,
+            removed_incomplete: recovered.removed_incomplete,
+            things_with_watermark: recovered.watermarks.len(),
+        };
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_row_count(Some(1024 * 1024))
+            .build();
+        let sink = ParquetSink {
+            config,
+            properties,
+            durable: recovered.watermarks,
+            last_generation: recovered.newest_generation,
+            open: None,
+            metrics,
+        };
+        Ok((sink, opened))
+    }
+
+    /// The newest durable `created` (ms) per thing.
+    pub fn watermarks(&self) -> &HashMap<String, i64> {
+        &self.durable
+    }
+
+    pub fn config(&self) -> &ParquetConfig {
+        &self.config
+    }
+
+    /// Rows written into the open generation and not yet sealed.
+    pub fn pending_rows(&self) -> u64 {
+        self.open.as_ref().map_or(0, |g| g.rows)
+    }
+
+    /// Adds records to the open generation; dweets already durable are skipped (they come
+    /// back through backfill after a restart). Seals when `max_rows` is reached.
+    pub fn write(&mut self, records: &[Record]) -> Result<usize, SinkError> {
+        let mut skipped = 0;
+        for record in records {
+            match record {
+                Record::Dweet(dweet) => {
+                    let durable = self.durable.get(&dweet.thing).copied();
+                    if durable.is_some_and(|mark| dweet.created_ms <= mark) {
+                        skipped += 1;
+                        continue;
+                    }
+                    let date = ms_to_datetime(dweet.created_ms).date_naive();
+                    let generation = self.generation();
+                    let mark = generation
+                        .watermarks
+                        .entry(dweet.thing.clone())
+                        .or_insert(dweet.created_ms);
+                    *mark = (*mark).max(dweet.created_ms);
+                    generation.count(Dataset::Dweets, 1);
+                    generation.count(Dataset::Readings, dweet.readings.len() as u64);
+                    self.push(Dataset::Dweets, date, |rows| rows.push_dweet(dweet))?;
+                    if !dweet.readings.is_empty() {
+                        self.push(Dataset::Readings, date, |rows| rows.push_dweet(dweet))?;
+                    }
+                }
+                Record::DeadLetter(letter) => {
+                    // A dead-lettered dweet counts as ingested, so backfill does not bring it
+                    // back after a restart.
+                    if let (Some(thing), Some(created_ms)) = (&letter.thing, letter.created_ms) {
+                        if self
+                            .durable
+                            .get(thing)
+                            .is_some_and(|mark| created_ms <= *mark)
+                        {
+                            skipped += 1;
+                            continue;
+                        }
+                        let mark = self
+                            .generation()
+                            .watermarks
+                            .entry(thing.clone())
+                            .or_insert(created_ms);
+                        *mark = (*mark).max(created_ms);
+                    }
+                    let date = ms_to_datetime(letter.received_ms).date_naive();
+                    self.generation().count(Dataset::DeadLetters, 1);
+                    self.push(Dataset::DeadLetters, date, |rows| {
+                        rows.push_dead_letter(letter)
+                    })?;
+                }
+            }
+        }
+        if self.pending_rows() >= self.config.max_rows {
+            self.seal()?;
+        }
+        Ok(skipped)
+    }
+
+    /// Seals the open generation when it is `rotate_after` old; call it now and then.
+    pub fn tick(&mut self) -> Result<(), SinkError> {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|g| g.opened.elapsed() >= self.config.rotate_after)
+        {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Seals whatever is open; at shutdown.
+    pub fn close(&mut self) -> Result<(), SinkError> {
+        self.seal()
+    }
+
+    fn generation(&mut self) -> &mut Generation {
+        let last = &mut self.last_generation;
+        self.open.get_or_insert_with(|| {
+            // Strictly newer than anything on disk, so names never collide across restarts.
+            let id = now_ms().max(*last + 1);
+            *last = id;
+            Generation {
+                id,
+                opened: Instant::now(),
+                rows: 0,
+                dataset_rows: HashMap::new(),
+                files: BTreeMap::new(),
+                watermarks: HashMap::new(),
+            }
+        })
+    }
+
+    fn push(
+        &mut self,
+        dataset: Dataset,
+        date: NaiveDate,
+        add: impl FnOnce(&mut Rows),
+    ) -> Result<(), SinkError> {
+        let dir = self.config.dir.clone();
+        let properties = self.properties.clone();
+        let generation = self.generation();
+        let sequence = generation.files.len();
+        let id = generation.id;
+        let file = match generation.files.entry((dataset, date)) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => entry.insert(OpenFile::create(
+                &dir, dataset, date, id, sequence, properties,
+            )?),
+        };
+        add(&mut file.rows);
+        if file.rows.len() >= BATCH_ROWS {
+            file.write_buffered()?;
+        }
+        Ok(())
+    }
+
+    /// Footers, fsync, rename, fsync the folders: the generation becomes durable. On error the
+    /// generation's temporary files are removed (their rows are not counted as durable).
+    fn seal(&mut self) -> Result<(), SinkError> {
+        let Some(generation) = self.open.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let file_count = generation.files.len();
+        let watermarks = serde_json::to_string(&generation.watermarks).unwrap_or_default();
+        let mut finished = Vec::with_capacity(file_count);
+        let mut failure = None;
+        for (_, mut file) in generation.files {
+            if failure.is_some() {
+                let _ = fs::remove_file(&file.tmp_path);
+                continue;
+            }
+            match file.finish(generation.id, file_count, &watermarks) {
+                Ok(()) => finished.push(file),
+                Err(error) => {
+                    let _ = fs::remove_file(&file.tmp_path);
+                    failure = Some(error);
+                }
+            }
+        }
+        if let Some(error) = failure {
+            for file in &finished {
+                let _ = fs::remove_file(&file.tmp_path);
+            }
+            self.metrics
+                .sink_errors
+                .with_label_values(&["parquet"])
+                .inc();
+            return Err(error);
+        }
+        let mut dirs = Vec::new();
+        for file in &finished {
+            fs::rename(&file.tmp_path, &file.final_path)
+                .map_err(|e| SinkError::io(&file.final_path, e))?;
+            if let Some(parent) = file.final_path.parent()
+                && !dirs.contains(&parent)
+            {
+                dirs.push(parent);
+            }
+            self.metrics
+                .parquet_files_finalized
+                .with_label_values(&[file.dataset.dir_name()])
+                .inc();
+        }
+        for dir in dirs {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| SinkError::io(dir, e))?;
+        }
+        for (thing, created_ms) in generation.watermarks {
+            let mark = self.durable.entry(thing).or_insert(created_ms);
+            *mark = (*mark).max(created_ms);
+        }
+        for (dataset, rows) in &generation.dataset_rows {
+            self.metrics
+                .sink_rows_written
+                .with_label_values(&["parquet", dataset.dir_name()])
+                .inc_by(*rows);
+        }
+        tracing::debug!(
+            generation = generation.id,
+            files = file_count,
+            rows = generation.rows,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sealed a Parquet generation"
+        );
+        Ok(())
+    }
+}
+
+impl Generation {
+    fn count(&mut self, dataset: Dataset, rows: u64) {
+        self.rows += rows;
+        *self.dataset_rows.entry(dataset).or_default() += rows;
+    }
+}
+
+impl OpenFile {
+    fn create(
+        dir: &Path,
+        dataset: Dataset,
+        date: NaiveDate,
+        generation: i64,
+        sequence: usize,
+        properties: WriterProperties,
+    ) -> Result<Self, SinkError> {
+        let partition = dir.join(dataset.dir_name()).join(format!("date={date}"));
+        fs::create_dir_all(&partition).map_err(|e| SinkError::io(&partition, e))?;
+        let name = format!("part-{generation}-{sequence}.parquet");
+        let tmp_path = partition.join(format!(".{name}.tmp"));
+        let final_path = partition.join(name);
+        let file = File::create(&tmp_path).map_err(|e| SinkError::io(&tmp_path, e))?;
+        let writer = ArrowWriter::try_new(file, dataset.schema(), Some(properties))?;
+        Ok(OpenFile {
+            dataset,
+            tmp_path,
+            final_path,
+            writer,
+            rows: Rows::new(dataset),
+        })
+    }
+
+    fn write_buffered(&mut self) -> Result<(), SinkError> {
+        if self.rows.len() == 0 {
+            return Ok(());
+        }
+        let batch = self.rows.take_batch(&self.dataset.schema())?;
+        self.writer.write(&batch)?;
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        generation: i64,
+        file_count: usize,
+        watermarks: &str,
+    ) -> Result<(), SinkError> {
+        self.write_buffered()?;
+        self.writer.append_key_value_metadata(KeyValue::new(
+            META_GENERATION.to_owned(),
+            generation.to_string(),
+        ));
+        self.writer.append_key_value_metadata(KeyValue::new(
+            META_FILES.to_owned(),
+            file_count.to_string(),
+        ));
+        self.writer.append_key_value_metadata(KeyValue::new(
+            META_WATERMARKS.to_owned(),
+            watermarks.to_owned(),
+        ));
+        self.writer.finish()?;
+        self.writer
+            .inner()
+            .sync_all()
+            .map_err(|e| SinkError::io(&self.tmp_path, e))
+    }
+}

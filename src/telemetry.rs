@@ -1,0 +1,436 @@
+//! Every metric the worker exports, named in one place, and the `/metrics`, `/healthz` and
+//! `/readyz` endpoints.
+//!
+//! Naming follows Prometheus conventions: the `dweetpipe_` prefix, base units, `_total` on
+//! counters, and `thing` as the only high-cardinality label. Dashboards and alert rules are
+//! written against these names, so renaming one is a breaking change.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::http_server::{self, Body};
+
+/// The `[metrics]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: SocketAddr,
+}
+
+/// The worker's metrics, registered in their own registry (several workers in one process,
+/// as in tests, do not share counters).
+pub struct Metrics {
+    pub registry: Registry,
+    pub build_info: IntGaugeVec,
+    pub things_configured: IntGauge,
+    pub stream_up: IntGaugeVec,
+    pub stream_connects: IntCounterVec,
+    pub stream_disconnects: IntCounterVec,
+    pub dweets_received: IntCounterVec,
+    pub duplicates_dropped: IntCounter,
+    pub decode_errors: IntCounter,
+    pub dead_letters: IntCounter,
+    pub last_dweet_timestamp: GaugeVec,
+    pub ingest_delay: Histogram,
+    pub sink_rows_written: IntCounterVec,
+    pub sink_errors: IntCounterVec,
+    pub sink_write_duration: HistogramVec,
+    pub sink_buffer_rows: IntGaugeVec,
+    pub parquet_files_finalized: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub uptime: Gauge,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(format!("dweetpipe_{name}"), help)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let build_info = IntGaugeVec::new(
+            opts("build_info", "Always 1; the version is a label."),
+            &["version"],
+        )?;
+        let things_configured =
+            IntGauge::with_opts(opts("things_configured", "Things in the configuration."))?;
+        let stream_up = IntGaugeVec::new(
+            opts(
+                "stream_up",
+                "1 while the thing's listen stream (or poll loop) is healthy.",
+            ),
+            &["thing"],
+        )?;
+        let stream_connects = IntCounterVec::new(
+            opts(
+                "stream_connects_total",
+                "Stream connection attempts by outcome (ok, refused, failed).",
+            ),
+            &["outcome"],
+        )?;
+        let stream_disconnects = IntCounterVec::new(
+            opts(
+                "stream_disconnects_total",
+                "Streams ended, by reason (closed, error, stopped).",
+            ),
+            &["reason"],
+        )?;
+        let dweets_received = IntCounterVec::new(
+            opts(
+                "dweets_received_total",
+                "Dweets accepted into the pipeline, by source (stream, backfill, poll).",
+            ),
+            &["source"],
+        )?;
+        let duplicates_dropped = IntCounter::with_opts(opts(
+            "duplicates_dropped_total",
+            "Dweets dropped because they were already ingested.",
+        ))?;
+        let decode_errors = IntCounter::with_opts(opts(
+            "decode_errors_total",
+            "Stream lines that were not dweets.",
+        ))?;
+        let dead_letters = IntCounter::with_opts(opts(
+            "dead_letters_total",
+            "Records sent to the dead letters, with their reason.",
+        ))?;
+        let last_dweet_timestamp = GaugeVec::new(
+            opts(
+                "last_dweet_timestamp_seconds",
+                "Unix time of the newest dweet ingested per thing.",
+            ),
+            &["thing"],
+        )?;
+        let ingest_delay = Histogram::with_opts(
+            HistogramOpts::new("dweetpipe_ingest_delay_seconds", "Seconds from a dweet's created time to its arrival at the worker (stream and poll).")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        )?;
+        let sink_rows_written = IntCounterVec::new(
+            opts(
+                "sink_rows_written_total",
+                "Rows made durable, by sink and table.",
+            ),
+            &["sink", "table"],
+        )?;
+        let sink_errors =
+            IntCounterVec::new(opts("sink_errors_total", "Sink write failures."), &["sink"])?;
+        let sink_write_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "dweetpipe_sink_write_duration_seconds",
+                "Seconds per sink write call.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            &["sink"],
+        )?;
+        let sink_buffer_rows = IntGaugeVec::new(
+            opts(
+                "sink_buffer_rows",
+                "Rows accepted by a sink and not yet durable.",
+            ),
+            &["sink"],
+        )?;
+        let parquet_files_finalized = IntCounterVec::new(
+            opts(
+                "parquet_files_finalized_total",
+                "Parquet files closed, synced and renamed into place, by dataset.",
+            ),
+            &["dataset"],
+        )?;
+        let config_reloads = IntCounterVec::new(
+            opts(
+                "config_reloads_total",
+                "Configuration reloads by outcome (ok, invalid).",
+            ),
+            &["outcome"],
+        )?;
+        let uptime = Gauge::with_opts(opts("uptime_seconds", "Seconds since the worker started."))?;
+
+        registry.register(Box::new(build_info.clone()))?;
+        registry.register(Box::new(things_configured.clone()))?;
+        registry.register(Box::new(stream_up.clone()))?;
+        registry.register(Box::new(stream_connects.clone()))?;
+        registry.register(Box::new(stream_disconnects.clone()))?;
+        registry.register(Box::new(dweets_received.clone()))?;
+        registry.register(Box::new(duplicates_dropped.clone()))?;
+        registry.register(Box::new(decode_errors.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(last_dweet_timestamp.clone()))?;
+        registry.register(Box::new(ingest_delay.clone()))?;
+        registry.register(Box::new(sink_rows_written.clone()))?;
+        registry.register(Box::new(sink_errors.clone()))?;
+        registry.register(Box::new(sink_write_duration.clone()))?;
+        registry.register(Box::new(sink_buffer_rows.clone()))?;
+        registry.register(Box::new(parquet_files_finalized.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(uptime.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Metrics {
+            registry,
+            build_info,
+            things_configured,
+            stream_up,
+            stream_connects,
+            stream_disconnects,
+            dweets_received,
+            duplicates_dropped,
+            decode_errors,
+            dead_letters,
+            last_dweet_timestamp,
+            ingest_delay,
+            sink_rows_written,
+            sink_errors,
+            sink_write_duration,
+            sink_buffer_rows,
+            parquet_files_finalized,
+            config_reloads,
+            uptime,
+        })
+    }
+
+    /// Drops a removed thing's series so dashboards stop showing it.
+    pub fn forget_thing(&self, thing: &str) {
+        let _ = self.stream_up.remove_label_values(&[thing]);
+        let _ = self.last_dweet_timestamp.remove_label_values(&[thing]);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = Vec::new();
+        // Encoding our own registry's families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut text);
+        String::from_utf8(text).unwrap_or_default()
+    }
+
+    /// A counter's or gauge's current value, summed over labels matching `labels`: for tests,
+    /// progress lines and summaries.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == name)
+            .flat_map(|family| {
+                let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+                family
+                    .get_metric()
+                    .iter()
+                    .map(move |metric| (counter, metric))
+            })
+            .filter(|(_, metric)| {
+                labels.iter().all(|(key, value)| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .any(|pair| pair.name() == *key && pair.value() == *value)
+                })
+            })
+            .map(|(counter, metric)| {
+                if counter {
+                    metric.get_counter().get_value()
+                } else {
+                    metric.get_gauge().get_value()
+                }
+            })
+            // An empty f64 sum is -0.0; adding 0.0 makes it print as 0.
+            .sum::<f64>()
+            + 0.0
+    }
+}
+
+/// What `/healthz` and `/readyz` answer from.
+pub struct Health {
+    started: Instant,
+    /// The main loop's last turn, in ms since `started`.
+    last_beat_ms: AtomicI64,
+    sinks_ok: AtomicBool,
+    /// Things whose stream is not up, with when they went down (or were started).
+    down_since: Mutex<HashMap<String, Instant>>,
+    /// How long a thing may be down before the worker is not ready.
+    grace: Duration,
+}
+
+impl Health {
+    pub fn new(grace: Duration) -> Self {
+        Health {
+            started: Instant::now(),
+            last_beat_ms: AtomicI64::new(0),
+            sinks_ok: AtomicBool::new(true),
+            down_since: Mutex::new(HashMap::new()),
+            grace,
+        }
+    }
+
+    /// Called by the main loop on every turn.
+    pub fn beat(&self) {
+        let ms = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn set_sinks_ok(&self, ok: bool) {
+        self.sinks_ok.store(ok, Ordering::Relaxed);
+    }
+
+    pub fn thing_down(&self, thing: &str) {
+        self.down_map()
+            .entry(thing.to_owned())
+            .or_insert_with(Instant::now);
+    }
+
+    pub fn thing_up(&self, thing: &str) {
+        self.down_map().remove(thing);
+    }
+
+    pub fn forget_thing(&self, thing: &str) {
+        self.down_map().remove(thing);
+    }
+
+    fn down_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.down_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Alive: the main loop turned within the last 30 s.
+    pub fn alive(&self) -> bool {
+        let now = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        now - self.last_beat_ms.load(Ordering::Relaxed) < 30_000
+    }
+
+    /// Ready: sinks writable and every thing up or within its reconnect grace. The answer
+    /// names what is not ready.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.sinks_ok.load(Ordering::Relaxed) {
+            return Err("a sink is failing to write".to_owned());
+        }
+        let down = self.down_map();
+        let stale: Vec<&str> = down
+            .iter()
+            .filter(|(_, since)| since.elapsed() > self.grace)
+            .map(|(thing, _)| thing.as_str())
+            .take(10)
+            .collect();
+        if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "streams down beyond the {:?} grace: {}",
+                self.grace,
+                stale.join(", ")
+            ))
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let handler = Arc::new(move |request: Request<hyper::body::Incoming>| {
+        let answer = answer(request.uri().path(), &metrics, &health);
+        async move { answer }
+    });
+    http_server::serve(listener, handler, shutdown).await;
+}
+
+fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Body> {
+    let (status, content_type, text) = match path {
+        "/metrics" => {
+            metrics.uptime.set(health.started.elapsed().as_secs_f64());
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.encode(),
+            )
+        }
+        "/healthz" if health.alive() => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/healthz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the main loop is stuck\n".to_owned(),
+        ),
+        "/readyz" => match health.readiness() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new().unwrap();
+        metrics.stream_up.with_label_values(&["t"]).set(1);
+        metrics
+            .dweets_received
+            .with_label_values(&["stream"])
+            .inc_by(3);
+        let text = metrics.encode();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE dweetpipe_")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{line}");
+        }
+        assert!(text.contains("dweetpipe_build_info{version="));
+        assert_eq!(
+            metrics.value("dweetpipe_dweets_received_total", &[("source", "stream")]),
+            3.0
+        );
+        assert_eq!(metrics.value("dweetpipe_stream_up", &[]), 1.0);
+        metrics.forget_thing("t");
+        assert!(!metrics.encode().contains("thing=\"t\""));
+    }
+
+    #[test]
+    fn readiness_names_what_is_wrong() {
+        let health = Health::new(Duration::ZERO);
+        assert!(health.readiness().is_ok());
+        health.thing_down("S5D9-0001");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(health.readiness().unwrap_err().contains("S5D9-0001"));
+        health.thing_up("S5D9-0001");
+        health.set_sinks_ok(false);
+        assert!(health.readiness().unwrap_err().contains("sink"));
+    }
+}

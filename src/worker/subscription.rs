@@ -1,0 +1,298 @@
+//! One thing's subscription: subscribe, backfill the gap, stream, and reconnect, forever.
+//!
+//! Order is what makes restarts exact: the stream is opened first (so nothing sent from then
+//! on is missed), then `get_dweets_for` fills the gap, then stream items are read. Each
+//! thing's dweets therefore enter the pipeline oldest first, and "already seen" is simply
+//! "not newer than the last one emitted": the watermark, shared across restarts of this task
+//! and seeded from what the sinks made durable.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::SourceConfig;
+use super::SourceMode;
+use super::backoff::Backoff;
+use crate::client::{self, Client, Dweet, ListenOptions};
+use crate::config::ThingConfig;
+use crate::normalize::{self, Record, now_ms};
+use crate::telemetry::{Health, Metrics};
+
+/// No dweet emitted yet.
+pub const NO_WATERMARK: i64 = i64::MIN;
+
+pub(super) struct Subscription {
+    pub thing: ThingConfig,
+    pub client: Client,
+    pub source: Arc<SourceConfig>,
+    pub records: mpsc::Sender<Record>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// The newest `created` (ms) emitted for this thing.
+    pub watermark: Arc<AtomicI64>,
+    pub cancel: CancellationToken,
+    pub start_delay: Duration,
+}
+
+/// Why one connection (or poll loop) ended.
+enum Ended {
+    /// The server closed the stream (an idle close is normal).
+    Closed,
+    /// A transient failure: retry with backoff.
+    Failed(client::Error),
+    /// The server refused (locked, wrong key, unknown thing): retry slowly.
+    Refused(client::Error),
+    /// Cancelled, or the pipeline is gone.
+    Stopped,
+}
+
+impl From<client::Error> for Ended {
+    fn from(error: client::Error) -> Self {
+        if error.is_transient() {
+            Ended::Failed(error)
+        } else {
+            Ended::Refused(error)
+        }
+    }
+}
+
+impl Subscription {
+    pub async fn run(mut self) {
+        let thing = self.thing.name.clone();
+        self.health.thing_down(&thing);
+        if self.pause(self.start_delay).await.is_err() {
+            return;
+        }
+        let mut backoff = Backoff::new(self.source.reconnect_min, self.source.reconnect_max);
+        let mut last_problem = String::new();
+        loop {
+            let started = Instant::now();
+            let ended = match self.source.mode {
+                SourceMode::Stream => self.stream_once().await,
+                SourceMode::Poll => self.poll_once().await,
+            };
+            self.metrics.stream_up.with_label_values(&[&thing]).set(0);
+            self.health.thing_down(&thing);
+            if started.elapsed() >= self.source.healthy_after {
+                backoff.reset();
+            }
+            let delay = match ended {
+                Ended::Stopped => {
+                    self.metrics
+                        .stream_disconnects
+                        .with_label_values(&["stopped"])
+                        .inc();
+                    return;
+                }
+                Ended::Closed => {
+                    self.metrics
+                        .stream_disconnects
+                        .with_label_values(&["closed"])
+                        .inc();
+                    tracing::debug!(%thing, "stream closed by the server; reconnecting");
+                    backoff.next_delay(&mut rand::rng())
+                }
+                Ended::Failed(error) => {
+                    self.metrics
+                        .stream_disconnects
+                        .with_label_values(&["error"])
+                        .inc();
+                    report(&thing, &error, &mut last_problem, "will retry with backoff");
+                    backoff.next_delay(&mut rand::rng())
+                }
+                Ended::Refused(error) => {
+                    self.metrics
+                        .stream_disconnects
+                        .with_label_values(&["error"])
+                        .inc();
+                    let retry = format!("will retry in {:?}", self.source.refused_retry);
+                    report(&thing, &error, &mut last_problem, &retry);
+                    self.source.refused_retry
+                }
+            };
+            if self.pause(delay).await.is_err() {
+                self.metrics
+                    .stream_disconnects
+                    .with_label_values(&["stopped"])
+                    .inc();
+                return;
+            }
+        }
+    }
+
+    async fn pause(&self, delay: Duration) -> Result<(), ()> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(()),
+            _ = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
+    fn connected(&self, outcome: &str) {
+        self.metrics
+            .stream_connects
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    fn up(&self) {
+        self.metrics
+            .stream_up
+            .with_label_values(&[&self.thing.name])
+            .set(1);
+        self.health.thing_up(&self.thing.name);
+    }
+
+    async fn stream_once(&mut self) -> Ended {
+        let options = ListenOptions {
+            idle_timeout: self.source.idle_timeout,
+            report_skipped_lines: true,
+            ..ListenOptions::default()
+        };
+        let opened = tokio::select! {
+            _ = self.cancel.cancelled() => return Ended::Stopped,
+            opened = self.client.listen_for_dweets_from(&self.thing.name, self.thing.key.as_ref(), options) => opened,
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream,
+            Err(error) => {
+                let ended = Ended::from(error);
+                self.connected(if matches!(ended, Ended::Refused(_)) {
+                    "refused"
+                } else {
+                    "failed"
+                });
+                return ended;
+            }
+        };
+        self.connected("ok");
+        if let Err(ended) = self.fetch_history("backfill").await {
+            return ended;
+        }
+        self.up();
+        loop {
+            let item = tokio::select! {
+                _ = self.cancel.cancelled() => return Ended::Stopped,
+                item = stream.next() => item,
+            };
+            let sent = match item {
+                None => return Ended::Closed,
+                Some(Ok(dweet)) => self.emit(dweet, "stream").await,
+                Some(Err(client::Error::SkippedLine(line))) => {
+                    self.metrics.decode_errors.inc();
+                    self.metrics.dead_letters.inc();
+                    let record = normalize::undecodable_line(
+                        &self.thing.name,
+                        line.excerpt,
+                        line.reason.to_string(),
+                        now_ms(),
+                    );
+                    self.records.send(record).await.is_ok()
+                }
+                Some(Err(error)) => return Ended::from(error),
+            };
+            if !sent {
+                return Ended::Stopped;
+            }
+        }
+    }
+
+    async fn poll_once(&mut self) -> Ended {
+        let mut first = true;
+        loop {
+            if let Err(ended) = self.fetch_history("poll").await {
+                if first {
+                    self.connected(if matches!(ended, Ended::Refused(_)) {
+                        "refused"
+                    } else {
+                        "failed"
+                    });
+                }
+                return ended;
+            }
+            if first {
+                self.connected("ok");
+                self.up();
+                first = false;
+            }
+            if self.pause(self.source.poll_interval).await.is_err() {
+                return Ended::Stopped;
+            }
+        }
+    }
+
+    /// Emits, oldest first, whatever the server keeps that is newer than the watermark.
+    async fn fetch_history(&mut self, source: &'static str) -> Result<(), Ended> {
+        let fetched = tokio::select! {
+            _ = self.cancel.cancelled() => return Err(Ended::Stopped),
+            fetched = self.client.get_dweets_for(&self.thing.name, self.thing.key.as_ref()) => fetched,
+        };
+        let mut dweets = match fetched {
+            Ok(dweets) => dweets,
+            // A thing that has not dweeted yet (or whose history expired) has no gap to fill.
+            Err(client::Error::NotFound { .. }) => Vec::new(),
+            Err(error) => return Err(Ended::from(error)),
+        };
+        // Servers answer newest first; sort anyway rather than trust it.
+        dweets.sort_by_key(|dweet| dweet.created.to_datetime());
+        for dweet in dweets {
+            if !self.emit(dweet, source).await {
+                return Err(Ended::Stopped);
+            }
+        }
+        Ok(())
+    }
+
+    /// Normalises and sends one dweet unless it is not newer than the watermark. Returns
+    /// false when the pipeline is gone.
+    async fn emit(&mut self, dweet: Dweet, source: &'static str) -> bool {
+        let received_ms = now_ms();
+        let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
+        if let Some(created_ms) = created_ms {
+            if created_ms <= self.watermark.load(Ordering::Relaxed) {
+                self.metrics.duplicates_dropped.inc();
+                return true;
+            }
+            self.watermark.store(created_ms, Ordering::Relaxed);
+            self.metrics
+                .last_dweet_timestamp
+                .with_label_values(&[&self.thing.name])
+                .set(created_ms as f64 / 1000.0);
+            if source != "backfill" {
+                let delay = (received_ms - created_ms).max(0) as f64 / 1000.0;
+                self.metrics.ingest_delay.observe(delay);
+            }
+        }
+        self.metrics
+            .dweets_received
+            .with_label_values(&[source])
+            .inc();
+        let record = normalize::normalize(&dweet, received_ms);
+        if matches!(record, Record::DeadLetter(_)) {
+            self.metrics.dead_letters.inc();
+        }
+        self.records.send(record).await.is_ok()
+    }
+}
+
+/// Logs a problem at warn level when it changes, at debug level while it repeats, so a thing
+/// that stays locked does not flood the log.
+fn report(thing: &str, error: &client::Error, last: &mut String, retry: &str) {
+    let text = error.to_string();
+    let hint = match error {
+        client::Error::Locked { .. } => " (the thing is locked: set key_env or key_file for it)",
+        client::Error::WrongKey { .. } => " (the configured key does not open this thing)",
+        client::Error::NotFound { .. } => " (check the thing name; names are case-sensitive)",
+        client::Error::RateLimited { .. } => " (the server is rate limiting; backing off)",
+        _ => "",
+    };
+    if *last == text {
+        tracing::debug!(%thing, error = %text, "{retry}");
+    } else {
+        tracing::warn!(%thing, error = %text, "stream problem{hint}; {retry}");
+        *last = text;
+    }
+}
