@@ -364,6 +364,15 @@ listen = "127.0.0.1:9187"
     }
 
     #[test]
+    fn the_shipped_example_is_valid_and_runnable() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/things.example.toml");
+        let config = Config::load_with_env(&path, |_| None).unwrap();
+        assert_eq!(config.things.len(), 2);
+        assert!(crate::worker::check_runnable(&config).is_ok());
+        assert_eq!(config.metrics.unwrap().listen.port(), 9187);
+    }
+
+    #[test]
     fn a_missing_file_says_how_to_start() {
         let error = Config::load(Path::new("/nonexistent/things.toml")).unwrap_err();
         assert!(error.to_string().contains("does not exist"));

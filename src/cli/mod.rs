@@ -2,6 +2,7 @@
 //! command's work is a call into the library; this layer parses, prints and sets exit codes.
 
 mod api;
+mod bench;
 mod demo;
 mod sandbox;
 mod worker;
@@ -80,6 +81,9 @@ pub enum Command {
     Run(worker::ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.
     Check(worker::ConfigArgs),
+    /// Measure the worker with whole processes and print the figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -137,6 +141,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Run(args) => worker::run(args).await,
         Command::Check(args) => worker::check(args).await,
+        Command::Bench(command) => bench::run(command).await,
     }
 }
 

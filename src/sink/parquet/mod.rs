@@ -439,3 +439,136 @@ impl OpenFile {
             .map_err(|e| SinkError::io(&self.tmp_path, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::normalize::{DeadLetter, Normalized, Reading};
+
+    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+    fn dweet(thing: &str, created_ms: i64) -> Record {
+        Record::Dweet(Normalized {
+            thing: thing.to_owned(),
+            created_ms,
+            received_ms: created_ms + 5,
+            content: r#"{"t":1}"#.to_owned(),
+            readings: vec![Reading {
+                sensor: "t".to_owned(),
+                value: 1.0,
+            }],
+        })
+    }
+
+    fn open(dir: &Path) -> (ParquetSink, Opened) {
+        ParquetSink::open(ParquetConfig::new(dir), Arc::new(Metrics::new().unwrap())).unwrap()
+    }
+
+    fn finalised(dir: &Path) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for dataset in Dataset::ALL {
+            for partition in fs::read_dir(dir.join(dataset.dir_name()))
+                .unwrap()
+                .flatten()
+            {
+                files.extend(
+                    fs::read_dir(partition.path())
+                        .unwrap()
+                        .flatten()
+                        .map(|f| f.path()),
+                );
+            }
+        }
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn sealed_generations_carry_watermarks_and_skip_what_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = 1_795_000_000_000;
+        let (mut sink, _) = open(dir.path());
+        sink.write(&[
+            dweet("a", base),
+            dweet("a", base + DAY_MS),
+            dweet("b", base + 7),
+        ])
+        .unwrap();
+        sink.close().unwrap();
+        assert_eq!(
+            finalised(dir.path()).len(),
+            4,
+            "two dates × (readings + dweets)"
+        );
+
+        let (mut sink, opened) = open(dir.path());
+        assert_eq!(opened.things_with_watermark, 2);
+        assert_eq!(sink.watermarks().get("a"), Some(&(base + DAY_MS)));
+        let skipped = sink
+            .write(&[dweet("a", base), dweet("b", base + 7), dweet("b", base + 8)])
+            .unwrap();
+        assert_eq!(skipped, 2, "durable dweets are not written twice");
+        sink.close().unwrap();
+    }
+
+    #[test]
+    fn a_crash_mid_seal_is_undone_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = 1_795_000_000_000;
+        let (mut sink, _) = open(dir.path());
+        sink.write(&[dweet("a", base)]).unwrap();
+        sink.close().unwrap();
+        let first_generation = finalised(dir.path());
+        sink.write(&[dweet("a", base + 1), dweet("a", base + DAY_MS)])
+            .unwrap();
+        sink.close().unwrap();
+        let all = finalised(dir.path());
+        assert_eq!(all.len(), 6);
+
+        // The crash: one file of the second generation never got renamed, a temporary remains.
+        let second: Vec<_> = all
+            .iter()
+            .filter(|f| !first_generation.contains(f))
+            .collect();
+        fs::remove_file(second[0]).unwrap();
+        let stray = first_generation[0].with_file_name(".part-1-0.parquet.tmp");
+        fs::write(&stray, b"half a file").unwrap();
+
+        let (sink, opened) = open(dir.path());
+        assert_eq!(opened.removed_temporary, 1);
+        assert_eq!(
+            opened.removed_incomplete, 3,
+            "the rest of the incomplete generation"
+        );
+        assert_eq!(finalised(dir.path()), first_generation);
+        assert_eq!(
+            sink.watermarks().get("a"),
+            Some(&base),
+            "only complete generations count"
+        );
+    }
+
+    #[test]
+    fn dead_letters_are_written_and_deduplicated_like_dweets() {
+        let dir = tempfile::tempdir().unwrap();
+        let letter = Record::DeadLetter(DeadLetter {
+            thing: Some("a".to_owned()),
+            created: Some("2026-11-23T00:00:00.000Z".to_owned()),
+            created_ms: Some(1_795_000_000_000),
+            received_ms: 1_795_000_000_100,
+            payload: "[1,2]".to_owned(),
+            reason: "not an object".to_owned(),
+        });
+        let (mut sink, _) = open(dir.path());
+        sink.write(std::slice::from_ref(&letter)).unwrap();
+        sink.close().unwrap();
+        let (mut sink, _) = open(dir.path());
+        assert_eq!(
+            sink.write(&[letter]).unwrap(),
+            1,
+            "a dead-lettered dweet is not dead-lettered again"
+        );
+        sink.close().unwrap();
+        assert_eq!(finalised(dir.path()).len(), 1);
+    }
+}

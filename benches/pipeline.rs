@@ -1,0 +1,74 @@
+//! The worker's hot path on one core: listen-stream bytes → frame decoder → normalisation →
+//! Parquet generation sealed to disk. Run with `cargo bench --bench pipeline`.
+
+use std::sync::Arc;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
+use dweetpipe::normalize::{Record, normalize};
+use dweetpipe::protocol::encode_stream_frame;
+use dweetpipe::sandbox::simulator::S5d9Board;
+use dweetpipe::sink::parquet::{ParquetConfig, ParquetSink};
+use dweetpipe::telemetry::Metrics;
+
+const DWEETS: usize = 20_000;
+
+fn stream_bytes() -> Vec<u8> {
+    let mut boards: Vec<S5d9Board> = (0..20).map(S5d9Board::new).collect();
+    let start = 1_795_000_000_000i64;
+    (0..DWEETS)
+        .flat_map(|i| {
+            let dweet = Dweet {
+                thing: format!("S5D9-{:04}", i % 20 + 1),
+                created: Created::from_datetime(
+                    chrono::DateTime::from_timestamp_millis(start + i as i64).expect("valid time"),
+                ),
+                content: boards[i % 20].next_payload(),
+                transaction: None,
+            };
+            encode_stream_frame(&serde_json::to_string(&dweet).expect("encodes"))
+        })
+        .collect()
+}
+
+fn run_pipeline(bytes: &[u8], dir: &std::path::Path) -> usize {
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let (mut sink, _) = ParquetSink::open(ParquetConfig::new(dir), metrics).expect("sink opens");
+    let mut decoder = FrameDecoder::new();
+    let mut batch: Vec<Record> = Vec::with_capacity(8192);
+    let mut dweets = 0;
+    for read in bytes.chunks(16 * 1024) {
+        decoder.push(read);
+        while let Some(event) = decoder.next_event() {
+            if let Decoded::Dweet(dweet) = event {
+                batch.push(normalize(&dweet, 0));
+                dweets += 1;
+            }
+        }
+        if batch.len() >= 8192 {
+            sink.write(&batch).expect("write");
+            batch.clear();
+        }
+    }
+    sink.write(&batch).expect("write");
+    sink.close().expect("seal");
+    dweets
+}
+
+fn bench_pipeline(c: &mut Criterion) {
+    let bytes = stream_bytes();
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(DWEETS as u64));
+    group.sample_size(10);
+    group.bench_function("decode_normalise_parquet", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().expect("temp dir"),
+            |dir| assert_eq!(run_pipeline(&bytes, dir.path()), DWEETS),
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_pipeline);
+criterion_main!(benches);

@@ -1,0 +1,222 @@
+//! `dweetpipe bench`: figures that need whole processes, printed, never asserted. The sandbox
+//! and the simulator run as child processes so the worker's own memory and CPU are measured
+//! alone.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use dweetpipe::config::{Config, ThingConfig};
+use dweetpipe::sandbox::simulator::thing_name;
+use dweetpipe::sink::parquet::ParquetConfig;
+use dweetpipe::telemetry::Metrics;
+use dweetpipe::worker::{self, SourceConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Many things subscribed from one worker: RSS and CPU idle and under load.
+    Fanin(FaninArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FaninArgs {
+    /// Things subscribed (each a listen stream).
+    #[arg(long, default_value_t = 10_000)]
+    things: usize,
+    /// Seconds measured with every stream up and no dweets.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Seconds measured while every thing dweets once a second.
+    #[arg(long, default_value_t = 10)]
+    load_secs: u64,
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Fanin(args) => fanin(args).await,
+    }
+}
+
+/// Resident memory and CPU time of this process, from /proc.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    rss_bytes: u64,
+    cpu_seconds: f64,
+    at: Instant,
+}
+
+fn usage() -> anyhow::Result<Usage> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .context("reading /proc/self/status (Linux only)")?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    Ok(Usage {
+        rss_bytes: rss_kib * 1024,
+        cpu_seconds: ticks / 100.0,
+        at: Instant::now(),
+    })
+}
+
+fn cpu_percent(from: Usage, to: Usage) -> f64 {
+    let wall = to.at.duration_since(from.at).as_secs_f64().max(1e-9);
+    100.0 * (to.cpu_seconds - from.cpu_seconds) / wall
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn spawn_sandbox() -> anyhow::Result<(Child, String)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args([
+            "sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-history",
+            "10",
+            "--idle-close",
+            "1h",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the sandbox")?;
+    let stdout = child.stdout.take().context("sandbox stdout")?;
+    let banner = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await?
+        .context("the sandbox printed no URL")?;
+    let url = banner
+        .strip_prefix("listening on ")
+        .context("unexpected sandbox banner")?
+        .to_owned();
+    Ok((child, url))
+}
+
+fn streams_up(metrics: &Metrics) -> usize {
+    metrics.value("dweetpipe_stream_up", &[]) as usize
+}
+
+async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
+    let before = usage()?;
+    let (mut sandbox, url) = spawn_sandbox().await?;
+    let data = std::env::temp_dir().join(format!("dweetpipe-bench-{}", std::process::id()));
+    let config = Config {
+        path: PathBuf::from("(bench)"),
+        source: Some(SourceConfig {
+            start_spread: Duration::from_secs(3),
+            ..SourceConfig::new(url.clone())
+        }),
+        things: (1..=args.things)
+            .map(|i| ThingConfig {
+                name: thing_name("S5D9-", i),
+                key: None,
+                key_source: None,
+            })
+            .collect(),
+        parquet: Some(ParquetConfig::new(&data)),
+        metrics: None,
+        shutdown_timeout: Duration::from_secs(30),
+    };
+    let started = Instant::now();
+    let worker = worker::start(config).await?;
+    let metrics = Arc::clone(worker.metrics());
+    while streams_up(&metrics) < args.things {
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!(
+                "only {} of {} streams came up in 180 s",
+                streams_up(&metrics),
+                args.things
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all_up = started.elapsed();
+
+    let idle_from = usage()?;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle_to = usage()?;
+
+    let exe = std::env::current_exe()?;
+    let received_before = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let mut simulator = Command::new(exe)
+        .args([
+            "--server",
+            &url,
+            "simulate",
+            "--things",
+            &args.things.to_string(),
+            "--interval",
+            "1",
+            "--count",
+            &(args.load_secs + 2).to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the simulator")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load_from = usage()?;
+    let received_from = metrics.value("dweetpipe_dweets_received_total", &[]);
+    tokio::time::sleep(Duration::from_secs(args.load_secs)).await;
+    let load_to = usage()?;
+    let received_to = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let _ = simulator.kill().await;
+
+    worker.shutdown(Duration::from_secs(30)).await?;
+    let _ = sandbox.kill().await;
+    let _ = std::fs::remove_dir_all(&data);
+
+    println!(
+        "fan-in: {} listen streams from one worker process (sandbox and simulator in other processes)",
+        args.things
+    );
+    println!(
+        "  all streams up after        {:>8.1} s",
+        all_up.as_secs_f64()
+    );
+    println!(
+        "  RSS before the worker        {:>8.1} MiB",
+        mib(before.rss_bytes)
+    );
+    println!(
+        "  RSS idle, all streams up     {:>8.1} MiB   CPU {:>5.1}% of one core",
+        mib(idle_to.rss_bytes),
+        cpu_percent(idle_from, idle_to)
+    );
+    println!(
+        "  RSS at 1 dweet/s per thing   {:>8.1} MiB   CPU {:>5.1}% of one core   {:.0} dweets/s received",
+        mib(load_to.rss_bytes),
+        cpu_percent(load_from, load_to),
+        (received_to - received_from) / load_to.at.duration_since(load_from.at).as_secs_f64()
+    );
+    println!(
+        "  dweets received in all       {:>8.0}",
+        received_to - received_before
+    );
+    Ok(())
+}
