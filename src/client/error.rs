@@ -33,6 +33,9 @@ pub enum Error {
     /// The request never got an answer: DNS, connect, TLS, timeout, reset.
     #[error("could not talk to the dweet server: {0}")]
     Transport(#[source] reqwest::Error),
+    /// A listen stream's own connection failed (plain-HTTP transport).
+    #[error("could not talk to the dweet server: {0}")]
+    Connection(#[source] std::io::Error),
     /// The answer was not what the protocol says.
     #[error("could not decode the server's answer to {context}: {detail}")]
     Decode {
@@ -77,7 +80,10 @@ impl Error {
     /// Whether the same call may succeed later without the caller changing anything.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Transport(_) | Error::RateLimited { .. } | Error::Idle(_) => true,
+            Error::Transport(_)
+            | Error::Connection(_)
+            | Error::RateLimited { .. }
+            | Error::Idle(_) => true,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }

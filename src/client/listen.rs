@@ -103,13 +103,29 @@ impl Stream for DweetStream {
     }
 }
 
+/// How a listen connection is made.
+#[derive(Debug, Clone)]
+pub(super) enum Transport {
+    /// Through the client's reqwest session (TLS, proxies, a caller's own client).
+    Reqwest,
+    /// Plain TCP with no per-connection buffers while idle.
+    Plain {
+        user_agent: String,
+        connect_timeout: Duration,
+    },
+}
+
+/// Largest finished (Content-Length) answer read on the listen path.
+const MAX_FINISHED_ANSWER: usize = 1024 * 1024;
+
 struct Listener {
     http: reqwest::Client,
+    transport: Transport,
     url: String,
     options: ListenOptions,
     deadline: Option<Instant>,
     decoder: FrameDecoder,
-    body: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    body: Option<BoxStream<'static, Result<Bytes>>>,
     stats: Arc<ListenStats>,
     finished: bool,
 }
@@ -119,12 +135,14 @@ struct Listener {
 /// returned here; later connections follow `options`.
 pub(super) async fn open(
     http: reqwest::Client,
+    transport: Transport,
     url: String,
     options: ListenOptions,
 ) -> Result<DweetStream> {
     let stats = Arc::new(ListenStats::default());
     let mut listener = Listener {
         http,
+        transport,
         url,
         deadline: options.reconnect_for.map(|d| Instant::now() + d),
         decoder: FrameDecoder::with_max_line(options.max_line),
@@ -198,7 +216,7 @@ impl Listener {
                         self.decoder.push(&bytes);
                         Step::Continue
                     }
-                    Ok(Some(Err(error))) => self.connection_lost(Some(Error::transport(error))),
+                    Ok(Some(Err(error))) => self.connection_lost(Some(error)),
                     Ok(None) => {
                         // The server ended the stream (idle close): normal, and a last line
                         // without a newline still counts.
@@ -289,29 +307,60 @@ impl Listener {
     /// finished answer, normally a failure envelope, and is read whole.
     async fn connect(&mut self) -> Result<()> {
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        let response = self
-            .http
-            .get(&self.url)
-            .send()
-            .await
-            .map_err(Error::transport)?;
-        let status = response.status();
-        if status.is_success() && response.content_length().is_none() {
-            self.body = Some(response.bytes_stream().boxed());
+        let (status, finished, mut body) = match &self.transport {
+            Transport::Reqwest => {
+                let response = self
+                    .http
+                    .get(&self.url)
+                    .send()
+                    .await
+                    .map_err(Error::transport)?;
+                let status = response.status().as_u16();
+                let finished = response.content_length().is_some();
+                let body = response
+                    .bytes_stream()
+                    .map(|r| r.map_err(Error::transport))
+                    .boxed();
+                (status, finished, body)
+            }
+            Transport::Plain {
+                user_agent,
+                connect_timeout,
+            } => {
+                let url = reqwest::Url::parse(&self.url)
+                    .map_err(|e| Error::Config(format!("listen URL: {e}")))?;
+                let response = super::plain::get(&url, user_agent, *connect_timeout).await?;
+                (
+                    response.status,
+                    response.content_length.is_some(),
+                    response.body,
+                )
+            }
+        };
+        if (200..300).contains(&status) && !finished {
+            self.body = Some(body);
             return Ok(());
         }
-        let body = response.bytes().await.map_err(Error::transport)?;
-        match super::parse_answer::<serde_json::Value>(status, &body, "listen") {
+        let mut whole = Vec::new();
+        while let Some(piece) = body.next().await {
+            whole.extend_from_slice(&piece?);
+            if whole.len() > MAX_FINISHED_ANSWER {
+                break;
+            }
+        }
+        let status =
+            reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
+        match super::parse_answer::<serde_json::Value>(status, &whole, "listen") {
             // Not an envelope: a clone that answered with a fixed batch of lines.
             Err(Error::Decode { .. }) | Ok(_) if status.is_success() => {
-                self.decoder.push(&body);
+                self.decoder.push(&whole);
                 self.decoder.push(b"\n");
                 Ok(())
             }
             Err(error) => Err(error),
             Ok(_) => Err(Error::Status {
                 status: status.as_u16(),
-                body: super::snippet(&body),
+                body: super::snippet(&whole),
             }),
         }
     }

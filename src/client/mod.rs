@@ -18,6 +18,7 @@
 mod decoder;
 mod error;
 mod listen;
+mod plain;
 mod types;
 
 use std::time::Duration;
@@ -96,6 +97,17 @@ impl ClientBuilder {
 
     pub fn build(self) -> Result<Client> {
         let base_url = normalise_base_url(&self.base_url)?;
+        let plain_listen = self.http.is_none()
+            && self.proxy.is_none()
+            && reqwest::Url::parse(&base_url).is_ok_and(|url| plain::usable_for(&url));
+        let listen_transport = if plain_listen {
+            listen::Transport::Plain {
+                user_agent: self.user_agent.clone(),
+                connect_timeout: self.connect_timeout,
+            }
+        } else {
+            listen::Transport::Reqwest
+        };
         let http = match self.http {
             Some(http) => http,
             None => {
@@ -118,6 +130,7 @@ impl ClientBuilder {
             http,
             base_url,
             request_timeout: self.request_timeout,
+            listen_transport,
         })
     }
 }
@@ -154,6 +167,8 @@ pub struct Client {
     http: reqwest::Client,
     base_url: String,
     request_timeout: Duration,
+    /// How listen streams connect; see [`plain`] for why plain HTTP gets its own.
+    listen_transport: listen::Transport,
 }
 
 /// The envelope before its payload is decoded into the caller's type.
@@ -249,7 +264,13 @@ impl Client {
         options: ListenOptions,
     ) -> Result<DweetStream> {
         let url = self.url("/listen/for/dweets/from/", &[thing], key);
-        listen::open(self.http.clone(), url, options).await
+        listen::open(
+            self.http.clone(),
+            self.listen_transport.clone(),
+            url,
+            options,
+        )
+        .await
     }
 
     /// Attaches `lock` to `thing`; from then on every call on the thing needs `key`. Returns

@@ -241,3 +241,37 @@ async fn a_clone_streaming_ndjson_and_garbage_is_decoded() {
     );
     assert_eq!(stats.skipped_lines(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listening_through_a_callers_reqwest_client_works_the_same() {
+    let server = sandbox_with(|c| c.idle_close = Duration::from_millis(300)).await;
+    // A caller's own reqwest client makes listen streams go through reqwest, not plain TCP.
+    let client = Client::builder(&server.base_url())
+        .http_client(reqwest::Client::new())
+        .build()
+        .unwrap();
+    let thing = thing("via-reqwest");
+    let mut stream = client
+        .listen_for_dweets_from(&thing, None, ListenOptions::default())
+        .await
+        .unwrap();
+    client
+        .dweet_for(&thing, &json!({"via": "reqwest"}), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_dweet(&mut stream).await.content,
+        json!({"via": "reqwest"})
+    );
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
+    assert!(end.is_none(), "idle close ends it: {end:?}");
+    client.lock(&thing, LOCK, &key()).await.unwrap();
+    let refused = client
+        .listen_for_dweets_from(&thing, None, ListenOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::Locked { .. }), "{refused:?}");
+    server.shutdown().await;
+}
