@@ -896,3 +896,107 @@ async fn poll_mode_ingests_with_the_same_dedupe() {
     );
     server.shutdown().await;
 }
+
+/// A TCP proxy to `target` whose live connections can all be cut at once.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let registry = connections.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                registry.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        CuttableProxy {
+            addr,
+            connections,
+            accepting,
+        }
+    }
+
+    /// Drops every connection open now; new ones are still accepted.
+    fn cut(&self) -> usize {
+        let open: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
+        open.iter().for_each(|c| c.abort());
+        open.len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_stream_reconnects_and_backfill_recovers_what_it_missed() {
+    let server = big_sandbox().await;
+    let client = client_for(&server);
+    let proxy = CuttableProxy::start(server.local_addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("cut");
+    let mut config = test_config(
+        &format!("http://{}", proxy.addr),
+        std::slice::from_ref(&name),
+        dir.path(),
+    );
+    if let Some(source) = config.source.as_mut() {
+        // Slow reconnects, so dweets land while the stream is down.
+        source.reconnect_min = Duration::from_millis(800);
+        source.reconnect_max = Duration::from_millis(800);
+    }
+    let worker = worker::start(config).await.unwrap();
+    let metrics = worker.metrics().clone();
+    wait_for("stream up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == 1.0
+    })
+    .await;
+    client
+        .dweet_for(&name, &json!({"phase": "before"}), None)
+        .await
+        .unwrap();
+    wait_for("the first dweet", Duration::from_secs(10), || {
+        received(&metrics) == 1.0
+    })
+    .await;
+
+    assert!(proxy.cut() >= 1, "the stream connection was cut");
+    for i in 0..5 {
+        client
+            .dweet_for(&name, &json!({ "phase": "while cut", "i": i }), None)
+            .await
+            .unwrap();
+    }
+    wait_for("the missed dweets", Duration::from_secs(15), || {
+        received(&metrics) == 6.0
+    })
+    .await;
+    assert_eq!(
+        metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]),
+        5.0,
+        "backfill brought them"
+    );
+    client
+        .dweet_for(&name, &json!({"phase": "after"}), None)
+        .await
+        .unwrap();
+    wait_for("the stream again", Duration::from_secs(10), || {
+        received(&metrics) == 7.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    proxy.accepting.abort();
+
+    assert_exactly_once(
+        dir.path(),
+        &sandbox_dweets(&client, std::slice::from_ref(&name), None).await,
+    );
+    server.shutdown().await;
+}
