@@ -85,7 +85,36 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 }
 
+impl ThingConfig {
+    pub fn unlocked(name: impl Into<String>) -> Self {
+        ThingConfig {
+            name: name.into(),
+            key: None,
+            key_source: None,
+        }
+    }
+}
+
 impl Config {
+    /// The embedded configuration of the demo and the benchmarks: the simulator's boards
+    /// (`S5D9-0001` ... `S5D9-{things}`) read from `source` into `parquet`.
+    pub fn for_simulated_fleet(
+        source: SourceConfig,
+        things: usize,
+        parquet: ParquetConfig,
+    ) -> Config {
+        Config {
+            path: PathBuf::from("(embedded)"),
+            source: Some(source),
+            things: (1..=things)
+                .map(|i| ThingConfig::unlocked(crate::sandbox::simulator::thing_name("S5D9-", i)))
+                .collect(),
+            parquet: Some(parquet),
+            metrics: None,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
     /// Reads, overrides from the environment, and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         Self::load_with_env(path, |name| std::env::var(name).ok())

@@ -97,7 +97,7 @@ pub fn normalize(dweet: &Dweet, received_ms: i64) -> Record {
     let Value::Object(content) = &dweet.content else {
         return dead(format!(
             "the content is {}, not a JSON object",
-            kind(&dweet.content)
+            crate::protocol::json_kind(&dweet.content)
         ));
     };
     let mut readings = Vec::new();
@@ -173,17 +173,6 @@ fn collect(
     }
     path.truncate(parent_len);
     Ok(())
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

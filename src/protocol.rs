@@ -52,6 +52,19 @@ pub fn coerce_query_value(value: &str) -> serde_json::Value {
     serde_json::Value::String(value.to_owned())
 }
 
+/// Names a JSON value's kind for error messages: "an array", "a string", ...
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// The success envelope. Field order is the wire order: `this` first.
 #[derive(Serialize)]
 pub struct Success<'a, T: Serialize> {

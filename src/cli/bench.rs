@@ -2,15 +2,13 @@
 //! and the simulator run as child processes so the worker's own memory and CPU are measured
 //! alone.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use dweetpipe::config::{Config, ThingConfig};
-use dweetpipe::sandbox::simulator::thing_name;
+use dweetpipe::config::Config;
 use dweetpipe::sink::parquet::ParquetConfig;
 use dweetpipe::telemetry::Metrics;
 use dweetpipe::worker::{self, SourceConfig};
@@ -124,23 +122,14 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
     let before = usage()?;
     let (mut sandbox, url) = spawn_sandbox().await?;
     let data = std::env::temp_dir().join(format!("dweetpipe-bench-{}", std::process::id()));
-    let config = Config {
-        path: PathBuf::from("(bench)"),
-        source: Some(SourceConfig {
+    let config = Config::for_simulated_fleet(
+        SourceConfig {
             start_spread: Duration::from_secs(3),
             ..SourceConfig::new(url.clone())
-        }),
-        things: (1..=args.things)
-            .map(|i| ThingConfig {
-                name: thing_name("S5D9-", i),
-                key: None,
-                key_source: None,
-            })
-            .collect(),
-        parquet: Some(ParquetConfig::new(&data)),
-        metrics: None,
-        shutdown_timeout: Duration::from_secs(30),
-    };
+        },
+        args.things,
+        ParquetConfig::new(&data),
+    );
     let started = Instant::now();
     let worker = worker::start(config).await?;
     let metrics = Arc::clone(worker.metrics());

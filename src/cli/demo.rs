@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use dweetpipe::client::Client;
-use dweetpipe::config::{Config, ThingConfig};
-use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
+use dweetpipe::config::Config;
+use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
 use dweetpipe::sandbox::{self, SandboxConfig};
 use dweetpipe::sink::parquet::ParquetConfig;
 use dweetpipe::telemetry::{Metrics, MetricsConfig};
@@ -63,24 +63,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let url = server.base_url();
 
     let config = Config {
-        path: PathBuf::from("(demo)"),
-        source: Some(SourceConfig {
-            start_spread: Duration::from_millis(200),
-            ..SourceConfig::new(url.clone())
-        }),
-        things: (1..=args.things)
-            .map(|i| ThingConfig {
-                name: thing_name("S5D9-", i),
-                key: None,
-                key_source: None,
-            })
-            .collect(),
-        parquet: Some(ParquetConfig {
-            rotate_after: Duration::from_secs(5),
-            ..ParquetConfig::new(&args.data)
-        }),
         metrics: Some(MetricsConfig { listen: loopback }),
-        shutdown_timeout: Duration::from_secs(10),
+        ..Config::for_simulated_fleet(
+            SourceConfig {
+                start_spread: Duration::from_millis(200),
+                ..SourceConfig::new(url.clone())
+            },
+            args.things,
+            ParquetConfig {
+                rotate_after: Duration::from_secs(5),
+                ..ParquetConfig::new(&args.data)
+            },
+        )
     };
     let worker = worker::start(config).await?;
     let metrics = Arc::clone(worker.metrics());

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use super::Refusal;
-use crate::protocol::{RESERVED_QUERY_KEYS, coerce_query_value as coerce};
+use crate::protocol::{RESERVED_QUERY_KEYS, coerce_query_value as coerce, json_kind};
 
 /// Builds the content from the body (if any) and the query pairs, body keys first. Protocol
 /// parameters (`key`, `callback`, `_`) never become content.
@@ -51,17 +51,6 @@ fn parse_body(body: &[u8], content_type: Option<&str>) -> Result<Map<String, Val
             400,
             format!("the request body is not valid JSON: {e}"),
         )),
-    }
-}
-
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

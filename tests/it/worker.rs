@@ -52,6 +52,12 @@ fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
     }
 }
 
+async fn start_worker(config: Config) -> (WorkerHandle, std::sync::Arc<Metrics>) {
+    let worker = worker::start(config).await.expect("the worker starts");
+    let metrics = worker.metrics().clone();
+    (worker, metrics)
+}
+
 async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
@@ -102,30 +108,43 @@ fn leftover_temporaries(dir: &Path) -> usize {
         .count()
 }
 
+/// Every record batch of a dataset's finalised files.
+fn batches(dir: &Path, dataset: &str) -> Vec<arrow::record_batch::RecordBatch> {
+    parquet_files(dir, dataset)
+        .iter()
+        .flat_map(|path| {
+            ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(|batch| batch.unwrap())
+        })
+        .collect()
+}
+
+fn strings<'a>(batch: &'a arrow::record_batch::RecordBatch, column: &str) -> &'a StringArray {
+    batch
+        .column_by_name(column)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap()
+}
+
 /// (thing, created ms) of every raw dweet in the Parquet output, duplicates kept.
 fn parquet_dweets(dir: &Path) -> Vec<(String, i64)> {
     let mut keys = Vec::new();
-    for path in parquet_files(dir, "dweets") {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
+    for batch in batches(dir, "dweets") {
+        let things = strings(&batch, "thing");
+        let created = batch
+            .column_by_name("created")
             .unwrap()
-            .build()
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
             .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let things = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            let created = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<TimestampMillisecondArray>()
-                .unwrap();
-            for row in 0..batch.num_rows() {
-                keys.push((things.value(row).to_owned(), created.value(row)));
-            }
-        }
+        keys.extend(
+            (0..batch.num_rows()).map(|row| (things.value(row).to_owned(), created.value(row))),
+        );
     }
     keys
 }
@@ -143,24 +162,15 @@ fn parquet_rows(dir: &Path, dataset: &str) -> usize {
 }
 
 fn dead_letter_reasons(dir: &Path) -> Vec<String> {
-    let mut reasons = Vec::new();
-    for path in parquet_files(dir, "dead_letters") {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let column = batch
-                .column_by_name("reason")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            reasons.extend((0..column.len()).map(|i| column.value(i).to_owned()));
-        }
-    }
-    reasons
+    batches(dir, "dead_letters")
+        .iter()
+        .flat_map(|batch| {
+            let reasons = strings(batch, "reason");
+            (0..reasons.len())
+                .map(|i| reasons.value(i).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// What the sandbox accepted, as (thing, created ms).
@@ -206,10 +216,8 @@ async fn a_fleet_streams_into_parquet_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("{}-", thing("fleet"));
     let things: Vec<String> = (1..=5).map(|i| thing_name(&prefix, i)).collect();
-    let worker = worker::start(test_config(&server.base_url(), &things, dir.path()))
-        .await
-        .unwrap();
-    let metrics = worker.metrics().clone();
+    let (worker, metrics) =
+        start_worker(test_config(&server.base_url(), &things, dir.path())).await;
     wait_for("streams up", Duration::from_secs(10), || {
         metrics.value("dweetpipe_stream_up", &[]) == 5.0
     })
@@ -270,10 +278,7 @@ async fn backfill_fills_gaps_and_a_restart_adds_no_duplicates() {
             .unwrap();
     }
     let things = vec![name.clone()];
-    let first = worker::start(test_config(&server.base_url(), &things, dir.path()))
-        .await
-        .unwrap();
-    let metrics = first.metrics().clone();
+    let (first, metrics) = start_worker(test_config(&server.base_url(), &things, dir.path())).await;
     wait_for("the backfill", Duration::from_secs(10), || {
         metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]) == 10.0
     })
@@ -301,10 +306,8 @@ async fn backfill_fills_gaps_and_a_restart_adds_no_duplicates() {
             .await
             .unwrap();
     }
-    let second = worker::start(test_config(&server.base_url(), &things, dir.path()))
-        .await
-        .unwrap();
-    let metrics = second.metrics().clone();
+    let (second, metrics) =
+        start_worker(test_config(&server.base_url(), &things, dir.path())).await;
     wait_for("the gap", Duration::from_secs(10), || {
         received(&metrics) == 3.0
     })
@@ -328,14 +331,12 @@ async fn idle_closes_and_a_sandbox_restart_are_survived() {
     let addr = server.local_addr();
     let dir = tempfile::tempdir().unwrap();
     let name = thing("idle");
-    let worker = worker::start(test_config(
+    let (worker, metrics) = start_worker(test_config(
         &server.base_url(),
         std::slice::from_ref(&name),
         dir.path(),
     ))
-    .await
-    .unwrap();
-    let metrics = worker.metrics().clone();
+    .await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(
         metrics.value(
@@ -390,14 +391,12 @@ async fn unusable_dweets_and_stream_garbage_go_to_dead_letters() {
     let server = big_sandbox().await;
     let dir = tempfile::tempdir().unwrap();
     let name = thing("odd");
-    let worker = worker::start(test_config(
+    let (worker, metrics) = start_worker(test_config(
         &server.base_url(),
         std::slice::from_ref(&name),
         dir.path(),
     ))
-    .await
-    .unwrap();
-    let metrics = worker.metrics().clone();
+    .await;
     wait_for("stream up", Duration::from_secs(10), || {
         metrics.value("dweetpipe_stream_up", &[]) == 1.0
     })
@@ -435,14 +434,12 @@ async fn unusable_dweets_and_stream_garbage_go_to_dead_letters() {
     // A clone whose stream carries garbage between frames.
     let garbage_dir = tempfile::tempdir().unwrap();
     let addr = garbage_server().await;
-    let worker = worker::start(test_config(
+    let (worker, metrics) = start_worker(test_config(
         &format!("http://{addr}"),
         &["clone".to_owned()],
         garbage_dir.path(),
     ))
-    .await
-    .unwrap();
-    let metrics = worker.metrics().clone();
+    .await;
     wait_for("the clone's dweet", Duration::from_secs(10), || {
         received(&metrics) >= 1.0 && metrics.value("dweetpipe_decode_errors_total", &[]) >= 1.0
     })
@@ -870,8 +867,7 @@ async fn poll_mode_ingests_with_the_same_dedupe() {
         source.mode = worker::SourceMode::Poll;
         source.poll_interval = Duration::from_millis(100);
     }
-    let worker: WorkerHandle = worker::start(config).await.unwrap();
-    let metrics = worker.metrics().clone();
+    let (worker, metrics) = start_worker(config).await;
     for i in 0..6 {
         client
             .dweet_for(&name, &json!({ "i": i }), None)
@@ -952,8 +948,7 @@ async fn a_cut_stream_reconnects_and_backfill_recovers_what_it_missed() {
         source.reconnect_min = Duration::from_millis(800);
         source.reconnect_max = Duration::from_millis(800);
     }
-    let worker = worker::start(config).await.unwrap();
-    let metrics = worker.metrics().clone();
+    let (worker, metrics) = start_worker(config).await;
     wait_for("stream up", Duration::from_secs(10), || {
         metrics.value("dweetpipe_stream_up", &[]) == 1.0
     })
