@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::client::Key;
 use crate::sink::parquet::ParquetConfig;
+use crate::sink::postgres::PostgresConfig;
 use crate::telemetry::MetricsConfig;
 use crate::worker::SourceConfig;
 
@@ -52,6 +53,7 @@ struct ConfigFile {
     #[serde(default)]
     thing: Vec<ThingEntry>,
     parquet: Option<ParquetConfig>,
+    postgres: Option<PostgresConfig>,
     metrics: Option<MetricsConfig>,
     #[serde(default, deserialize_with = "optional_duration")]
     shutdown_timeout: Option<Duration>,
@@ -81,6 +83,8 @@ pub struct Config {
     pub source: Option<SourceConfig>,
     pub things: Vec<ThingConfig>,
     pub parquet: Option<ParquetConfig>,
+    /// With its URL resolved (`url_env` read).
+    pub postgres: Option<PostgresConfig>,
     pub metrics: Option<MetricsConfig>,
     pub shutdown_timeout: Duration,
 }
@@ -110,6 +114,7 @@ impl Config {
                 .map(|i| ThingConfig::unlocked(crate::sandbox::simulator::thing_name("S5D9-", i)))
                 .collect(),
             parquet: Some(parquet),
+            postgres: None,
             metrics: None,
             shutdown_timeout: Duration::from_secs(30),
         }
@@ -135,7 +140,7 @@ impl Config {
                     .to_owned(),
             });
         }
-        let raw: ConfigFile = config::Config::builder()
+        let mut raw: ConfigFile = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
@@ -175,6 +180,12 @@ impl Config {
                     "see the [parquet] section of config/things.example.toml",
                 )
             })?;
+        }
+
+        if let Some(postgres) = raw.postgres.as_mut() {
+            postgres
+                .resolve(&env)
+                .map_err(|(key, problem, fix)| invalid(format!("postgres.{key}"), problem, &fix))?;
         }
 
         let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -250,6 +261,7 @@ impl Config {
             source: raw.source,
             things,
             parquet: raw.parquet,
+            postgres: raw.postgres,
             metrics: raw.metrics,
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
         })

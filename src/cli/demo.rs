@@ -15,6 +15,7 @@ use dweetpipe::config::Config;
 use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
 use dweetpipe::sandbox::{self, SandboxConfig};
 use dweetpipe::sink::parquet::ParquetConfig;
+use dweetpipe::sink::postgres::{DatabaseUrl, PostgresConfig};
 use dweetpipe::telemetry::{Metrics, MetricsConfig};
 use dweetpipe::worker::{self, SourceConfig};
 
@@ -62,8 +63,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .context("could not start the sandbox on loopback")?;
     let url = server.base_url();
 
+    let postgres = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .map(|url| PostgresConfig::new(DatabaseUrl::new(url)));
     let config = Config {
         metrics: Some(MetricsConfig { listen: loopback }),
+        postgres: postgres.clone(),
         ..Config::for_simulated_fleet(
             SourceConfig {
                 start_spread: Duration::from_millis(200),
@@ -146,24 +152,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     server.shutdown().await;
 
     let done = Progress::read(&metrics);
-    let table = |name: &str| metrics.value("dweetpipe_sink_rows_written_total", &[("table", name)]);
+    let rows = |sink: &str, table: &str| {
+        metrics.value(
+            "dweetpipe_sink_rows_written_total",
+            &[("sink", sink), ("table", table)],
+        )
+    };
     println!(
-        "demo: {} boards sent {} dweets ({} failed); the worker received {} and wrote {} readings, {} raw dweets and {} dead letters into {} Parquet files under {}",
+        "demo: {} boards sent {} dweets ({} failed); the worker received {}",
         args.things,
         fleet_stats.sent(),
         fleet_stats.failed(),
-        done.received,
-        table("readings"),
-        table("dweets"),
-        table("dead_letters"),
+        done.received
+    );
+    println!(
+        "  Parquet: {} readings, {} raw dweets, {} dead letters in {} files under {}",
+        rows("parquet", "readings"),
+        rows("parquet", "dweets"),
+        rows("parquet", "dead_letters"),
         done.files,
         args.data.display()
     );
+    if postgres.is_some() {
+        println!(
+            "  PostgreSQL: {} readings, {} raw dweets, {} dead letters",
+            rows("postgres", "readings"),
+            rows("postgres", "dweets"),
+            rows("postgres", "dead_letters")
+        );
+    }
     let dir = args.data.display();
     println!("query it with DuckDB:");
     println!(
         "  duckdb -c \"SELECT thing, sensor, round(avg(value), 2) AS avg FROM read_parquet('{dir}/readings/**/*.parquet', hive_partitioning = true) WHERE sensor = 'sensors.TemperatureC' GROUP BY ALL ORDER BY thing\""
     );
+    if postgres.is_some() {
+        println!("or in PostgreSQL (psql \"$DATABASE_URL\"):");
+        println!(
+            "  SELECT thing, round(avg(temperature_c)::numeric, 2) FROM s5d9_readings GROUP BY thing ORDER BY thing;"
+        );
+    }
     println!("or with pyarrow:");
     println!(
         "  python3 -c \"import pyarrow.dataset as ds; t = ds.dataset('{dir}/readings', format='parquet', partitioning='hive').to_table(); print(t.num_rows, t.schema)\""

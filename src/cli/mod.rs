@@ -81,6 +81,8 @@ pub enum Command {
     Run(worker::ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.
     Check(worker::ConfigArgs),
+    /// Create or upgrade the PostgreSQL schema (`run` does it at start too).
+    Migrate(worker::MigrateArgs),
     /// Measure the worker with whole processes and print the figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -142,6 +144,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => worker::run(args).await,
         Command::Check(args) => worker::check(args).await,
         Command::Bench(command) => bench::run(command).await,
+        Command::Migrate(args) => worker::migrate(args).await,
     }
 }
 

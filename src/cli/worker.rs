@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use dweetpipe::client::{self, Client};
 use dweetpipe::config::Config;
+use dweetpipe::sink::postgres::{self, DatabaseUrl};
 use dweetpipe::worker;
 
 #[derive(Debug, Args)]
@@ -19,6 +20,20 @@ pub struct ConfigArgs {
         value_name = "PATH"
     )]
     config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// postgres://user:password@host:5432/database
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    database_url: String,
+}
+
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let url = DatabaseUrl::new(args.database_url);
+    let applied = postgres::migrate(&url).await?;
+    println!("schema up to date ({applied} migration(s) applied now)");
+    Ok(())
 }
 
 /// Runs the worker until SIGTERM or SIGINT; SIGHUP reloads the file.

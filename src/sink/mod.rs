@@ -1,6 +1,7 @@
 //! Where normalised records end up. One folder per sink, its config struct beside its code.
 
 pub mod parquet;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 

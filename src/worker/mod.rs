@@ -9,7 +9,7 @@
 //! growing memory. The Parquet sink runs on its own OS thread: encoding and fsync are blocking
 //! work that must not stall the async runtime.
 
-mod backoff;
+pub(crate) mod backoff;
 mod subscription;
 
 use std::collections::HashMap;
@@ -30,7 +30,8 @@ use crate::client::Client;
 use crate::config::{Config, ConfigError, ThingConfig};
 use crate::normalize::Record;
 use crate::sink::SinkError;
-use crate::sink::parquet::{ParquetConfig, ParquetSink};
+use crate::sink::parquet::ParquetSink;
+use crate::sink::postgres::{PostgresError, PostgresSink};
 use crate::telemetry::{self, Health, Metrics};
 use subscription::Subscription;
 
@@ -197,6 +198,8 @@ pub enum WorkerError {
     Config(#[from] ConfigError),
     #[error("the Parquet sink failed: {0}")]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
     #[error("could not listen for metrics on {addr}: {source}")]
     MetricsBind {
         addr: SocketAddr,
@@ -244,10 +247,11 @@ pub struct WorkerHandle {
     watermarks: HashMap<String, Arc<AtomicI64>>,
     background: CancellationToken,
     sink_thread: std::thread::JoinHandle<Result<(), SinkError>>,
+    postgres_task: Option<JoinHandle<()>>,
 }
 
-/// Checks that `config` can run as a worker: a source and a sink.
-pub fn check_runnable(config: &Config) -> Result<(&SourceConfig, &ParquetConfig), ConfigError> {
+/// Checks that `config` can run as a worker: a source and at least one sink.
+pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
     let source = config.source.as_ref().ok_or_else(|| {
         config.error(
             "source",
@@ -255,37 +259,81 @@ pub fn check_runnable(config: &Config) -> Result<(&SourceConfig, &ParquetConfig)
             "add [source] with url = \"https://dweet.io\" (or your sandbox)",
         )
     })?;
-    let parquet = config.parquet.as_ref().ok_or_else(|| {
-        config.error(
+    if config.parquet.is_none() && config.postgres.is_none() {
+        return Err(config.error(
             "parquet",
             "no sink is configured",
-            "add a [parquet] section with dir = \"data/parquet\"",
-        )
-    })?;
-    Ok((source, parquet))
+            "add a [parquet] section with dir = \"data/parquet\" and/or a [postgres] section",
+        ));
+    }
+    Ok(source)
+}
+
+/// How long start-up waits for PostgreSQL before giving up.
+const POSTGRES_PATIENCE: Duration = Duration::from_secs(30);
+/// Batches queued for PostgreSQL before the pipeline slows down.
+const POSTGRES_QUEUE: usize = 64;
+
+/// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
+/// gets what it misses (the others drop it as already stored). A thing unknown to any sink
+/// starts with none.
+fn seed_watermarks(sinks: &[&HashMap<String, i64>]) -> HashMap<String, Arc<AtomicI64>> {
+    let Some((first, rest)) = sinks.split_first() else {
+        return HashMap::new();
+    };
+    first
+        .iter()
+        .filter_map(|(thing, mark)| {
+            let lowest = rest
+                .iter()
+                .map(|other| other.get(thing).copied())
+                .try_fold(*mark, |low, other| other.map(|o| low.min(o)))?;
+            Some((thing.clone(), Arc::new(AtomicI64::new(lowest))))
+        })
+        .collect()
 }
 
 /// Starts the worker: recovers the sinks, binds metrics, and starts every subscription.
 pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
-    let (source, parquet) = check_runnable(&config)?;
-    let source = Arc::new(source.clone());
+    let source = Arc::new(check_runnable(&config)?.clone());
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::new(source.start_spread + Duration::from_secs(60)));
     let background = CancellationToken::new();
 
-    let (sink, opened) = ParquetSink::open(parquet.clone(), Arc::clone(&metrics))?;
-    tracing::info!(
-        dir = %parquet.dir.display(),
-        removed_temporary = opened.removed_temporary,
-        removed_incomplete = opened.removed_incomplete,
-        things_with_watermark = opened.things_with_watermark,
-        "Parquet sink open"
-    );
-    let watermarks = sink
-        .watermarks()
-        .iter()
-        .map(|(thing, mark)| (thing.clone(), Arc::new(AtomicI64::new(*mark))))
+    let parquet = match &config.parquet {
+        Some(parquet_config) => {
+            let (sink, opened) = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?;
+            tracing::info!(
+                dir = %parquet_config.dir.display(),
+                removed_temporary = opened.removed_temporary,
+                removed_incomplete = opened.removed_incomplete,
+                things_with_watermark = opened.things_with_watermark,
+                "Parquet sink open"
+            );
+            Some(sink)
+        }
+        None => None,
+    };
+    let postgres = match &config.postgres {
+        Some(postgres_config) => {
+            let sink =
+                PostgresSink::connect(postgres_config, Arc::clone(&metrics), POSTGRES_PATIENCE)
+                    .await?;
+            tracing::info!(
+                things_with_watermark = sink.watermarks().len(),
+                "PostgreSQL sink open, schema migrated"
+            );
+            Some(sink)
+        }
+        None => None,
+    };
+    let sink_marks: Vec<&HashMap<String, i64>> = parquet
+        .as_ref()
+        .map(ParquetSink::watermarks)
+        .into_iter()
+        .chain(postgres.as_ref().map(PostgresSink::watermarks))
         .collect();
+    let watermarks = seed_watermarks(&sink_marks);
 
     let metrics_addr = match &config.metrics {
         Some(metrics_config) => {
@@ -309,7 +357,26 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     tokio::spawn(heartbeat(Arc::clone(&health), background.clone()));
 
     let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
-    let sink_thread = spawn_sink_thread(sink, receiver, Arc::clone(&metrics), Arc::clone(&health))?;
+    let (to_postgres, postgres_task) = match (postgres, &config.postgres) {
+        (Some(sink), Some(postgres_config)) => {
+            let (sender, queue) = mpsc::channel(POSTGRES_QUEUE);
+            let task = tokio::spawn(postgres_writer(
+                sink,
+                queue,
+                postgres_config.max_rows,
+                Arc::clone(&metrics),
+            ));
+            (Some(sender), Some(task))
+        }
+        _ => (None, None),
+    };
+    let sink_thread = spawn_sink_thread(
+        parquet,
+        to_postgres,
+        receiver,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    )?;
     let client = source.client()?;
     let mut worker = WorkerHandle {
         things: HashMap::new(),
@@ -322,6 +389,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         metrics_addr,
         background,
         sink_thread,
+        postgres_task,
         config: config.clone(),
     };
     for thing in &config.things {
@@ -397,7 +465,7 @@ impl WorkerHandle {
     /// Applies a new configuration: things added start, removed stop, changed ones restart,
     /// unchanged ones keep their streams. A new `[source]` restarts every subscription.
     pub async fn reload(&mut self, config: Config) -> Result<ReloadReport, WorkerError> {
-        let (source, parquet) = match check_runnable(&config) {
+        let source = match check_runnable(&config) {
             Ok(checked) => checked,
             Err(error) => {
                 self.metrics
@@ -408,8 +476,11 @@ impl WorkerHandle {
             }
         };
         let mut report = ReloadReport::default();
-        if Some(parquet) != self.config.parquet.as_ref() {
+        if config.parquet != self.config.parquet {
             report.ignored.push("parquet".to_owned());
+        }
+        if config.postgres != self.config.postgres {
+            report.ignored.push("postgres".to_owned());
         }
         if config.metrics.as_ref().map(|m| m.listen)
             != self.config.metrics.as_ref().map(|m| m.listen)
@@ -451,9 +522,11 @@ impl WorkerHandle {
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         // Sections that need a restart keep their running values.
         let parquet = self.config.parquet.clone();
+        let postgres = self.config.postgres.clone();
         let metrics = self.config.metrics.clone();
         self.config = Config {
             parquet,
+            postgres,
             metrics,
             ..config
         };
@@ -469,6 +542,7 @@ impl WorkerHandle {
             records,
             background,
             sink_thread,
+            postgres_task,
             ..
         } = self;
         for running in things.values() {
@@ -481,6 +555,15 @@ impl WorkerHandle {
         drop(records);
         let joined = tokio::task::spawn_blocking(move || sink_thread.join());
         let outcome = tokio::time::timeout_at(deadline.into(), joined).await;
+        // The sink thread dropped the PostgreSQL queue: the writer drains it and ends.
+        if let Some(task) = postgres_task
+            && tokio::time::timeout_at(deadline.into(), task)
+                .await
+                .is_err()
+        {
+            background.cancel();
+            return Err(WorkerError::ShutdownTimeout(timeout));
+        }
         background.cancel();
         match outcome {
             Ok(Ok(Ok(result))) => result.map_err(WorkerError::Sink),
@@ -503,10 +586,12 @@ async fn heartbeat(health: Arc<Health>, stop: CancellationToken) {
     }
 }
 
-/// Runs the sink on its own thread: take what is queued (up to a batch), write it, seal on
-/// time, and seal at the end when every sender is gone.
+/// Runs the file sink on its own thread: take what is queued (up to a batch), write it to
+/// Parquet, pass it on to PostgreSQL, seal on time, and seal at the end when every sender is
+/// gone.
 fn spawn_sink_thread(
-    mut sink: ParquetSink,
+    mut parquet: Option<ParquetSink>,
+    to_postgres: Option<mpsc::Sender<Vec<Record>>>,
     mut receiver: mpsc::Receiver<Record>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -528,40 +613,95 @@ fn spawn_sink_thread(
                                 Err(_) => break,
                             }
                         }
-                        let started = Instant::now();
-                        match sink.write(&batch) {
-                            Ok(skipped) => {
-                                metrics.duplicates_dropped.inc_by(skipped as u64);
-                                health.set_sinks_ok(true);
-                            }
-                            Err(error) => {
-                                tracing::error!(%error, records = batch.len(), "the Parquet sink failed to write");
-                                metrics.sink_errors.with_label_values(&["parquet"]).inc();
-                                health.set_sinks_ok(false);
-                            }
+                        if let Some(sink) = parquet.as_mut() {
+                            write_parquet(sink, &batch, &metrics, &health);
                         }
-                        metrics
-                            .sink_write_duration
-                            .with_label_values(&["parquet"])
-                            .observe(started.elapsed().as_secs_f64());
-                        batch.clear();
+                        match &to_postgres {
+                            // Waits while PostgreSQL's queue is full: backpressure, nothing dropped.
+                            Some(queue) => {
+                                let full = std::mem::replace(&mut batch, Vec::with_capacity(SINK_BATCH));
+                                if queue.blocking_send(full).is_err() {
+                                    tracing::error!("the PostgreSQL writer stopped; its records are lost until backfill");
+                                }
+                            }
+                            None => batch.clear(),
+                        }
                     }
                     Ok(None) => break,
                     Err(_idle) => {}
                 }
-                if let Err(error) = sink.tick() {
-                    tracing::error!(%error, "the Parquet sink failed to seal a generation");
-                    health.set_sinks_ok(false);
+                if let Some(sink) = parquet.as_mut() {
+                    if let Err(error) = sink.tick() {
+                        tracing::error!(%error, "the Parquet sink failed to seal a generation");
+                        health.set_sinks_ok(false);
+                    }
+                    metrics
+                        .sink_buffer_rows
+                        .with_label_values(&["parquet"])
+                        .set(sink.pending_rows() as i64);
                 }
-                metrics
-                    .sink_buffer_rows
-                    .with_label_values(&["parquet"])
-                    .set(sink.pending_rows() as i64);
             }
-            let closed = sink.close();
+            drop(to_postgres);
+            let closed = parquet.as_mut().map_or(Ok(()), ParquetSink::close);
             metrics.sink_buffer_rows.with_label_values(&["parquet"]).set(0);
             closed
         })
         .map_err(|e| WorkerError::Sink(SinkError::io(std::path::Path::new("sink thread"), e)))?;
     Ok(thread)
+}
+
+fn write_parquet(sink: &mut ParquetSink, batch: &[Record], metrics: &Metrics, health: &Health) {
+    let started = Instant::now();
+    match sink.write(batch) {
+        Ok(skipped) => {
+            metrics.duplicates_dropped.inc_by(skipped as u64);
+            health.set_sinks_ok(true);
+        }
+        Err(error) => {
+            tracing::error!(%error, records = batch.len(), "the Parquet sink failed to write");
+            metrics.sink_errors.with_label_values(&["parquet"]).inc();
+            health.set_sinks_ok(false);
+        }
+    }
+    metrics
+        .sink_write_duration
+        .with_label_values(&["parquet"])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Writes what has queued for PostgreSQL, as soon as the previous write is done: small
+/// batches while traffic is light (low latency), `max_rows` batches when it is heavy.
+async fn postgres_writer(
+    mut sink: PostgresSink,
+    mut queue: mpsc::Receiver<Vec<Record>>,
+    max_rows: usize,
+    metrics: Arc<Metrics>,
+) {
+    let mut buffer: Vec<Record> = Vec::new();
+    loop {
+        if buffer.is_empty() {
+            match queue.recv().await {
+                Some(batch) => buffer.extend(batch),
+                None => return,
+            }
+        }
+        while buffer.len() < max_rows {
+            match queue.try_recv() {
+                Ok(batch) => buffer.extend(batch),
+                Err(_) => break,
+            }
+        }
+        metrics
+            .sink_buffer_rows
+            .with_label_values(&["postgres"])
+            .set(buffer.len() as i64);
+        let take = buffer.len().min(max_rows);
+        let skipped = sink.write(&buffer[..take]).await;
+        metrics.duplicates_dropped.inc_by(skipped as u64);
+        buffer.drain(..take);
+        metrics
+            .sink_buffer_rows
+            .with_label_values(&["postgres"])
+            .set(buffer.len() as i64);
+    }
 }

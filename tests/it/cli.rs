@@ -351,50 +351,65 @@ async fn help_teaches_every_verb() {
     assert!(stdout(&alert).contains("--when") && stdout(&alert).contains("--to"));
 }
 
+/// Runs the demo; returns its summary.
+async fn demo(data: &std::path::Path, database_url: Option<&str>) -> String {
+    let mut command = dweetpipe("http://127.0.0.1:1");
+    command.args([
+        "demo",
+        "--things",
+        "4",
+        "--duration",
+        "2",
+        "--interval",
+        "0.2",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    match database_url {
+        Some(url) => command.env("DATABASE_URL", url),
+        None => command.env_remove("DATABASE_URL"),
+    };
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    stdout(&output)
+}
+
+fn number_after(summary: &str, marker: &str) -> u64 {
+    let start = summary
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in {summary}"))
+        + marker.len();
+    summary[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches(',')
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_runs_on_loopback_and_every_dweet_sent_is_stored() {
     let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
-    let demo = run(
-        "http://127.0.0.1:1",
-        &[
-            "demo",
-            "--things",
-            "4",
-            "--duration",
-            "2",
-            "--interval",
-            "0.2",
-            "--data",
-            data_dir,
-        ],
-    )
-    .await;
-    assert!(demo.status.success(), "{}", stderr(&demo));
-    let summary = stdout(&demo);
-    let number_after = |marker: &str| -> u64 {
-        let start = summary
-            .find(marker)
-            .unwrap_or_else(|| panic!("{marker:?} in {summary}"))
-            + marker.len();
-        summary[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let sent = number_after("sent ");
+    let summary = demo(data.path(), None).await;
+    let sent = number_after(&summary, "sent ");
     assert!(sent >= 8, "the fleet dweeted: {summary}");
     assert_eq!(
-        number_after("received "),
+        number_after(&summary, "received "),
         sent,
         "every dweet sent was received: {summary}"
     );
     assert_eq!(
-        number_after("readings, "),
+        number_after(&summary, "readings, "),
         sent,
         "every dweet was stored raw: {summary}"
+    );
+    assert!(
+        !summary.contains("PostgreSQL:"),
+        "no database without DATABASE_URL: {summary}"
     );
     assert!(
         summary.contains("duckdb") && summary.contains("pyarrow"),
@@ -407,4 +422,22 @@ async fn demo_runs_on_loopback_and_every_dweet_sent_is_stored() {
             .is_some(),
         "Parquet partitions written"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_also_writes_postgresql_when_database_url_is_set() {
+    let db = crate::postgres::TestDatabase::create().await;
+    let data = tempfile::tempdir().unwrap();
+    let summary = demo(data.path(), Some(&db.url)).await;
+    let sent = number_after(&summary, "sent ");
+    let postgres = &summary[summary.find("PostgreSQL:").expect("a PostgreSQL line")..];
+    assert_eq!(number_after(postgres, "readings, "), sent, "{summary}");
+    let mut connection = db.connect().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM dweets")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(rows as u64, sent);
+    drop(connection);
+    db.drop_now().await;
 }

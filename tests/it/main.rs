@@ -6,5 +6,6 @@ mod cli;
 mod client;
 mod common;
 mod listen;
+mod postgres;
 mod protocol;
 mod worker;

@@ -25,7 +25,7 @@ use crate::common::{KEY, LOCK, OTHER_LOCK, client_for, sandbox_with, thing};
 const BIN: &str = env!("CARGO_BIN_EXE_dweetpipe");
 
 /// A worker config for tests: fast reconnects, no start spread, quick rotation.
-fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
+pub(crate) fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
     Config {
         path: PathBuf::from("(test)"),
         source: Some(SourceConfig {
@@ -47,18 +47,19 @@ fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
             rotate_after: Duration::from_millis(500),
             ..ParquetConfig::new(dir)
         }),
+        postgres: None,
         metrics: None,
         shutdown_timeout: Duration::from_secs(10),
     }
 }
 
-async fn start_worker(config: Config) -> (WorkerHandle, std::sync::Arc<Metrics>) {
+pub(crate) async fn start_worker(config: Config) -> (WorkerHandle, std::sync::Arc<Metrics>) {
     let worker = worker::start(config).await.expect("the worker starts");
     let metrics = worker.metrics().clone();
     (worker, metrics)
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
         assert!(started.elapsed() < timeout, "timed out waiting for {what}");
@@ -66,7 +67,7 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
-fn received(metrics: &Metrics) -> f64 {
+pub(crate) fn received(metrics: &Metrics) -> f64 {
     metrics.value("dweetpipe_dweets_received_total", &[])
 }
 
@@ -132,7 +133,7 @@ fn strings<'a>(batch: &'a arrow::record_batch::RecordBatch, column: &str) -> &'a
 }
 
 /// (thing, created ms) of every raw dweet in the Parquet output, duplicates kept.
-fn parquet_dweets(dir: &Path) -> Vec<(String, i64)> {
+pub(crate) fn parquet_dweets(dir: &Path) -> Vec<(String, i64)> {
     let mut keys = Vec::new();
     for batch in batches(dir, "dweets") {
         let things = strings(&batch, "thing");
@@ -174,7 +175,7 @@ fn dead_letter_reasons(dir: &Path) -> Vec<String> {
 }
 
 /// What the sandbox accepted, as (thing, created ms).
-async fn sandbox_dweets(
+pub(crate) async fn sandbox_dweets(
     client: &Client,
     things: &[String],
     key: Option<&Key>,
@@ -193,7 +194,7 @@ async fn sandbox_dweets(
     accepted
 }
 
-fn assert_exactly_once(dir: &Path, expected: &BTreeSet<(String, i64)>) {
+pub(crate) fn assert_exactly_once(dir: &Path, expected: &BTreeSet<(String, i64)>) {
     let stored = parquet_dweets(dir);
     let unique: BTreeSet<_> = stored.iter().cloned().collect();
     assert_eq!(stored.len(), unique.len(), "no dweet is stored twice");
@@ -206,7 +207,7 @@ fn assert_exactly_once(dir: &Path, expected: &BTreeSet<(String, i64)>) {
     assert_eq!(leftover_temporaries(dir), 0, "no temporary files left");
 }
 
-async fn big_sandbox() -> SandboxHandle {
+pub(crate) async fn big_sandbox() -> SandboxHandle {
     sandbox_with(|c| c.limits.max_history = 100_000).await
 }
 
@@ -492,13 +493,13 @@ async fn garbage_server() -> std::net::SocketAddr {
 }
 
 /// A `dweetpipe run` process with its stderr captured to a file.
-struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     child: Child,
     log: PathBuf,
 }
 
 impl WorkerProcess {
-    fn spawn(config: &Path, env: &[(&str, &str)], log: PathBuf) -> Self {
+    pub(crate) fn spawn(config: &Path, env: &[(&str, &str)], log: PathBuf) -> Self {
         let mut command = Command::new(BIN);
         command
             .args(["run", "--config", config.to_str().unwrap()])
@@ -515,7 +516,7 @@ impl WorkerProcess {
         }
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("running").to_string();
         assert!(
             std::process::Command::new("kill")
@@ -526,19 +527,24 @@ impl WorkerProcess {
         );
     }
 
-    async fn wait(&mut self) -> std::process::ExitStatus {
+    pub(crate) async fn wait(&mut self) -> std::process::ExitStatus {
         tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("exited in time")
             .unwrap()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
-fn write_config(dir: &Path, url: &str, things: &[(&str, Option<&str>)], extra: &str) -> PathBuf {
+pub(crate) fn write_config(
+    dir: &Path,
+    url: &str,
+    things: &[(&str, Option<&str>)],
+    extra: &str,
+) -> PathBuf {
     let mut text = format!(
         "shutdown_timeout = \"10s\"\n[source]\nurl = \"{url}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\nstart_spread = \"0s\"\n\n[parquet]\ndir = \"{}\"\nrotate_after = \"300ms\"\n{extra}\n",
         dir.join("parquet").display()

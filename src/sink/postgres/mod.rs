@@ -1,0 +1,596 @@
+//! The PostgreSQL sink: COPY-speed batches into `dweets`, `readings` and `dead_letters`, with
+//! each thing's watermark kept in `things` in the same transaction.
+//!
+//! Exactly once without `ON CONFLICT` on the hot path: each thing's dweets arrive oldest first
+//! and a batch commits atomically with the thing's `last_created`, so every stored dweet of a
+//! thing is at or below its watermark and anything newer cannot conflict. Older dweets
+//! (backfill after a restart) are dropped before COPY. Should a conflict happen all the same
+//! (another writer), the batch is retried through temporary tables and `ON CONFLICT DO
+//! NOTHING`. Connection-class errors are retried forever; data errors are narrowed down by
+//! bisection and only the offending dweets go to `dead_letters`.
+
+mod copy;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Deserializer};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+
+use crate::normalize::{DeadLetter, Record};
+use crate::telemetry::Metrics;
+use crate::worker::backoff::Backoff;
+use copy::CopyRows;
+
+/// The schema, embedded so the binary migrates without the source tree.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "schema",
+    include_str!("../../../migrations/0001_schema.sql"),
+)];
+
+/// A database URL. It carries the password, so it never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn options(&self) -> Result<PgConnectOptions, PostgresError> {
+        self.0
+            .parse::<PgConnectOptions>()
+            .map_err(|e| PostgresError::Url(strip_url(&e.to_string(), &self.0)))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatabaseUrl(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for DatabaseUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(DatabaseUrl)
+    }
+}
+
+/// An error text with the URL (and so the password) cut out.
+fn strip_url(text: &str, url: &str) -> String {
+    text.replace(url, "<database url>")
+}
+
+/// The `[postgres]` section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host/db`; or `url_env` names a variable holding it.
+    pub url: Option<DatabaseUrl>,
+    pub url_env: Option<String>,
+    /// Rows per COPY batch at most. Default 5000.
+    #[serde(default = "default_max_rows")]
+    pub max_rows: usize,
+    /// A batch is written at the latest this long after its first record. Default 1 s.
+    #[serde(
+        default = "default_max_age",
+        deserialize_with = "crate::config::duration"
+    )]
+    pub max_age: Duration,
+}
+
+fn default_max_rows() -> usize {
+    5000
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl PostgresConfig {
+    pub fn new(url: DatabaseUrl) -> Self {
+        PostgresConfig {
+            url: Some(url),
+            url_env: None,
+            max_rows: default_max_rows(),
+            max_age: default_max_age(),
+        }
+    }
+
+    /// Resolves `url_env` into `url` and checks values; the error is (key, problem, fix).
+    pub fn resolve(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), (String, String, String)> {
+        match (&self.url, &self.url_env) {
+            (Some(_), Some(_)) => {
+                return Err((
+                    "url_env".to_owned(),
+                    "url and url_env are both set".to_owned(),
+                    "keep one of them".to_owned(),
+                ));
+            }
+            (None, Some(variable)) => match env(variable).filter(|v| !v.trim().is_empty()) {
+                Some(url) => self.url = Some(DatabaseUrl(url.trim().to_owned())),
+                None => {
+                    return Err((
+                        "url_env".to_owned(),
+                        format!("the environment variable {variable} is not set (or empty)"),
+                        "export it (systemd: EnvironmentFile=, Kubernetes: a Secret)".to_owned(),
+                    ));
+                }
+            },
+            (None, None) => {
+                return Err((
+                    "url".to_owned(),
+                    "no database is named".to_owned(),
+                    "set url = \"postgres://...\" or url_env = \"DATABASE_URL\"".to_owned(),
+                ));
+            }
+            (Some(_), None) => {}
+        }
+        if let Some(url) = &self.url
+            && let Err(error) = url.options()
+        {
+            return Err((
+                "url".to_owned(),
+                error.to_string(),
+                "write it as postgres://user:password@host:5432/database".to_owned(),
+            ));
+        }
+        if self.max_rows == 0 {
+            return Err((
+                "max_rows".to_owned(),
+                "must be at least 1".to_owned(),
+                "the default is 5000".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    #[error("the database URL is not valid: {0}")]
+    Url(String),
+    #[error("PostgreSQL: {0}")]
+    Database(String),
+    #[error("applying the migrations: {0}")]
+    Migrate(String),
+}
+
+impl PostgresError {
+    fn database(error: &sqlx::Error, url: &DatabaseUrl) -> Self {
+        PostgresError::Database(strip_url(&error.to_string(), url.expose()))
+    }
+}
+
+/// Applies the embedded migrations (idempotent); returns how many were newly applied.
+pub async fn migrate(url: &DatabaseUrl) -> Result<usize, PostgresError> {
+    let mut connection = PgConnection::connect_with(&url.options()?)
+        .await
+        .map_err(|e| PostgresError::database(&e, url))?;
+    let migrator = Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    sqlx::SqlSafeStr::into_sql_str(*sql),
+                    false,
+                )
+            })
+            .collect(),
+    );
+    let before: i64 = applied_count(&mut connection).await;
+    migrator
+        .run(&mut connection)
+        .await
+        .map_err(|e| PostgresError::Migrate(strip_url(&e.to_string(), url.expose())))?;
+    let after = applied_count(&mut connection).await;
+    Ok(usize::try_from(after - before).unwrap_or(0))
+}
+
+async fn applied_count(connection: &mut PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(connection)
+        .await
+        .unwrap_or(0)
+}
+
+/// How an error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The server or the connection: wait and try the same batch again.
+    Retry,
+    /// Some row is unacceptable: narrow it down and dead-letter it.
+    Data,
+    /// A row already exists: take the conflict-tolerant path.
+    Conflict,
+}
+
+/// Classifies by SQLSTATE class: 08 connection, 53 resources (too many connections), 57
+/// operator intervention (shutdown), 40 serialisation/deadlock: retry. 22 data, 23 integrity,
+/// 54 program limits: the data. Anything else (a missing table, a permission) is retried too:
+/// nothing is dropped while an operator fixes it.
+fn classify(error: &sqlx::Error) -> Failure {
+    let Some(code) = error.as_database_error().and_then(|e| e.code()) else {
+        return Failure::Retry;
+    };
+    match code.as_ref() {
+        "23505" => Failure::Conflict,
+        code if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") => {
+            Failure::Data
+        }
+        _ => Failure::Retry,
+    }
+}
+
+pub struct PostgresSink {
+    url: DatabaseUrl,
+    pool: PgPool,
+    /// Newest committed `created` (ms) per thing, from `things`.
+    watermarks: HashMap<String, i64>,
+    metrics: Arc<Metrics>,
+}
+
+impl PostgresSink {
+    /// Connects (retrying for up to `patience`), migrates, and loads the watermarks.
+    pub async fn connect(
+        config: &PostgresConfig,
+        metrics: Arc<Metrics>,
+        patience: Duration,
+    ) -> Result<Self, PostgresError> {
+        let url = config
+            .url
+            .clone()
+            .ok_or_else(|| PostgresError::Url("no database URL".to_owned()))?;
+        let deadline = Instant::now() + patience;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match Self::try_connect(&url, Arc::clone(&metrics)).await {
+                Ok(sink) => return Ok(sink),
+                Err(error) if Instant::now() < deadline => {
+                    tracing::warn!(%error, "PostgreSQL is not ready; retrying");
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn try_connect(url: &DatabaseUrl, metrics: Arc<Metrics>) -> Result<Self, PostgresError> {
+        migrate(url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(url.options()?)
+            .await
+            .map_err(|e| PostgresError::database(&e, url))?;
+        let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT thing, last_created FROM things WHERE last_created IS NOT NULL")
+                .fetch_all(&pool)
+                .await
+                .map_err(|e| PostgresError::database(&e, url))?;
+        let watermarks = rows
+            .into_iter()
+            .map(|(thing, at)| (thing, at.timestamp_millis()))
+            .collect();
+        Ok(PostgresSink {
+            url: url.clone(),
+            pool,
+            watermarks,
+            metrics,
+        })
+    }
+
+    pub fn watermarks(&self) -> &HashMap<String, i64> {
+        &self.watermarks
+    }
+
+    /// Makes `records` durable, however long PostgreSQL takes to be reachable. Returns how
+    /// many were already stored and skipped.
+    pub async fn write(&mut self, records: &[Record]) -> usize {
+        let fresh: Vec<&Record> = records.iter().filter(|r| self.is_new(r)).collect();
+        let skipped = records.len() - fresh.len();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        // Slices still to write, in order; a failing slice is split in two (bisection).
+        let mut pending: Vec<&[&Record]> = vec![&fresh];
+        let mut tolerant = false;
+        let mut last_problem = String::new();
+        while let Some(slice) = pending.pop() {
+            if slice.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let result = self.write_batch(slice, tolerant).await;
+            self.metrics
+                .sink_write_duration
+                .with_label_values(&["postgres"])
+                .observe(started.elapsed().as_secs_f64());
+            let Err(error) = result else {
+                backoff.reset();
+                tolerant = false;
+                continue;
+            };
+            self.metrics
+                .sink_errors
+                .with_label_values(&["postgres"])
+                .inc();
+            let text = strip_url(&error.to_string(), self.url.expose());
+            match classify(&error) {
+                Failure::Conflict => {
+                    tolerant = true;
+                    pending.push(slice);
+                }
+                Failure::Data if slice.len() == 1 => {
+                    tracing::warn!(thing = slice[0].thing().unwrap_or(""), error = %text, "PostgreSQL refused a dweet; it goes to dead_letters");
+                    self.quarantine(slice[0], &text).await;
+                }
+                Failure::Data => {
+                    let (first, second) = slice.split_at(slice.len() / 2);
+                    pending.push(second);
+                    pending.push(first);
+                }
+                Failure::Retry => {
+                    if text != last_problem {
+                        tracing::warn!(error = %text, rows = slice.len(), "PostgreSQL write failed; retrying until it succeeds");
+                        last_problem = text;
+                    }
+                    pending.push(slice);
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        skipped
+    }
+
+    fn is_new(&self, record: &Record) -> bool {
+        let created = match record {
+            Record::Dweet(dweet) => Some(dweet.created_ms),
+            Record::DeadLetter(letter) => letter.created_ms,
+        };
+        match (record.thing(), created) {
+            (Some(thing), Some(created)) => self
+                .watermarks
+                .get(thing)
+                .is_none_or(|mark| created > *mark),
+            _ => true,
+        }
+    }
+
+    /// Replaces a refused record by a dead letter saying why, written in its place so the
+    /// thing's watermark still moves past it.
+    async fn quarantine(&mut self, record: &Record, reason: &str) {
+        let letter = match record {
+            Record::Dweet(dweet) => Record::DeadLetter(DeadLetter {
+                thing: Some(dweet.thing.clone()),
+                created: Some(crate::protocol::format_created(
+                    crate::normalize::ms_to_datetime(dweet.created_ms),
+                )),
+                created_ms: Some(dweet.created_ms),
+                received_ms: dweet.received_ms,
+                payload: dweet.content.clone(),
+                reason: format!("PostgreSQL refused the dweet: {reason}"),
+            }),
+            Record::DeadLetter(letter) => Record::DeadLetter(DeadLetter {
+                reason: format!(
+                    "{} (and PostgreSQL refused it as is: {reason})",
+                    letter.reason
+                ),
+                ..letter.clone()
+            }),
+        };
+        self.metrics.dead_letters.inc();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            match self.write_batch(&[&letter], false).await {
+                Ok(()) => return,
+                Err(error) if classify(&error) == Failure::Retry => {
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    tokio::time::sleep(delay).await;
+                }
+                Err(error) => {
+                    // Dead letters are NUL-free text; a refusal here is a schema problem.
+                    tracing::error!(error = %strip_url(&error.to_string(), self.url.expose()), "could not store a dead letter; it is logged instead: {letter:?}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One transaction: COPY the rows, move the things' watermarks, commit.
+    async fn write_batch(
+        &mut self,
+        records: &[&Record],
+        tolerant: bool,
+    ) -> Result<(), sqlx::Error> {
+        let mut rows = CopyRows::default();
+        let mut marks: HashMap<&str, (i64, i64)> = HashMap::new();
+        for record in records {
+            let (thing, created, received) = match record {
+                Record::Dweet(dweet) => {
+                    rows.push_dweet(dweet);
+                    (
+                        Some(dweet.thing.as_str()),
+                        Some(dweet.created_ms),
+                        dweet.received_ms,
+                    )
+                }
+                Record::DeadLetter(letter) => {
+                    rows.push_dead_letter(letter);
+                    (
+                        letter.thing.as_deref(),
+                        letter.created_ms,
+                        letter.received_ms,
+                    )
+                }
+            };
+            if let (Some(thing), Some(created)) = (thing, created) {
+                let mark = marks.entry(thing).or_insert((created, received));
+                mark.0 = mark.0.max(created);
+                mark.1 = mark.1.max(received);
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        copy_into(
+            &mut tx,
+            "dweets",
+            "thing, created, received_at, content",
+            &rows.dweets,
+            tolerant,
+        )
+        .await?;
+        copy_into(
+            &mut tx,
+            "readings",
+            "time, thing, sensor, value",
+            &rows.readings,
+            tolerant,
+        )
+        .await?;
+        copy_into(
+            &mut tx,
+            "dead_letters",
+            "thing, created, received_at, payload, reason",
+            &rows.dead_letters,
+            false,
+        )
+        .await?;
+        if !marks.is_empty() {
+            let things: Vec<&str> = marks.keys().copied().collect();
+            let created: Vec<chrono::DateTime<chrono::Utc>> = things
+                .iter()
+                .map(|t| crate::normalize::ms_to_datetime(marks[t].0))
+                .collect();
+            let received: Vec<chrono::DateTime<chrono::Utc>> = things
+                .iter()
+                .map(|t| crate::normalize::ms_to_datetime(marks[t].1))
+                .collect();
+            sqlx::query(
+                "INSERT INTO things (thing, last_created, last_received_at, updated_at)
+                 SELECT * , now() FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])
+                 ON CONFLICT (thing) DO UPDATE SET
+                   last_created = GREATEST(things.last_created, EXCLUDED.last_created),
+                   last_received_at = GREATEST(things.last_received_at, EXCLUDED.last_received_at),
+                   updated_at = now()",
+            )
+            .bind(&things)
+            .bind(&created)
+            .bind(&received)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        for (thing, (created, _)) in marks {
+            let mark = self.watermarks.entry(thing.to_owned()).or_insert(created);
+            *mark = (*mark).max(created);
+        }
+        for (table, count) in [
+            ("dweets", rows.dweet_rows),
+            ("readings", rows.reading_rows),
+            ("dead_letters", rows.dead_letter_rows),
+        ] {
+            self.metrics
+                .sink_rows_written
+                .with_label_values(&["postgres", table])
+                .inc_by(count);
+        }
+        Ok(())
+    }
+}
+
+/// COPY `data` into `table`; `tolerant` goes through a temporary table and skips rows that
+/// already exist.
+async fn copy_into(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &'static str,
+    columns: &'static str,
+    data: &str,
+    tolerant: bool,
+) -> Result<(), sqlx::Error> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let connection: &mut PgConnection = tx;
+    if !tolerant {
+        let mut copy = connection
+            .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+            .await?;
+        copy.send(data.as_bytes()).await?;
+        copy.finish().await?;
+        return Ok(());
+    }
+    let staging = format!("{table}_incoming");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
+    )))
+    .execute(&mut *connection)
+    .await?;
+    let mut copy = connection
+        .copy_in_raw(&format!("COPY {staging} ({columns}) FROM STDIN"))
+        .await?;
+    copy.send(data.as_bytes()).await?;
+    copy.finish().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} ON CONFLICT DO NOTHING"
+    )))
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_never_prints() {
+        let url = DatabaseUrl::new("postgres://user:hunter2@db/x");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        let config = PostgresConfig::new(url);
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(
+            strip_url(
+                "failed at postgres://user:hunter2@db/x",
+                "postgres://user:hunter2@db/x"
+            ),
+            "failed at <database url>"
+        );
+    }
+
+    #[test]
+    fn url_env_is_resolved_and_checked() {
+        let mut config = PostgresConfig {
+            url: None,
+            url_env: Some("DB".to_owned()),
+            ..PostgresConfig::new(DatabaseUrl::new(""))
+        };
+        config
+            .resolve(|name| (name == "DB").then(|| "postgres://u@h/d".to_owned()))
+            .unwrap();
+        assert_eq!(config.url.unwrap().expose(), "postgres://u@h/d");
+        let mut missing = PostgresConfig {
+            url: None,
+            url_env: Some("NOPE".to_owned()),
+            ..PostgresConfig::new(DatabaseUrl::new(""))
+        };
+        let (key, problem, _) = missing.resolve(|_| None).unwrap_err();
+        assert_eq!(key, "url_env");
+        assert!(problem.contains("NOPE"));
+    }
+}

@@ -1,0 +1,390 @@
+//! The PostgreSQL sink against a real server: each test creates its own database from
+//! `DATABASE_URL` (scripts/test provides one), so tests run in parallel without sharing rows.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
+use dweetpipe::sink::postgres::{DatabaseUrl, PostgresConfig};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use tokio::process::Command;
+
+use crate::common::{client_for, thing};
+use crate::worker::{
+    WorkerProcess, big_sandbox, received, sandbox_dweets, start_worker, test_config, wait_for,
+    write_config,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dweetpipe");
+
+/// A database of this test's own, dropped by `drop_now` (left behind if the test fails, for a
+/// look; they are named `dweetpipe_test_*`).
+pub(crate) struct TestDatabase {
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin = std::env::var("DATABASE_URL").expect(
+            "DATABASE_URL is not set: run the tests with scripts/test, which finds or starts PostgreSQL",
+        );
+        let name = format!("dweetpipe_test_{}", uuid::Uuid::new_v4().simple());
+        let mut connection = PgConnection::connect(&admin)
+            .await
+            .expect("DATABASE_URL answers");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut connection)
+            .await
+            .expect("create database");
+        let mut url = reqwest::Url::parse(&admin).expect("DATABASE_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        TestDatabase {
+            url: url.to_string(),
+            admin,
+            name,
+        }
+    }
+
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url)
+            .await
+            .expect("test database answers")
+    }
+
+    pub async fn drop_now(self) {
+        if let Ok(mut connection) = PgConnection::connect(&self.admin).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut connection)
+            .await;
+        }
+    }
+
+    pub fn sink_config(&self) -> PostgresConfig {
+        PostgresConfig::new(DatabaseUrl::new(self.url.clone()))
+    }
+}
+
+async fn stored(connection: &mut PgConnection) -> Vec<(String, i64)> {
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT thing, (extract(epoch FROM created) * 1000)::bigint FROM dweets",
+    )
+    .fetch_all(connection)
+    .await
+    .unwrap()
+}
+
+fn assert_same(stored: Vec<(String, i64)>, expected: &BTreeSet<(String, i64)>) {
+    let unique: BTreeSet<_> = stored.iter().cloned().collect();
+    assert_eq!(
+        stored.len(),
+        unique.len(),
+        "the primary key holds, so this only fails on a schema bug"
+    );
+    let missing: Vec<_> = expected.difference(&unique).take(5).collect();
+    let extra: Vec<_> = unique.difference(expected).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_creates_the_schema_once() {
+    let db = TestDatabase::create().await;
+    for expected in ["1 migration(s) applied now", "0 migration(s) applied now"] {
+        let output = Command::new(BIN)
+            .args(["migrate", "--database-url", &db.url])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(String::from_utf8_lossy(&output.stdout).contains(expected));
+    }
+    let mut connection = db.connect().await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    for table in [
+        "dead_letters",
+        "dweets",
+        "readings",
+        "s5d9_readings",
+        "things",
+    ] {
+        assert!(tables.iter().any(|t| t == table), "{table} in {tables:?}");
+    }
+    let bad = Command::new(BIN)
+        .args([
+            "migrate",
+            "--database-url",
+            "postgres://nobody:secret-pw@127.0.0.1:1/x",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        !String::from_utf8_lossy(&bad.stderr).contains("secret-pw"),
+        "the password is never printed"
+    );
+    drop(connection);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_lands_in_postgres_exactly_once_with_a_wide_view() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("{}-", thing("pgfleet"));
+    let things: Vec<String> = (1..=5).map(|i| thing_name(&prefix, i)).collect();
+    let mut config = test_config(&server.base_url(), &things, dir.path());
+    config.postgres = Some(db.sink_config());
+    let (worker, metrics) = start_worker(config).await;
+    wait_for("streams up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == 5.0
+    })
+    .await;
+    let stats = std::sync::Arc::new(FleetStats::default());
+    let fleet = FleetConfig {
+        things: 5,
+        interval: Duration::from_millis(50),
+        count: Some(10),
+        prefix,
+        ..FleetConfig::default()
+    };
+    run_fleet(client_for(&server), fleet, stats.clone()).await;
+    wait_for("50 dweets", Duration::from_secs(10), || {
+        received(&metrics) >= 50.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let expected = sandbox_dweets(&client_for(&server), &things, None).await;
+    assert_eq!(expected.len(), 50);
+    let mut connection = db.connect().await;
+    assert_same(stored(&mut connection).await, &expected);
+    let readings: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(readings, 50 * 13, "13 numeric leaves per S5D9 dweet");
+    let wide: Vec<(String, Option<f64>, Option<f64>)> =
+        sqlx::query_as("SELECT thing, temperature_c, humidity FROM s5d9_readings")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap();
+    assert_eq!(wide.len(), 50);
+    assert!(wide.iter().all(|(_, t, h)| t.is_some() && h.is_some()));
+    let watermarks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM things t WHERE last_created = (SELECT max(created) FROM dweets d WHERE d.thing = t.thing)",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(
+        watermarks, 5,
+        "each thing's watermark is its newest stored dweet"
+    );
+    assert_eq!(
+        metrics.value(
+            "dweetpipe_sink_rows_written_total",
+            &[("sink", "postgres"), ("table", "dweets")]
+        ),
+        50.0
+    );
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_and_backfill_overlap_add_no_duplicate_rows() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let client = client_for(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("pgrestart");
+    let things = vec![name.clone()];
+    for i in 0..4 {
+        client
+            .dweet_for(&name, &json!({ "i": i }), None)
+            .await
+            .unwrap();
+    }
+    let only_postgres = |dir: &std::path::Path| {
+        let mut config = test_config(&server.base_url(), &things, dir);
+        config.parquet = None;
+        config.postgres = Some(db.sink_config());
+        config
+    };
+    let (first, metrics) = start_worker(only_postgres(dir.path())).await;
+    wait_for("the backfill", Duration::from_secs(10), || {
+        received(&metrics) == 4.0
+    })
+    .await;
+    wait_for("stream up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == 1.0
+    })
+    .await;
+    client
+        .dweet_for(&name, &json!({"i": 4}), None)
+        .await
+        .unwrap();
+    wait_for("5 dweets", Duration::from_secs(10), || {
+        received(&metrics) == 5.0
+    })
+    .await;
+    first.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    client
+        .dweet_for(&name, &json!({"i": 5}), None)
+        .await
+        .unwrap();
+    let (second, metrics) = start_worker(only_postgres(dir.path())).await;
+    wait_for("the gap", Duration::from_secs(10), || {
+        received(&metrics) == 1.0
+    })
+    .await;
+    assert_eq!(
+        metrics.value("dweetpipe_duplicates_dropped_total", &[]),
+        5.0
+    );
+    second.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let mut connection = db.connect().await;
+    assert_same(
+        stored(&mut connection).await,
+        &sandbox_dweets(&client, &things, None).await,
+    );
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_error_quarantines_only_the_bad_dweet() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let client = client_for(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("pgbad");
+    let mut config = test_config(&server.base_url(), std::slice::from_ref(&name), dir.path());
+    config.postgres = Some(db.sink_config());
+    let (worker, metrics) = start_worker(config).await;
+    wait_for("stream up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == 1.0
+    })
+    .await;
+    // jsonb cannot hold \u0000: PostgreSQL refuses that one dweet (SQLSTATE 22P05).
+    for content in [
+        json!({"ok": 1}),
+        json!({"text": "nul\u{0}inside"}),
+        json!({"ok": 2}),
+    ] {
+        client.dweet_for(&name, &content, None).await.unwrap();
+    }
+    wait_for("3 dweets", Duration::from_secs(10), || {
+        received(&metrics) == 3.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(15)).await.unwrap();
+
+    let mut connection = db.connect().await;
+    let good: Vec<serde_json::Value> =
+        sqlx::query_scalar::<_, String>("SELECT content::text FROM dweets ORDER BY created")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap()
+            .iter()
+            .map(|text| serde_json::from_str(text).unwrap())
+            .collect();
+    assert_eq!(good, vec![json!({"ok": 1}), json!({"ok": 2})]);
+    let letters: Vec<(Option<String>, String, String)> =
+        sqlx::query_as("SELECT thing, payload, reason FROM dead_letters")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].0.as_deref(), Some(name.as_str()));
+    assert!(
+        letters[0].1.contains("nul"),
+        "the payload is kept: {letters:?}"
+    );
+    assert!(letters[0].2.contains("PostgreSQL refused"), "{letters:?}");
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_batch_leaves_postgres_exactly_once() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("{}-", thing("pgkill"));
+    let things: Vec<String> = (1..=3).map(|i| thing_name(&prefix, i)).collect();
+    let entries: Vec<(&str, Option<&str>)> = things.iter().map(|t| (t.as_str(), None)).collect();
+    let config = write_config(
+        dir.path(),
+        &server.base_url(),
+        &entries,
+        "[postgres]\nurl_env = \"TEST_DATABASE_URL\"\n",
+    );
+    let stats = std::sync::Arc::new(FleetStats::default());
+    let fleet_config = FleetConfig {
+        things: 3,
+        interval: Duration::from_millis(10),
+        prefix,
+        ..FleetConfig::default()
+    };
+    let fleet = tokio::spawn(run_fleet(client_for(&server), fleet_config, stats.clone()));
+
+    let env = [("TEST_DATABASE_URL", db.url.as_str())];
+    let mut first = WorkerProcess::spawn(&config, &env, dir.path().join("first.log"));
+    let mut connection = db.connect().await;
+    let mut rows = 0i64;
+    for _ in 0..200 {
+        rows = sqlx::query_scalar("SELECT count(*) FROM dweets")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap_or(0);
+        if rows > 50 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rows > 50, "the first worker wrote: {}", first.log());
+    first.signal("-KILL");
+    first.wait().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = WorkerProcess::spawn(&config, &env, dir.path().join("second.log"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.abort();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    second.signal("-TERM");
+    assert!(second.wait().await.success(), "{}", second.log());
+
+    let expected = sandbox_dweets(&client_for(&server), &things, None).await;
+    assert_same(stored(&mut connection).await, &expected);
+    eprintln!(
+        "PostgreSQL SIGKILL test: {} dweets accepted, all stored once",
+        expected.len()
+    );
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
