@@ -10,6 +10,7 @@
 pub mod client;
 pub mod config;
 pub mod http_server;
+pub mod import;
 pub mod normalize;
 pub mod protocol;
 pub mod sandbox;

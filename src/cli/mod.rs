@@ -4,6 +4,7 @@
 mod api;
 mod bench;
 mod demo;
+mod import;
 mod sandbox;
 mod worker;
 
@@ -81,6 +82,11 @@ pub enum Command {
     Run(worker::ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.
     Check(worker::ConfigArgs),
+    /// Load dweets from JSON Lines files (`history` output; `-` for stdin) into the sinks.
+    ///
+    /// Needs only the sink sections of the things file. Each thing's dweets are sorted and
+    /// deduplicated first; dweets already stored are skipped, bad lines go to dead letters.
+    Import(import::ImportArgs),
     /// Create or upgrade the PostgreSQL schema (`run` does it at start too).
     Migrate(worker::MigrateArgs),
     /// Measure the worker with whole processes and print the figures.
@@ -145,6 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => worker::check(args).await,
         Command::Bench(command) => bench::run(command).await,
         Command::Migrate(args) => worker::migrate(args).await,
+        Command::Import(args) => import::run(args).await,
     }
 }
 

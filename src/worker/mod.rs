@@ -696,8 +696,7 @@ async fn postgres_writer(
             .with_label_values(&["postgres"])
             .set(buffer.len() as i64);
         let take = buffer.len().min(max_rows);
-        let skipped = sink.write(&buffer[..take]).await;
-        metrics.duplicates_dropped.inc_by(skipped as u64);
+        sink.write(&buffer[..take]).await;
         buffer.drain(..take);
         metrics
             .sink_buffer_rows

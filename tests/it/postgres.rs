@@ -388,3 +388,105 @@ async fn a_worker_killed_mid_batch_leaves_postgres_exactly_once() {
     db.drop_now().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_loads_history_files_exactly_once_in_any_order() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let client = client_for(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (thing("imp-a"), thing("imp-b"));
+    for i in 0..20 {
+        client
+            .dweet_for(&a, &json!({ "i": i, "t": 20.5 }), None)
+            .await
+            .unwrap();
+    }
+    for i in 0..10 {
+        client
+            .dweet_for(&b, &json!({ "i": i }), None)
+            .await
+            .unwrap();
+    }
+    // Export with the CLI: newest first, as users do.
+    let url = server.base_url();
+    let history = |name: String| {
+        let url = url.clone();
+        async move {
+            let output = Command::new(BIN)
+                .args(["--server", &url, "history", &name])
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let a_lines: Vec<String> = history(a.clone())
+        .await
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(a_lines.len(), 20);
+    // The newest ten of `a` first, the older ten (overlapping by two) later, and `b` with a bad line.
+    let newer = dir.path().join("newer.jsonl");
+    std::fs::write(&newer, a_lines[..10].join("\n")).unwrap();
+    let older = dir.path().join("older.jsonl");
+    std::fs::write(&older, a_lines[8..].join("\n")).unwrap();
+    let with_bad = dir.path().join("b.jsonl");
+    std::fs::write(
+        &with_bad,
+        format!("{}\nthis line is broken\n", history(b.clone()).await),
+    )
+    .unwrap();
+    let config = dir.path().join("import.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[parquet]\ndir = \"{}\"\n[postgres]\nurl_env = \"IMPORT_DB\"\n",
+            dir.path().join("parquet").display()
+        ),
+    )
+    .unwrap();
+
+    let import = |files: Vec<&std::path::Path>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["import", "--config", config.to_str().unwrap()])
+            .env("IMPORT_DB", &db.url);
+        for file in files {
+            command.arg(file);
+        }
+        async move {
+            let output = command.output().await.unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let summary = import(vec![&newer, &with_bad]).await;
+    assert!(summary.contains("1 dead letters"), "{summary}");
+    import(vec![&older]).await;
+    let again = import(vec![&newer, &older, &with_bad]).await;
+    assert!(
+        again.contains("PostgreSQL: 0 dweets"),
+        "a second import writes nothing new: {again}"
+    );
+
+    let mut connection = db.connect().await;
+    let expected = sandbox_dweets(&client, &[a.clone(), b.clone()], None).await;
+    assert_same(stored(&mut connection).await, &expected);
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM dead_letters")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        reasons.iter().any(|r| r.contains("b.jsonl line 12")),
+        "{reasons:?}"
+    );
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}

@@ -10,9 +10,6 @@ pub struct CopyRows {
     pub dweets: String,
     pub readings: String,
     pub dead_letters: String,
-    pub dweet_rows: u64,
-    pub reading_rows: u64,
-    pub dead_letter_rows: u64,
 }
 
 impl CopyRows {
@@ -26,7 +23,6 @@ impl CopyRows {
         self.dweets.push('\t');
         push_field(&mut self.dweets, &dweet.content);
         self.dweets.push('\n');
-        self.dweet_rows += 1;
         for reading in &dweet.readings {
             self.readings.push_str(&created);
             self.readings.push('\t');
@@ -35,7 +31,6 @@ impl CopyRows {
             push_field(&mut self.readings, &reading.sensor);
             // f64's Display is the shortest text that reads back to the same value.
             let _ = writeln!(self.readings, "\t{}", reading.value);
-            self.reading_rows += 1;
         }
     }
 
@@ -50,7 +45,6 @@ impl CopyRows {
         self.dead_letters.push('\t');
         push_field(&mut self.dead_letters, &without_nul(&letter.reason));
         self.dead_letters.push('\n');
-        self.dead_letter_rows += 1;
     }
 }
 

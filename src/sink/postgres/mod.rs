@@ -301,15 +301,25 @@ impl PostgresSink {
         &self.watermarks
     }
 
-    /// Makes `records` durable, however long PostgreSQL takes to be reachable. Returns how
-    /// many were already stored and skipped.
-    pub async fn write(&mut self, records: &[Record]) -> usize {
-        let fresh: Vec<&Record> = records.iter().filter(|r| self.is_new(r)).collect();
-        let skipped = records.len() - fresh.len();
+    /// Makes `records` durable, however long PostgreSQL takes to be reachable. Records newer
+    /// than their thing's watermark cannot conflict and are COPYed as they are; older ones (an
+    /// import of old history, a sink that fell behind the others) go through the
+    /// conflict-tolerant path, so nothing already stored is duplicated and nothing missing is
+    /// skipped.
+    pub async fn write(&mut self, records: &[Record]) {
+        let (fresh, old): (Vec<&Record>, Vec<&Record>) =
+            records.iter().partition(|r| self.is_new(r));
+        if !old.is_empty() {
+            self.write_all(&old, true).await;
+        }
+        self.write_all(&fresh, false).await;
+    }
+
+    async fn write_all(&mut self, records: &[&Record], start_tolerant: bool) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         // Slices still to write, in order; a failing slice is split in two (bisection).
-        let mut pending: Vec<&[&Record]> = vec![&fresh];
-        let mut tolerant = false;
+        let mut pending: Vec<&[&Record]> = vec![records];
+        let mut tolerant = start_tolerant;
         let mut last_problem = String::new();
         while let Some(slice) = pending.pop() {
             if slice.is_empty() {
@@ -323,7 +333,7 @@ impl PostgresSink {
                 .observe(started.elapsed().as_secs_f64());
             let Err(error) = result else {
                 backoff.reset();
-                tolerant = false;
+                tolerant = start_tolerant;
                 continue;
             };
             self.metrics
@@ -356,7 +366,6 @@ impl PostgresSink {
                 }
             }
         }
-        skipped
     }
 
     fn is_new(&self, record: &Record) -> bool {
@@ -447,30 +456,23 @@ impl PostgresSink {
             }
         }
         let mut tx = self.pool.begin().await?;
-        copy_into(
-            &mut tx,
-            "dweets",
-            "thing, created, received_at, content",
-            &rows.dweets,
-            tolerant,
-        )
-        .await?;
-        copy_into(
-            &mut tx,
-            "readings",
-            "time, thing, sensor, value",
-            &rows.readings,
-            tolerant,
-        )
-        .await?;
-        copy_into(
-            &mut tx,
-            "dead_letters",
-            "thing, created, received_at, payload, reason",
-            &rows.dead_letters,
-            false,
-        )
-        .await?;
+        let dweets = "thing, created, received_at, content";
+        let readings = "time, thing, sensor, value";
+        let letters = "thing, created, received_at, payload, reason";
+        let written = [
+            (
+                "dweets",
+                copy_into(&mut tx, "dweets", dweets, &rows.dweets, tolerant).await?,
+            ),
+            (
+                "readings",
+                copy_into(&mut tx, "readings", readings, &rows.readings, tolerant).await?,
+            ),
+            (
+                "dead_letters",
+                copy_into(&mut tx, "dead_letters", letters, &rows.dead_letters, false).await?,
+            ),
+        ];
         if !marks.is_empty() {
             let things: Vec<&str> = marks.keys().copied().collect();
             let created: Vec<chrono::DateTime<chrono::Utc>> = things
@@ -500,11 +502,7 @@ impl PostgresSink {
             let mark = self.watermarks.entry(thing.to_owned()).or_insert(created);
             *mark = (*mark).max(created);
         }
-        for (table, count) in [
-            ("dweets", rows.dweet_rows),
-            ("readings", rows.reading_rows),
-            ("dead_letters", rows.dead_letter_rows),
-        ] {
+        for (table, count) in written {
             self.metrics
                 .sink_rows_written
                 .with_label_values(&["postgres", table])
@@ -515,16 +513,16 @@ impl PostgresSink {
 }
 
 /// COPY `data` into `table`; `tolerant` goes through a temporary table and skips rows that
-/// already exist.
+/// already exist. Returns the rows actually added.
 async fn copy_into(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     table: &'static str,
     columns: &'static str,
     data: &str,
     tolerant: bool,
-) -> Result<(), sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
     if data.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let connection: &mut PgConnection = tx;
     if !tolerant {
@@ -532,8 +530,7 @@ async fn copy_into(
             .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
             .await?;
         copy.send(data.as_bytes()).await?;
-        copy.finish().await?;
-        return Ok(());
+        return copy.finish().await;
     }
     let staging = format!("{table}_incoming");
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -546,12 +543,12 @@ async fn copy_into(
         .await?;
     copy.send(data.as_bytes()).await?;
     copy.finish().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} ON CONFLICT DO NOTHING"
     )))
     .execute(&mut *connection)
     .await?;
-    Ok(())
+    Ok(inserted.rows_affected())
 }
 
 #[cfg(test)]

@@ -1,0 +1,132 @@
+//! `dweetpipe import`: JSON Lines files into the configured sinks, with progress and a summary.
+
+use std::io::{BufReader, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dweetpipe::config::Config;
+use dweetpipe::import::Imported;
+use dweetpipe::normalize::{Record, now_ms};
+use dweetpipe::sink::parquet::ParquetSink;
+use dweetpipe::sink::postgres::PostgresSink;
+use dweetpipe::telemetry::Metrics;
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The things file; only its sink sections ([parquet], [postgres]) are used.
+    #[arg(
+        long,
+        short,
+        env = "DWEETPIPE_CONFIG",
+        default_value = "things.toml",
+        value_name = "PATH"
+    )]
+    config: PathBuf,
+    /// JSON Lines files of dweets (`dweetpipe history` output); `-` reads stdin.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+/// Records per sink write.
+const IMPORT_BATCH: usize = 10_000;
+
+pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    if config.parquet.is_none() && config.postgres.is_none() {
+        bail!(
+            "{}: no sink is configured; add a [parquet] and/or a [postgres] section",
+            args.config.display()
+        );
+    }
+    let started = Instant::now();
+    let received_ms = now_ms();
+    let mut imported = Imported::default();
+    for file in &args.files {
+        let name = file.display().to_string();
+        if name == "-" {
+            imported.read("stdin", std::io::stdin().lock(), received_ms)?;
+        } else {
+            let input =
+                std::fs::File::open(file).with_context(|| format!("could not open {name}"))?;
+            imported.read(&name, BufReader::new(input), received_ms)?;
+        }
+    }
+    let (lines, dweets) = (imported.lines, imported.dweets);
+    let (records, repeats) = imported.into_records(received_ms);
+    let dead_letters = records
+        .iter()
+        .filter(|r| matches!(r, Record::DeadLetter(_)))
+        .count();
+
+    let metrics = Arc::new(Metrics::new()?);
+    let mut parquet = match &config.parquet {
+        Some(parquet_config) => {
+            Some(ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?.0)
+        }
+        None => None,
+    };
+    let mut postgres = match &config.postgres {
+        Some(postgres_config) => Some(
+            PostgresSink::connect(
+                postgres_config,
+                Arc::clone(&metrics),
+                std::time::Duration::from_secs(30),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let live = std::io::stderr().is_terminal();
+    let mut done = 0;
+    for batch in records.chunks(IMPORT_BATCH) {
+        if let Some(sink) = parquet.as_mut() {
+            sink.write(batch)?;
+        }
+        if let Some(sink) = postgres.as_mut() {
+            sink.write(batch).await;
+        }
+        done += batch.len();
+        if live {
+            eprint!(
+                "\rimported {done}/{} records ({:.0}%)",
+                records.len(),
+                100.0 * done as f64 / records.len().max(1) as f64
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if let Some(sink) = parquet.as_mut() {
+        sink.close()?;
+    }
+    if live {
+        eprintln!();
+    }
+    let rows = |sink: &str, table: &str| {
+        metrics.value(
+            "dweetpipe_sink_rows_written_total",
+            &[("sink", sink), ("table", table)],
+        )
+    };
+    println!(
+        "import: {lines} lines, {dweets} dweets ({repeats} repeated in the input), {dead_letters} dead letters, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if parquet.is_some() {
+        println!(
+            "  Parquet: {} dweets and {} readings written (dweets already stored are skipped)",
+            rows("parquet", "dweets"),
+            rows("parquet", "readings")
+        );
+    }
+    if postgres.is_some() {
+        println!(
+            "  PostgreSQL: {} dweets and {} readings written (dweets already stored are skipped)",
+            rows("postgres", "dweets"),
+            rows("postgres", "readings")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Reading dweets from JSON Lines files (as `history` and `listen` print them) into records
+//! for the sinks.
+//!
+//! The sinks rely on each thing's dweets arriving oldest first, while `history` prints newest
+//! first and files may overlap; so an import is read whole, grouped by thing, sorted, and
+//! exact repeats are dropped before anything is written. A line that is not a dweet becomes a
+//! dead letter naming its file and line.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+
+use crate::client::Dweet;
+use crate::normalize::{self, DeadLetter, Record};
+
+/// What the input files held.
+#[derive(Debug, Default)]
+pub struct Imported {
+    by_thing: HashMap<String, Vec<Dweet>>,
+    dead_letters: Vec<Record>,
+    pub lines: u64,
+    pub dweets: u64,
+}
+
+impl Imported {
+    /// Reads one JSON Lines input; `name` labels its dead letters (`-` for stdin).
+    pub fn read(
+        &mut self,
+        name: &str,
+        input: impl BufRead,
+        received_ms: i64,
+    ) -> std::io::Result<()> {
+        for (index, line) in input.split(b'\n').enumerate() {
+            let line = line?;
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            self.lines += 1;
+            match serde_json::from_str::<Dweet>(text) {
+                Ok(dweet) => {
+                    self.dweets += 1;
+                    self.by_thing
+                        .entry(dweet.thing.clone())
+                        .or_default()
+                        .push(dweet);
+                }
+                Err(error) => self.dead_letters.push(Record::DeadLetter(DeadLetter {
+                    thing: None,
+                    created: None,
+                    created_ms: None,
+                    received_ms,
+                    payload: text.chars().take(crate::client::EXCERPT_BYTES).collect(),
+                    reason: format!("{name} line {}: not a dweet: {error}", index + 1),
+                })),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every record to write, each thing's oldest first, repeats removed; returns them with
+    /// the number of repeats.
+    pub fn into_records(self, received_ms: i64) -> (Vec<Record>, u64) {
+        let mut records = self.dead_letters;
+        let mut repeats = 0;
+        let mut things: Vec<_> = self.by_thing.into_iter().collect();
+        things.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, mut dweets) in things {
+            dweets.sort_by_key(|dweet| dweet.created.to_datetime());
+            let before = dweets.len();
+            dweets.dedup_by(|later, earlier| later.created == earlier.created);
+            repeats += (before - dweets.len()) as u64;
+            records.extend(
+                dweets
+                    .iter()
+                    .map(|dweet| normalize::normalize(dweet, received_ms)),
+            );
+        }
+        (records, repeats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_sorts_deduplicates_and_dead_letters_bad_lines() {
+        let input = concat!(
+            r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
+            "\n",
+            r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
+            "\n",
+            "\n",
+            "not json at all\n",
+            r#"{"thing":"b","created":"2026-01-01T00:00:01.000Z","content":{"v":1},"transaction":"x"}"#,
+            "\n",
+            r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
+            "\n",
+        );
+        let mut imported = Imported::default();
+        imported.read("history.jsonl", input.as_bytes(), 9).unwrap();
+        assert_eq!((imported.lines, imported.dweets), (5, 4));
+        let (records, repeats) = imported.into_records(9);
+        assert_eq!(repeats, 1);
+        let Record::DeadLetter(letter) = &records[0] else {
+            panic!("{records:?}")
+        };
+        assert!(
+            letter
+                .reason
+                .starts_with("history.jsonl line 4: not a dweet"),
+            "{}",
+            letter.reason
+        );
+        let order: Vec<(&str, i64)> = records[1..]
+            .iter()
+            .map(|r| match r {
+                Record::Dweet(d) => (d.thing.as_str(), d.created_ms % 10_000),
+                Record::DeadLetter(_) => ("dead", 0),
+            })
+            .collect();
+        assert_eq!(order, vec![("a", 1000), ("b", 1000), ("b", 2000)]);
+    }
+}
