@@ -490,3 +490,69 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
     db.drop_now().await;
     server.shutdown().await;
 }
+
+/// The ```sql blocks of README.md.
+fn readme_queries() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    readme
+        .split("```sql\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_readme_query_runs_against_a_filled_database() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let things: Vec<String> = (1..=2).map(|i| thing_name("S5D9-", i)).collect();
+    let mut config = test_config(&server.base_url(), &things, dir.path());
+    config.parquet = None;
+    config.postgres = Some(db.sink_config());
+    let (worker, metrics) = start_worker(config).await;
+    wait_for("streams up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == 2.0
+    })
+    .await;
+    let fleet = FleetConfig {
+        things: 2,
+        interval: Duration::from_millis(20),
+        count: Some(5),
+        ..FleetConfig::default()
+    };
+    run_fleet(
+        client_for(&server),
+        fleet,
+        std::sync::Arc::new(FleetStats::default()),
+    )
+    .await;
+    wait_for("10 dweets", Duration::from_secs(10), || {
+        received(&metrics) == 10.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let queries = readme_queries();
+    assert!(queries.len() >= 5, "the README has its example queries");
+    let mut connection = db.connect().await;
+    for query in &queries {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(query.clone()))
+            .fetch_all(&mut connection)
+            .await;
+        let rows = rows.unwrap_or_else(|e| panic!("README query failed: {e}\n{query}"));
+        if query.contains("S5D9-0001")
+            || query.contains("whole fleet")
+            || query.contains("raw dweet")
+        {
+            assert!(
+                !rows.is_empty(),
+                "the query finds the fleet's rows:\n{query}"
+            );
+        }
+    }
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
