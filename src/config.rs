@@ -185,7 +185,9 @@ impl Config {
         if let Some(postgres) = raw.postgres.as_mut() {
             postgres
                 .resolve(&env)
-                .map_err(|(key, problem, fix)| invalid(format!("postgres.{key}"), problem, &fix))?;
+                .map_err(|(key, problem, fix): (String, String, String)| {
+                    invalid(format!("postgres.{key}"), problem, &fix)
+                })?;
         }
 
         let mut seen: HashMap<&str, usize> = HashMap::new();

@@ -63,6 +63,21 @@ impl Record {
             Record::DeadLetter(letter) => letter.thing.as_deref(),
         }
     }
+
+    /// The dweet's `created` in ms: the sinks' dedupe key, when there is one.
+    pub fn created_ms(&self) -> Option<i64> {
+        match self {
+            Record::Dweet(dweet) => Some(dweet.created_ms),
+            Record::DeadLetter(letter) => letter.created_ms,
+        }
+    }
+
+    pub fn received_ms(&self) -> i64 {
+        match self {
+            Record::Dweet(dweet) => dweet.received_ms,
+            Record::DeadLetter(letter) => letter.received_ms,
+        }
+    }
 }
 
 pub fn now_ms() -> i64 {

@@ -19,6 +19,18 @@ use tokio::process::{Child, Command};
 pub enum BenchCommand {
     /// Many things subscribed from one worker: RSS and CPU idle and under load.
     Fanin(FaninArgs),
+    /// Importing S5D9 dweets into PostgreSQL, beside `psql \copy` of the same rows.
+    Import(ImportBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportBenchArgs {
+    /// Dweets to import (20 boards).
+    #[arg(long, default_value_t = 200_000)]
+    dweets: usize,
+    /// A server to create a scratch database on (the URL's database is only used to connect).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    database_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -37,6 +49,7 @@ pub struct FaninArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Fanin(args) => fanin(args).await,
+        BenchCommand::Import(args) => import(args).await,
     }
 }
 
@@ -208,4 +221,184 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
         received_to - received_before
     );
     Ok(())
+}
+
+/// A scratch database on the server of `admin_url`, dropped by `drop`.
+struct ScratchDatabase {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDatabase {
+    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let name = format!("dweetpipe_bench_{}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(admin_url)
+            .await
+            .context("connecting with --database-url")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&mut admin)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await?;
+        let mut url = reqwest::Url::parse(admin_url).context("--database-url is not a URL")?;
+        url.set_path(&format!("/{name}"));
+        Ok(ScratchDatabase {
+            admin: admin_url.to_owned(),
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    async fn drop(self) {
+        use sqlx::Connection;
+        if let Ok(mut admin) = sqlx::PgConnection::connect(&self.admin).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+async fn truncate(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url).await?;
+    sqlx::query("TRUNCATE dweets, readings, dead_letters, things")
+        .execute(&mut connection)
+        .await?;
+    sqlx::query("CHECKPOINT")
+        .execute(&mut connection)
+        .await
+        .ok();
+    Ok(())
+}
+
+async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
+    use dweetpipe::client::{Created, Dweet};
+    use dweetpipe::import::Imported;
+    use dweetpipe::normalize::Record;
+    use dweetpipe::sandbox::simulator::S5d9Board;
+    use dweetpipe::sink::postgres::{DatabaseUrl, PostgresConfig, PostgresSink};
+
+    let scratch = ScratchDatabase::create(&args.database_url).await?;
+    let url = DatabaseUrl::new(scratch.url.clone());
+    dweetpipe::sink::postgres::migrate(&url).await?;
+    let work = tempfile_dir()?;
+
+    // The input: a JSON Lines file of S5D9 dweets, 20 boards, one dweet per board per second.
+    let jsonl = work.join("dweets.jsonl");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&jsonl)?);
+        let mut boards: Vec<S5d9Board> = (0..20).map(S5d9Board::new).collect();
+        let start = 1_795_000_000_000i64;
+        for i in 0..args.dweets {
+            let dweet = Dweet {
+                thing: format!("S5D9-{:04}", i % 20 + 1),
+                created: Created::from_datetime(dweetpipe::normalize::ms_to_datetime(
+                    start + (i / 20) as i64 * 1000,
+                )),
+                content: boards[i % 20].next_payload(),
+                transaction: None,
+            };
+            serde_json::to_writer(&mut out, &dweet)?;
+            std::io::Write::write_all(&mut out, b"\n")?;
+        }
+    }
+
+    // dweetpipe: read, normalise, COPY in batches with watermarks (what `import` does).
+    let metrics = Arc::new(dweetpipe::telemetry::Metrics::new()?);
+    let started = Instant::now();
+    let mut imported = Imported::default();
+    imported.read(
+        "bench",
+        std::io::BufReader::new(std::fs::File::open(&jsonl)?),
+        0,
+    )?;
+    let (records, _) = imported.into_records(0);
+    let mut sink = PostgresSink::connect(
+        &PostgresConfig::new(url.clone()),
+        Arc::clone(&metrics),
+        Duration::from_secs(10),
+    )
+    .await?;
+    for batch in records.chunks(10_000) {
+        sink.write(batch).await;
+    }
+    let ours = started.elapsed();
+    let stored = metrics.value("dweetpipe_sink_rows_written_total", &[("table", "dweets")]);
+    if stored as usize != args.dweets {
+        bail!("only {stored} of {} dweets were stored", args.dweets);
+    }
+
+    // The reference: the same rows, pre-normalised, loaded with psql \copy.
+    let copy_dweets = work.join("dweets.copy");
+    let copy_readings = work.join("readings.copy");
+    {
+        let mut dweets_out = std::io::BufWriter::new(std::fs::File::create(&copy_dweets)?);
+        let mut readings_out = std::io::BufWriter::new(std::fs::File::create(&copy_readings)?);
+        for batch in records.chunks(10_000) {
+            let rows = dweetpipe::sink::postgres::copy_rows(
+                batch.iter().filter(|r| matches!(r, Record::Dweet(_))),
+            );
+            std::io::Write::write_all(&mut dweets_out, rows.dweets.as_bytes())?;
+            std::io::Write::write_all(&mut readings_out, rows.readings.as_bytes())?;
+        }
+    }
+    truncate(&scratch.url).await?;
+    let started = Instant::now();
+    let status = tokio::process::Command::new("psql")
+        .arg(&scratch.url)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!(
+            "\\copy dweets (thing, created, received_at, content) FROM '{}'",
+            copy_dweets.display()
+        ))
+        .args(["-c"])
+        .arg(format!(
+            "\\copy readings (time, thing, sensor, value) FROM '{}'",
+            copy_readings.display()
+        ))
+        .status()
+        .await
+        .context("running psql (apt-get install postgresql-client)")?;
+    let reference = started.elapsed();
+    if !status.success() {
+        bail!("psql \\copy failed");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    scratch.drop().await;
+
+    let rate = |elapsed: Duration| args.dweets as f64 / elapsed.as_secs_f64();
+    println!(
+        "import of {} S5D9 dweets (13 readings each) into PostgreSQL:",
+        args.dweets
+    );
+    println!(
+        "  dweetpipe (parse, normalise, COPY with watermarks)  {:>8.1} s  {:>8.0} dweets/s",
+        ours.as_secs_f64(),
+        rate(ours)
+    );
+    println!(
+        "  psql \\copy of the same pre-normalised rows          {:>8.1} s  {:>8.0} dweets/s",
+        reference.as_secs_f64(),
+        rate(reference)
+    );
+    println!(
+        "  ratio (target >= 0.8)                               {:>8.2}",
+        rate(ours) / rate(reference)
+    );
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("dweetpipe-bench-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -25,7 +25,7 @@ use sqlx::{Connection, PgConnection};
 use crate::normalize::{DeadLetter, Record};
 use crate::telemetry::Metrics;
 use crate::worker::backoff::Backoff;
-use copy::CopyRows;
+pub use copy::CopyRows;
 
 /// The schema, embedded so the binary migrates without the source tree.
 const MIGRATIONS: &[(i64, &str, &str)] = &[(
@@ -33,6 +33,19 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
     "schema",
     include_str!("../../../migrations/0001_schema.sql"),
 )];
+
+/// The COPY text of `records`, as the sink sends it (the import benchmark loads the same
+/// bytes with `psql \copy` for comparison).
+pub fn copy_rows<'a>(records: impl IntoIterator<Item = &'a Record>) -> CopyRows {
+    let mut rows = CopyRows::default();
+    for record in records {
+        match record {
+            Record::Dweet(dweet) => rows.push_dweet(dweet),
+            Record::DeadLetter(letter) => rows.push_dead_letter(letter),
+        }
+    }
+    rows
+}
 
 /// A database URL. It carries the password, so it never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -238,9 +251,13 @@ fn classify(error: &sqlx::Error) -> Failure {
     }
 }
 
+/// Watermarks moved by committed batches, applied to the sink once a write is done.
+type Marks = HashMap<String, i64>;
+
 pub struct PostgresSink {
     url: DatabaseUrl,
     pool: PgPool,
+    shard_hasher: std::hash::RandomState,
     /// Newest committed `created` (ms) per thing, from `things`.
     watermarks: HashMap<String, i64>,
     metrics: Arc<Metrics>,
@@ -275,7 +292,7 @@ impl PostgresSink {
     async fn try_connect(url: &DatabaseUrl, metrics: Arc<Metrics>) -> Result<Self, PostgresError> {
         migrate(url).await?;
         let pool = PgPoolOptions::new()
-            .max_connections(2)
+            .max_connections(3)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(url.options()?)
             .await
@@ -292,6 +309,7 @@ impl PostgresSink {
         Ok(PostgresSink {
             url: url.clone(),
             pool,
+            shard_hasher: std::hash::RandomState::new(),
             watermarks,
             metrics,
         })
@@ -309,13 +327,32 @@ impl PostgresSink {
     pub async fn write(&mut self, records: &[Record]) {
         let (fresh, old): (Vec<&Record>, Vec<&Record>) =
             records.iter().partition(|r| self.is_new(r));
+        let mut marks = Marks::new();
         if !old.is_empty() {
-            self.write_all(&old, true).await;
+            self.write_all(&old, true, &mut marks).await;
         }
-        self.write_all(&fresh, false).await;
+        // PostgreSQL is the bottleneck and two COPY sessions beat one; each thing's rows and
+        // watermark stay in one transaction, so a crash still leaves whole things' batches.
+        let (even, odd): (Vec<&Record>, Vec<&Record>) = fresh
+            .iter()
+            .partition(|r| r.thing().is_none_or(|t| self.shard_of(t) == 0));
+        let mut odd_marks = Marks::new();
+        tokio::join!(
+            self.write_all(&even, false, &mut marks),
+            self.write_all(&odd, false, &mut odd_marks)
+        );
+        for (thing, created) in marks.into_iter().chain(odd_marks) {
+            let mark = self.watermarks.entry(thing).or_insert(created);
+            *mark = (*mark).max(created);
+        }
     }
 
-    async fn write_all(&mut self, records: &[&Record], start_tolerant: bool) {
+    fn shard_of(&self, thing: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.shard_hasher.hash_one(thing) % 2
+    }
+
+    async fn write_all(&self, records: &[&Record], start_tolerant: bool, marks: &mut Marks) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         // Slices still to write, in order; a failing slice is split in two (bisection).
         let mut pending: Vec<&[&Record]> = vec![records];
@@ -326,7 +363,7 @@ impl PostgresSink {
                 continue;
             }
             let started = Instant::now();
-            let result = self.write_batch(slice, tolerant).await;
+            let result = self.write_batch(slice, tolerant, marks).await;
             self.metrics
                 .sink_write_duration
                 .with_label_values(&["postgres"])
@@ -348,7 +385,7 @@ impl PostgresSink {
                 }
                 Failure::Data if slice.len() == 1 => {
                     tracing::warn!(thing = slice[0].thing().unwrap_or(""), error = %text, "PostgreSQL refused a dweet; it goes to dead_letters");
-                    self.quarantine(slice[0], &text).await;
+                    self.quarantine(slice[0], &text, marks).await;
                 }
                 Failure::Data => {
                     let (first, second) = slice.split_at(slice.len() / 2);
@@ -369,11 +406,7 @@ impl PostgresSink {
     }
 
     fn is_new(&self, record: &Record) -> bool {
-        let created = match record {
-            Record::Dweet(dweet) => Some(dweet.created_ms),
-            Record::DeadLetter(letter) => letter.created_ms,
-        };
-        match (record.thing(), created) {
+        match (record.thing(), record.created_ms()) {
             (Some(thing), Some(created)) => self
                 .watermarks
                 .get(thing)
@@ -384,7 +417,7 @@ impl PostgresSink {
 
     /// Replaces a refused record by a dead letter saying why, written in its place so the
     /// thing's watermark still moves past it.
-    async fn quarantine(&mut self, record: &Record, reason: &str) {
+    async fn quarantine(&self, record: &Record, reason: &str, marks: &mut Marks) {
         let letter = match record {
             Record::Dweet(dweet) => Record::DeadLetter(DeadLetter {
                 thing: Some(dweet.thing.clone()),
@@ -407,7 +440,7 @@ impl PostgresSink {
         self.metrics.dead_letters.inc();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            match self.write_batch(&[&letter], false).await {
+            match self.write_batch(&[&letter], false, marks).await {
                 Ok(()) => return,
                 Err(error) if classify(&error) == Failure::Retry => {
                     let delay = backoff.next_delay(&mut rand::rng());
@@ -424,35 +457,20 @@ impl PostgresSink {
 
     /// One transaction: COPY the rows, move the things' watermarks, commit.
     async fn write_batch(
-        &mut self,
+        &self,
         records: &[&Record],
         tolerant: bool,
+        marks_out: &mut Marks,
     ) -> Result<(), sqlx::Error> {
-        let mut rows = CopyRows::default();
+        let rows = copy_rows(records.iter().copied());
         let mut marks: HashMap<&str, (i64, i64)> = HashMap::new();
         for record in records {
-            let (thing, created, received) = match record {
-                Record::Dweet(dweet) => {
-                    rows.push_dweet(dweet);
-                    (
-                        Some(dweet.thing.as_str()),
-                        Some(dweet.created_ms),
-                        dweet.received_ms,
-                    )
-                }
-                Record::DeadLetter(letter) => {
-                    rows.push_dead_letter(letter);
-                    (
-                        letter.thing.as_deref(),
-                        letter.created_ms,
-                        letter.received_ms,
-                    )
-                }
-            };
-            if let (Some(thing), Some(created)) = (thing, created) {
-                let mark = marks.entry(thing).or_insert((created, received));
+            if let (Some(thing), Some(created)) = (record.thing(), record.created_ms()) {
+                let mark = marks
+                    .entry(thing)
+                    .or_insert((created, record.received_ms()));
                 mark.0 = mark.0.max(created);
-                mark.1 = mark.1.max(received);
+                mark.1 = mark.1.max(record.received_ms());
             }
         }
         let mut tx = self.pool.begin().await?;
@@ -499,7 +517,7 @@ impl PostgresSink {
         }
         tx.commit().await?;
         for (thing, (created, _)) in marks {
-            let mark = self.watermarks.entry(thing.to_owned()).or_insert(created);
+            let mark = marks_out.entry(thing.to_owned()).or_insert(created);
             *mark = (*mark).max(created);
         }
         for (table, count) in written {
