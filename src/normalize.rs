@@ -7,6 +7,7 @@
 //! silently and nothing here can panic.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::client::Dweet;
@@ -18,7 +19,7 @@ pub const MAX_DEPTH: usize = 32;
 pub const MAX_READINGS: usize = 10_000;
 
 /// A dweet that normalised: its raw record and its readings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Normalized {
     pub thing: String,
     /// `created`, milliseconds since the Unix epoch (UTC).
@@ -30,14 +31,14 @@ pub struct Normalized {
 }
 
 /// One numeric leaf; its time and thing are the dweet's.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
     pub sensor: String,
     pub value: f64,
 }
 
 /// Something that could not become rows, kept with the reason.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub thing: Option<String>,
     /// The dweet's `created` as sent, when there was one.
@@ -50,7 +51,7 @@ pub struct DeadLetter {
 }
 
 /// What the pipeline carries from sources to sinks.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     Dweet(Normalized),
     DeadLetter(DeadLetter),

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub sink_buffer_rows: IntGaugeVec,
     pub parquet_files_finalized: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub spool_bytes: IntGauge,
+    pub spool_dropped: IntCounter,
     pub uptime: Gauge,
 }
 
@@ -158,6 +160,14 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let spool_bytes = IntGauge::with_opts(opts(
+            "spool_bytes",
+            "Bytes waiting for PostgreSQL in the disk spool.",
+        ))?;
+        let spool_dropped = IntCounter::with_opts(opts(
+            "spool_dropped_records_total",
+            "Records PostgreSQL will not get because the spool was full.",
+        ))?;
         let uptime = Gauge::with_opts(opts("uptime_seconds", "Seconds since the worker started."))?;
 
         registry.register(Box::new(build_info.clone()))?;
@@ -177,6 +187,8 @@ impl Metrics {
         registry.register(Box::new(sink_buffer_rows.clone()))?;
         registry.register(Box::new(parquet_files_finalized.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(spool_bytes.clone()))?;
+        registry.register(Box::new(spool_dropped.clone()))?;
         registry.register(Box::new(uptime.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -205,6 +217,8 @@ impl Metrics {
             sink_buffer_rows,
             parquet_files_finalized,
             config_reloads,
+            spool_bytes,
+            spool_dropped,
             uptime,
         })
     }

@@ -322,12 +322,12 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         0,
     )?;
     let (records, _) = imported.into_records(0);
-    let mut sink = PostgresSink::connect(
-        &PostgresConfig::new(url.clone()),
-        Arc::clone(&metrics),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let sink_config = PostgresConfig {
+        spool_dir: work.join("spool"),
+        ..PostgresConfig::new(url.clone())
+    };
+    let mut sink =
+        PostgresSink::connect(&sink_config, Arc::clone(&metrics), Duration::from_secs(10)).await?;
     for batch in records.chunks(10_000) {
         sink.write(batch).await;
     }

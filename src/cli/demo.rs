@@ -66,7 +66,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let postgres = std::env::var("DATABASE_URL")
         .ok()
         .filter(|url| !url.is_empty())
-        .map(|url| PostgresConfig::new(DatabaseUrl::new(url)));
+        .map(|url| PostgresConfig {
+            spool_dir: args.data.join("spool"),
+            ..PostgresConfig::new(DatabaseUrl::new(url))
+        });
     let config = Config {
         metrics: Some(MetricsConfig { listen: loopback }),
         postgres: postgres.clone(),

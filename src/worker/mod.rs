@@ -31,7 +31,7 @@ use crate::config::{Config, ConfigError, ThingConfig};
 use crate::normalize::Record;
 use crate::sink::SinkError;
 use crate::sink::parquet::ParquetSink;
-use crate::sink::postgres::{PostgresError, PostgresSink};
+use crate::sink::postgres::{Backlog, PostgresError, PostgresSink};
 use crate::telemetry::{self, Health, Metrics};
 use subscription::Subscription;
 
@@ -247,7 +247,8 @@ pub struct WorkerHandle {
     watermarks: HashMap<String, Arc<AtomicI64>>,
     background: CancellationToken,
     sink_thread: std::thread::JoinHandle<Result<(), SinkError>>,
-    postgres_task: Option<JoinHandle<()>>,
+    /// The PostgreSQL writer and the token that makes it spool what is left and stop.
+    postgres_task: Option<(JoinHandle<()>, CancellationToken)>,
 }
 
 /// Checks that `config` can run as a worker: a source and at least one sink.
@@ -271,8 +272,6 @@ pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
 
 /// How long start-up waits for PostgreSQL before giving up.
 const POSTGRES_PATIENCE: Duration = Duration::from_secs(30);
-/// Batches queued for PostgreSQL before the pipeline slows down.
-const POSTGRES_QUEUE: usize = 64;
 
 /// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
 /// gets what it misses (the others drop it as already stored). A thing unknown to any sink
@@ -359,14 +358,20 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
     let (to_postgres, postgres_task) = match (postgres, &config.postgres) {
         (Some(sink), Some(postgres_config)) => {
-            let (sender, queue) = mpsc::channel(POSTGRES_QUEUE);
+            let backlog = Arc::new(Backlog::open(
+                &postgres_config.spool_dir,
+                postgres_config.memory_max_rows,
+                postgres_config.spool_max,
+                Arc::clone(&metrics),
+            )?);
+            let stop = CancellationToken::new();
             let task = tokio::spawn(postgres_writer(
                 sink,
-                queue,
+                Arc::clone(&backlog),
                 postgres_config.max_rows,
-                Arc::clone(&metrics),
+                stop.clone(),
             ));
-            (Some(sender), Some(task))
+            (Some(backlog), Some((task, stop)))
         }
         _ => (None, None),
     };
@@ -555,14 +560,20 @@ impl WorkerHandle {
         drop(records);
         let joined = tokio::task::spawn_blocking(move || sink_thread.join());
         let outcome = tokio::time::timeout_at(deadline.into(), joined).await;
-        // The sink thread dropped the PostgreSQL queue: the writer drains it and ends.
-        if let Some(task) = postgres_task
-            && tokio::time::timeout_at(deadline.into(), task)
+        // The sink thread closed PostgreSQL's backlog: the writer drains it and ends, or
+        // spools the rest a second before the deadline.
+        if let Some((mut task, stop)) = postgres_task {
+            let spool_at = deadline
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or(deadline);
+            if tokio::time::timeout_at(spool_at.into(), &mut task)
                 .await
                 .is_err()
-        {
-            background.cancel();
-            return Err(WorkerError::ShutdownTimeout(timeout));
+            {
+                stop.cancel();
+                let _ =
+                    tokio::time::timeout_at((deadline + Duration::from_secs(2)).into(), task).await;
+            }
         }
         background.cancel();
         match outcome {
@@ -591,7 +602,7 @@ async fn heartbeat(health: Arc<Health>, stop: CancellationToken) {
 /// gone.
 fn spawn_sink_thread(
     mut parquet: Option<ParquetSink>,
-    to_postgres: Option<mpsc::Sender<Vec<Record>>>,
+    to_postgres: Option<Arc<Backlog>>,
     mut receiver: mpsc::Receiver<Record>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -603,7 +614,8 @@ fn spawn_sink_thread(
             let mut batch = Vec::with_capacity(SINK_BATCH);
             let tick = Duration::from_millis(200);
             loop {
-                let next = runtime.block_on(async { tokio::time::timeout(tick, receiver.recv()).await });
+                let next =
+                    runtime.block_on(async { tokio::time::timeout(tick, receiver.recv()).await });
                 match next {
                     Ok(Some(record)) => {
                         batch.push(record);
@@ -617,13 +629,11 @@ fn spawn_sink_thread(
                             write_parquet(sink, &batch, &metrics, &health);
                         }
                         match &to_postgres {
-                            // Waits while PostgreSQL's queue is full: backpressure, nothing dropped.
-                            Some(queue) => {
-                                let full = std::mem::replace(&mut batch, Vec::with_capacity(SINK_BATCH));
-                                if queue.blocking_send(full).is_err() {
-                                    tracing::error!("the PostgreSQL writer stopped; its records are lost until backfill");
-                                }
-                            }
+                            // Never blocks on PostgreSQL: memory, then the disk spool.
+                            Some(backlog) => backlog.push(std::mem::replace(
+                                &mut batch,
+                                Vec::with_capacity(SINK_BATCH),
+                            )),
                             None => batch.clear(),
                         }
                     }
@@ -641,9 +651,14 @@ fn spawn_sink_thread(
                         .set(sink.pending_rows() as i64);
                 }
             }
-            drop(to_postgres);
+            if let Some(backlog) = &to_postgres {
+                backlog.close();
+            }
             let closed = parquet.as_mut().map_or(Ok(()), ParquetSink::close);
-            metrics.sink_buffer_rows.with_label_values(&["parquet"]).set(0);
+            metrics
+                .sink_buffer_rows
+                .with_label_values(&["parquet"])
+                .set(0);
             closed
         })
         .map_err(|e| WorkerError::Sink(SinkError::io(std::path::Path::new("sink thread"), e)))?;
@@ -669,38 +684,38 @@ fn write_parquet(sink: &mut ParquetSink, batch: &[Record], metrics: &Metrics, he
         .observe(started.elapsed().as_secs_f64());
 }
 
-/// Writes what has queued for PostgreSQL, as soon as the previous write is done: small
-/// batches while traffic is light (low latency), `max_rows` batches when it is heavy.
+/// Writes what has queued for PostgreSQL, oldest first: everything available (up to
+/// `max_rows`) as soon as the previous write is done, so batches are small while traffic is
+/// light and large when it is heavy or after an outage. On `stop` (the shutdown deadline with
+/// PostgreSQL still unreachable) what is left goes to the spool.
 async fn postgres_writer(
     mut sink: PostgresSink,
-    mut queue: mpsc::Receiver<Vec<Record>>,
+    backlog: Arc<Backlog>,
     max_rows: usize,
-    metrics: Arc<Metrics>,
+    stop: CancellationToken,
 ) {
-    let mut buffer: Vec<Record> = Vec::new();
-    loop {
-        if buffer.is_empty() {
-            match queue.recv().await {
-                Some(batch) => buffer.extend(batch),
-                None => return,
+    while let Some(first) = backlog.next().await {
+        let mut rows = first.records.len();
+        let mut taken = vec![first];
+        while rows < max_rows {
+            match backlog.try_take() {
+                Some(more) => {
+                    rows += more.records.len();
+                    taken.push(more);
+                }
+                None => break,
             }
         }
-        while buffer.len() < max_rows {
-            match queue.try_recv() {
-                Ok(batch) => buffer.extend(batch),
-                Err(_) => break,
+        tokio::select! {
+            () = sink.write(taken.iter().flat_map(|t| t.records.iter())) => {
+                taken.into_iter().for_each(|t| backlog.done(t));
+            }
+            _ = stop.cancelled() => {
+                backlog.give_back(taken);
+                backlog.spill_memory();
+                tracing::warn!("PostgreSQL did not take everything before the shutdown deadline; the rest is spooled for the next start");
+                return;
             }
         }
-        metrics
-            .sink_buffer_rows
-            .with_label_values(&["postgres"])
-            .set(buffer.len() as i64);
-        let take = buffer.len().min(max_rows);
-        sink.write(&buffer[..take]).await;
-        buffer.drain(..take);
-        metrics
-            .sink_buffer_rows
-            .with_label_values(&["postgres"])
-            .set(buffer.len() as i64);
     }
 }

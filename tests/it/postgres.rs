@@ -65,8 +65,12 @@ impl TestDatabase {
         }
     }
 
+    /// A sink config for this database, spooling into a directory of its own.
     pub fn sink_config(&self) -> PostgresConfig {
-        PostgresConfig::new(DatabaseUrl::new(self.url.clone()))
+        PostgresConfig {
+            spool_dir: std::env::temp_dir().join(format!("{}-spool", self.name)),
+            ..PostgresConfig::new(DatabaseUrl::new(self.url.clone()))
+        }
     }
 }
 
@@ -342,7 +346,10 @@ async fn a_worker_killed_mid_batch_leaves_postgres_exactly_once() {
         dir.path(),
         &server.base_url(),
         &entries,
-        "[postgres]\nurl_env = \"TEST_DATABASE_URL\"\n",
+        &format!(
+            "[postgres]\nurl_env = \"TEST_DATABASE_URL\"\nspool_dir = \"{}\"\n",
+            dir.path().join("spool").display()
+        ),
     );
     let stats = std::sync::Arc::new(FleetStats::default());
     let fleet_config = FleetConfig {
@@ -442,8 +449,9 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
     std::fs::write(
         &config,
         format!(
-            "[parquet]\ndir = \"{}\"\n[postgres]\nurl_env = \"IMPORT_DB\"\n",
-            dir.path().join("parquet").display()
+            "[parquet]\ndir = \"{}\"\n[postgres]\nurl_env = \"IMPORT_DB\"\nspool_dir = \"{}\"\n",
+            dir.path().join("parquet").display(),
+            dir.path().join("spool").display()
         ),
     )
     .unwrap();
@@ -554,5 +562,226 @@ async fn every_readme_query_runs_against_a_filled_database() {
     }
     drop(connection);
     db.drop_now().await;
+    server.shutdown().await;
+}
+
+/// A PostgreSQL cluster of this test's own, which it may stop and start.
+struct PrivateCluster {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+    /// initdb refuses root; the cluster then runs as this user.
+    owner: Option<&'static str>,
+}
+
+impl PrivateCluster {
+    fn pg_bin() -> std::path::PathBuf {
+        if let Some(dir) = std::env::var_os("DWEETPIPE_PG_BIN") {
+            return dir.into();
+        }
+        let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|bin| bin.join("pg_ctl").exists())
+            .collect();
+        dirs.sort();
+        dirs.pop()
+            .expect("PostgreSQL server binaries not found: install postgresql, or run scripts/test")
+    }
+
+    fn command(&self, tool: &str) -> std::process::Command {
+        let program = self.bin.join(tool);
+        match self.owner {
+            Some(owner) => {
+                let mut command = std::process::Command::new("runuser");
+                command.args(["-u", owner, "--"]).arg(program);
+                command
+            }
+            None => std::process::Command::new(program),
+        }
+    }
+
+    fn create() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let is_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false);
+        let owner = is_root.then_some("postgres");
+        if let Some(owner) = owner {
+            assert!(
+                std::process::Command::new("chown")
+                    .args([owner, dir.path().to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = PrivateCluster {
+            dir,
+            bin: Self::pg_bin(),
+            port,
+            owner,
+        };
+        let data = cluster.dir.path().join("data");
+        let initdb = cluster
+            .command("initdb")
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            initdb.status.success(),
+            "{}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        cluster.start();
+        cluster
+    }
+
+    fn start(&self) {
+        let data = self.dir.path().join("data");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let status = self
+            .command("pg_ctl")
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                self.dir.path().join("log").to_str().unwrap(),
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl start");
+    }
+
+    fn stop(&self) {
+        let data = self.dir.path().join("data");
+        let status = self
+            .command("pg_ctl")
+            .args(["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl stop");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_mid_stream_loses_nothing_and_parquet_keeps_going() {
+    let cluster = PrivateCluster::create();
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("{}-", thing("outage"));
+    let things: Vec<String> = (1..=3).map(|i| thing_name(&prefix, i)).collect();
+    let mut config = test_config(&server.base_url(), &things, dir.path());
+    config.postgres = Some(PostgresConfig {
+        spool_dir: dir.path().join("spool"),
+        memory_max_rows: 50,
+        ..PostgresConfig::new(DatabaseUrl::new(cluster.url()))
+    });
+    let (worker, metrics) = start_worker(config).await;
+    wait_for("streams up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == 3.0
+    })
+    .await;
+    let fleet_config = FleetConfig {
+        things: 3,
+        interval: Duration::from_millis(20),
+        prefix,
+        ..FleetConfig::default()
+    };
+    let fleet = tokio::spawn(run_fleet(
+        client_for(&server),
+        fleet_config,
+        std::sync::Arc::new(FleetStats::default()),
+    ));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    cluster.stop();
+    let during = received(&metrics);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        received(&metrics) > during + 50.0,
+        "ingestion went on while PostgreSQL was down"
+    );
+    assert!(
+        metrics.value("dweetpipe_spool_bytes", &[]) > 0.0,
+        "past the memory bound, records went to the spool"
+    );
+    cluster.start();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.abort();
+
+    let expected = sandbox_dweets(&client_for(&server), &things, None).await;
+    let mut connection = PgConnection::connect(&cluster.url()).await.unwrap();
+    let mut rows = 0;
+    for _ in 0..300 {
+        rows = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dweets")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+        if rows as usize >= expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        rows as usize,
+        expected.len(),
+        "the backlog drained into PostgreSQL"
+    );
+    assert_same(stored(&mut connection).await, &expected);
+    assert_eq!(
+        metrics.value("dweetpipe_spool_bytes", &[]),
+        0.0,
+        "the spool is empty again"
+    );
+    crate::worker::assert_exactly_once(dir.path(), &expected);
+    eprintln!(
+        "outage test: {} dweets, all in PostgreSQL and Parquet exactly once",
+        expected.len()
+    );
     server.shutdown().await;
 }

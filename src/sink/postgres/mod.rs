@@ -9,7 +9,10 @@
 //! NOTHING`. Connection-class errors are retried forever; data errors are narrowed down by
 //! bisection and only the offending dweets go to `dead_letters`.
 
+mod backlog;
 mod copy;
+
+pub use backlog::Backlog;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -100,6 +103,30 @@ pub struct PostgresConfig {
         deserialize_with = "crate::config::duration"
     )]
     pub max_age: Duration,
+    /// Records held in memory while PostgreSQL is slow or down, before the spool. Default 100,000.
+    #[serde(default = "default_memory_max_rows")]
+    pub memory_max_rows: usize,
+    /// Where records wait on disk while PostgreSQL is down. Default `data/spool`.
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: std::path::PathBuf,
+    /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
+    #[serde(
+        default = "default_spool_max",
+        deserialize_with = "crate::config::byte_size"
+    )]
+    pub spool_max: u64,
+}
+
+fn default_memory_max_rows() -> usize {
+    100_000
+}
+
+fn default_spool_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from("data/spool")
+}
+
+fn default_spool_max() -> u64 {
+    1 << 30
 }
 
 fn default_max_rows() -> usize {
@@ -117,6 +144,9 @@ impl PostgresConfig {
             url_env: None,
             max_rows: default_max_rows(),
             max_age: default_max_age(),
+            memory_max_rows: default_memory_max_rows(),
+            spool_dir: default_spool_dir(),
+            spool_max: default_spool_max(),
         }
     }
 
@@ -324,9 +354,9 @@ impl PostgresSink {
     /// import of old history, a sink that fell behind the others) go through the
     /// conflict-tolerant path, so nothing already stored is duplicated and nothing missing is
     /// skipped.
-    pub async fn write(&mut self, records: &[Record]) {
+    pub async fn write<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) {
         let (fresh, old): (Vec<&Record>, Vec<&Record>) =
-            records.iter().partition(|r| self.is_new(r));
+            records.into_iter().partition(|r| self.is_new(r));
         let mut marks = Marks::new();
         if !old.is_empty() {
             self.write_all(&old, true, &mut marks).await;
