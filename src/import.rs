@@ -11,6 +11,38 @@ use std::io::BufRead;
 
 use crate::client::Dweet;
 use crate::normalize::{self, DeadLetter, Record};
+use crate::sink::SinkError;
+use crate::sink::parquet::ParquetSink;
+use crate::sink::postgres::PostgresSink;
+
+/// Records per write: one PostgreSQL transaction per shard each. Large, because an import is
+/// a bulk load; a crash mid-way is harmless (rerun it: what is stored is skipped).
+pub const BATCH: usize = 50_000;
+
+/// Writes `records` (from [`Imported::into_records`]) to the sinks, batch by batch; `progress`
+/// is told how many are done after each batch.
+pub async fn write_to_sinks(
+    records: &[Record],
+    mut parquet: Option<&mut ParquetSink>,
+    mut postgres: Option<&mut PostgresSink>,
+    mut progress: impl FnMut(usize),
+) -> Result<(), SinkError> {
+    let mut done = 0;
+    for batch in records.chunks(BATCH) {
+        if let Some(sink) = parquet.as_deref_mut() {
+            sink.write(batch)?;
+        }
+        if let Some(sink) = postgres.as_deref_mut() {
+            sink.write(batch).await;
+        }
+        done += batch.len();
+        progress(done);
+    }
+    match parquet {
+        Some(sink) => sink.close(),
+        None => Ok(()),
+    }
+}
 
 /// What the input files held.
 #[derive(Debug, Default)]

@@ -30,9 +30,6 @@ pub struct ImportArgs {
     files: Vec<PathBuf>,
 }
 
-/// Records per sink write.
-const IMPORT_BATCH: usize = 10_000;
-
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     if config.parquet.is_none() && config.postgres.is_none() {
@@ -80,27 +77,17 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         None => None,
     };
     let live = std::io::stderr().is_terminal();
-    let mut done = 0;
-    for batch in records.chunks(IMPORT_BATCH) {
-        if let Some(sink) = parquet.as_mut() {
-            sink.write(batch)?;
-        }
-        if let Some(sink) = postgres.as_mut() {
-            sink.write(batch).await;
-        }
-        done += batch.len();
+    let total = records.len();
+    dweetpipe::import::write_to_sinks(&records, parquet.as_mut(), postgres.as_mut(), |done| {
         if live {
             eprint!(
-                "\rimported {done}/{} records ({:.0}%)",
-                records.len(),
-                100.0 * done as f64 / records.len().max(1) as f64
+                "\rimported {done}/{total} records ({:.0}%)",
+                100.0 * done as f64 / total.max(1) as f64
             );
             let _ = std::io::stderr().flush();
         }
-    }
-    if let Some(sink) = parquet.as_mut() {
-        sink.close()?;
-    }
+    })
+    .await?;
     if live {
         eprintln!();
     }
