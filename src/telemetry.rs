@@ -229,6 +229,26 @@ impl Metrics {
         let _ = self.last_dweet_timestamp.remove_label_values(&[thing]);
     }
 
+    /// Each thing's stream state as the `stream_up` gauge has it: (thing, up).
+    pub fn stream_states(&self) -> Vec<(String, bool)> {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|family| family.name() == "dweetpipe_stream_up")
+            .flat_map(|family| family.get_metric())
+            .filter_map(|metric| {
+                let thing = metric
+                    .get_label()
+                    .iter()
+                    .find(|pair| pair.name() == "thing")?;
+                Some((
+                    thing.value().to_owned(),
+                    metric.get_gauge().get_value() > 0.0,
+                ))
+            })
+            .collect()
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut text = Vec::new();

@@ -31,7 +31,7 @@ use crate::config::{Config, ConfigError, ThingConfig};
 use crate::normalize::Record;
 use crate::sink::SinkError;
 use crate::sink::parquet::ParquetSink;
-use crate::sink::postgres::{Backlog, PostgresError, PostgresSink};
+use crate::sink::postgres::{Backlog, PostgresError, PostgresSink, StreamStates};
 use crate::telemetry::{self, Health, Metrics};
 use subscription::Subscription;
 
@@ -247,8 +247,16 @@ pub struct WorkerHandle {
     watermarks: HashMap<String, Arc<AtomicI64>>,
     background: CancellationToken,
     sink_thread: std::thread::JoinHandle<Result<(), SinkError>>,
-    /// The PostgreSQL writer and the token that makes it spool what is left and stop.
-    postgres_task: Option<(JoinHandle<()>, CancellationToken)>,
+    postgres_task: Option<PostgresTasks>,
+}
+
+/// The PostgreSQL side's background tasks.
+struct PostgresTasks {
+    writer: JoinHandle<()>,
+    /// Makes the writer spool what is left and stop (the shutdown deadline is near).
+    spool_now: CancellationToken,
+    reporter: JoinHandle<()>,
+    reporter_stop: CancellationToken,
 }
 
 /// Checks that `config` can run as a worker: a source and at least one sink.
@@ -365,13 +373,27 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
                 Arc::clone(&metrics),
             )?);
             let stop = CancellationToken::new();
+            let reporter_stop = CancellationToken::new();
+            let reporter = tokio::spawn(report_stream_states(
+                sink.states(),
+                Arc::clone(&metrics),
+                reporter_stop.clone(),
+            ));
             let task = tokio::spawn(postgres_writer(
                 sink,
                 Arc::clone(&backlog),
                 postgres_config.max_rows,
                 stop.clone(),
             ));
-            (Some(backlog), Some((task, stop)))
+            (
+                Some(backlog),
+                Some(PostgresTasks {
+                    writer: task,
+                    spool_now: stop,
+                    reporter,
+                    reporter_stop,
+                }),
+            )
         }
         _ => (None, None),
     };
@@ -562,18 +584,25 @@ impl WorkerHandle {
         let outcome = tokio::time::timeout_at(deadline.into(), joined).await;
         // The sink thread closed PostgreSQL's backlog: the writer drains it and ends, or
         // spools the rest a second before the deadline.
-        if let Some((mut task, stop)) = postgres_task {
+        if let Some(mut tasks) = postgres_task {
             let spool_at = deadline
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or(deadline);
-            if tokio::time::timeout_at(spool_at.into(), &mut task)
+            if tokio::time::timeout_at(spool_at.into(), &mut tasks.writer)
                 .await
                 .is_err()
             {
-                stop.cancel();
-                let _ =
-                    tokio::time::timeout_at((deadline + Duration::from_secs(2)).into(), task).await;
+                tasks.spool_now.cancel();
+                let _ = tokio::time::timeout_at(
+                    (deadline + Duration::from_secs(2)).into(),
+                    tasks.writer,
+                )
+                .await;
             }
+            tasks.reporter_stop.cancel();
+            let _ =
+                tokio::time::timeout_at((deadline + Duration::from_secs(2)).into(), tasks.reporter)
+                    .await;
         }
         background.cancel();
         match outcome {
@@ -584,6 +613,46 @@ impl WorkerHandle {
             ))),
             Err(_elapsed) => Err(WorkerError::ShutdownTimeout(timeout)),
         }
+    }
+}
+
+/// How often changed stream states are written to `things.stream_state`.
+const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps `things.stream_state` in step with the streams: writes what changed every few
+/// seconds, and `stopped` for every thing at shutdown.
+async fn report_stream_states(
+    states: StreamStates,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut written: HashMap<String, bool> = HashMap::new();
+    let mut ticks = tokio::time::interval(STREAM_STATE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let changed: Vec<(String, bool)> = metrics
+            .stream_states()
+            .into_iter()
+            .filter(|(thing, up)| written.get(thing) != Some(up))
+            .collect();
+        let rows: Vec<(String, &str)> = changed
+            .iter()
+            .map(|(thing, up)| (thing.clone(), if *up { "up" } else { "down" }))
+            .collect();
+        match states.write(&rows).await {
+            Ok(()) => written.extend(changed),
+            Err(error) => tracing::debug!(%error, "could not record stream states; will retry"),
+        }
+    }
+    let stopped: Vec<(String, &str)> = written
+        .into_keys()
+        .map(|thing| (thing, "stopped"))
+        .collect();
+    if let Err(error) = states.write(&stopped).await {
+        tracing::debug!(%error, "could not record the stopped stream states");
     }
 }
 

@@ -281,6 +281,35 @@ fn classify(error: &sqlx::Error) -> Failure {
     }
 }
 
+/// Writes `things.stream_state`: what the worker knows of each thing's stream.
+#[derive(Clone)]
+pub struct StreamStates {
+    pool: PgPool,
+    url: DatabaseUrl,
+}
+
+impl StreamStates {
+    /// Upserts `(thing, state)` pairs (`up`, `down`, `stopped`).
+    pub async fn write(&self, states: &[(String, &str)]) -> Result<(), PostgresError> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let things: Vec<&str> = states.iter().map(|(thing, _)| thing.as_str()).collect();
+        let values: Vec<&str> = states.iter().map(|(_, state)| *state).collect();
+        sqlx::query(
+            "INSERT INTO things (thing, stream_state, updated_at)
+             SELECT *, now() FROM unnest($1::text[], $2::text[])
+             ON CONFLICT (thing) DO UPDATE SET stream_state = EXCLUDED.stream_state, updated_at = now()",
+        )
+        .bind(&things)
+        .bind(&values)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| PostgresError::database(&e, &self.url))?;
+        Ok(())
+    }
+}
+
 /// Watermarks moved by committed batches, applied to the sink once a write is done.
 type Marks = HashMap<String, i64>;
 
@@ -347,6 +376,14 @@ impl PostgresSink {
 
     pub fn watermarks(&self) -> &HashMap<String, i64> {
         &self.watermarks
+    }
+
+    /// A handle for side writers (the stream-state reporter); shares the pool.
+    pub fn states(&self) -> StreamStates {
+        StreamStates {
+            pool: self.pool.clone(),
+            url: self.url.clone(),
+        }
     }
 
     /// Makes `records` durable, however long PostgreSQL takes to be reachable. Records newer
