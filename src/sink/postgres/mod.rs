@@ -97,7 +97,9 @@ pub struct PostgresConfig {
     /// Rows per COPY batch at most. Default 5000.
     #[serde(default = "default_max_rows")]
     pub max_rows: usize,
-    /// A batch is written at the latest this long after its first record. Default 1 s.
+    /// The longest a record waits for its batch. Batches are written as soon as the previous
+    /// one is done (natural batching), which keeps this bound while PostgreSQL keeps up; a
+    /// slower PostgreSQL is what the backlog is for. Default 1 s.
     #[serde(
         default = "default_max_age",
         deserialize_with = "crate::config::duration"
