@@ -16,26 +16,20 @@ use dweetpipe::telemetry::Metrics;
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// The things file; only its sink sections ([parquet], [postgres]) are used.
-    #[arg(
-        long,
-        short,
-        env = "DWEETPIPE_CONFIG",
-        default_value = "things.toml",
-        value_name = "PATH"
-    )]
-    config: PathBuf,
+    /// Only the sink sections ([parquet], [postgres]) of the things file are used.
+    #[command(flatten)]
+    config: super::worker::ConfigArgs,
     /// JSON Lines files of dweets (`dweetpipe history` output); `-` reads stdin.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+    let config = Config::load(args.config.path())?;
     if config.parquet.is_none() && config.postgres.is_none() {
         bail!(
             "{}: no sink is configured; add a [parquet] and/or a [postgres] section",
-            args.config.display()
+            args.config.path().display()
         );
     }
     let started = Instant::now();

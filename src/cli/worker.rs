@@ -22,6 +22,12 @@ pub struct ConfigArgs {
     config: PathBuf,
 }
 
+impl ConfigArgs {
+    pub fn path(&self) -> &Path {
+        &self.config
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// postgres://user:password@host:5432/database

@@ -13,7 +13,7 @@ use tokio::process::Command;
 use crate::common::{client_for, thing};
 use crate::worker::{
     WorkerProcess, big_sandbox, received, sandbox_dweets, start_worker, test_config, wait_for,
-    write_config,
+    wait_streams_up, write_config,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_dweetpipe");
@@ -158,10 +158,7 @@ async fn a_fleet_lands_in_postgres_exactly_once_with_a_wide_view() {
     let mut config = test_config(&server.base_url(), &things, dir.path());
     config.postgres = Some(db.sink_config());
     let (worker, metrics) = start_worker(config).await;
-    wait_for("streams up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 5.0
-    })
-    .await;
+    wait_streams_up(&metrics, 5).await;
     let stats = std::sync::Arc::new(FleetStats::default());
     let fleet = FleetConfig {
         things: 5,
@@ -240,10 +237,7 @@ async fn restarts_and_backfill_overlap_add_no_duplicate_rows() {
         received(&metrics) == 4.0
     })
     .await;
-    wait_for("stream up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 1.0
-    })
-    .await;
+    wait_streams_up(&metrics, 1).await;
     client
         .dweet_for(&name, &json!({"i": 4}), None)
         .await
@@ -289,10 +283,7 @@ async fn a_data_error_quarantines_only_the_bad_dweet() {
     let mut config = test_config(&server.base_url(), std::slice::from_ref(&name), dir.path());
     config.postgres = Some(db.sink_config());
     let (worker, metrics) = start_worker(config).await;
-    wait_for("stream up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 1.0
-    })
-    .await;
+    wait_streams_up(&metrics, 1).await;
     // jsonb cannot hold \u0000: PostgreSQL refuses that one dweet (SQLSTATE 22P05).
     for content in [
         json!({"ok": 1}),
@@ -520,10 +511,7 @@ async fn every_readme_query_runs_against_a_filled_database() {
     config.parquet = None;
     config.postgres = Some(db.sink_config());
     let (worker, metrics) = start_worker(config).await;
-    wait_for("streams up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 2.0
-    })
-    .await;
+    wait_streams_up(&metrics, 2).await;
     let fleet = FleetConfig {
         things: 2,
         interval: Duration::from_millis(20),
@@ -721,10 +709,7 @@ async fn a_postgresql_restart_mid_stream_loses_nothing_and_parquet_keeps_going()
         ..PostgresConfig::new(DatabaseUrl::new(cluster.url()))
     });
     let (worker, metrics) = start_worker(config).await;
-    wait_for("streams up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 3.0
-    })
-    .await;
+    wait_streams_up(&metrics, 3).await;
     let fleet_config = FleetConfig {
         things: 3,
         interval: Duration::from_millis(20),

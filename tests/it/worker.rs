@@ -67,6 +67,13 @@ pub(crate) async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut
     }
 }
 
+pub(crate) async fn wait_streams_up(metrics: &Metrics, things: usize) {
+    wait_for("streams up", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_stream_up", &[]) == things as f64
+    })
+    .await;
+}
+
 pub(crate) fn received(metrics: &Metrics) -> f64 {
     metrics.value("dweetpipe_dweets_received_total", &[])
 }
@@ -219,10 +226,7 @@ async fn a_fleet_streams_into_parquet_exactly_once() {
     let things: Vec<String> = (1..=5).map(|i| thing_name(&prefix, i)).collect();
     let (worker, metrics) =
         start_worker(test_config(&server.base_url(), &things, dir.path())).await;
-    wait_for("streams up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 5.0
-    })
-    .await;
+    wait_streams_up(&metrics, 5).await;
 
     let stats = std::sync::Arc::new(FleetStats::default());
     let fleet = FleetConfig {
@@ -284,10 +288,7 @@ async fn backfill_fills_gaps_and_a_restart_adds_no_duplicates() {
         metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]) == 10.0
     })
     .await;
-    wait_for("stream up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 1.0
-    })
-    .await;
+    wait_streams_up(&metrics, 1).await;
     for i in 0..5 {
         client
             .dweet_for(&name, &json!({ "during": i }), None)
@@ -398,10 +399,7 @@ async fn unusable_dweets_and_stream_garbage_go_to_dead_letters() {
         dir.path(),
     ))
     .await;
-    wait_for("stream up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 1.0
-    })
-    .await;
+    wait_streams_up(&metrics, 1).await;
     let mut deep = json!(1);
     for _ in 0..40 {
         deep = json!({ "d": deep });
@@ -955,10 +953,7 @@ async fn a_cut_stream_reconnects_and_backfill_recovers_what_it_missed() {
         source.reconnect_max = Duration::from_millis(800);
     }
     let (worker, metrics) = start_worker(config).await;
-    wait_for("stream up", Duration::from_secs(10), || {
-        metrics.value("dweetpipe_stream_up", &[]) == 1.0
-    })
-    .await;
+    wait_streams_up(&metrics, 1).await;
     client
         .dweet_for(&name, &json!({"phase": "before"}), None)
         .await
