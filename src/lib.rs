@@ -15,5 +15,6 @@ pub mod normalize;
 pub mod protocol;
 pub mod sandbox;
 pub mod sink;
+pub mod systemd;
 pub mod telemetry;
 pub mod worker;

@@ -36,8 +36,19 @@ pub struct Cli {
     #[arg(long, global = true, env = "DWEET_SERVER", default_value = dweetpipe::client::DEFAULT_BASE_URL)]
     pub server: String,
 
+    /// Log lines on stderr: `human` (the default) or `json` (one object a line, for
+    /// Kubernetes and log shippers). RUST_LOG filters them (`RUST_LOG=dweetpipe=debug`).
+    #[arg(long, global = true, env = "DWEETPIPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,7 @@ use clap::Args;
 use dweetpipe::client::{self, Client};
 use dweetpipe::config::Config;
 use dweetpipe::sink::postgres::{self, DatabaseUrl};
-use dweetpipe::worker;
+use dweetpipe::{systemd, worker};
 
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
@@ -51,16 +51,40 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
     }
     let mut hangups = hangup_signals()?;
+    notify_systemd(&format!(
+        "READY=1\nSTATUS=ingesting {} things",
+        worker.things().count()
+    ));
+    // Pinged from this loop, so a stuck loop stops the pings and systemd restarts the worker.
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    // One listener for the whole run, so a signal between two turns is not missed.
+    let shutdown = super::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = super::shutdown_signal() => break,
-            _ = hangups.recv() => reload(&mut worker, &args.config).await,
+            _ = &mut shutdown => break,
+            _ = hangups.recv() => {
+                notify_systemd("RELOADING=1");
+                reload(&mut worker, &args.config).await;
+                notify_systemd(&format!("READY=1\nSTATUS=ingesting {} things", worker.things().count()));
+            }
+            _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
+                notify_systemd("WATCHDOG=1");
+            }
         }
     }
+    notify_systemd("STOPPING=1");
     tracing::info!(timeout = ?shutdown_timeout, "shutting down: stopping streams and sealing sinks");
     worker.shutdown(shutdown_timeout).await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Tells systemd (under `Type=notify`); a failure is logged, never fatal.
+fn notify_systemd(state: &str) {
+    if let Err(error) = systemd::notify(state) {
+        tracing::warn!(%error, "could not notify systemd");
+    }
 }
 
 /// Validates the file first: an invalid file is reported and the running configuration kept.

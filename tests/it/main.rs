@@ -5,6 +5,7 @@
 mod cli;
 mod client;
 mod common;
+mod deploy;
 mod listen;
 mod postgres;
 mod protocol;

@@ -1,0 +1,130 @@
+//! What ships under deploy/ is checked, not just written: the systemd unit verifies, and the
+//! worker speaks the notify protocol the unit relies on.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use crate::common::thing;
+use crate::worker::{WorkerProcess, big_sandbox, write_config};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dweetpipe");
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/systemd/dweetpipe.service"
+    ))
+    .unwrap();
+    assert!(
+        shipped.contains("Type=notify")
+            && shipped.contains("WatchdogSec=")
+            && shipped.contains("ExecReload=/bin/kill -HUP $MAINPID")
+    );
+    // verify checks that ExecStart's binary exists: point it at the one just built.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("dweetpipe.service");
+    std::fs::write(&unit, shipped.replace("/usr/local/bin/dweetpipe", BIN)).unwrap();
+    let output = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze is needed for this test: apt-get install systemd");
+    let complaints = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && complaints.trim().is_empty(),
+        "systemd-analyze verify: {complaints}"
+    );
+}
+
+fn receive(socket: &UnixDatagram, wanted: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = message.lines().any(|line| line == wanted);
+            seen.push(message);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("no {wanted} from the worker; got {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_tells_systemd_ready_watchdog_and_stopping() {
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("notify");
+    let config = write_config(dir.path(), &server.base_url(), &[(&name, None)], "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "200000"),
+    ];
+    let mut process = WorkerProcess::spawn(&config, &env, dir.path().join("worker.log"));
+
+    let ready = tokio::task::block_in_place(|| receive(&socket, "READY=1"));
+    assert!(
+        ready
+            .iter()
+            .any(|m| m.contains("STATUS=ingesting 1 things")),
+        "{ready:?}"
+    );
+    tokio::task::block_in_place(|| receive(&socket, "WATCHDOG=1"));
+    process.signal("-TERM");
+    tokio::task::block_in_place(|| receive(&socket, "STOPPING=1"));
+    assert!(process.wait().await.success(), "{}", process.log());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_a_line_and_name_the_thing() {
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("jsonlog");
+    crate::common::client_for(&server)
+        .lock(&name, crate::common::LOCK, &crate::common::key())
+        .await
+        .unwrap();
+    let config = write_config(dir.path(), &server.base_url(), &[(&name, None)], "");
+    let mut process = WorkerProcess::spawn(
+        &config,
+        &[("DWEETPIPE_LOG_FORMAT", "json")],
+        dir.path().join("worker.log"),
+    );
+    crate::worker::wait_for("the locked thing reported", Duration::from_secs(10), || {
+        process.log().contains("requires a key")
+    })
+    .await;
+    process.signal("-TERM");
+    assert!(process.wait().await.success());
+    let lines: Vec<serde_json::Value> = process
+        .log()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(!lines.is_empty());
+    let about_thing = lines
+        .iter()
+        .find(|line| {
+            line["fields"]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("requires a key"))
+        })
+        .expect("the refusal is logged");
+    assert_eq!(
+        about_thing["fields"]["thing"],
+        serde_json::json!(name),
+        "{about_thing}"
+    );
+    assert_eq!(about_thing["level"], "WARN");
+    server.shutdown().await;
+}
