@@ -181,10 +181,13 @@ pub async fn listen(client: &Client, args: ListenArgs) -> anyhow::Result<()> {
         .listen_for_dweets_from(&args.thing, key.as_ref(), options)
         .await?;
     let mut out = std::io::stdout();
+    // One listener for the whole loop, so a signal between two turns is not missed.
+    let shutdown = super::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         let next = tokio::select! {
             next = stream.next() => next,
-            _ = super::shutdown_signal() => break,
+            _ = &mut shutdown => break,
         };
         let Some(item) = next else { break };
         let dweet: Dweet = item?;

@@ -120,10 +120,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let live = std::io::stderr().is_terminal();
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
     let mut interrupted = false;
+    // One listener for the whole loop, so a signal between two turns is not missed.
+    let shutdown = super::shutdown_signal();
+    tokio::pin!(shutdown);
     while Instant::now() < deadline {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = super::shutdown_signal() => { interrupted = true; break }
+            _ = &mut shutdown => { interrupted = true; break }
         }
         if live {
             let now = Progress::read(&metrics);

@@ -154,10 +154,13 @@ pub async fn simulate(client: Client, args: SimulateArgs) -> anyhow::Result<()> 
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     progress.tick().await;
     tokio::pin!(fleet);
+    // One listener for the whole loop, so a signal between two turns is not missed.
+    let shutdown = super::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut fleet => break,
-            _ = super::shutdown_signal() => break,
+            _ = &mut shutdown => break,
             _ = progress.tick() => {
                 tracing::info!(sent = stats.sent(), failed = stats.failed(), "simulating");
             }

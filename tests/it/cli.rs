@@ -441,3 +441,52 @@ async fn demo_also_writes_postgresql_when_database_url_is_set() {
     drop(connection);
     db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listen_without_a_timeout_stops_cleanly_on_sigint() {
+    let server = sandbox().await;
+    let url = server.base_url();
+    let thing = thing("cli-sigint");
+    let mut child = dweetpipe(&url)
+        .args(["listen", &thing])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let client = crate::common::client_for(&server);
+    let writer = {
+        let thing = thing.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                client
+                    .dweet_for(&thing, &json!({ "i": i }), None)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Dweets are flowing: the signal lands while the loop is busy.
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("exits on SIGINT")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    writer.abort();
+    server.shutdown().await;
+}
