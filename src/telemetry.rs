@@ -298,6 +298,8 @@ pub struct Health {
     /// The main loop's last turn, in ms since `started`.
     last_beat_ms: AtomicI64,
     sinks_ok: AtomicBool,
+    /// False while PostgreSQL is so far behind that its spool is full.
+    postgres_ok: AtomicBool,
     /// Things whose stream is not up, with when they went down (or were started).
     down_since: Mutex<HashMap<String, Instant>>,
     /// How long a thing may be down before the worker is not ready.
@@ -310,6 +312,7 @@ impl Health {
             started: Instant::now(),
             last_beat_ms: AtomicI64::new(0),
             sinks_ok: AtomicBool::new(true),
+            postgres_ok: AtomicBool::new(true),
             down_since: Mutex::new(HashMap::new()),
             grace,
         }
@@ -323,6 +326,12 @@ impl Health {
 
     pub fn set_sinks_ok(&self, ok: bool) {
         self.sinks_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// PostgreSQL is reachable or its backlog fits in memory and the spool (`true`), or the
+    /// spool is full and records are being dropped (`false`).
+    pub fn set_postgres_ok(&self, ok: bool) {
+        self.postgres_ok.store(ok, Ordering::Relaxed);
     }
 
     pub fn thing_down(&self, thing: &str) {
@@ -354,6 +363,12 @@ impl Health {
     pub fn readiness(&self) -> Result<(), String> {
         if !self.sinks_ok.load(Ordering::Relaxed) {
             return Err("a sink is failing to write".to_owned());
+        }
+        if !self.postgres_ok.load(Ordering::Relaxed) {
+            return Err(
+                "PostgreSQL is behind and its spool is full: records are being dropped for it"
+                    .to_owned(),
+            );
         }
         let down = self.down_map();
         let stale: Vec<&str> = down
@@ -464,6 +479,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert!(health.readiness().unwrap_err().contains("S5D9-0001"));
         health.thing_up("S5D9-0001");
+        health.set_postgres_ok(false);
+        assert!(health.readiness().unwrap_err().contains("spool is full"));
+        health.set_postgres_ok(true);
         health.set_sinks_ok(false);
         assert!(health.readiness().unwrap_err().contains("sink"));
     }

@@ -366,12 +366,15 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
     let (to_postgres, postgres_task) = match (postgres, &config.postgres) {
         (Some(sink), Some(postgres_config)) => {
-            let backlog = Arc::new(Backlog::open(
-                &postgres_config.spool_dir,
-                postgres_config.memory_max_rows,
-                postgres_config.spool_max,
-                Arc::clone(&metrics),
-            )?);
+            let backlog = Arc::new(
+                Backlog::open(
+                    &postgres_config.spool_dir,
+                    postgres_config.memory_max_rows,
+                    postgres_config.spool_max,
+                    Arc::clone(&metrics),
+                )?
+                .with_health(Arc::clone(&health)),
+            );
             let stop = CancellationToken::new();
             let reporter_stop = CancellationToken::new();
             let reporter = tokio::spawn(report_stream_states(

@@ -128,3 +128,114 @@ async fn json_logs_are_one_object_a_line_and_name_the_thing() {
     assert_eq!(about_thing["level"], "WARN");
     server.shutdown().await;
 }
+
+/// The manifests, as JSON by kind (PyYAML comes with kubernetes-validate).
+fn k8s_manifests(dir: &str) -> serde_json::Value {
+    let script = r#"
+import sys, yaml, json, glob
+docs = {}
+for f in sorted(glob.glob(sys.argv[1] + '/*.yaml')):
+    for d in yaml.safe_load_all(open(f)):
+        docs[d['kind']] = d
+print(json.dumps(docs))
+"#;
+    let output = std::process::Command::new("python3")
+        .args(["-c", script, dir])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_agree_with_each_other() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s");
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(files.len() >= 6);
+    let output = std::process::Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate is needed for this test: pip install kubernetes-validate (scripts/test installs it)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && !report.contains("ERROR"),
+        "{report}"
+    );
+    assert_eq!(
+        report.matches(" passed ").count(),
+        files.len() - 1,
+        "every core resource passed (the ServiceMonitor is a CRD): {report}"
+    );
+
+    let docs = k8s_manifests(dir);
+    let pod = &docs["Deployment"]["spec"]["template"];
+    let pod_labels = &pod["metadata"]["labels"];
+    for (key, value) in docs["Service"]["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[key], value, "the Service selects the pods");
+    }
+    for (key, value) in docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(
+            &docs["Service"]["metadata"]["labels"][key], value,
+            "the ServiceMonitor selects the Service"
+        );
+    }
+    assert_eq!(
+        docs["ServiceMonitor"]["spec"]["endpoints"][0]["port"],
+        docs["Service"]["spec"]["ports"][0]["name"]
+    );
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+
+    // The ConfigMap's things.toml loads with dweetpipe's own loader, with the Secret's variables.
+    let things = docs["ConfigMap"]["data"]["things.toml"].as_str().unwrap();
+    let secrets: Vec<String> = docs["Secret"]["stringData"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), things).unwrap();
+    let config = dweetpipe::config::Config::load_with_env(file.path(), |name| {
+        secrets
+            .iter()
+            .any(|s| s == name)
+            .then(|| "postgres://u@h/d".to_owned())
+    })
+    .unwrap();
+    assert!(dweetpipe::worker::check_runnable(&config).is_ok());
+    let port = config.metrics.unwrap().listen.port();
+    assert_eq!(
+        serde_json::json!(port),
+        container["ports"][0]["containerPort"],
+        "metrics listen where the probes look"
+    );
+    assert!(
+        config
+            .parquet
+            .unwrap()
+            .dir
+            .starts_with(container["volumeMounts"][1]["mountPath"].as_str().unwrap()),
+        "Parquet goes to the volume"
+    );
+}

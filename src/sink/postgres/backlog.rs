@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 
 use crate::normalize::Record;
 use crate::sink::SinkError;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Health, Metrics};
 
 /// A segment is closed for appends past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -53,6 +53,7 @@ pub struct Backlog {
     memory_max_records: usize,
     spool_max_bytes: u64,
     metrics: Arc<Metrics>,
+    health: Option<Arc<Health>>,
 }
 
 fn segment_number(path: &Path) -> Option<u64> {
@@ -103,7 +104,14 @@ impl Backlog {
             memory_max_records,
             spool_max_bytes,
             metrics,
+            health: None,
         })
+    }
+
+    /// Reports to `health` whether PostgreSQL's share is being kept (for /readyz).
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
