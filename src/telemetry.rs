@@ -198,6 +198,19 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Series exist from the first scrape, so rate() and alert rules see them at once.
+        for outcome in ["ok", "refused", "failed"] {
+            stream_connects.with_label_values(&[outcome]);
+        }
+        for reason in ["closed", "error", "stopped"] {
+            stream_disconnects.with_label_values(&[reason]);
+        }
+        for source in ["stream", "backfill", "poll"] {
+            dweets_received.with_label_values(&[source]);
+        }
+        for outcome in ["ok", "invalid"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
         Ok(Metrics {
             registry,
             build_info,
@@ -221,6 +234,19 @@ impl Metrics {
             spool_dropped,
             uptime,
         })
+    }
+
+    /// Creates a sink's series (at zero) when the sink is configured.
+    pub fn declare_sink(&self, sink: &str, tables: &[&str]) {
+        self.sink_errors.with_label_values(&[sink]);
+        self.sink_write_duration.with_label_values(&[sink]);
+        self.sink_buffer_rows.with_label_values(&[sink]);
+        for table in tables {
+            self.sink_rows_written.with_label_values(&[sink, table]);
+            if sink == "parquet" {
+                self.parquet_files_finalized.with_label_values(&[table]);
+            }
+        }
     }
 
     /// Drops a removed thing's series so dashboards stop showing it.

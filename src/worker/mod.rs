@@ -307,6 +307,13 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     let health = Arc::new(Health::new(source.start_spread + Duration::from_secs(60)));
     let background = CancellationToken::new();
 
+    let tables = ["readings", "dweets", "dead_letters"];
+    if config.parquet.is_some() {
+        metrics.declare_sink("parquet", &tables);
+    }
+    if config.postgres.is_some() {
+        metrics.declare_sink("postgres", &tables);
+    }
     let parquet = match &config.parquet {
         Some(parquet_config) => {
             let (sink, opened) = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?;

@@ -239,3 +239,155 @@ fn kubernetes_manifests_validate_and_agree_with_each_other() {
         "Parquet goes to the volume"
     );
 }
+
+/// Grafana's PostgreSQL macros as it expands them, for a window around now.
+fn expand_grafana_sql(sql: &str, thing: &str) -> String {
+    sql.replace(
+        "$__timeFilter(time)",
+        "time BETWEEN now() - interval '1 day' AND now() + interval '1 minute'",
+    )
+    .replace("$thing", &format!("'{thing}'"))
+}
+
+/// The `dweetpipe_*` metric families a PromQL expression names (histogram series folded).
+fn promql_metrics(expr: &str) -> Vec<String> {
+    expr.match_indices("dweetpipe_")
+        .map(|(start, _)| {
+            let name: String = expr[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(name, |name, suffix| {
+                    name.strip_suffix(suffix).map(str::to_owned).unwrap_or(name)
+                })
+        })
+        .collect()
+}
+
+fn json_file(path: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboards_and_alert_rules_match_what_a_running_worker_exports() {
+    use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
+    let db = crate::postgres::TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let things: Vec<String> = (1..=2)
+        .map(|i| dweetpipe::sandbox::simulator::thing_name("S5D9-", i))
+        .collect();
+    let mut config = crate::worker::test_config(&server.base_url(), &things, dir.path());
+    config.postgres = Some(db.sink_config());
+    config.metrics = Some(dweetpipe::telemetry::MetricsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+    });
+    let (worker, metrics) = crate::worker::start_worker(config).await;
+    crate::worker::wait_streams_up(&metrics, 2).await;
+    let fleet = FleetConfig {
+        things: 2,
+        interval: Duration::from_millis(20),
+        count: Some(5),
+        ..FleetConfig::default()
+    };
+    run_fleet(
+        crate::common::client_for(&server),
+        fleet,
+        std::sync::Arc::new(FleetStats::default()),
+    )
+    .await;
+    crate::worker::wait_for("10 dweets", Duration::from_secs(10), || {
+        crate::worker::received(&metrics) == 10.0
+    })
+    .await;
+    let scrape = reqwest::get(format!("http://{}/metrics", worker.metrics_addr().unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+
+    // Every metric a PromQL panel or an alert rule names is exported.
+    let mut expressions: Vec<String> = Vec::new();
+    for panel in json_file("deploy/grafana/dashboards/fleet-health.json")["panels"]
+        .as_array()
+        .unwrap()
+    {
+        for target in panel["targets"].as_array().unwrap() {
+            expressions.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    let rules_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    let rules = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml, json; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+            &format!("{rules_dir}/rules.yaml"),
+        ])
+        .output()
+        .unwrap();
+    let rules: serde_json::Value =
+        serde_json::from_slice(&rules.stdout).expect("rules.yaml is YAML");
+    for rule in rules["groups"][0]["rules"].as_array().unwrap() {
+        assert!(
+            rule["alert"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("Dweetpipe")),
+            "{rule}"
+        );
+        assert!(
+            ["warning", "critical"].contains(&rule["labels"]["severity"].as_str().unwrap()),
+            "{rule}"
+        );
+        assert!(rule["annotations"]["summary"].is_string(), "{rule}");
+        if let Some(wait) = rule["for"].as_str() {
+            assert!(humantime::parse_duration(wait).is_ok(), "{rule}");
+        }
+        expressions.push(rule["expr"].as_str().unwrap().to_owned());
+    }
+    assert!(expressions.len() >= 15);
+    for expr in &expressions {
+        for metric in promql_metrics(expr) {
+            assert!(
+                exported.contains(metric.as_str()),
+                "{metric} (in `{expr}`) is not exported; exported: {exported:?}"
+            );
+        }
+    }
+
+    // Every SQL panel and the $thing variable run, with Grafana's macros expanded, and find rows.
+    let sensors = json_file("deploy/grafana/dashboards/s5d9-sensors.json");
+    let mut connection = db.connect().await;
+    let variable = sensors["templating"]["list"][0]["query"].as_str().unwrap();
+    let names: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(variable.to_owned()))
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(names, things, "the $thing variable lists the fleet");
+    for panel in sensors["panels"].as_array().unwrap() {
+        let raw = panel["targets"][0]["rawSql"].as_str().unwrap();
+        assert!(
+            raw.contains("$__timeFilter(time)") && raw.contains("$thing"),
+            "{raw}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(expand_grafana_sql(raw, "S5D9-0001")))
+            .fetch_all(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}\n{raw}", panel["title"]));
+        assert!(!rows.is_empty(), "{} shows data", panel["title"]);
+    }
+    drop(connection);
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    db.drop_now().await;
+    server.shutdown().await;
+}
