@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod common;
 mod deploy;
+mod hostile;
 mod listen;
 mod postgres;
 mod protocol;
