@@ -97,9 +97,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             args.data.display()
         );
     }
-    if std::env::var_os("DATABASE_URL").is_some() {
+    if postgres.is_some() {
         eprintln!(
-            "note: DATABASE_URL is set, but the PostgreSQL sink is not part of this build yet; writing Parquet only"
+            "PostgreSQL: DATABASE_URL is set, so the worker writes there too (tables dweets, readings, dead_letters)"
         );
     }
     // Let the subscriptions open before the boards start dweeting.

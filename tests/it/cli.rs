@@ -374,6 +374,13 @@ async fn demo(data: &std::path::Path, database_url: Option<&str>) -> String {
         .unwrap()
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
+    // What the demo says on stderr must match what it does.
+    assert_eq!(
+        stderr(&output).contains("the worker writes there too"),
+        database_url.is_some(),
+        "{}",
+        stderr(&output)
+    );
     stdout(&output)
 }
 
