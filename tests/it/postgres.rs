@@ -54,15 +54,27 @@ impl TestDatabase {
             .expect("test database answers")
     }
 
+    /// Drops the database, retrying while the worker's connections are still closing.
     pub async fn drop_now(self) {
-        if let Ok(mut connection) = PgConnection::connect(&self.admin).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut connection)
-            .await;
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let mut last_error = String::new();
+        for _ in 0..10 {
+            match PgConnection::connect(&self.admin).await {
+                Ok(mut connection) => match sqlx::query(sqlx::AssertSqlSafe(drop.clone()))
+                    .execute(&mut connection)
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(error) => last_error = error.to_string(),
+                },
+                Err(error) => last_error = error.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        eprintln!(
+            "warning: test database {} was left behind: {last_error}",
+            self.name
+        );
     }
 
     /// A sink config for this database, spooling into a directory of its own.
