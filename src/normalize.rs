@@ -91,11 +91,18 @@ pub fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
 
 /// Normalises one dweet received at `received_ms`.
 pub fn normalize(dweet: &Dweet, received_ms: i64) -> Record {
+    let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
+    normalize_parsed(dweet, created_ms, received_ms)
+}
+
+/// [`normalize`] for a caller that has already parsed `created` (to ms; `None` when it is not
+/// a timestamp), so the hot path parses it once.
+pub fn normalize_parsed(dweet: &Dweet, created_ms: Option<i64>, received_ms: i64) -> Record {
     let dead = |reason: String| {
         Record::DeadLetter(DeadLetter {
             thing: Some(dweet.thing.clone()),
             created: Some(dweet.created.as_str().to_owned()),
-            created_ms: dweet.created.to_datetime().map(|at| at.timestamp_millis()),
+            created_ms,
             received_ms,
             payload: serde_json::to_string(dweet).unwrap_or_default(),
             reason,
@@ -104,7 +111,7 @@ pub fn normalize(dweet: &Dweet, received_ms: i64) -> Record {
     if dweet.thing.is_empty() {
         return dead("the dweet has an empty thing name".to_owned());
     }
-    let Some(created) = dweet.created.to_datetime() else {
+    let Some(created_ms) = created_ms else {
         return dead(format!(
             "`created` {:?} is not an RFC 3339 timestamp",
             dweet.created.as_str()
@@ -125,7 +132,7 @@ pub fn normalize(dweet: &Dweet, received_ms: i64) -> Record {
     }
     Record::Dweet(Normalized {
         thing: dweet.thing.clone(),
-        created_ms: created.timestamp_millis(),
+        created_ms,
         received_ms,
         content: serde_json::to_string(&dweet.content).unwrap_or_default(),
         readings,

@@ -270,7 +270,7 @@ impl Subscription {
             .dweets_received
             .with_label_values(&[source])
             .inc();
-        let record = normalize::normalize(&dweet, received_ms);
+        let record = normalize::normalize_parsed(&dweet, created_ms, received_ms);
         if matches!(record, Record::DeadLetter(_)) {
             self.metrics.dead_letters.inc();
         }

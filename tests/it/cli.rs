@@ -232,18 +232,13 @@ async fn listen_prints_one_json_line_per_dweet_and_stops_at_the_timeout() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let client = crate::common::client_for(&server);
-    let writer = {
-        let thing = thing.clone();
-        tokio::spawn(async move {
-            for i in 0..30 {
-                client
-                    .dweet_for(&thing, &json!({ "i": i }), None)
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let writer = crate::common::dweet_repeatedly(
+        &client,
+        &thing,
+        30,
+        Duration::from_millis(100),
+        |i| json!({ "i": i }),
+    );
     let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
         .await
         .unwrap()
@@ -257,7 +252,7 @@ async fn listen_prints_one_json_line_per_dweet_and_stops_at_the_timeout() {
         .expect("exits after --timeout")
         .unwrap();
     assert!(status.success());
-    writer.await.unwrap();
+    assert_eq!(writer.await.unwrap(), 0, "every dweet was accepted");
     server.shutdown().await;
 }
 
@@ -461,18 +456,13 @@ async fn listen_without_a_timeout_stops_cleanly_on_sigint() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let client = crate::common::client_for(&server);
-    let writer = {
-        let thing = thing.clone();
-        tokio::spawn(async move {
-            for i in 0..200 {
-                client
-                    .dweet_for(&thing, &json!({ "i": i }), None)
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let writer = crate::common::dweet_repeatedly(
+        &client,
+        &thing,
+        200,
+        Duration::from_millis(20),
+        |i| json!({ "i": i }),
+    );
     // Dweets are flowing: the signal lands while the loop is busy.
     for _ in 0..3 {
         tokio::time::timeout(Duration::from_secs(10), lines.next_line())

@@ -42,6 +42,29 @@ pub fn client_for(handle: &SandboxHandle) -> Client {
         .expect("client builds")
 }
 
+/// Dweets `content(i)` to `thing` `count` times, `every` apart, in the background. The task's
+/// result is how many dweets failed (a test that restarts the server expects some to).
+pub fn dweet_repeatedly(
+    client: &Client,
+    thing: &str,
+    count: usize,
+    every: Duration,
+    content: impl Fn(usize) -> serde_json::Value + Send + 'static,
+) -> tokio::task::JoinHandle<usize> {
+    let client = client.clone();
+    let thing = thing.to_owned();
+    tokio::spawn(async move {
+        let mut failed = 0;
+        for i in 0..count {
+            if client.dweet_for(&thing, &content(i), None).await.is_err() {
+                failed += 1;
+            }
+            tokio::time::sleep(every).await;
+        }
+        failed
+    })
+}
+
 /// A thing name no other test uses.
 pub fn thing(label: &str) -> String {
     format!("{label}-{}", uuid::Uuid::new_v4())

@@ -13,6 +13,12 @@ use crate::common::{raw_exchange, raw_get, sandbox, split_head};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dweetpipe");
 
+/// `{"k0":0,"k1":1,...}` with `keys` keys.
+fn wide_object(keys: usize) -> String {
+    let members: Vec<String> = (0..keys).map(|i| format!("\"k{i}\":{i}")).collect();
+    format!("{{{}}}", members.join(","))
+}
+
 fn failure(answer: &[u8]) -> String {
     let text = String::from_utf8_lossy(answer).into_owned();
     assert!(
@@ -57,13 +63,7 @@ async fn the_sandbox_refuses_hostile_requests_and_keeps_serving() {
     failure(&body);
 
     // Ten thousand keys: over the content limit, refused with the reason.
-    let wide: String = format!(
-        "{{{}}}",
-        (0..10_000)
-            .map(|i| format!("\"k{i}\":{i}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let wide: String = wide_object(10_000);
     let request = format!(
         "POST /dweet/for/h HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{wide}",
         wide.len()
@@ -141,13 +141,7 @@ async fn a_hostile_stream_cannot_grow_the_listeners_memory_or_crash_it() {
                 return;
             }
         }
-        let wide: String = format!(
-            "{{{}}}",
-            (0..10_000)
-                .map(|i| format!("\"k{i}\":{i}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let wide: String = wide_object(10_000);
         let wide_dweet =
             format!(r#"{{"thing":"h","created":"2026-01-01T00:00:00.000Z","content":{wide}}}"#);
         let good = r#"{"thing":"h","created":"2026-01-01T00:00:01.000Z","content":{"good":true}}"#;

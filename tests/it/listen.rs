@@ -133,17 +133,13 @@ async fn reconnects_after_idle_close_until_the_deadline() {
     let stats = stream.stats();
     // Outlive two idle closes, then dweet: the reconnected stream must deliver it.
     tokio::time::sleep(Duration::from_millis(900)).await;
-    let writer = client.clone();
-    let name = thing.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..20 {
-            writer
-                .dweet_for(&name, &json!({ "i": i }), None)
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
+    let sender = crate::common::dweet_repeatedly(
+        &client,
+        &thing,
+        20,
+        Duration::from_millis(50),
+        |i| json!({ "i": i }),
+    );
     let dweet = next_dweet(&mut stream).await;
     assert!(dweet.content["i"].is_number());
     assert!(
@@ -151,7 +147,7 @@ async fn reconnects_after_idle_close_until_the_deadline() {
         "reconnected: {} connects",
         stats.connects()
     );
-    sender.await.unwrap();
+    assert_eq!(sender.await.unwrap(), 0, "every dweet was accepted");
     let started = std::time::Instant::now();
     while tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
@@ -194,14 +190,13 @@ async fn survives_a_sandbox_restart_on_the_same_port() {
     .await
     .unwrap();
     // Keep dweeting until the reconnected stream sees one.
-    let writer = client.clone();
-    let name = thing.clone();
-    let sender = tokio::spawn(async move {
-        for _ in 0..100 {
-            let _ = writer.dweet_for(&name, &json!({"server": 2}), None).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let sender = crate::common::dweet_repeatedly(
+        &client,
+        &thing,
+        100,
+        Duration::from_millis(100),
+        |_| json!({"server": 2}),
+    );
     assert_eq!(next_dweet(&mut stream).await.content, json!({"server": 2}));
     assert!(stream.stats().connects() >= 2);
     sender.abort();

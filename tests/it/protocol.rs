@@ -284,17 +284,13 @@ async fn five_hundred_concurrent_listeners_all_receive() {
                 .map(|r| r.is_ok())
         });
     }
-    let writer = client.clone();
-    let name = thing.clone();
-    let sender = tokio::spawn(async move {
-        for _ in 0..200 {
-            writer
-                .dweet_for(&name, &serde_json::json!({"all": true}), None)
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let sender = common::dweet_repeatedly(
+        &client,
+        &thing,
+        200,
+        Duration::from_millis(100),
+        |_| serde_json::json!({"all": true}),
+    );
     let mut delivered = 0;
     while let Some(joined) = tokio::time::timeout(Duration::from_secs(30), listeners.join_next())
         .await

@@ -113,7 +113,6 @@ struct OpenFile {
 struct Generation {
     id: i64,
     opened: Instant,
-    rows: u64,
     /// Rows per dataset, for the rows-written metric once sealed.
     dataset_rows: HashMap<Dataset, u64>,
     files: BTreeMap<(Dataset, NaiveDate), OpenFile>,
@@ -178,7 +177,7 @@ impl ParquetSink {
 
     /// Rows written into the open generation and not yet sealed.
     pub fn pending_rows(&self) -> u64 {
-        self.open.as_ref().map_or(0, |g| g.rows)
+        self.open.as_ref().map_or(0, Generation::rows)
     }
 
     /// Adds records to the open generation; dweets already durable are skipped (they come
@@ -266,7 +265,6 @@ impl ParquetSink {
             Generation {
                 id,
                 opened: Instant::now(),
-                rows: 0,
                 dataset_rows: HashMap::new(),
                 files: BTreeMap::new(),
                 watermarks: HashMap::new(),
@@ -306,6 +304,7 @@ impl ParquetSink {
         };
         let started = Instant::now();
         let file_count = generation.files.len();
+        let rows = generation.rows();
         let watermarks = serde_json::to_string(&generation.watermarks).unwrap_or_default();
         let mut finished = Vec::with_capacity(file_count);
         let mut failure = None;
@@ -364,7 +363,7 @@ impl ParquetSink {
         tracing::debug!(
             generation = generation.id,
             files = file_count,
-            rows = generation.rows,
+            rows,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "sealed a Parquet generation"
         );
@@ -373,8 +372,11 @@ impl ParquetSink {
 }
 
 impl Generation {
+    fn rows(&self) -> u64 {
+        self.dataset_rows.values().sum()
+    }
+
     fn count(&mut self, dataset: Dataset, rows: u64) {
-        self.rows += rows;
         *self.dataset_rows.entry(dataset).or_default() += rows;
     }
 }

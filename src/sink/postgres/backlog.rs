@@ -21,9 +21,13 @@ use crate::telemetry::{Health, Metrics};
 
 /// A segment is closed for appends past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// A fresh spool numbers its segments from here up, leaving room below for segments that must
+/// replay before everything on disk (memory spilled at shutdown).
+const FIRST_SEGMENT: u64 = 1 << 32;
 
 #[derive(Debug)]
 struct Segment {
+    number: u64,
     path: PathBuf,
     bytes: u64,
 }
@@ -79,12 +83,19 @@ impl Backlog {
             let path = entry.map_err(|e| SinkError::io(dir, e))?.path();
             if let Some(number) = segment_number(&path) {
                 let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                found.push((number, Segment { path, bytes }));
+                found.push((
+                    number,
+                    Segment {
+                        number,
+                        path,
+                        bytes,
+                    },
+                ));
             }
         }
         found.sort_by_key(|(number, _)| *number);
         let state = State {
-            next_segment: found.last().map_or(0, |(number, _)| number + 1),
+            next_segment: found.last().map_or(FIRST_SEGMENT, |(number, _)| number + 1),
             spool_bytes: found.iter().map(|(_, s)| s.bytes).sum(),
             segments: found.into_iter().map(|(_, segment)| segment).collect(),
             ..State::default()
@@ -143,49 +154,62 @@ impl Backlog {
     }
 
     fn spill(&self, state: &mut State, batch: &[Record]) -> Result<(), String> {
-        let mut text = Vec::new();
-        for record in batch {
-            serde_json::to_writer(&mut text, record).map_err(|e| e.to_string())?;
-            text.push(b'\n');
-        }
-        let size = text.len() as u64;
-        if state.spool_bytes + size > self.spool_max_bytes {
-            return Err(format!(
-                "the spool is full ({} of {} bytes)",
-                state.spool_bytes, self.spool_max_bytes
-            ));
-        }
+        let text = encode(batch)?;
+        self.check_room(state, text.len() as u64)?;
         let reuse = state.appending.is_some()
             && state
                 .segments
                 .back()
                 .is_some_and(|s| s.bytes < SEGMENT_BYTES);
         if !reuse {
-            let path = self
-                .dir
-                .join(format!("segment-{:012}.jsonl", state.next_segment));
+            let number = state.next_segment;
             state.next_segment += 1;
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            if let Ok(dir) = File::open(&self.dir) {
-                let _ = dir.sync_all();
-            }
+            let (file, path) = self.create_segment(number)?;
             state.appending = Some(file);
-            state.segments.push_back(Segment { path, bytes: 0 });
+            state.segments.push_back(Segment {
+                number,
+                path,
+                bytes: 0,
+            });
         }
         let file = state.appending.as_mut().ok_or("no open segment")?;
         file.write_all(&text)
             .and_then(|()| file.sync_data())
             .map_err(|e| e.to_string())?;
         if let Some(segment) = state.segments.back_mut() {
-            segment.bytes += size;
+            segment.bytes += text.len() as u64;
         }
+        self.add_spool_bytes(state, text.len() as u64);
+        Ok(())
+    }
+
+    fn check_room(&self, state: &State, size: u64) -> Result<(), String> {
+        if state.spool_bytes + size > self.spool_max_bytes {
+            return Err(format!(
+                "the spool is full ({} of {} bytes)",
+                state.spool_bytes, self.spool_max_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn add_spool_bytes(&self, state: &mut State, size: u64) {
         state.spool_bytes += size;
         self.metrics.spool_bytes.set(state.spool_bytes as i64);
-        Ok(())
+    }
+
+    /// Creates segment `number`'s file, and makes its name durable.
+    fn create_segment(&self, number: u64) -> Result<(File, PathBuf), String> {
+        let path = self.dir.join(format!("segment-{number:020}.jsonl"));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok((file, path))
     }
 
     /// The oldest queued batch; waits for one. `None` once closed and empty.
@@ -269,39 +293,41 @@ impl Backlog {
     }
 
     /// Moves whatever is still in memory to the spool (at shutdown, PostgreSQL unreachable).
+    /// Memory holds the oldest records, so they go into a segment numbered before everything
+    /// on disk: a restart replays them first.
     pub fn spill_memory(&self) {
         let mut state = self.lock();
-        let pending: Vec<Vec<Record>> = state.memory.drain(..).collect();
+        let records: Vec<Record> = state.memory.drain(..).flatten().collect();
         state.memory_records = 0;
-        // Memory holds the oldest records; the spool's replay order must stay oldest first,
-        // so they go into a segment that sorts before everything on disk.
-        let existing = std::mem::take(&mut state.segments);
-        state.appending = None;
-        for batch in &pending {
-            if let Err(error) = self.spill(&mut state, batch) {
-                self.metrics.spool_dropped.inc_by(batch.len() as u64);
-                tracing::error!(%error, records = batch.len(), "could not spool records at shutdown");
-            }
+        if records.is_empty() {
+            return;
         }
-        let first_new = state.segments.drain(..).collect::<Vec<_>>();
-        // Renumber: the new (older) segments first, then those that were already on disk.
-        let mut ordered: Vec<Segment> = first_new.into_iter().chain(existing).collect();
-        for (index, segment) in ordered.iter_mut().enumerate() {
-            let target = self.dir.join(format!("replay-{index:012}.tmp"));
-            if fs::rename(&segment.path, &target).is_ok() {
-                segment.path = target;
+        let number = state
+            .segments
+            .front()
+            .map_or(state.next_segment, |s| s.number)
+            - 1;
+        let written = encode(&records).and_then(|text| {
+            self.check_room(&state, text.len() as u64)?;
+            let (mut file, path) = self.create_segment(number)?;
+            file.write_all(&text)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| e.to_string())?;
+            Ok((path, text.len() as u64))
+        });
+        match written {
+            Ok((path, bytes)) => {
+                state.segments.push_front(Segment {
+                    number,
+                    path,
+                    bytes,
+                });
+                self.add_spool_bytes(&mut state, bytes);
             }
-        }
-        for (index, segment) in ordered.iter_mut().enumerate() {
-            let target = self.dir.join(format!("segment-{index:012}.jsonl"));
-            if fs::rename(&segment.path, &target).is_ok() {
-                segment.path = target;
+            Err(error) => {
+                self.metrics.spool_dropped.inc_by(records.len() as u64);
+                tracing::error!(%error, records = records.len(), "could not spool records at shutdown");
             }
-        }
-        state.next_segment = ordered.len() as u64;
-        state.segments = ordered.into();
-        if let Ok(dir) = File::open(&self.dir) {
-            let _ = dir.sync_all();
         }
     }
 
@@ -309,6 +335,16 @@ impl Backlog {
         self.lock().closed = true;
         self.ready.notify_one();
     }
+}
+
+/// Records as JSON Lines, the spool's format.
+fn encode(records: &[Record]) -> Result<Vec<u8>, String> {
+    let mut text = Vec::new();
+    for record in records {
+        serde_json::to_writer(&mut text, record).map_err(|e| e.to_string())?;
+        text.push(b'\n');
+    }
+    Ok(text)
 }
 
 fn read_segment(path: &Path) -> Result<Vec<Record>, String> {
@@ -348,6 +384,16 @@ mod tests {
                 })
             })
             .collect()
+    }
+
+    /// Takes everything to the end (the backlog must be closed), as the writer would.
+    async fn replay_all(backlog: &Backlog) -> Vec<i64> {
+        let mut seen = Vec::new();
+        while let Some(taken) = backlog.next().await {
+            seen.extend(created(&taken));
+            backlog.done(taken);
+        }
+        seen
     }
 
     fn created(taken: &Taken) -> Vec<i64> {
@@ -412,12 +458,7 @@ mod tests {
         }
         let backlog = Backlog::open(dir.path(), 2, 1 << 20, metrics).unwrap();
         backlog.close();
-        let mut seen = Vec::new();
-        while let Some(taken) = backlog.next().await {
-            seen.extend(created(&taken));
-            backlog.done(taken);
-        }
-        assert_eq!(seen, vec![0, 1, 2, 3]);
+        assert_eq!(replay_all(&backlog).await, vec![0, 1, 2, 3]);
     }
 
     #[tokio::test]
@@ -436,11 +477,6 @@ mod tests {
         }
         let backlog = Backlog::open(dir.path(), 2, 1 << 20, metrics).unwrap();
         backlog.close();
-        let mut seen = Vec::new();
-        while let Some(taken) = backlog.next().await {
-            seen.extend(created(&taken));
-            backlog.done(taken);
-        }
-        assert_eq!(seen, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(replay_all(&backlog).await, vec![0, 1, 2, 3, 4, 5]);
     }
 }
