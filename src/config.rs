@@ -17,6 +17,7 @@ use crate::sink::parquet::ParquetConfig;
 use crate::sink::postgres::PostgresConfig;
 use crate::telemetry::MetricsConfig;
 use crate::worker::SourceConfig;
+use crate::worker::lifecycle::{AlertSpec, LifecycleConfig};
 
 /// The prefix of environment overrides: `DWEETPIPE__SOURCE__URL`.
 pub const ENV_PREFIX: &str = "DWEETPIPE";
@@ -55,6 +56,7 @@ struct ConfigFile {
     parquet: Option<ParquetConfig>,
     postgres: Option<PostgresConfig>,
     metrics: Option<MetricsConfig>,
+    lifecycle: Option<LifecycleConfig>,
     #[serde(default, deserialize_with = "optional_duration")]
     shutdown_timeout: Option<Duration>,
 }
@@ -65,15 +67,23 @@ struct ThingEntry {
     name: String,
     key_env: Option<String>,
     key_file: Option<PathBuf>,
+    lock: Option<String>,
+    alert: Option<AlertSpec>,
+    manage: Option<bool>,
 }
 
-/// One thing to ingest, with its key resolved.
+/// One thing to ingest, with its key resolved, and the lock and alert it should carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThingConfig {
     pub name: String,
     pub key: Option<Key>,
     /// Where the key came from, for reports (`env S5D9_KEY`); never the key itself.
     pub key_source: Option<String>,
+    /// The lock id the thing should be locked with; `None` for unlocked.
+    pub lock: Option<String>,
+    pub alert: Option<AlertSpec>,
+    /// False leaves the thing's lock and alert alone (`manage = false`).
+    pub manage: bool,
 }
 
 /// A validated configuration.
@@ -86,6 +96,9 @@ pub struct Config {
     /// With its URL resolved (`url_env` read).
     pub postgres: Option<PostgresConfig>,
     pub metrics: Option<MetricsConfig>,
+    /// Set when the file has a `[lifecycle]` section or declares a lock or an alert: `run`
+    /// then reconciles locks and alerts.
+    pub lifecycle: Option<LifecycleConfig>,
     pub shutdown_timeout: Duration,
 }
 
@@ -95,7 +108,16 @@ impl ThingConfig {
             name: name.into(),
             key: None,
             key_source: None,
+            lock: None,
+            alert: None,
+            manage: true,
         }
+    }
+
+    /// Whether a running subscription for `self` can keep serving `other` (same name and key;
+    /// lock and alert changes are the lifecycle's business, not the stream's).
+    pub fn reads_like(&self, other: &ThingConfig) -> bool {
+        self.name == other.name && self.key == other.key
     }
 }
 
@@ -116,6 +138,7 @@ impl Config {
             parquet: Some(parquet),
             postgres: None,
             metrics: None,
+            lifecycle: None,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -178,6 +201,16 @@ impl Config {
                     format!("parquet.{key}"),
                     problem,
                     "see the [parquet] section of config/things.example.toml",
+                )
+            })?;
+        }
+
+        if let Some(lifecycle) = &raw.lifecycle {
+            lifecycle.validate().map_err(|(key, problem)| {
+                invalid(
+                    format!("lifecycle.{key}"),
+                    problem,
+                    "see the [lifecycle] section of config/things.example.toml",
                 )
             })?;
         }
@@ -251,12 +284,22 @@ impl Config {
                 },
                 (None, None) => (None, None),
             };
+            let manage = entry.manage.unwrap_or(true);
+            validate_lifecycle(entry, manage, key.is_some())
+                .map_err(|(field, problem, fix)| invalid(at(field), problem, &fix))?;
             things.push(ThingConfig {
                 name: entry.name.clone(),
                 key,
                 key_source,
+                lock: entry.lock.clone(),
+                alert: entry.alert.clone(),
+                manage,
             });
         }
+        let declares_lifecycle = things.iter().any(|t| t.lock.is_some() || t.alert.is_some());
+        let lifecycle = raw
+            .lifecycle
+            .or_else(|| declares_lifecycle.then(LifecycleConfig::default));
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -265,6 +308,7 @@ impl Config {
             parquet: raw.parquet,
             postgres: raw.postgres,
             metrics: raw.metrics,
+            lifecycle,
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
         })
     }
@@ -283,6 +327,88 @@ impl Config {
             fix: fix.into(),
         }
     }
+}
+
+/// A thing's `lock`, `[thing.alert]` and `manage`, checked as the service would check them,
+/// before anything is sent: (field, problem, fix).
+fn validate_lifecycle(
+    entry: &ThingEntry,
+    manage: bool,
+    has_key: bool,
+) -> Result<(), (&'static str, String, String)> {
+    let declared = entry.lock.is_some() || entry.alert.is_some();
+    if !manage && declared {
+        return Err((
+            "manage",
+            "manage = false, yet a lock or an alert is declared".to_owned(),
+            "remove `manage = false` to have dweetpipe manage them, or remove them".to_owned(),
+        ));
+    }
+    if let Some(lock) = &entry.lock {
+        if lock.trim().is_empty() || lock.trim() != lock {
+            return Err((
+                "lock",
+                "the lock id is empty or has surrounding spaces".to_owned(),
+                "write the lock id exactly as issued, e.g. lock = \"my-lock\"".to_owned(),
+            ));
+        }
+        if !has_key {
+            return Err((
+                "lock",
+                "a lock needs its master key, and no key_env or key_file is set".to_owned(),
+                "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
+            ));
+        }
+    }
+    let Some(alert) = &entry.alert else {
+        return Ok(());
+    };
+    if entry.lock.is_none() {
+        return Err((
+            "alert",
+            "alerts need a locked thing (the service refuses them otherwise)".to_owned(),
+            "add lock = \"LOCK-ID\" and its key_env, or remove [thing.alert]".to_owned(),
+        ));
+    }
+    if alert.to.is_empty() {
+        return Err((
+            "alert.to",
+            "an alert needs at least one recipient".to_owned(),
+            "to = [\"ops@example.com\"]".to_owned(),
+        ));
+    }
+    if let Some(bad) = alert
+        .to
+        .iter()
+        .find(|address| !crate::protocol::is_plausible_email(address))
+    {
+        return Err((
+            "alert.to",
+            format!("{bad:?} is not an e-mail address"),
+            "write addresses as name@example.com".to_owned(),
+        ));
+    }
+    let chars = alert.when.chars().count();
+    if alert.when.trim().is_empty() || chars > crate::sandbox::condition::MAX_CONDITION_CHARS {
+        return Err((
+            "alert.when",
+            format!(
+                "the condition is {chars} characters long; it must be 1 to {} (the service's limit)",
+                crate::sandbox::condition::MAX_CONDITION_CHARS
+            ),
+            "shorten it; `dweetpipe alert test` tries a condition on recorded dweets".to_owned(),
+        ));
+    }
+    let mut engine = crate::sandbox::condition::ConditionEngine::new(Default::default())
+        .map_err(|e| ("alert.when", e.to_string(), String::new()))?;
+    engine.check(&alert.when).map_err(|error| {
+        (
+            "alert.when",
+            error.to_string(),
+            "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\"".to_owned(),
+        )
+    })?;
+    Ok(())
 }
 
 /// Deserialises a human duration: "5s", "2m", "1h 30m", "250ms".
@@ -432,8 +558,52 @@ listen = "127.0.0.1:9187"
                 "parquet.max_rows",
                 "at least 1",
             ),
+            (
+                "[[thing]]\nname = \"a\"\nlock = \"l\"\n",
+                "thing[0].lock",
+                "needs its master key",
+            ),
+            (
+                "[[thing]]\nname = \"a\"\nkey_env = \"S5D9_KEY\"\n[thing.alert]\nto = [\"a@b.io\"]\nwhen = \"return 1;\"\n",
+                "thing[0].alert",
+                "need a locked thing",
+            ),
+            (
+                "[[thing]]\nname = \"a\"\nlock = \"l\"\nkey_env = \"S5D9_KEY\"\n[thing.alert]\nto = [\"ops at example\"]\nwhen = \"return 1;\"\n",
+                "thing[0].alert.to",
+                "not an e-mail address",
+            ),
+            (
+                "[[thing]]\nname = \"a\"\nlock = \"l\"\nkey_env = \"S5D9_KEY\"\n[thing.alert]\nto = []\nwhen = \"return 1;\"\n",
+                "thing[0].alert.to",
+                "at least one recipient",
+            ),
+            (
+                &format!(
+                    "[[thing]]\nname = \"a\"\nlock = \"l\"\nkey_env = \"S5D9_KEY\"\n[thing.alert]\nto = [\"a@b.io\"]\nwhen = \"{}\"\n",
+                    "x".repeat(2001)
+                ),
+                "thing[0].alert.when",
+                "2001 characters",
+            ),
+            (
+                "[[thing]]\nname = \"a\"\nlock = \"l\"\nkey_env = \"S5D9_KEY\"\n[thing.alert]\nto = [\"a@b.io\"]\nwhen = \"if(\"\n",
+                "thing[0].alert.when",
+                "does not parse",
+            ),
+            (
+                "[[thing]]\nname = \"a\"\nlock = \"l\"\nkey_env = \"S5D9_KEY\"\nmanage = false\n",
+                "thing[0].manage",
+                "manage = false",
+            ),
+            (
+                "[lifecycle]\ninterval = \"0s\"\n",
+                "lifecycle.interval",
+                "at least 1s",
+            ),
         ];
         for (text, key, problem) in cases {
+            let text: &str = text;
             let error = load(text).unwrap_err();
             assert_eq!(error.key, key, "{text}: {error}");
             assert!(error.problem.contains(problem), "{text}: {error}");
@@ -476,5 +646,27 @@ listen = "127.0.0.1:9187"
         let error = load("[[thing]]\nname = \"a\"\nkey_env = \"S5D9_KEY\"\nkey_file = \"/x\"\n")
             .unwrap_err();
         assert!(!error.to_string().contains("s3cret-key"));
+    }
+
+    #[test]
+    fn a_declared_lock_or_alert_turns_the_lifecycle_on() {
+        let plain = load("[[thing]]\nname = \"a\"\nkey_env = \"S5D9_KEY\"\n").unwrap();
+        assert_eq!(
+            plain.lifecycle, None,
+            "an ingest-only file is not reconciled by run"
+        );
+        let locked = load(
+            "[[thing]]\nname = \"a\"\nlock = \"l\"\nkey_env = \"S5D9_KEY\"\n[thing.alert]\nto = [\"a@b.io\", \"c@d.io\"]\nwhen = \"if(dweet.t > 4) return 'hot';\"\n",
+        )
+        .unwrap();
+        assert_eq!(locked.lifecycle, Some(LifecycleConfig::default()));
+        let thing = &locked.things[0];
+        assert_eq!(thing.lock.as_deref(), Some("l"));
+        assert_eq!(thing.alert.as_ref().unwrap().to.len(), 2);
+        let explicit = load("[lifecycle]\ninterval = \"30s\"\n").unwrap();
+        assert_eq!(
+            explicit.lifecycle.unwrap().interval,
+            Duration::from_secs(30)
+        );
     }
 }

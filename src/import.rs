@@ -94,14 +94,8 @@ impl Imported {
     /// the number of repeats.
     pub fn into_records(self, received_ms: i64) -> (Vec<Record>, u64) {
         let mut records = self.dead_letters;
-        let mut repeats = 0;
-        let mut things: Vec<_> = self.by_thing.into_iter().collect();
-        things.sort_by(|a, b| a.0.cmp(&b.0));
-        for (_, mut dweets) in things {
-            dweets.sort_by_key(|dweet| dweet.created.to_datetime());
-            let before = dweets.len();
-            dweets.dedup_by(|later, earlier| later.created == earlier.created);
-            repeats += (before - dweets.len()) as u64;
+        let (things, repeats) = sorted_by_thing(self.by_thing);
+        for (_, dweets) in things {
             records.extend(
                 dweets
                     .iter()
@@ -110,6 +104,26 @@ impl Imported {
         }
         (records, repeats)
     }
+
+    /// Each thing's dweets, oldest first, repeats removed, things by name; with the lines that
+    /// were not dweets, as dead letters.
+    pub fn into_dweets(self) -> (Vec<(String, Vec<Dweet>)>, Vec<Record>) {
+        let (things, _) = sorted_by_thing(self.by_thing);
+        (things, self.dead_letters)
+    }
+}
+
+fn sorted_by_thing(by_thing: HashMap<String, Vec<Dweet>>) -> (Vec<(String, Vec<Dweet>)>, u64) {
+    let mut repeats = 0;
+    let mut things: Vec<_> = by_thing.into_iter().collect();
+    things.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, dweets) in &mut things {
+        dweets.sort_by_key(|dweet| dweet.created.to_datetime());
+        let before = dweets.len();
+        dweets.dedup_by(|later, earlier| later.created == earlier.created);
+        repeats += (before - dweets.len()) as u64;
+    }
+    (things, repeats)
 }
 
 #[cfg(test)]

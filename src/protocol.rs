@@ -115,6 +115,19 @@ pub fn encode_stream_frame(dweet_json: &str) -> Vec<u8> {
     frame
 }
 
+/// `local@domain.tld` without spaces: the check a form would make, not RFC 5322.
+pub fn is_plausible_email(address: &str) -> bool {
+    let Some((local, domain)) = address.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains('@')
+        && !address.chars().any(char::is_whitespace)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub spool_bytes: IntGauge,
     pub spool_dropped: IntCounter,
+    pub lifecycle_actions: IntCounterVec,
+    pub lifecycle_drift: IntGauge,
+    pub lifecycle_problems: IntGauge,
     pub uptime: Gauge,
 }
 
@@ -168,6 +171,21 @@ impl Metrics {
             "spool_dropped_records_total",
             "Records PostgreSQL will not get because the spool was full.",
         ))?;
+        let lifecycle_actions = IntCounterVec::new(
+            opts(
+                "lifecycle_actions_total",
+                "Lock and alert changes made to match things.toml, by thing, kind (lock, unlock, set_alert, replace_alert, remove_alert) and outcome (ok, failed).",
+            ),
+            &["thing", "kind", "outcome"],
+        )?;
+        let lifecycle_drift = IntGauge::with_opts(opts(
+            "lifecycle_drift",
+            "Things whose lock or alert differed from things.toml at the last lifecycle check.",
+        ))?;
+        let lifecycle_problems = IntGauge::with_opts(opts(
+            "lifecycle_problems",
+            "Things whose lock or alert could not be checked or corrected at the last lifecycle check (wrong key, server unreachable).",
+        ))?;
         let uptime = Gauge::with_opts(opts("uptime_seconds", "Seconds since the worker started."))?;
 
         registry.register(Box::new(build_info.clone()))?;
@@ -189,6 +207,9 @@ impl Metrics {
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(spool_bytes.clone()))?;
         registry.register(Box::new(spool_dropped.clone()))?;
+        registry.register(Box::new(lifecycle_actions.clone()))?;
+        registry.register(Box::new(lifecycle_drift.clone()))?;
+        registry.register(Box::new(lifecycle_problems.clone()))?;
         registry.register(Box::new(uptime.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -232,6 +253,9 @@ impl Metrics {
             config_reloads,
             spool_bytes,
             spool_dropped,
+            lifecycle_actions,
+            lifecycle_drift,
+            lifecycle_problems,
             uptime,
         })
     }

@@ -85,6 +85,12 @@ pub enum AlertCommand {
     Get(KeyedThingArgs),
     /// Remove a thing's alert.
     Remove(KeyedThingArgs),
+    /// Try a condition on recorded dweets and print when the alert would open and close.
+    ///
+    /// Example: dweetpipe history S5D9-63de > recorded.jsonl;
+    ///   dweetpipe alert test --when "if(dweet.sensors.TemperatureC > 40) return 'too hot';"
+    ///   recorded.jsonl
+    Test(super::alert_test::AlertTestArgs),
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +239,7 @@ pub async fn run_alert(client: &Client, command: AlertCommand) -> anyhow::Result
             let key = args.key.required()?;
             print_json(&client.remove_alert(&args.thing, &key).await?)
         }
+        AlertCommand::Test(args) => super::alert_test::run(args),
     }
 }
 

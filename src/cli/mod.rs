@@ -1,10 +1,12 @@
 //! The command line: argument definitions and the small helpers every command shares. Each
 //! command's work is a call into the library; this layer parses, prints and sets exit codes.
 
+mod alert_test;
 mod api;
 mod bench;
 mod demo;
 mod import;
+mod lifecycle;
 mod sandbox;
 mod worker;
 
@@ -93,6 +95,20 @@ pub enum Command {
     Run(worker::ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.
     Check(worker::ConfigArgs),
+    /// Show what `apply` would change so the server's locks and alerts match the things file.
+    ///
+    /// Reads each managed thing's state (is it locked, does our key open it, which alert it
+    /// carries) and prints lock, unlock, set/replace/remove alert per thing. Changes nothing.
+    /// A thing is managed when it has a key_env/key_file and not `manage = false`; in it, no
+    /// `lock` means unlocked and no [thing.alert] means no alert. Things absent from the file
+    /// are never touched. Exits non-zero when a thing cannot be reconciled (wrong key).
+    Plan(worker::ConfigArgs),
+    /// Make the server's locks and alerts match the things file, and print what was done.
+    ///
+    /// Idempotent: a second apply finds nothing to do. Exits non-zero if a change failed,
+    /// with the server's reason. `run` does the same at start, on SIGHUP and every
+    /// [lifecycle] interval.
+    Apply(worker::ConfigArgs),
     /// Load dweets from JSON Lines files (`history` output; `-` for stdin) into the sinks.
     ///
     /// Needs only the sink sections of the things file. Each thing's dweets are sorted and
@@ -160,6 +176,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Run(args) => worker::run(args).await,
         Command::Check(args) => worker::check(args).await,
+        Command::Plan(args) => lifecycle::plan(args).await,
+        Command::Apply(args) => lifecycle::apply(args).await,
         Command::Bench(command) => bench::run(command).await,
         Command::Migrate(args) => worker::migrate(args).await,
         Command::Import(args) => import::run(args).await,

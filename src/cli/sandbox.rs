@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use dweetpipe::client::{Client, Key};
+use dweetpipe::sandbox::notify::{LogNotifier, Notify, OutboxNotifier, SmtpNotifier};
 use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
-use dweetpipe::sandbox::{Limits, SandboxConfig};
+use dweetpipe::sandbox::{EvaluationLimits, Limits, SandboxConfig};
 
 use super::KeyArgs;
 use super::api::seconds;
@@ -51,6 +52,66 @@ pub struct SandboxArgs {
     /// Close a listen stream after this long without a dweet, as the public service did.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_close: Duration,
+    #[command(flatten)]
+    alerts: AlertArgs,
+}
+
+/// How the sandbox evaluates alert conditions and tells recipients.
+#[derive(Debug, Args)]
+struct AlertArgs {
+    /// Append each alert that opens or closes, as one JSON line, to this file.
+    #[arg(long, value_name = "PATH", default_value = "dweetpipe-alerts.jsonl")]
+    alert_outbox: PathBuf,
+    /// Do not write the alert outbox (alerts are still logged).
+    #[arg(long, conflicts_with = "alert_outbox")]
+    no_alert_outbox: bool,
+    /// E-mail opened alerts through this SMTP relay: smtp://host:25,
+    /// smtp://host:587?tls=required (STARTTLS) or smtps://user:password@host:465. Prefer the
+    /// environment variable, which keeps the password out of the process list.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DWEETPIPE_SMTP_URL",
+        hide_env_values = true
+    )]
+    smtp_url: Option<String>,
+    /// The sender of alert e-mails.
+    #[arg(long, value_name = "ADDRESS", default_value = "dweetpipe@localhost")]
+    smtp_from: String,
+    /// Longest one condition may run on one dweet before it is stopped.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    alert_time_limit: Duration,
+    /// Memory the condition engine may use, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    alert_memory_mib: usize,
+    /// Alerts e-mailed per thing per UTC day (reported as `alerts_allowed_today`).
+    #[arg(long, default_value_t = 100)]
+    alerts_per_day: u32,
+}
+
+impl AlertArgs {
+    fn notifiers(&self) -> anyhow::Result<Vec<Arc<dyn Notify>>> {
+        let mut notifiers: Vec<Arc<dyn Notify>> = vec![Arc::new(LogNotifier)];
+        if !self.no_alert_outbox {
+            notifiers.push(Arc::new(OutboxNotifier::new(&self.alert_outbox)));
+        }
+        if let Some(url) = &self.smtp_url {
+            notifiers.push(Arc::new(
+                SmtpNotifier::new(url, &self.smtp_from).context("--smtp-url")?,
+            ));
+        }
+        Ok(notifiers)
+    }
+
+    fn limits(&self) -> anyhow::Result<EvaluationLimits> {
+        if self.alert_time_limit.is_zero() || self.alert_memory_mib == 0 {
+            bail!("--alert-time-limit and --alert-memory-mib must be above zero");
+        }
+        Ok(EvaluationLimits {
+            time: self.alert_time_limit,
+            memory_bytes: self.alert_memory_mib << 20,
+        })
+    }
 }
 
 pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
@@ -85,10 +146,12 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
             max_history: args.max_history,
             retention: args.retention,
             rate_limit: args.rate_limit,
-            ..Limits::default()
+            alerts_allowed_per_day: args.alerts.alerts_per_day,
         },
         max_content_chars: args.max_content,
         idle_close: args.idle_close,
+        alert_limits: args.alerts.limits()?,
+        notifiers: args.alerts.notifiers()?,
         ..SandboxConfig::default()
     };
     let handle = dweetpipe::sandbox::start(config)

@@ -158,9 +158,7 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
     let Some(source) = &config.source else {
         return Ok(());
     };
-    let client = Client::builder(&source.url)
-        .request_timeout(source.request_timeout)
-        .build()?;
+    let client = source.client()?;
     let mut problems = 0;
     let sample: Vec<_> = config.things.iter().take(CHECK_SAMPLE).collect();
     if sample.is_empty() {

@@ -15,17 +15,17 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::store::Store;
+use super::condition::MAX_CONDITION_CHARS;
+use super::evaluator::{Evaluator, NoVerdict};
+use super::store::{PendingEvaluation, Store};
 use super::{Refusal, SandboxConfig, content, names};
 use crate::client::Recipient;
 use crate::http_server::Body;
-use crate::protocol::{Failure, Success};
-
-/// Longest alert condition accepted, as on the public service.
-const MAX_CONDITION_CHARS: usize = 2000;
+use crate::protocol::{self, Failure, Success};
 
 pub(super) struct App {
     store: Arc<Store>,
+    evaluator: Evaluator,
     config: SandboxConfig,
     prefix: String,
     shutdown: CancellationToken,
@@ -62,12 +62,14 @@ impl Call<'_> {
 impl App {
     pub(super) fn new(
         store: Arc<Store>,
+        evaluator: Evaluator,
         config: SandboxConfig,
         shutdown: CancellationToken,
     ) -> Self {
         let prefix = config.prefix.trim_end_matches('/').to_owned();
         App {
             store,
+            evaluator,
             config,
             prefix,
             shutdown,
@@ -161,17 +163,17 @@ impl App {
                         names::generate(&mut rand::rng(), attempt)
                     }
                 });
-                self.write(&thing, content, key, false)
+                self.write(&thing, content, key, false).await
             }
             ["dweet", "for", thing] => {
                 let thing = decode_segment(thing)?;
                 let content = self.read_content(body, content_type, call).await?;
-                self.write(&thing, content, key, false)
+                self.write(&thing, content, key, false).await
             }
             ["dweet", "quietly", "for", thing] => {
                 let thing = decode_segment(thing)?;
                 let content = self.read_content(body, content_type, call).await?;
-                self.write(&thing, content, key, true)
+                self.write(&thing, content, key, true).await
             }
             ["get", "latest", "dweet", "for", thing] => self.read(&decode_segment(thing)?, key, 1),
             ["get", "dweets", "for", thing] => self.read(&decode_segment(thing)?, key, usize::MAX),
@@ -253,7 +255,7 @@ impl App {
         Ok(content)
     }
 
-    fn write(
+    async fn write(
         &self,
         thing: &str,
         content: serde_json::Map<String, serde_json::Value>,
@@ -270,13 +272,67 @@ impl App {
                 format!("the dweet content is {chars} characters long; the limit is {max}"),
             ));
         }
-        let dweet = self.store.write(thing, content, key)?;
+        let written = self.store.write(thing, content, key)?;
+        if let Some(evaluation) = written.evaluation {
+            self.evaluate_alert(thing, evaluation).await;
+        }
+        let dweet = written.dweet;
         if quietly {
             return Ok(Reply::NoContent);
         }
         Ok(Reply::Json(encode(&Success::new(
             "dweeting", "dweet", &dweet,
         ))))
+    }
+
+    /// Runs the thing's alert condition on the dweet just written, before answering, so a
+    /// client that reads the alert after its dweet sees the verdict. A broken or runaway
+    /// condition is logged; the dweet stands either way.
+    async fn evaluate_alert(&self, thing: &str, evaluation: PendingEvaluation) {
+        let verdict = self
+            .evaluator
+            .evaluate(
+                thing,
+                Arc::clone(&evaluation.condition),
+                evaluation.content_json.clone(),
+            )
+            .await;
+        let verdict = match verdict {
+            Ok(verdict) => verdict,
+            Err(NoVerdict::Condition(error)) => {
+                tracing::warn!(thing, %error, "alert condition gave no verdict; the dweet is kept");
+                return;
+            }
+            Err(NoVerdict::Abandoned { culprit, waited }) => {
+                if culprit {
+                    self.store.suspend_alert(thing, &evaluation);
+                    tracing::warn!(
+                        thing,
+                        ?waited,
+                        "alert condition could not be stopped in time; it will not run again until the alert is set anew"
+                    );
+                } else {
+                    tracing::warn!(
+                        thing,
+                        "alert evaluation skipped: another condition held its thread"
+                    );
+                }
+                return;
+            }
+        };
+        let Some(notification) = self.store.record_verdict(thing, &evaluation, &verdict) else {
+            return;
+        };
+        let notification = Arc::new(notification);
+        for notifier in &self.config.notifiers {
+            let notifier = Arc::clone(notifier);
+            let notification = Arc::clone(&notification);
+            tokio::spawn(async move {
+                if let Err(error) = notifier.notify(&notification).await {
+                    tracing::warn!(thing = %notification.thing, %error, "alert notification failed");
+                }
+            });
+        }
     }
 
     fn read(&self, thing: &str, key: Option<&str>, limit: usize) -> Result<Reply, Refusal> {
@@ -427,7 +483,7 @@ fn parse_recipients(who: &str) -> Result<Vec<Recipient>, Refusal> {
     addresses
         .into_iter()
         .map(|address| {
-            if is_plausible_email(address) {
+            if protocol::is_plausible_email(address) {
                 Ok(Recipient::email(address))
             } else {
                 Err(Refusal::new(
@@ -437,19 +493,6 @@ fn parse_recipients(who: &str) -> Result<Vec<Recipient>, Refusal> {
             }
         })
         .collect()
-}
-
-/// `local@domain.tld` without spaces: the check a form would make, not RFC 5322.
-pub fn is_plausible_email(address: &str) -> bool {
-    let Some((local, domain)) = address.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains('@')
-        && !address.chars().any(char::is_whitespace)
 }
 
 #[cfg(test)]

@@ -6,9 +6,12 @@
 //! proxy in front of it), keeps everything in memory, and forgets it as the public service
 //! did: the last `max_history` dweets of a thing, for `retention` after its last dweet.
 
+pub mod condition;
 mod content;
+mod evaluator;
 mod http;
 mod names;
+pub mod notify;
 pub mod simulator;
 mod store;
 
@@ -25,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::Key;
 use crate::protocol;
 
+pub use condition::EvaluationLimits;
 pub use store::Limits;
 
 /// Everything the server can be told. `Default` is the public service's behaviour on
@@ -43,6 +47,12 @@ pub struct SandboxConfig {
     pub idle_close: Duration,
     /// Largest request body read; bigger ones are refused without being buffered.
     pub max_body_bytes: usize,
+    /// What one alert condition may use per dweet.
+    pub alert_limits: EvaluationLimits,
+    /// Threads running alert conditions.
+    pub alert_threads: usize,
+    /// Told about every alert that opens or closes.
+    pub notifiers: Vec<Arc<dyn notify::Notify>>,
 }
 
 impl Default for SandboxConfig {
@@ -55,6 +65,11 @@ impl Default for SandboxConfig {
             max_content_chars: 2000,
             idle_close: Duration::from_secs(60),
             max_body_bytes: 256 * 1024,
+            alert_limits: EvaluationLimits::default(),
+            alert_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4),
+            notifiers: vec![Arc::new(notify::LogNotifier)],
         }
     }
 }
@@ -140,7 +155,8 @@ pub async fn start(config: SandboxConfig) -> io::Result<SandboxHandle> {
         config.locks.iter().cloned(),
     ));
     tokio::spawn(sweep_forever(Arc::clone(&store), shutdown.clone()));
-    let app = Arc::new(http::App::new(store, config, shutdown.clone()));
+    let evaluator = evaluator::Evaluator::start(config.alert_threads, config.alert_limits)?;
+    let app = Arc::new(http::App::new(store, evaluator, config, shutdown.clone()));
     let handler = Arc::new(move |request| {
         let app = Arc::clone(&app);
         async move { app.handle(request).await }

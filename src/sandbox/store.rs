@@ -12,11 +12,13 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use super::Refusal;
+use super::condition::{Verdict, transition};
+use super::notify::{Notification, NotificationKind};
 use crate::client::{Alert, AlertStatus, Created, Dweet, Key, Recipient};
 use crate::protocol;
 
@@ -59,8 +61,35 @@ struct Kept {
 #[derive(Debug)]
 struct AlertRecord {
     recipients: Vec<Recipient>,
-    condition: String,
+    condition: Arc<str>,
     status: AlertStatus,
+    /// Tells a verdict on this alert from one on the alert it replaced.
+    generation: u64,
+    /// The newest dweet whose verdict was applied: verdicts may finish out of order.
+    evaluated_through: Option<DateTime<Utc>>,
+    /// The UTC day `status.alerts_sent_today` counts.
+    counting_day: NaiveDate,
+    /// Set when the condition overran its time limit so far that its thread was abandoned:
+    /// it is not run again until the alert is set anew.
+    suspended: bool,
+}
+
+/// A dweet written to a thing that carries an alert: what the condition must be run on.
+#[derive(Debug, Clone)]
+pub struct PendingEvaluation {
+    pub condition: Arc<str>,
+    /// The dweet's content as compact JSON, the `dweet` the condition sees.
+    pub content_json: String,
+    generation: u64,
+    created_at: DateTime<Utc>,
+    created: Created,
+}
+
+/// What `Store::write` did: the dweet as answered, and the alert evaluation it calls for.
+#[derive(Debug)]
+pub struct Written {
+    pub dweet: Dweet,
+    pub evaluation: Option<PendingEvaluation>,
 }
 
 #[derive(Debug, Default)]
@@ -164,6 +193,7 @@ pub struct Store {
     hasher: RandomState,
     locks: RwLock<LockTable>,
     limits: Limits,
+    alert_generations: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -180,6 +210,7 @@ impl Store {
             hasher: RandomState::new(),
             locks: RwLock::new(table),
             limits,
+            alert_generations: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -210,7 +241,7 @@ impl Store {
         thing: &str,
         content: Map<String, Value>,
         key: Option<&str>,
-    ) -> Result<Dweet, Refusal> {
+    ) -> Result<Written, Refusal> {
         self.lock_table().check_access(thing, key)?;
         let now = Instant::now();
         let mut shard = self.shard(thing);
@@ -238,6 +269,17 @@ impl Store {
         let json: Arc<str> = serde_json::to_string(&dweet)
             .map_err(|e| Refusal::new(500, format!("could not encode the dweet: {e}")))?
             .into();
+        let evaluation = match &entry.alert {
+            Some(alert) if !alert.suspended => Some(PendingEvaluation {
+                condition: Arc::clone(&alert.condition),
+                content_json: serde_json::to_string(&dweet.content)
+                    .map_err(|e| Refusal::new(500, format!("could not encode the dweet: {e}")))?,
+                generation: alert.generation,
+                created_at,
+                created: dweet.created.clone(),
+            }),
+            _ => None,
+        };
         if let Some(listeners) = &entry.listeners
             && listeners.receiver_count() > 0
         {
@@ -251,7 +293,76 @@ impl Store {
         entry.last_dweet_at = Some(now);
         entry.last_created = Some(created_at);
         dweet.transaction = Some(uuid::Uuid::new_v4().to_string());
-        Ok(dweet)
+        Ok(Written { dweet, evaluation })
+    }
+
+    /// Stops running the alert's condition (the one `evaluated` ran), until it is set anew.
+    pub fn suspend_alert(&self, thing: &str, evaluated: &PendingEvaluation) {
+        let mut shard = self.shard(thing);
+        if let Some(alert) = shard.get_mut(thing).and_then(|entry| entry.alert.as_mut())
+            && alert.generation == evaluated.generation
+        {
+            alert.suspended = true;
+        }
+    }
+
+    /// Applies a condition's verdict on a dweet to the thing's alert status, and says what to
+    /// notify: an alert opens (counted against the day's allowance) or closes. A verdict for
+    /// an alert since replaced or removed, or older than one already applied, changes nothing.
+    pub fn record_verdict(
+        &self,
+        thing: &str,
+        evaluated: &PendingEvaluation,
+        verdict: &Verdict,
+    ) -> Option<Notification> {
+        let mut shard = self.shard(thing);
+        let alert = shard.get_mut(thing)?.alert.as_mut()?;
+        if alert.generation != evaluated.generation
+            || alert
+                .evaluated_through
+                .is_some_and(|through| through >= evaluated.created_at)
+        {
+            return None;
+        }
+        alert.evaluated_through = Some(evaluated.created_at);
+        let today = evaluated.created_at.date_naive();
+        if alert.counting_day != today {
+            alert.counting_day = today;
+            alert.status.alerts_sent_today = 0;
+        }
+        let status = &mut alert.status;
+        if let Verdict::Fired { message } = verdict {
+            status.message.clone_from(message);
+        }
+        let kind = transition(status.open, verdict)?;
+        match kind {
+            NotificationKind::Opened => {
+                status.open = true;
+                status.since = Some(evaluated.created.as_str().to_owned());
+            }
+            NotificationKind::Closed => {
+                status.open = false;
+                status.message.clear();
+                status.since = None;
+            }
+        }
+        let within_allowance = kind == NotificationKind::Closed
+            || status.alerts_sent_today < status.alerts_allowed_today;
+        if kind == NotificationKind::Opened && within_allowance {
+            status.alerts_sent_today += 1;
+        }
+        Some(Notification {
+            thing: thing.to_owned(),
+            kind,
+            message: match verdict {
+                Verdict::Fired { message } => message.clone(),
+                Verdict::Quiet => String::new(),
+            },
+            created: evaluated.created.as_str().to_owned(),
+            condition: alert.condition.to_string(),
+            recipients: alert.recipients.iter().map(|r| r.address.clone()).collect(),
+            within_allowance,
+        })
     }
 
     /// The compact JSON of the kept dweets, newest first, at most `limit`.
@@ -385,7 +496,13 @@ impl Store {
         self.lock_table().check_locked_access(thing, key)?;
         let record = AlertRecord {
             recipients,
-            condition,
+            condition: condition.into(),
+            generation: self
+                .alert_generations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            evaluated_through: None,
+            counting_day: Utc::now().date_naive(),
+            suspended: false,
             status: AlertStatus {
                 message: String::new(),
                 since: None,
@@ -460,7 +577,7 @@ impl Store {
 fn alert_view(thing: &str, record: &AlertRecord, with_status: bool) -> Alert {
     Alert {
         thing: thing.to_owned(),
-        condition: record.condition.clone(),
+        condition: record.condition.to_string(),
         is_demo: false,
         recipients: record.recipients.clone(),
         status: with_status.then(|| record.status.clone()),
@@ -490,7 +607,7 @@ mod tests {
             let written = store
                 .write("t", object(serde_json::json!({})), None)
                 .unwrap();
-            let created = written.created.to_datetime().unwrap();
+            let created = written.dweet.created.to_datetime().unwrap();
             if let Some(previous) = previous {
                 assert!(created > previous);
             }
@@ -538,5 +655,103 @@ mod tests {
         store.write("t", Map::new(), None).unwrap();
         assert_eq!(store.sweep(), 1);
         assert!(store.read("t", None, 10).is_err());
+    }
+
+    /// Thing `t`, locked with key `k`, and a (re)set alert on it.
+    fn set_alert_on_t(store: &Store) {
+        store
+            .set_alert(
+                "t",
+                vec![Recipient::email("a@b.io")],
+                "c".to_owned(),
+                Some("k"),
+            )
+            .unwrap();
+    }
+
+    fn alerted_store(limits: Limits) -> Store {
+        let store = Store::new(limits, [("l".to_owned(), Key::new("k"))]);
+        store.lock("t", "l", Some("k")).unwrap();
+        set_alert_on_t(&store);
+        store
+    }
+
+    #[test]
+    fn verdicts_open_close_and_count_against_the_allowance() {
+        let store = alerted_store(Limits {
+            alerts_allowed_per_day: 1,
+            ..Limits::default()
+        });
+        let fire = |text: &str| Verdict::Fired {
+            message: text.to_owned(),
+        };
+        let evaluate = |verdict: Verdict| {
+            let written = store.write("t", Map::new(), Some("k")).unwrap();
+            let pending = written
+                .evaluation
+                .expect("an alerted thing asks for evaluation");
+            store.record_verdict("t", &pending, &verdict)
+        };
+        let opened = evaluate(fire("hot")).expect("opens");
+        assert_eq!(opened.kind, NotificationKind::Opened);
+        assert!(opened.within_allowance);
+        assert!(evaluate(fire("still hot")).is_none(), "already open");
+        let status = store.get_alert("t", Some("k")).unwrap().status.unwrap();
+        assert!(status.open && status.message == "still hot" && status.since.is_some());
+        assert_eq!(
+            evaluate(Verdict::Quiet).unwrap().kind,
+            NotificationKind::Closed
+        );
+        let status = store.get_alert("t", Some("k")).unwrap().status.unwrap();
+        assert!(!status.open && status.message.is_empty() && status.since.is_none());
+        let second = evaluate(fire("hot again")).unwrap();
+        assert!(!second.within_allowance, "the day's one alert was used");
+        assert_eq!(
+            store
+                .get_alert("t", Some("k"))
+                .unwrap()
+                .status
+                .unwrap()
+                .alerts_sent_today,
+            1
+        );
+    }
+
+    #[test]
+    fn stale_verdicts_change_nothing() {
+        let store = alerted_store(Limits::default());
+        let older = store
+            .write("t", Map::new(), Some("k"))
+            .unwrap()
+            .evaluation
+            .unwrap();
+        let newer = store
+            .write("t", Map::new(), Some("k"))
+            .unwrap()
+            .evaluation
+            .unwrap();
+        let fired = Verdict::Fired {
+            message: "m".to_owned(),
+        };
+        assert!(store.record_verdict("t", &newer, &fired).is_some());
+        assert!(
+            store.record_verdict("t", &older, &Verdict::Quiet).is_none(),
+            "an older dweet's verdict does not close what a newer one opened"
+        );
+        set_alert_on_t(&store);
+        let before_replacement = newer;
+        assert!(
+            store
+                .record_verdict("t", &before_replacement, &fired)
+                .is_none()
+        );
+        assert!(
+            !store
+                .get_alert("t", Some("k"))
+                .unwrap()
+                .status
+                .unwrap()
+                .open
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! work that must not stall the async runtime.
 
 pub(crate) mod backoff;
+pub mod lifecycle;
 mod subscription;
 
 use std::collections::HashMap;
@@ -184,7 +185,8 @@ impl SourceConfig {
         Ok(())
     }
 
-    fn client(&self) -> Result<Client, WorkerError> {
+    /// A client for this source, with its request timeout.
+    pub fn client(&self) -> Result<Client, WorkerError> {
         Client::builder(&self.url)
             .request_timeout(self.request_timeout)
             .build()
@@ -248,6 +250,7 @@ pub struct WorkerHandle {
     background: CancellationToken,
     sink_thread: std::thread::JoinHandle<Result<(), SinkError>>,
     postgres_task: Option<PostgresTasks>,
+    lifecycle: Option<lifecycle::Reconciler>,
 }
 
 /// The PostgreSQL side's background tasks.
@@ -427,8 +430,10 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         background,
         sink_thread,
         postgres_task,
+        lifecycle: None,
         config: config.clone(),
     };
+    worker.reconcile_lifecycle(&config)?;
     for thing in &config.things {
         worker.start_thing(thing.clone(), true);
     }
@@ -540,7 +545,10 @@ impl WorkerHandle {
                 }
                 Some(thing)
                     if source_changed
-                        || self.things.get(&name).is_some_and(|r| r.config != **thing) =>
+                        || self
+                            .things
+                            .get(&name)
+                            .is_some_and(|r| !r.config.reads_like(thing)) =>
                 {
                     self.stop_thing(&name).await;
                     self.start_thing((*thing).clone(), false);
@@ -556,6 +564,15 @@ impl WorkerHandle {
             }
         }
         self.metrics.things_configured.set(self.things.len() as i64);
+        if source_changed && let Some(reconciler) = self.lifecycle.take() {
+            reconciler.stop().await;
+        }
+        if config.lifecycle != self.config.lifecycle
+            && let Some(reconciler) = self.lifecycle.take()
+        {
+            reconciler.stop().await;
+        }
+        self.reconcile_lifecycle(&config)?;
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         // Sections that need a restart keep their running values.
         let parquet = self.config.parquet.clone();
@@ -570,6 +587,24 @@ impl WorkerHandle {
         Ok(report)
     }
 
+    /// Keeps the server's locks and alerts in step with `config` when it declares any: starts
+    /// the reconciler, or hands it the new things (which reconciles them at once).
+    fn reconcile_lifecycle(&mut self, config: &Config) -> Result<(), WorkerError> {
+        match (&config.lifecycle, &self.lifecycle) {
+            (Some(_), Some(running)) => running.update(config.things.clone()),
+            (Some(settings), None) => {
+                self.lifecycle = Some(lifecycle::Reconciler::start(
+                    self.source.client()?,
+                    config.things.clone(),
+                    settings.clone(),
+                    Arc::clone(&self.metrics),
+                ));
+            }
+            (None, _) => {}
+        }
+        Ok(())
+    }
+
     /// Stops every subscription, seals the sinks, and stops serving metrics, all within
     /// `timeout`.
     pub async fn shutdown(self, timeout: Duration) -> Result<(), WorkerError> {
@@ -580,8 +615,12 @@ impl WorkerHandle {
             background,
             sink_thread,
             postgres_task,
+            lifecycle,
             ..
         } = self;
+        if let Some(reconciler) = lifecycle {
+            reconciler.stop().await;
+        }
         for running in things.values() {
             running.cancel.cancel();
         }

@@ -2,11 +2,13 @@
 //! raw HTTP bytes and by the `dweetpipe` binary. Each test starts its own sandbox on a free
 //! port, so they run in parallel without sharing state.
 
+mod alerts;
 mod cli;
 mod client;
 mod common;
 mod deploy;
 mod hostile;
+mod lifecycle;
 mod listen;
 mod postgres;
 mod protocol;

@@ -37,11 +37,7 @@ pub(crate) fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
         }),
         things: things
             .iter()
-            .map(|name| ThingConfig {
-                name: name.clone(),
-                key: None,
-                key_source: None,
-            })
+            .map(|name| ThingConfig::unlocked(name.clone()))
             .collect(),
         parquet: Some(ParquetConfig {
             rotate_after: Duration::from_millis(500),
@@ -49,6 +45,7 @@ pub(crate) fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
         }),
         postgres: None,
         metrics: None,
+        lifecycle: None,
         shutdown_timeout: Duration::from_secs(10),
     }
 }

@@ -1,0 +1,103 @@
+//! `dweetpipe plan` and `dweetpipe apply`: the lock and alert lifecycle of things.toml, shown
+//! and then made, as `run` does at start, on reload and every `[lifecycle] interval`.
+
+use anyhow::{Context, bail};
+use dweetpipe::config::Config;
+use dweetpipe::worker::lifecycle::{self, Plan, ThingPlan, describe};
+
+use super::worker::ConfigArgs;
+
+async fn make_plan(args: &ConfigArgs) -> anyhow::Result<(Config, dweetpipe::client::Client, Plan)> {
+    let config = Config::load(args.path())?;
+    let Some(source) = &config.source else {
+        bail!(
+            "{}: plan and apply need a [source] url (the server whose locks and alerts to manage)",
+            config.path.display()
+        );
+    };
+    let client = source.client().context("the [source] section")?;
+    let plan = lifecycle::plan(&client, &config.things).await;
+    Ok((config, client, plan))
+}
+
+/// Prints the plan; exits non-zero when a thing cannot be reconciled.
+pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
+    let (config, client, plan) = make_plan(&args).await?;
+    println!("{} against {}:", config.path.display(), client.base_url());
+    for (thing, thing_plan) in &plan.things {
+        match thing_plan {
+            ThingPlan::Changes(actions) => {
+                for &kind in actions {
+                    println!("  {}: will {}", thing.name, describe(thing, kind));
+                }
+            }
+            other => println!("  {}: {other}", thing.name),
+        }
+    }
+    match plan.changes() {
+        0 => println!("Nothing to change."),
+        changes => println!(
+            "{changes} change(s) on {} thing(s). `dweetpipe apply --config {}` makes them.",
+            plan.drifted(),
+            config.path.display()
+        ),
+    }
+    if plan.problems() > 0 {
+        bail!(
+            "{} thing(s) have a problem apply cannot fix (see above)",
+            plan.problems()
+        );
+    }
+    Ok(())
+}
+
+/// Makes the plan's changes and prints each; exits non-zero if any failed.
+pub async fn apply(args: ConfigArgs) -> anyhow::Result<()> {
+    let (config, client, plan) = make_plan(&args).await?;
+    for (thing, thing_plan) in &plan.things {
+        if let ThingPlan::Problem(why) = thing_plan {
+            println!("  {}: PROBLEM: {why}", thing.name);
+        }
+    }
+    if plan.changes() == 0 {
+        println!(
+            "Nothing to change: the server matches {}.",
+            config.path.display()
+        );
+    }
+    let done = lifecycle::apply(&client, &plan, None).await;
+    let failed = done.iter().filter(|d| d.outcome.is_err()).count();
+    for entry in &done {
+        let Some(thing) = plan
+            .things
+            .iter()
+            .map(|(t, _)| t)
+            .find(|t| t.name == entry.thing)
+        else {
+            continue;
+        };
+        match &entry.outcome {
+            Ok(()) => println!("  {}: {}: done", thing.name, describe(thing, entry.kind)),
+            Err(reason) => println!(
+                "  {}: {}: FAILED: {reason}",
+                thing.name,
+                describe(thing, entry.kind)
+            ),
+        }
+    }
+    if !done.is_empty() {
+        println!(
+            "Made {} of {} change(s).",
+            done.len() - failed,
+            plan.changes()
+        );
+    }
+    if failed > 0 || plan.problems() > 0 {
+        bail!(
+            "{failed} change(s) failed and {} thing(s) have a problem (see above); \
+             the rest was applied, and apply can be run again",
+            plan.problems()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! Runs alert conditions: the JavaScript function bodies over `dweet` that dweet.io evaluated
+//! on every dweet of an alerted thing.
+//!
+//! A condition is code from whoever holds a lock's key, so it runs in an embedded QuickJS
+//! engine with nothing to reach: no modules, no I/O, no timers. Each evaluation gets a fresh
+//! context (one condition cannot leave globals behind for the next), a deadline enforced by the
+//! engine's interrupt hook (`while(true){}` is stopped, not waited for), a memory ceiling and a
+//! stack ceiling. The engine is not `Send`; callers keep one per thread.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use rquickjs::{CaughtError, Coerced, Context, Ctx, Function, Runtime, Value};
+
+use super::notify::NotificationKind;
+
+/// The protocol's limit on a condition's length, in characters.
+pub const MAX_CONDITION_CHARS: usize = 2000;
+
+/// What one evaluation may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvaluationLimits {
+    /// Wall-clock time per evaluation, parsing included.
+    pub time: Duration,
+    /// Heap of the engine (all its contexts), in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Default for EvaluationLimits {
+    fn default() -> Self {
+        EvaluationLimits {
+            time: Duration::from_millis(50),
+            memory_bytes: 16 << 20,
+        }
+    }
+}
+
+/// What a condition said about one dweet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// It returned a string or another truthy value; `message` is that value as a string.
+    Fired { message: String },
+    /// It returned a falsy value (or nothing).
+    Quiet,
+}
+
+/// Why a condition could not give a verdict. None of these fails the dweet it ran on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConditionError {
+    #[error("the condition is longer than {MAX_CONDITION_CHARS} characters")]
+    TooLong,
+    #[error("the condition does not parse: {0}")]
+    Syntax(String),
+    #[error("the condition threw: {0}")]
+    Threw(String),
+    #[error("the condition ran longer than {0:?} and was stopped")]
+    TimedOut(Duration),
+    #[error("the condition used more than the engine's memory ceiling")]
+    OutOfMemory,
+    #[error("the dweet's content is not JSON the engine accepts: {0}")]
+    Content(String),
+    #[error("the JavaScript engine failed: {0}")]
+    Engine(String),
+}
+
+/// One QuickJS runtime with its limits installed.
+pub struct ConditionEngine {
+    runtime: Runtime,
+    deadline: Rc<Cell<Option<Instant>>>,
+    limits: EvaluationLimits,
+}
+
+impl ConditionEngine {
+    pub fn new(limits: EvaluationLimits) -> Result<Self, ConditionError> {
+        let runtime = Runtime::new().map_err(|e| ConditionError::Engine(e.to_string()))?;
+        runtime.set_memory_limit(limits.memory_bytes);
+        // Deep recursion must end as a RangeError, well before the thread's own stack does.
+        runtime.set_max_stack_size(256 * 1024);
+        let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+        let watched = Rc::clone(&deadline);
+        runtime.set_interrupt_handler(Some(Box::new(move || {
+            watched.get().is_some_and(|at| Instant::now() >= at)
+        })));
+        Ok(ConditionEngine {
+            runtime,
+            deadline,
+            limits,
+        })
+    }
+
+    /// Checks that `condition` is a function body the engine accepts, without running it.
+    pub fn check(&mut self, condition: &str) -> Result<(), ConditionError> {
+        self.with_fresh_context(condition, |_, _| Ok(Verdict::Quiet))
+            .map(|_| ())
+    }
+
+    /// Runs `condition` with `dweet` bound to `content_json` (the dweet's content).
+    pub fn evaluate(
+        &mut self,
+        condition: &str,
+        content_json: &str,
+    ) -> Result<Verdict, ConditionError> {
+        self.with_fresh_context(condition, |ctx, function| {
+            let dweet = ctx
+                .json_parse(content_json)
+                .map_err(|e| ConditionError::Content(describe(ctx, e)))?;
+            let returned: Value = function
+                .call((dweet,))
+                .map_err(|e| self.classify(ctx, e, ConditionError::Threw))?;
+            verdict(ctx, returned)
+        })
+    }
+
+    fn with_fresh_context(
+        &self,
+        condition: &str,
+        run: impl for<'js> FnOnce(&Ctx<'js>, Function<'js>) -> Result<Verdict, ConditionError>,
+    ) -> Result<Verdict, ConditionError> {
+        if condition.chars().count() > MAX_CONDITION_CHARS {
+            return Err(ConditionError::TooLong);
+        }
+        self.deadline.set(Some(Instant::now() + self.limits.time));
+        let result = Context::full(&self.runtime)
+            .map_err(|e| ConditionError::Engine(e.to_string()))
+            .and_then(|context| {
+                context.with(|ctx| {
+                    // The Function constructor rather than our own `(function(dweet){..})`
+                    // text: syntax errors then name the condition, not our wrapper.
+                    let constructor: Function = ctx
+                        .globals()
+                        .get("Function")
+                        .map_err(|e| ConditionError::Engine(e.to_string()))?;
+                    let function: Function = constructor
+                        .call(("dweet", condition))
+                        .map_err(|e| self.classify(&ctx, e, ConditionError::Syntax))?;
+                    run(&ctx, function)
+                })
+            });
+        self.deadline.set(None);
+        // Whatever the condition allocated goes now, so the next one starts with the full
+        // memory ceiling.
+        self.runtime.run_gc();
+        result
+    }
+
+    fn classify(
+        &self,
+        ctx: &Ctx<'_>,
+        error: rquickjs::Error,
+        otherwise: fn(String) -> ConditionError,
+    ) -> ConditionError {
+        if self.deadline.get().is_some_and(|at| Instant::now() >= at) {
+            return ConditionError::TimedOut(self.limits.time);
+        }
+        let description = describe(ctx, error);
+        if description.contains("out of memory") {
+            return ConditionError::OutOfMemory;
+        }
+        otherwise(description)
+    }
+}
+
+/// Whether an alert opens or closes on a verdict: the one rule the sandbox's alert status and
+/// `dweetpipe alert test` both follow. `None` when it stays as it was.
+pub fn transition(open: bool, verdict: &Verdict) -> Option<NotificationKind> {
+    match (open, verdict) {
+        (false, Verdict::Fired { .. }) => Some(NotificationKind::Opened),
+        (true, Verdict::Quiet) => Some(NotificationKind::Closed),
+        _ => None,
+    }
+}
+
+/// JavaScript truthiness, with a string's own text as the message.
+fn verdict(ctx: &Ctx<'_>, returned: Value<'_>) -> Result<Verdict, ConditionError> {
+    let truthy = returned
+        .get::<Coerced<bool>>()
+        .map_err(|e| ConditionError::Engine(describe(ctx, e)))?
+        .0;
+    if !truthy {
+        return Ok(Verdict::Quiet);
+    }
+    let message = returned
+        .get::<Coerced<String>>()
+        .map_err(|e| ConditionError::Threw(describe(ctx, e)))?
+        .0;
+    Ok(Verdict::Fired { message })
+}
+
+/// The thrown value's message when the error is a JavaScript exception.
+fn describe(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
+    match CaughtError::from_error(ctx, error) {
+        CaughtError::Exception(exception) => exception
+            .message()
+            .unwrap_or_else(|| "an exception without a message".to_owned()),
+        CaughtError::Value(value) => value
+            .get::<Coerced<String>>()
+            .map(|text| text.0)
+            .unwrap_or_else(|_| "a value that is not an Error".to_owned()),
+        CaughtError::Error(error) => error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> ConditionEngine {
+        ConditionEngine::new(EvaluationLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn the_protocol_example_fires_and_stays_quiet() {
+        let mut engine = engine();
+        let condition = "if(dweet.alertValue > 10) return 'TEST: Greater than 10';";
+        assert_eq!(
+            engine.evaluate(condition, r#"{"alertValue":11}"#),
+            Ok(Verdict::Fired {
+                message: "TEST: Greater than 10".to_owned()
+            })
+        );
+        assert_eq!(
+            engine.evaluate(condition, r#"{"alertValue":3}"#),
+            Ok(Verdict::Quiet)
+        );
+        assert_eq!(engine.evaluate(condition, "{}"), Ok(Verdict::Quiet));
+    }
+
+    #[test]
+    fn truthiness_follows_javascript() {
+        let mut engine = engine();
+        for (body, expected) in [
+            ("return true;", Some("true")),
+            ("return 1;", Some("1")),
+            ("return {a:1};", Some("[object Object]")),
+            ("return '';", None),
+            ("return 0;", None),
+            ("return null;", None),
+            ("return NaN;", None),
+            ("", None),
+        ] {
+            let verdict = engine.evaluate(body, "{}").unwrap();
+            let expected = expected.map_or(Verdict::Quiet, |message| Verdict::Fired {
+                message: message.to_owned(),
+            });
+            assert_eq!(verdict, expected, "{body}");
+        }
+    }
+
+    #[test]
+    fn nested_sensor_paths_work() {
+        let mut engine = engine();
+        let verdict = engine
+            .evaluate(
+                "if(dweet.sensors.TemperatureC > 40) return 'too hot: ' + dweet.sensors.TemperatureC;",
+                r#"{"sensors":{"TemperatureC":41.5}}"#,
+            )
+            .unwrap();
+        assert_eq!(
+            verdict,
+            Verdict::Fired {
+                message: "too hot: 41.5".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn runaway_conditions_are_stopped_and_the_engine_goes_on() {
+        let mut engine = ConditionEngine::new(EvaluationLimits {
+            time: Duration::from_millis(30),
+            ..EvaluationLimits::default()
+        })
+        .unwrap();
+        assert_eq!(
+            engine.evaluate("while(true){}", "{}"),
+            Err(ConditionError::TimedOut(Duration::from_millis(30)))
+        );
+        assert!(matches!(
+            engine.evaluate(
+                "var a = []; while(true) { a.push('xxxxxxxxxxxxxxxx' + a.length); }",
+                "{}"
+            ),
+            Err(ConditionError::OutOfMemory | ConditionError::TimedOut(_))
+        ));
+        assert!(matches!(
+            engine.evaluate("function f(n){ return f(n+1) + 1; } return f(0);", "{}"),
+            Err(ConditionError::Threw(_))
+        ));
+        assert_eq!(
+            engine.evaluate("return 'still here';", "{}").unwrap(),
+            Verdict::Fired {
+                message: "still here".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn broken_conditions_are_errors_not_verdicts() {
+        let mut engine = engine();
+        assert!(matches!(
+            engine.evaluate("if(", "{}"),
+            Err(ConditionError::Syntax(_))
+        ));
+        assert!(matches!(
+            engine.evaluate("return dweet.missing.deeper;", "{}"),
+            Err(ConditionError::Threw(message)) if message.contains("deeper")
+        ));
+        assert_eq!(
+            engine.evaluate(&"x".repeat(MAX_CONDITION_CHARS + 1), "{}"),
+            Err(ConditionError::TooLong)
+        );
+        // QuickJS's Function constructor splices the body into source text, so a body can
+        // close the function early; what it then runs is still under the same limits.
+        assert!(matches!(
+            engine.check("}); while(true){} (function(){"),
+            Err(ConditionError::TimedOut(_))
+        ));
+    }
+
+    #[test]
+    fn one_condition_leaves_nothing_for_the_next() {
+        let mut engine = engine();
+        engine.evaluate("globalThis.leak = 'x';", "{}").unwrap();
+        assert_eq!(
+            engine.evaluate("return typeof leak !== 'undefined';", "{}"),
+            Ok(Verdict::Quiet)
+        );
+    }
+
+    #[test]
+    fn there_is_nothing_to_reach() {
+        let mut engine = engine();
+        for probe in [
+            "require",
+            "process",
+            "fetch",
+            "XMLHttpRequest",
+            "std",
+            "os",
+            "setTimeout",
+        ] {
+            let verdict = engine
+                .evaluate(&format!("return typeof {probe} !== 'undefined';"), "{}")
+                .unwrap();
+            assert_eq!(verdict, Verdict::Quiet, "{probe} is reachable");
+        }
+    }
+}

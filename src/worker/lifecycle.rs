@@ -1,0 +1,608 @@
+//! Lock and alert lifecycle: makes the server's locks and alerts match things.toml, the way a
+//! controller does: observe, compare, act, and observe again later to correct drift.
+//!
+//! The dweet.io API has no "describe this thing" call, so the observed state is inferred: a
+//! keyless read that fails with "locked" means locked; a read with our key that succeeds means
+//! our key opens it; `get_alert` with the key gives the alert. A thing is managed only when it
+//! is in the file with a key (and not `manage = false`); in a managed thing, no `lock` means
+//! "unlocked" and no `[thing.alert]` means "no alert", so deleting them from the file removes
+//! them on the server. A thing absent from the file is never observed nor touched.
+//!
+//! `plan` and `apply` run this once from the CLI; `run` keeps a [`Reconciler`] that does it at
+//! start, after every reload and every `[lifecycle] interval`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Alert, Client, Error as ClientError, Key};
+use crate::config::ThingConfig;
+use crate::telemetry::Metrics;
+
+/// The `[lifecycle]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// How often `run` re-checks the server for drift made by hand.
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "crate::config::duration"
+    )]
+    pub interval: Duration,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            interval: default_interval(),
+        }
+    }
+}
+
+impl LifecycleConfig {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.interval < Duration::from_secs(1) {
+            return Err((
+                "interval".to_owned(),
+                "must be at least 1s (the public service allowed one request per second per thing)"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A thing's `[thing.alert]`: who is told, and the JavaScript condition.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSpec {
+    pub to: Vec<String>,
+    pub when: String,
+}
+
+impl AlertSpec {
+    /// Same recipients (in any order) and the very same condition.
+    fn matches(&self, alert: &Alert) -> bool {
+        let mut wanted: Vec<&str> = self.to.iter().map(String::as_str).collect();
+        let mut actual: Vec<&str> = alert
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect();
+        wanted.sort_unstable();
+        actual.sort_unstable();
+        wanted == actual && self.when == alert.condition
+    }
+}
+
+/// A thing's lock as far as the API lets us see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockState {
+    Unlocked,
+    /// Locked, and our key opens it.
+    OpenedByOurKey,
+    /// Locked, and our key does not open it.
+    LockedAgainstUs,
+}
+
+/// What the server has for one thing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub lock: LockState,
+    pub alert: Option<Alert>,
+}
+
+/// One change to make on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    Lock,
+    Unlock,
+    SetAlert,
+    ReplaceAlert,
+    RemoveAlert,
+}
+
+impl ActionKind {
+    /// The `kind` label of `dweetpipe_lifecycle_actions_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Lock => "lock",
+            ActionKind::Unlock => "unlock",
+            ActionKind::SetAlert => "set_alert",
+            ActionKind::ReplaceAlert => "replace_alert",
+            ActionKind::RemoveAlert => "remove_alert",
+        }
+    }
+}
+
+/// What `plan` found for one thing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ThingPlan {
+    InSync,
+    /// Changes to make, in order.
+    Changes(Vec<ActionKind>),
+    /// Nothing dweetpipe may do: why.
+    NotManaged(&'static str),
+    /// Cannot be reconciled (wrong key, server unreachable): why, for a human.
+    Problem(String),
+}
+
+/// The plan for every thing of the file, in file order.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub things: Vec<(ThingConfig, ThingPlan)>,
+}
+
+impl Plan {
+    pub fn changes(&self) -> usize {
+        self.things
+            .iter()
+            .map(|(_, plan)| match plan {
+                ThingPlan::Changes(actions) => actions.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    pub fn drifted(&self) -> usize {
+        self.things
+            .iter()
+            .filter(|(_, plan)| matches!(plan, ThingPlan::Changes(_)))
+            .count()
+    }
+
+    pub fn problems(&self) -> usize {
+        self.things
+            .iter()
+            .filter(|(_, plan)| matches!(plan, ThingPlan::Problem(_)))
+            .count()
+    }
+}
+
+/// One change `apply` attempted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Done {
+    pub thing: String,
+    pub kind: ActionKind,
+    /// `Err` holds the server's reason (never a key).
+    pub outcome: Result<(), String>,
+}
+
+/// Whether a thing is managed, and the state the file asks for.
+fn desired(thing: &ThingConfig) -> Result<&Key, &'static str> {
+    if !thing.manage {
+        return Err("manage = false");
+    }
+    thing
+        .key
+        .as_ref()
+        .ok_or("no key_env or key_file, so dweetpipe cannot change its lock or alert")
+}
+
+/// The changes that take `observed` to what `thing` declares. Pure, so every case is tested.
+pub fn diff(thing: &ThingConfig, observed: &Observed) -> ThingPlan {
+    let from = thing.key_source.as_deref().unwrap_or("the configured key");
+    let mut actions = Vec::new();
+    match (&thing.lock, observed.lock) {
+        (_, LockState::LockedAgainstUs) => {
+            return ThingPlan::Problem(format!(
+                "it is locked, and the key from {from} does not open it: another lock holds it, \
+                 or the key is not the master key of its lock"
+            ));
+        }
+        (Some(_), LockState::Unlocked) => {
+            actions.push(ActionKind::Lock);
+            if thing.alert.is_some() {
+                actions.push(ActionKind::SetAlert);
+            }
+        }
+        (Some(_), LockState::OpenedByOurKey) => match (&thing.alert, &observed.alert) {
+            (Some(wanted), Some(actual)) if !wanted.matches(actual) => {
+                actions.push(ActionKind::ReplaceAlert);
+            }
+            (Some(_), None) => actions.push(ActionKind::SetAlert),
+            (None, Some(_)) => actions.push(ActionKind::RemoveAlert),
+            _ => {}
+        },
+        (None, LockState::OpenedByOurKey) => {
+            if observed.alert.is_some() {
+                actions.push(ActionKind::RemoveAlert);
+            }
+            actions.push(ActionKind::Unlock);
+        }
+        (None, LockState::Unlocked) => {}
+    }
+    if actions.is_empty() {
+        ThingPlan::InSync
+    } else {
+        ThingPlan::Changes(actions)
+    }
+}
+
+/// Reads what the server has for `thing`.
+pub async fn observe(client: &Client, thing: &str, key: &Key) -> Result<Observed, ClientError> {
+    let lock = match with_retries(|| client.get_latest_dweet_for(thing, None)).await {
+        Ok(_) | Err(ClientError::NotFound { .. }) => LockState::Unlocked,
+        Err(ClientError::Locked { .. } | ClientError::WrongKey { .. }) => {
+            match with_retries(|| client.get_latest_dweet_for(thing, Some(key))).await {
+                Ok(_) | Err(ClientError::NotFound { .. }) => LockState::OpenedByOurKey,
+                Err(ClientError::WrongKey { .. } | ClientError::Locked { .. }) => {
+                    LockState::LockedAgainstUs
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(error) => return Err(error),
+    };
+    let alert = if lock == LockState::OpenedByOurKey {
+        match with_retries(|| client.get_alert(thing, key)).await {
+            Ok(alert) => Some(alert),
+            Err(ClientError::NotFound { .. }) => None,
+            Err(error) => return Err(error),
+        }
+    } else {
+        None
+    };
+    Ok(Observed { lock, alert })
+}
+
+/// Observes every thing of the file and says what `apply` would change. Changes nothing.
+pub async fn plan(client: &Client, things: &[ThingConfig]) -> Plan {
+    let mut planned = Vec::with_capacity(things.len());
+    for thing in things {
+        let plan = match desired(thing) {
+            Err(why) => ThingPlan::NotManaged(why),
+            Ok(key) => match observe(client, &thing.name, key).await {
+                Ok(observed) => diff(thing, &observed),
+                Err(error) => ThingPlan::Problem(format!("could not read its state: {error}")),
+            },
+        };
+        planned.push((thing.clone(), plan));
+    }
+    Plan { things: planned }
+}
+
+/// Makes the changes of `plan`, in order; a thing's remaining changes are skipped after one
+/// fails. Counts each in `metrics` when given.
+pub async fn apply(client: &Client, plan: &Plan, metrics: Option<&Metrics>) -> Vec<Done> {
+    let mut done = Vec::new();
+    for (thing, thing_plan) in &plan.things {
+        let (ThingPlan::Changes(actions), Ok(key)) = (thing_plan, desired(thing)) else {
+            continue;
+        };
+        for &kind in actions {
+            let outcome = act(client, thing, key, kind)
+                .await
+                .map_err(|error| error.to_string());
+            if let Some(metrics) = metrics {
+                metrics
+                    .lifecycle_actions
+                    .with_label_values(&[
+                        thing.name.as_str(),
+                        kind.as_str(),
+                        if outcome.is_ok() { "ok" } else { "failed" },
+                    ])
+                    .inc();
+            }
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(thing = %thing.name, kind = kind.as_str(), "lifecycle change made")
+                }
+                Err(error) => {
+                    tracing::warn!(thing = %thing.name, kind = kind.as_str(), %error, "lifecycle change failed")
+                }
+            }
+            let failed = outcome.is_err();
+            done.push(Done {
+                thing: thing.name.clone(),
+                kind,
+                outcome,
+            });
+            if failed {
+                break;
+            }
+        }
+    }
+    done
+}
+
+async fn act(
+    client: &Client,
+    thing: &ThingConfig,
+    key: &Key,
+    kind: ActionKind,
+) -> Result<(), ClientError> {
+    let name = thing.name.as_str();
+    match kind {
+        ActionKind::Lock => {
+            let lock = thing.lock.as_deref().unwrap_or_default();
+            with_retries(|| client.lock(name, lock, key)).await?;
+        }
+        ActionKind::Unlock => {
+            with_retries(|| client.unlock(name, key)).await?;
+        }
+        ActionKind::SetAlert | ActionKind::ReplaceAlert => {
+            let Some(alert) = &thing.alert else {
+                return Ok(());
+            };
+            let to: Vec<&str> = alert.to.iter().map(String::as_str).collect();
+            with_retries(|| client.set_alert(name, &to, &alert.when, key)).await?;
+        }
+        ActionKind::RemoveAlert => {
+            with_retries(|| client.remove_alert(name, key)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Transient failures (rate limits, resets) are retried twice, a second and two apart: a
+/// controller that gives up on the first 429 would report drift it could have fixed.
+async fn with_retries<T, F, Fut>(mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut pause = Duration::from_secs(1);
+    for _ in 0..2 {
+        match call().await {
+            Err(error) if error.is_transient() => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
+impl fmt::Display for ThingPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ThingPlan::InSync => f.write_str("in sync"),
+            ThingPlan::NotManaged(why) => write!(f, "not managed ({why})"),
+            ThingPlan::Problem(why) => write!(f, "PROBLEM: {why}"),
+            ThingPlan::Changes(actions) => {
+                let names: Vec<&str> = actions.iter().map(|a| a.as_str()).collect();
+                f.write_str(&names.join(", "))
+            }
+        }
+    }
+}
+
+/// Describes one change for a human: which lock, which recipients and condition. Never a key.
+pub fn describe(thing: &ThingConfig, kind: ActionKind) -> String {
+    let alert = || {
+        thing.alert.as_ref().map_or_else(String::new, |alert| {
+            format!(" to {} when {:?}", alert.to.join(", "), alert.when)
+        })
+    };
+    match kind {
+        ActionKind::Lock => format!("lock with {:?}", thing.lock.as_deref().unwrap_or_default()),
+        ActionKind::Unlock => "unlock".to_owned(),
+        ActionKind::SetAlert => format!("set alert{}", alert()),
+        ActionKind::ReplaceAlert => format!("replace alert{}", alert()),
+        ActionKind::RemoveAlert => "remove alert".to_owned(),
+    }
+}
+
+/// `run`'s lifecycle loop: reconciles at start, whenever the things change (a reload), and
+/// every `interval`.
+pub struct Reconciler {
+    things: watch::Sender<Arc<Vec<ThingConfig>>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reconciler {
+    pub fn start(
+        client: Client,
+        things: Vec<ThingConfig>,
+        config: LifecycleConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (sender, receiver) = watch::channel(Arc::new(things));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(reconcile_forever(
+            client,
+            receiver,
+            config.interval,
+            metrics,
+            stop.clone(),
+        ));
+        Reconciler {
+            things: sender,
+            stop,
+            task,
+        }
+    }
+
+    /// Reconciles `things` now, and from now on.
+    pub fn update(&self, things: Vec<ThingConfig>) {
+        self.things.send_replace(Arc::new(things));
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn reconcile_forever(
+    client: Client,
+    mut things: watch::Receiver<Arc<Vec<ThingConfig>>>,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        let current = Arc::clone(&things.borrow_and_update());
+        let plan = tokio::select! {
+            _ = stop.cancelled() => return,
+            plan = plan(&client, &current) => plan,
+        };
+        metrics.lifecycle_drift.set(plan.drifted() as i64);
+        metrics.lifecycle_problems.set(plan.problems() as i64);
+        for (thing, thing_plan) in &plan.things {
+            if let ThingPlan::Problem(why) = thing_plan {
+                tracing::warn!(thing = %thing.name, "lifecycle: {why}");
+            }
+        }
+        if plan.changes() > 0 {
+            tracing::info!(
+                changes = plan.changes(),
+                things = plan.drifted(),
+                "lifecycle: the server differs from things.toml; correcting"
+            );
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = apply(&client, &plan, Some(&metrics)) => {}
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+            changed = things.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Recipient;
+
+    fn thing(lock: Option<&str>, alert: Option<(&str, &str)>) -> ThingConfig {
+        ThingConfig {
+            lock: lock.map(str::to_owned),
+            alert: alert.map(|(to, when)| AlertSpec {
+                to: vec![to.to_owned()],
+                when: when.to_owned(),
+            }),
+            key: Some(Key::new("k")),
+            key_source: Some("env K".to_owned()),
+            ..ThingConfig::unlocked("t")
+        }
+    }
+
+    fn server_alert(to: &str, when: &str) -> Alert {
+        Alert {
+            thing: "t".to_owned(),
+            condition: when.to_owned(),
+            is_demo: false,
+            recipients: vec![Recipient::email(to)],
+            status: None,
+        }
+    }
+
+    fn observed(lock: LockState, alert: Option<Alert>) -> Observed {
+        Observed { lock, alert }
+    }
+
+    #[test]
+    fn every_direction_is_planned() {
+        use ActionKind::*;
+        use LockState::*;
+        let a = ("a@x.io", "return 1;");
+        let cases: Vec<(ThingConfig, Observed, ThingPlan)> = vec![
+            (
+                thing(Some("l"), None),
+                observed(Unlocked, None),
+                ThingPlan::Changes(vec![Lock]),
+            ),
+            (
+                thing(Some("l"), Some(a)),
+                observed(Unlocked, None),
+                ThingPlan::Changes(vec![Lock, SetAlert]),
+            ),
+            (
+                thing(Some("l"), Some(a)),
+                observed(OpenedByOurKey, None),
+                ThingPlan::Changes(vec![SetAlert]),
+            ),
+            (
+                thing(Some("l"), Some(a)),
+                observed(OpenedByOurKey, Some(server_alert("a@x.io", "return 2;"))),
+                ThingPlan::Changes(vec![ReplaceAlert]),
+            ),
+            (
+                thing(Some("l"), Some(a)),
+                observed(OpenedByOurKey, Some(server_alert("b@x.io", "return 1;"))),
+                ThingPlan::Changes(vec![ReplaceAlert]),
+            ),
+            (
+                thing(Some("l"), Some(a)),
+                observed(OpenedByOurKey, Some(server_alert("a@x.io", "return 1;"))),
+                ThingPlan::InSync,
+            ),
+            (
+                thing(Some("l"), None),
+                observed(OpenedByOurKey, Some(server_alert("a@x.io", "return 1;"))),
+                ThingPlan::Changes(vec![RemoveAlert]),
+            ),
+            (
+                thing(None, None),
+                observed(OpenedByOurKey, Some(server_alert("a@x.io", "return 1;"))),
+                ThingPlan::Changes(vec![RemoveAlert, Unlock]),
+            ),
+            (
+                thing(None, None),
+                observed(OpenedByOurKey, None),
+                ThingPlan::Changes(vec![Unlock]),
+            ),
+            (
+                thing(None, None),
+                observed(Unlocked, None),
+                ThingPlan::InSync,
+            ),
+            (
+                thing(Some("l"), None),
+                observed(OpenedByOurKey, None),
+                ThingPlan::InSync,
+            ),
+        ];
+        for (thing, observed, expected) in cases {
+            assert_eq!(diff(&thing, &observed), expected, "{thing:?} {observed:?}");
+        }
+    }
+
+    #[test]
+    fn a_lock_our_key_does_not_open_is_a_problem_naming_the_key_source_not_the_key() {
+        let plan = diff(
+            &thing(Some("l"), None),
+            &observed(LockState::LockedAgainstUs, None),
+        );
+        let ThingPlan::Problem(why) = plan else {
+            panic!("expected a problem, got {plan:?}");
+        };
+        assert!(why.contains("env K") && !why.contains("\"k\""), "{why}");
+    }
+
+    #[test]
+    fn recipients_match_in_any_order() {
+        let spec = AlertSpec {
+            to: vec!["b@x.io".to_owned(), "a@x.io".to_owned()],
+            when: "c".to_owned(),
+        };
+        let mut alert = server_alert("a@x.io", "c");
+        alert.recipients.push(Recipient::email("b@x.io"));
+        assert!(spec.matches(&alert));
+    }
+
+    #[test]
+    fn things_without_a_key_or_opted_out_are_not_managed() {
+        assert!(desired(&ThingConfig::unlocked("t")).is_err());
+        let opted_out = ThingConfig {
+            manage: false,
+            ..thing(None, None)
+        };
+        assert_eq!(desired(&opted_out).unwrap_err(), "manage = false");
+    }
+}
