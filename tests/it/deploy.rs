@@ -284,15 +284,24 @@ async fn dashboards_and_alert_rules_match_what_a_running_worker_exports() {
         .collect();
     let mut config = crate::worker::test_config(&server.base_url(), &things, dir.path());
     config.postgres = Some(db.sink_config());
+    // One managed thing, so the lifecycle series exist.
+    config.things[0].lock = Some(crate::common::LOCK.to_owned());
+    config.things[0].key = Some(crate::common::key());
+    config.lifecycle = Some(Default::default());
     config.metrics = Some(dweetpipe::telemetry::MetricsConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
     });
     let (worker, metrics) = crate::worker::start_worker(config).await;
     crate::worker::wait_streams_up(&metrics, 2).await;
+    crate::worker::wait_for("the lock applied", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_lifecycle_actions_total", &[("kind", "lock")]) == 1.0
+    })
+    .await;
     let fleet = FleetConfig {
         things: 2,
         interval: Duration::from_millis(20),
         count: Some(5),
+        key: Some(crate::common::key()),
         ..FleetConfig::default()
     };
     run_fleet(

@@ -12,4 +12,5 @@ mod lifecycle;
 mod listen;
 mod postgres;
 mod protocol;
+mod security;
 mod worker;
