@@ -44,6 +44,40 @@ pub struct FaninArgs {
     /// Seconds measured while every thing dweets once a second.
     #[arg(long, default_value_t = 10)]
     load_secs: u64,
+    /// Streams followed the dweepy way (a Python thread per listen_for_dweets_from), measured
+    /// after the worker; 0 skips it. Needs `pip install dweepy`.
+    #[arg(long, default_value_t = 1000)]
+    dweepy_streams: usize,
+}
+
+/// The Python side of the comparisons, shipped inside the binary.
+const DWEEPY_IMPORT: &str = include_str!("../../benches/python/dweepy_import.py");
+const DWEEPY_LISTENERS: &str = include_str!("../../benches/python/dweepy_listeners.py");
+
+/// Writes `script` into `dir` and returns a `python3` command for it, or why it cannot run.
+fn python_script(
+    dir: &std::path::Path,
+    name: &str,
+    script: &str,
+    modules: &str,
+) -> Result<Command, String> {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .stderr(Stdio::null())
+        .status();
+    if !probe.is_ok_and(|status| status.success()) {
+        return Err(format!(
+            "needs python3 with {modules}: pip install {}",
+            modules
+                .replace("psycopg", "'psycopg[binary]'")
+                .replace(',', " ")
+        ));
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, script).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let mut command = Command::new("python3");
+    command.arg(path).kill_on_drop(true);
+    Ok(command)
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -62,14 +96,19 @@ struct Usage {
 }
 
 fn usage() -> anyhow::Result<Usage> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .context("reading /proc/self/status (Linux only)")?;
+    usage_of("self")
+}
+
+/// Like `usage`, for another process (`pid`) or `self`.
+fn usage_of(pid: &str) -> anyhow::Result<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (Linux only)"))?;
     let rss_kib: u64 = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .context("no VmRSS in /proc/self/status")?;
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -190,6 +229,12 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
     let _ = simulator.kill().await;
 
     worker.shutdown(Duration::from_secs(30)).await?;
+    let dweepy = if args.dweepy_streams > 0 {
+        std::fs::create_dir_all(&data)?;
+        Some(dweepy_fanin(&url, &data, args.dweepy_streams, &args).await)
+    } else {
+        None
+    };
     let _ = sandbox.kill().await;
     let _ = std::fs::remove_dir_all(&data);
 
@@ -220,7 +265,115 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
         "  dweets received in all       {:>8.0}",
         received_to - received_before
     );
+    match dweepy {
+        None => {}
+        Some(Err(why)) => println!("dweepy's model: skipped ({why})"),
+        Some(Ok(figures)) => {
+            println!(
+                "dweepy's model: {} streams, a Python thread each (dweepy {}), one process",
+                args.dweepy_streams, figures.version
+            );
+            println!(
+                "  RSS idle, all threads up     {:>8.1} MiB   CPU {:>5.1}% of one core",
+                mib(figures.idle.1.rss_bytes),
+                cpu_percent(figures.idle.0, figures.idle.1)
+            );
+            println!(
+                "  RSS at 1 dweet/s per thing   {:>8.1} MiB   CPU {:>5.1}% of one core   {:.0} dweets/s received",
+                mib(figures.load.1.rss_bytes),
+                cpu_percent(figures.load.0, figures.load.1),
+                figures.received_per_second
+            );
+        }
+    }
     Ok(())
+}
+
+struct DweepyFigures {
+    version: String,
+    idle: (Usage, Usage),
+    load: (Usage, Usage),
+    received_per_second: f64,
+}
+
+/// Follows `streams` things with dweepy's thread-per-listen model in a Python process, and
+/// measures that process idle and at 1 dweet/s per thing.
+async fn dweepy_fanin(
+    url: &str,
+    dir: &std::path::Path,
+    streams: usize,
+    args: &FaninArgs,
+) -> Result<DweepyFigures, String> {
+    let failed = |e: &dyn std::fmt::Display| e.to_string();
+    let mut command = python_script(dir, "dweepy_listeners.py", DWEEPY_LISTENERS, "dweepy")?;
+    let mut child = command
+        .args([url, &streams.to_string(), "S5D9-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| failed(&e))?;
+    let pid = child.id().ok_or("python exited at once")?.to_string();
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let started = lines.next_line().await.map_err(|e| failed(&e))?;
+    if started.as_deref() != Some("started") {
+        return Err("the listener script did not start".to_owned());
+    }
+    let mut received = async || -> Result<f64, String> {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(b"?\n").await.map_err(|e| failed(&e))?;
+        let line = lines.next_line().await.map_err(|e| failed(&e))?;
+        line.and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| "no count from python".to_owned())
+    };
+    // dweepy gives no signal once subscribed; its threads connect within a few seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_from = usage_of(&pid).map_err(|e| failed(&e))?;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle_to = usage_of(&pid).map_err(|e| failed(&e))?;
+    let exe = std::env::current_exe().map_err(|e| failed(&e))?;
+    let mut simulator = Command::new(exe)
+        .args([
+            "--server",
+            url,
+            "simulate",
+            "--things",
+            &streams.to_string(),
+            "--interval",
+            "1",
+            "--count",
+            &(args.load_secs + 2).to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| failed(&e))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let load_from = usage_of(&pid).map_err(|e| failed(&e))?;
+    let count_from = received().await?;
+    tokio::time::sleep(Duration::from_secs(args.load_secs)).await;
+    let load_to = usage_of(&pid).map_err(|e| failed(&e))?;
+    let count_to = received().await?;
+    let _ = simulator.kill().await;
+    let _ = child.kill().await;
+    let version = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('dweepy'))",
+        ])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Ok(DweepyFigures {
+        version,
+        idle: (idle_from, idle_to),
+        load: (load_from, load_to),
+        received_per_second: (count_to - count_from)
+            / load_to.at.duration_since(load_from.at).as_secs_f64(),
+    })
 }
 
 /// A scratch database on the server of `admin_url`, dropped by `drop`.
@@ -371,6 +524,31 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
     if !status.success() {
         bail!("psql \\copy failed");
     }
+
+    // A dweepy user's pipeline: json.loads, flatten in Python, psycopg batched INSERTs.
+    truncate(&scratch.url).await?;
+    let python = match python_script(&work, "dweepy_import.py", DWEEPY_IMPORT, "psycopg") {
+        Err(why) => Err(why),
+        Ok(mut command) => {
+            let started = Instant::now();
+            let output = command.arg(&scratch.url).arg(&jsonl).output().await?;
+            if !output.status.success() {
+                bail!(
+                    "the Python pipeline failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            let elapsed = started.elapsed();
+            let stored = count_dweets(&scratch.url).await?;
+            if stored as usize != args.dweets {
+                bail!(
+                    "the Python pipeline stored {stored} of {} dweets",
+                    args.dweets
+                );
+            }
+            Ok(elapsed)
+        }
+    };
     let _ = std::fs::remove_dir_all(&work);
     scratch.drop().await;
 
@@ -397,7 +575,29 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         "  ratio (target >= 0.8)                               {:>8.2}",
         rate(ours) / rate(reference)
     );
+    match python {
+        Ok(elapsed) => {
+            println!(
+                "  Python: json + psycopg executemany, 1,000 a commit {:>8.1} s  {:>8.0} dweets/s",
+                elapsed.as_secs_f64(),
+                rate(elapsed)
+            );
+            println!(
+                "  dweetpipe / Python (target >= 5)                    {:>8.1}",
+                rate(ours) / rate(elapsed)
+            );
+        }
+        Err(why) => println!("  Python pipeline: skipped ({why})"),
+    }
     Ok(())
+}
+
+async fn count_dweets(url: &str) -> anyhow::Result<i64> {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url).await?;
+    Ok(sqlx::query_scalar("SELECT count(*) FROM dweets")
+        .fetch_one(&mut connection)
+        .await?)
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -86,7 +86,7 @@ impl TestDatabase {
     }
 }
 
-async fn stored(connection: &mut PgConnection) -> Vec<(String, i64)> {
+pub(crate) async fn stored(connection: &mut PgConnection) -> Vec<(String, i64)> {
     sqlx::query_as::<_, (String, i64)>(
         "SELECT thing, (extract(epoch FROM created) * 1000)::bigint FROM dweets",
     )
@@ -95,7 +95,7 @@ async fn stored(connection: &mut PgConnection) -> Vec<(String, i64)> {
     .unwrap()
 }
 
-fn assert_same(stored: Vec<(String, i64)>, expected: &BTreeSet<(String, i64)>) {
+pub(crate) fn assert_same(stored: Vec<(String, i64)>, expected: &BTreeSet<(String, i64)>) {
     let unique: BTreeSet<_> = stored.iter().cloned().collect();
     assert_eq!(
         stored.len(),
@@ -566,7 +566,7 @@ async fn every_readme_query_runs_against_a_filled_database() {
 }
 
 /// A PostgreSQL cluster of this test's own, which it may stop and start.
-struct PrivateCluster {
+pub(crate) struct PrivateCluster {
     dir: tempfile::TempDir,
     bin: std::path::PathBuf,
     port: u16,
@@ -603,7 +603,7 @@ impl PrivateCluster {
         }
     }
 
-    fn create() -> Self {
+    pub(crate) fn create() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let is_root = std::process::Command::new("id")
             .arg("-u")
@@ -654,7 +654,7 @@ impl PrivateCluster {
         cluster
     }
 
-    fn start(&self) {
+    pub(crate) fn start(&self) {
         let data = self.dir.path().join("data");
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
@@ -679,7 +679,7 @@ impl PrivateCluster {
         assert!(status.success(), "pg_ctl start");
     }
 
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let data = self.dir.path().join("data");
         let status = self
             .command("pg_ctl")
@@ -690,7 +690,7 @@ impl PrivateCluster {
         assert!(status.success(), "pg_ctl stop");
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 }

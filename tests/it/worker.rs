@@ -895,14 +895,14 @@ async fn poll_mode_ingests_with_the_same_dedupe() {
 }
 
 /// A TCP proxy to `target` whose live connections can all be cut at once.
-struct CuttableProxy {
-    addr: std::net::SocketAddr,
+pub(crate) struct CuttableProxy {
+    pub(crate) addr: std::net::SocketAddr,
     connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
 impl CuttableProxy {
-    async fn start(target: std::net::SocketAddr) -> Self {
+    pub(crate) async fn start(target: std::net::SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -925,7 +925,7 @@ impl CuttableProxy {
     }
 
     /// Drops every connection open now; new ones are still accepted.
-    fn cut(&self) -> usize {
+    pub(crate) fn cut(&self) -> usize {
         let open: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
         open.iter().for_each(|c| c.abort());
         open.len()

@@ -1,0 +1,251 @@
+//! The chaos suite: a simulated fleet streams through a `dweetpipe run` process into
+//! PostgreSQL and Parquet while, in a seeded random order, stream connections are cut, the
+//! sandbox restarts, PostgreSQL stops and starts (the disk spool takes the backlog) and the
+//! worker is SIGKILLed and restarted. At the end every dweet the sandbox accepted is in both
+//! sinks exactly once.
+//!
+//! The sandbox keeps history in memory only, so a restart forgets what it held; like an
+//! operator upgrading it, the test restarts it once the worker has everything it accepted.
+//! `CHAOS_SEED=N` replays an order (the seed is printed).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dweetpipe::client::Client;
+use dweetpipe::sandbox::SandboxHandle;
+use dweetpipe::sandbox::simulator::{S5d9Board, thing_name};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use sqlx::{Connection, PgConnection};
+
+use crate::common::{client_for, sandbox_with, thing};
+use crate::postgres::{PrivateCluster, assert_same, stored};
+use crate::worker::{
+    CuttableProxy, WorkerProcess, assert_exactly_once, parquet_dweets, sandbox_dweets,
+};
+
+const THINGS: usize = 10;
+const DWEET_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    CutStreams,
+    RestartSandbox,
+    StopPostgres,
+    KillWorker,
+}
+
+async fn start_sandbox(listen: SocketAddr) -> SandboxHandle {
+    sandbox_with(|config| {
+        config.listen = listen;
+        config.limits.max_history = 100_000;
+    })
+    .await
+}
+
+/// Each board dweets every `DWEET_EVERY` unless paused; failures (the sandbox is restarting)
+/// are simply not accepted, and the sandbox's own history says what was.
+fn run_fleet(
+    client: Client,
+    things: Vec<String>,
+    paused: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    things
+        .into_iter()
+        .enumerate()
+        .map(|(index, name)| {
+            let client = client.clone();
+            let paused = Arc::clone(&paused);
+            tokio::spawn(async move {
+                let mut board = S5d9Board::new(index as u64);
+                loop {
+                    if !paused.load(Ordering::Relaxed) {
+                        let _ = client.dweet_for(&name, &board.next_payload(), None).await;
+                    }
+                    tokio::time::sleep(DWEET_EVERY).await;
+                }
+            })
+        })
+        .collect()
+}
+
+async fn postgres_dweets(url: &str) -> Option<BTreeSet<(String, i64)>> {
+    let mut connection = PgConnection::connect(url).await.ok()?;
+    let rows = sqlx::query_as::<_, (String, i64)>(
+        "SELECT thing, (extract(epoch FROM created) * 1000)::bigint FROM dweets",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .ok()?;
+    Some(rows.into_iter().collect())
+}
+
+/// Waits until both sinks hold every one of `expected`.
+async fn wait_until_stored(
+    url: &str,
+    parquet: &std::path::Path,
+    expected: &BTreeSet<(String, i64)>,
+    timeout: Duration,
+) {
+    let started = Instant::now();
+    loop {
+        let in_postgres = postgres_dweets(url).await.unwrap_or_default();
+        let in_parquet: BTreeSet<_> = parquet_dweets(parquet).into_iter().collect();
+        if expected.is_subset(&in_postgres) && expected.is_subset(&in_parquet) {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "the sinks did not catch up: {} of {} in PostgreSQL, {} in Parquet",
+            expected.intersection(&in_postgres).count(),
+            expected.len(),
+            expected.intersection(&in_parquet).count(),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_survives_chaos_exactly_once() {
+    let seed: u64 = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut events = vec![
+        Event::CutStreams,
+        Event::RestartSandbox,
+        Event::StopPostgres,
+        Event::KillWorker,
+    ];
+    let extras = [
+        Event::CutStreams,
+        Event::StopPostgres,
+        Event::KillWorker,
+        Event::RestartSandbox,
+    ];
+    for _ in 0..4 {
+        events.push(extras[rng.random_range(0..extras.len())]);
+    }
+    events.shuffle(&mut rng);
+    eprintln!("chaos seed {seed}: {events:?}");
+
+    let cluster = PrivateCluster::create();
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut server = start_sandbox(listen).await;
+    let proxy = CuttableProxy::start(listen).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("{}-", thing("chaos"));
+    let things: Vec<String> = (1..=THINGS).map(|i| thing_name(&prefix, i)).collect();
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let parquet = dir.path().join("parquet");
+    let mut text = format!(
+        "shutdown_timeout = \"10s\"\n[source]\nurl = \"http://{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"1s\"\nstart_spread = \"0s\"\n\n[parquet]\ndir = \"{}\"\nrotate_after = \"300ms\"\n\n[postgres]\nurl = \"{}\"\nmemory_max_rows = 50\nspool_dir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        proxy.addr,
+        parquet.display(),
+        cluster.url(),
+        dir.path().join("spool").display(),
+    );
+    for name in &things {
+        text.push_str(&format!("[[thing]]\nname = \"{name}\"\n"));
+    }
+    let config = dir.path().join("things.toml");
+    std::fs::write(&config, text).unwrap();
+    let spawn_worker = |generation: usize| {
+        WorkerProcess::spawn(
+            &config,
+            &[],
+            dir.path().join(format!("worker-{generation}.log")),
+        )
+    };
+    let mut generation = 0;
+    let mut worker = spawn_worker(generation);
+    let paused = Arc::new(AtomicBool::new(false));
+    let client = client_for(&server);
+    let fleet = run_fleet(client.clone(), things.clone(), Arc::clone(&paused));
+
+    // What earlier sandbox instances accepted (each is forgotten at its restart).
+    let mut accepted_before: BTreeSet<(String, i64)> = BTreeSet::new();
+    let (mut cuts, mut spooled) = (0, false);
+    for event in &events {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..2500))).await;
+        match event {
+            Event::CutStreams => cuts += proxy.cut(),
+            Event::RestartSandbox => {
+                paused.store(true, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let held = sandbox_dweets(&client, &things, None).await;
+                wait_until_stored(&cluster.url(), &parquet, &held, Duration::from_secs(60)).await;
+                server.shutdown().await;
+                accepted_before.extend(held);
+                server = start_sandbox(listen).await;
+                paused.store(false, Ordering::Relaxed);
+            }
+            Event::StopPostgres => {
+                cluster.stop();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
+                let scrape = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await;
+                if let Ok(answer) = scrape {
+                    let text = answer.text().await.unwrap_or_default();
+                    spooled |= text.lines().any(|line| {
+                        line.starts_with("dweetpipe_spool_bytes ") && !line.ends_with(" 0")
+                    });
+                }
+                cluster.start();
+            }
+            Event::KillWorker => {
+                worker.signal("-KILL");
+                worker.wait().await;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+                generation += 1;
+                worker = spawn_worker(generation);
+            }
+        }
+        eprintln!("chaos: {event:?} done");
+    }
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    paused.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut expected = sandbox_dweets(&client, &things, None).await;
+    expected.extend(accepted_before);
+    wait_until_stored(&cluster.url(), &parquet, &expected, Duration::from_secs(90)).await;
+    worker.signal("-TERM");
+    assert!(worker.wait().await.success(), "{}", worker.log());
+    fleet.iter().for_each(|board| board.abort());
+
+    let mut connection = PgConnection::connect(&cluster.url()).await.unwrap();
+    assert_same(stored(&mut connection).await, &expected);
+    assert_exactly_once(&parquet, &expected);
+    assert!(
+        cuts > 0 || !events.contains(&Event::CutStreams),
+        "a cut found connections"
+    );
+    assert!(
+        spooled || !events.contains(&Event::StopPostgres),
+        "an outage used the disk spool"
+    );
+    eprintln!(
+        "chaos seed {seed}: {} dweets accepted over {} sandbox instances, {} worker processes, {cuts} connections cut; \
+         PostgreSQL {} rows, Parquet {} rows, each dweet exactly once",
+        expected.len(),
+        1 + events
+            .iter()
+            .filter(|e| **e == Event::RestartSandbox)
+            .count(),
+        generation + 1,
+        expected.len(),
+        parquet_dweets(&parquet).len(),
+    );
+    server.shutdown().await;
+}
