@@ -782,3 +782,60 @@ async fn a_postgresql_restart_mid_stream_loses_nothing_and_parquet_keeps_going()
     );
     server.shutdown().await;
 }
+
+/// The same S5D9 dweets written as one bulk batch (COPY) and as small batches (INSERT) give
+/// the same rows, and writing them again (older than the watermark) adds nothing.
+#[tokio::test]
+async fn copy_and_insert_batches_store_the_same_rows() {
+    use dweetpipe::client::{Created, Dweet};
+    use dweetpipe::normalize::{Record, ms_to_datetime, normalize};
+    use dweetpipe::sandbox::simulator::S5d9Board;
+    use dweetpipe::sink::postgres::PostgresSink;
+
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(dweetpipe::telemetry::Metrics::new().unwrap());
+    let mut sink =
+        PostgresSink::connect(&db.sink_config(), metrics.clone(), Duration::from_secs(10))
+            .await
+            .unwrap();
+    let records = |thing: &str| -> Vec<Record> {
+        let mut board = S5d9Board::new(7);
+        (0..400)
+            .map(|i| {
+                let dweet = Dweet {
+                    thing: thing.to_owned(),
+                    created: Created::from_datetime(ms_to_datetime(1_795_000_000_000 + i * 1000)),
+                    content: board.next_payload(),
+                    transaction: None,
+                };
+                normalize(&dweet, 1_795_000_500_000)
+            })
+            .collect()
+    };
+    let (bulk, small) = (records("bulk"), records("small"));
+    sink.write(bulk.iter()).await; // 5,200 readings: COPY
+    for batch in small.chunks(20) {
+        sink.write(batch.iter()).await; // 260 readings each: INSERT
+    }
+    let written =
+        |table: &str| metrics.value("dweetpipe_sink_rows_written_total", &[("table", table)]);
+    assert_eq!((written("dweets"), written("readings")), (800.0, 10_400.0));
+    sink.write(bulk.iter().chain(small.iter())).await; // all older than the watermarks
+    assert_eq!(written("dweets"), 800.0, "nothing is stored twice");
+
+    let mut connection = db.connect().await;
+    let per_thing = |thing: &'static str| {
+        sqlx::query_as::<_, (String, String, String, f64)>(
+            "SELECT created::text, content::text, r.sensor, r.value FROM dweets d \
+             JOIN readings r ON r.thing = d.thing AND r.time = d.created \
+             WHERE d.thing = $1 ORDER BY created, sensor",
+        )
+        .bind(thing)
+    };
+    let bulk_rows = per_thing("bulk").fetch_all(&mut connection).await.unwrap();
+    let small_rows = per_thing("small").fetch_all(&mut connection).await.unwrap();
+    assert_eq!(bulk_rows.len(), 10_400 / 2);
+    assert_eq!(bulk_rows, small_rows, "both paths store identical rows");
+    drop(connection);
+    db.drop_now().await;
+}

@@ -1,16 +1,18 @@
-//! The PostgreSQL sink: COPY-speed batches into `dweets`, `readings` and `dead_letters`, with
-//! each thing's watermark kept in `things` in the same transaction.
+//! The PostgreSQL sink: batches into `dweets`, `readings` and `dead_letters` (COPY for bulk
+//! batches, one INSERT per table for the live stream's small ones, see `insert.rs`), with each
+//! thing's watermark kept in `things` in the same transaction.
 //!
 //! Exactly once without `ON CONFLICT` on the hot path: each thing's dweets arrive oldest first
 //! and a batch commits atomically with the thing's `last_created`, so every stored dweet of a
 //! thing is at or below its watermark and anything newer cannot conflict. Older dweets
-//! (backfill after a restart) are dropped before COPY. Should a conflict happen all the same
-//! (another writer), the batch is retried through temporary tables and `ON CONFLICT DO
-//! NOTHING`. Connection-class errors are retried forever; data errors are narrowed down by
-//! bisection and only the offending dweets go to `dead_letters`.
+//! (backfill after a restart, imports) take `ON CONFLICT DO NOTHING`, and so does a batch
+//! retried after a conflict all the same (another writer). Connection-class errors are retried
+//! forever; data errors are narrowed down by bisection and only the offending dweets go to
+//! `dead_letters`.
 
 mod backlog;
 mod copy;
+mod insert;
 
 pub use backlog::Backlog;
 
@@ -531,7 +533,6 @@ impl PostgresSink {
         tolerant: bool,
         marks_out: &mut Marks,
     ) -> Result<(), sqlx::Error> {
-        let rows = copy_rows(records.iter().copied());
         let mut marks: HashMap<&str, (i64, i64)> = HashMap::new();
         for record in records {
             if let (Some(thing), Some(created)) = (record.thing(), record.created_ms()) {
@@ -543,22 +544,39 @@ impl PostgresSink {
             }
         }
         let mut tx = self.pool.begin().await?;
-        let dweets = "thing, created, received_at, content";
-        let readings = "time, thing, sensor, value";
-        let letters = "thing, created, received_at, payload, reason";
+        let (dweets, readings, dead_letters) =
+            if tolerant || insert::readings_in(records) < insert::COPY_FROM_READINGS {
+                insert::insert(&mut tx, records, tolerant).await?
+            } else {
+                let rows = copy_rows(records.iter().copied());
+                (
+                    copy_into(
+                        &mut tx,
+                        "dweets",
+                        "thing, created, received_at, content",
+                        &rows.dweets,
+                    )
+                    .await?,
+                    copy_into(
+                        &mut tx,
+                        "readings",
+                        "time, thing, sensor, value",
+                        &rows.readings,
+                    )
+                    .await?,
+                    copy_into(
+                        &mut tx,
+                        "dead_letters",
+                        "thing, created, received_at, payload, reason",
+                        &rows.dead_letters,
+                    )
+                    .await?,
+                )
+            };
         let written = [
-            (
-                "dweets",
-                copy_into(&mut tx, "dweets", dweets, &rows.dweets, tolerant).await?,
-            ),
-            (
-                "readings",
-                copy_into(&mut tx, "readings", readings, &rows.readings, tolerant).await?,
-            ),
-            (
-                "dead_letters",
-                copy_into(&mut tx, "dead_letters", letters, &rows.dead_letters, false).await?,
-            ),
+            ("dweets", dweets),
+            ("readings", readings),
+            ("dead_letters", dead_letters),
         ];
         if !marks.is_empty() {
             let things: Vec<&str> = marks.keys().copied().collect();
@@ -599,43 +617,21 @@ impl PostgresSink {
     }
 }
 
-/// COPY `data` into `table`; `tolerant` goes through a temporary table and skips rows that
-/// already exist. Returns the rows actually added.
+/// COPY `data` (COPY text rows) into `table`; returns the rows added.
 async fn copy_into(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    connection: &mut PgConnection,
     table: &'static str,
     columns: &'static str,
     data: &str,
-    tolerant: bool,
 ) -> Result<u64, sqlx::Error> {
     if data.is_empty() {
         return Ok(0);
     }
-    let connection: &mut PgConnection = tx;
-    if !tolerant {
-        let mut copy = connection
-            .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
-            .await?;
-        copy.send(data.as_bytes()).await?;
-        return copy.finish().await;
-    }
-    let staging = format!("{table}_incoming");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
-    )))
-    .execute(&mut *connection)
-    .await?;
     let mut copy = connection
-        .copy_in_raw(&format!("COPY {staging} ({columns}) FROM STDIN"))
+        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
         .await?;
     copy.send(data.as_bytes()).await?;
-    copy.finish().await?;
-    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO {table} ({columns}) SELECT {columns} FROM {staging} ON CONFLICT DO NOTHING"
-    )))
-    .execute(&mut *connection)
-    .await?;
-    Ok(inserted.rows_affected())
+    copy.finish().await
 }
 
 #[cfg(test)]
