@@ -77,7 +77,7 @@ pub enum Command {
     Unlock(api::KeyedThingArgs),
     /// Detach a lock from whatever thing holds it.
     RemoveLock(api::RemoveLockArgs),
-    /// Set, show or remove the alert of a locked thing.
+    /// Set, show or remove the alert of a locked thing, or try a condition on recorded dweets.
     #[command(subcommand)]
     Alert(AlertCommand),
     /// Serve the dweet.io API (a self-hosted replacement for the public service).
@@ -87,10 +87,12 @@ pub enum Command {
     /// Run everything on loopback: a sandbox, a simulated S5D9 fleet and the ingest worker
     /// writing Parquet, with live progress and a summary. Needs no network and no set-up.
     Demo(demo::DemoArgs),
-    /// The ingest worker: keep every configured thing's dweets in Parquet, with metrics.
+    /// The ingest worker: keep every configured thing's dweets in Parquet and PostgreSQL.
     ///
     /// Subscribes to every [[thing]] of the file, backfills gaps on every (re)connect, and
-    /// writes readings, raw dweets and dead letters. SIGTERM/SIGINT: stop and seal the files
+    /// writes readings, raw dweets and dead letters; serves /metrics, /healthz and /readyz.
+    /// When the file declares locks or alerts, keeps them as declared (like `apply`) at start,
+    /// on SIGHUP and every [lifecycle] interval. SIGTERM/SIGINT: stop and seal the files
     /// (within shutdown_timeout). SIGHUP: reload the file (validated first).
     Run(worker::ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.

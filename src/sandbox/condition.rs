@@ -318,6 +318,40 @@ mod tests {
     }
 
     #[test]
+    fn hostile_content_is_an_error_or_a_verdict_never_a_crash() {
+        let mut engine = engine();
+        let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+        let wide = format!(
+            "{{{}}}",
+            (0..10_000)
+                .map(|i| format!("\"k{i}\":{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for content in [
+            deep.as_str(),
+            wide.as_str(),
+            "not json",
+            "{\"a\":\"\\u0000\"}",
+        ] {
+            let outcome = engine.evaluate("return JSON.stringify(dweet).length > 3;", content);
+            assert!(
+                matches!(
+                    outcome,
+                    Ok(_) | Err(ConditionError::Content(_) | ConditionError::Threw(_))
+                ),
+                "{outcome:?}"
+            );
+        }
+        assert_eq!(
+            engine.evaluate("return 'fine';", "{}"),
+            Ok(Verdict::Fired {
+                message: "fine".to_owned()
+            })
+        );
+    }
+
+    #[test]
     fn one_condition_leaves_nothing_for_the_next() {
         let mut engine = engine();
         engine.evaluate("globalThis.leak = 'x';", "{}").unwrap();
