@@ -198,8 +198,36 @@ async fn spawn_sandbox() -> anyhow::Result<(Child, String)> {
     Ok((child, url))
 }
 
+/// The simulator as a child process: `things` boards, one dweet a second each, `count` each.
+fn spawn_simulator(url: &str, things: usize, count: u64) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    Command::new(exe)
+        .args(["--server", url, "simulate", "--things", &things.to_string()])
+        .args(["--interval", "1", "--count", &count.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the simulator")
+}
+
 fn streams_up(metrics: &Metrics) -> usize {
     metrics.value("dweetpipe_stream_up", &[]) as usize
+}
+
+/// Waits (three minutes at most) until the worker has `things` streams up.
+async fn wait_for_streams(metrics: &Metrics, things: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while streams_up(metrics) < things {
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!(
+                "only {} of {things} streams came up in 180 s",
+                streams_up(metrics)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
@@ -217,41 +245,15 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let worker = worker::start(config).await?;
     let metrics = Arc::clone(worker.metrics());
-    while streams_up(&metrics) < args.things {
-        if started.elapsed() > Duration::from_secs(180) {
-            bail!(
-                "only {} of {} streams came up in 180 s",
-                streams_up(&metrics),
-                args.things
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_streams(&metrics, args.things).await?;
     let all_up = started.elapsed();
 
     let idle_from = usage()?;
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_to = usage()?;
 
-    let exe = std::env::current_exe()?;
     let received_before = metrics.value("dweetpipe_dweets_received_total", &[]);
-    let mut simulator = Command::new(exe)
-        .args([
-            "--server",
-            &url,
-            "simulate",
-            "--things",
-            &args.things.to_string(),
-            "--interval",
-            "1",
-            "--count",
-            &(args.load_secs + 2).to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the simulator")?;
+    let mut simulator = spawn_simulator(&url, args.things, args.load_secs + 2)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let load_from = usage()?;
     let received_from = metrics.value("dweetpipe_dweets_received_total", &[]);
@@ -364,24 +366,8 @@ async fn dweepy_fanin(
     let idle_from = usage_of(&pid).map_err(|e| failed(&e))?;
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_to = usage_of(&pid).map_err(|e| failed(&e))?;
-    let exe = std::env::current_exe().map_err(|e| failed(&e))?;
-    let mut simulator = Command::new(exe)
-        .args([
-            "--server",
-            url,
-            "simulate",
-            "--things",
-            &streams.to_string(),
-            "--interval",
-            "1",
-            "--count",
-            &(args.load_secs + 2).to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| failed(&e))?;
+    let mut simulator =
+        spawn_simulator(url, streams, args.load_secs + 2).map_err(|e| failed(&e))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let load_from = usage_of(&pid).map_err(|e| failed(&e))?;
     let count_from = received().await?;
@@ -675,35 +661,8 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     }
     let worker = worker::start(config).await?;
     let metrics = Arc::clone(worker.metrics());
-    let started = Instant::now();
-    while streams_up(&metrics) < args.things {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "only {} of {} streams came up",
-                streams_up(&metrics),
-                args.things
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let exe = std::env::current_exe()?;
-    let mut simulator = Command::new(exe)
-        .args([
-            "--server",
-            &url,
-            "simulate",
-            "--things",
-            &args.things.to_string(),
-            "--interval",
-            "1",
-            "--count",
-            &(args.secs + 8).to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the simulator")?;
+    wait_for_streams(&metrics, args.things).await?;
+    let mut simulator = spawn_simulator(&url, args.things, args.secs + 8)?;
 
     let mut listener = sqlx::postgres::PgListener::connect(&scratch.url).await?;
     listener.listen("dweet_committed").await?;

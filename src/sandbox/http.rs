@@ -288,14 +288,11 @@ impl App {
     /// Runs the thing's alert condition on the dweet just written, before answering, so a
     /// client that reads the alert after its dweet sees the verdict. A broken or runaway
     /// condition is logged; the dweet stands either way.
-    async fn evaluate_alert(&self, thing: &str, evaluation: PendingEvaluation) {
+    async fn evaluate_alert(&self, thing: &str, mut evaluation: PendingEvaluation) {
+        let content = std::mem::take(&mut evaluation.content_json);
         let verdict = self
             .evaluator
-            .evaluate(
-                thing,
-                Arc::clone(&evaluation.condition),
-                evaluation.content_json.clone(),
-            )
+            .evaluate(thing, Arc::clone(&evaluation.condition), content)
             .await;
         let verdict = match verdict {
             Ok(verdict) => verdict,
