@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::client::Key;
+use crate::sandbox::condition::{ConditionEngine, MAX_CONDITION_CHARS};
 use crate::sink::parquet::ParquetConfig;
 use crate::sink::postgres::PostgresConfig;
 use crate::telemetry::MetricsConfig;
@@ -224,6 +225,8 @@ impl Config {
         }
 
         let mut seen: HashMap<&str, usize> = HashMap::new();
+        // One engine checks every condition of the file (made only if there is one).
+        let mut condition_engine = None;
         let mut things = Vec::with_capacity(raw.thing.len());
         for (index, entry) in raw.thing.iter().enumerate() {
             let at = |field: &str| format!("thing[{index}].{field}");
@@ -285,7 +288,7 @@ impl Config {
                 (None, None) => (None, None),
             };
             let manage = entry.manage.unwrap_or(true);
-            validate_lifecycle(entry, manage, key.is_some())
+            validate_lifecycle(entry, manage, key.is_some(), &mut condition_engine)
                 .map_err(|(field, problem, fix)| invalid(at(field), problem, &fix))?;
             things.push(ThingConfig {
                 name: entry.name.clone(),
@@ -335,6 +338,7 @@ fn validate_lifecycle(
     entry: &ThingEntry,
     manage: bool,
     has_key: bool,
+    engine: &mut Option<ConditionEngine>,
 ) -> Result<(), (&'static str, String, String)> {
     let declared = entry.lock.is_some() || entry.alert.is_some();
     if !manage && declared {
@@ -389,18 +393,23 @@ fn validate_lifecycle(
         ));
     }
     let chars = alert.when.chars().count();
-    if alert.when.trim().is_empty() || chars > crate::sandbox::condition::MAX_CONDITION_CHARS {
+    if alert.when.trim().is_empty() || chars > MAX_CONDITION_CHARS {
         return Err((
             "alert.when",
             format!(
                 "the condition is {chars} characters long; it must be 1 to {} (the service's limit)",
-                crate::sandbox::condition::MAX_CONDITION_CHARS
+                MAX_CONDITION_CHARS
             ),
             "shorten it; `dweetpipe alert test` tries a condition on recorded dweets".to_owned(),
         ));
     }
-    let mut engine = crate::sandbox::condition::ConditionEngine::new(Default::default())
-        .map_err(|e| ("alert.when", e.to_string(), String::new()))?;
+    let engine = match engine {
+        Some(engine) => engine,
+        None => engine.insert(
+            ConditionEngine::new(Default::default())
+                .map_err(|e| ("alert.when", e.to_string(), String::new()))?,
+        ),
+    };
     engine.check(&alert.when).map_err(|error| {
         (
             "alert.when",

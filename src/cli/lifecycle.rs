@@ -7,6 +7,9 @@ use dweetpipe::worker::lifecycle::{self, Plan, ThingPlan, describe};
 
 use super::worker::ConfigArgs;
 
+/// Up to this many things, `plan` lists the ones in sync or not managed too.
+const LIST_QUIET_UP_TO: usize = 50;
+
 async fn make_plan(args: &ConfigArgs) -> anyhow::Result<(Config, dweetpipe::client::Client, Plan)> {
     let config = Config::load(args.path())?;
     let Some(source) = &config.source else {
@@ -24,6 +27,9 @@ async fn make_plan(args: &ConfigArgs) -> anyhow::Result<(Config, dweetpipe::clie
 pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
     let (config, client, plan) = make_plan(&args).await?;
     println!("{} against {}:", config.path.display(), client.base_url());
+    // A big fleet's plan shows what needs attention; the quiet things are counted.
+    let list_quiet = plan.things.len() <= LIST_QUIET_UP_TO;
+    let mut quiet = 0;
     for (thing, thing_plan) in &plan.things {
         match thing_plan {
             ThingPlan::Changes(actions) => {
@@ -31,8 +37,13 @@ pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
                     println!("  {}: will {}", thing.name, describe(thing, kind));
                 }
             }
-            other => println!("  {}: {other}", thing.name),
+            ThingPlan::Problem(_) => println!("  {}: {thing_plan}", thing.name),
+            other if list_quiet => println!("  {}: {other}", thing.name),
+            _ => quiet += 1,
         }
+    }
+    if quiet > 0 {
+        println!("  ... and {quiet} thing(s) in sync or not managed");
     }
     match plan.changes() {
         0 => println!("Nothing to change."),
