@@ -70,32 +70,22 @@ pub async fn apply(args: ConfigArgs) -> anyhow::Result<()> {
             println!("  {}: PROBLEM: {why}", thing.name);
         }
     }
-    if plan.changes() == 0 {
+    if plan.changes() == 0 && plan.problems() == 0 {
         println!(
             "Nothing to change: the server matches {}.",
             config.path.display()
         );
     }
-    let done = lifecycle::apply(&client, &plan, None).await;
+    let done = lifecycle::apply(&client, &plan, None, |thing, entry| match &entry.outcome {
+        Ok(()) => println!("  {}: {}: done", thing.name, describe(thing, entry.kind)),
+        Err(reason) => println!(
+            "  {}: {}: FAILED: {reason}",
+            thing.name,
+            describe(thing, entry.kind)
+        ),
+    })
+    .await;
     let failed = done.iter().filter(|d| d.outcome.is_err()).count();
-    for entry in &done {
-        let Some(thing) = plan
-            .things
-            .iter()
-            .map(|(t, _)| t)
-            .find(|t| t.name == entry.thing)
-        else {
-            continue;
-        };
-        match &entry.outcome {
-            Ok(()) => println!("  {}: {}: done", thing.name, describe(thing, entry.kind)),
-            Err(reason) => println!(
-                "  {}: {}: FAILED: {reason}",
-                thing.name,
-                describe(thing, entry.kind)
-            ),
-        }
-    }
     if !done.is_empty() {
         println!(
             "Made {} of {} change(s).",

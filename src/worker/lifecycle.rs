@@ -271,8 +271,13 @@ pub async fn plan(client: &Client, things: &[ThingConfig]) -> Plan {
 }
 
 /// Makes the changes of `plan`, in order; a thing's remaining changes are skipped after one
-/// fails. Counts each in `metrics` when given.
-pub async fn apply(client: &Client, plan: &Plan, metrics: Option<&Metrics>) -> Vec<Done> {
+/// fails. Counts each in `metrics` when given, and tells `progress` of each as it is done.
+pub async fn apply(
+    client: &Client,
+    plan: &Plan,
+    metrics: Option<&Metrics>,
+    mut progress: impl FnMut(&ThingConfig, &Done),
+) -> Vec<Done> {
     let mut done = Vec::new();
     for (thing, thing_plan) in &plan.things {
         let (ThingPlan::Changes(actions), Ok(key)) = (thing_plan, desired(thing)) else {
@@ -301,11 +306,13 @@ pub async fn apply(client: &Client, plan: &Plan, metrics: Option<&Metrics>) -> V
                 }
             }
             let failed = outcome.is_err();
-            done.push(Done {
+            let entry = Done {
                 thing: thing.name.clone(),
                 kind,
                 outcome,
-            });
+            };
+            progress(thing, &entry);
+            done.push(entry);
             if failed {
                 break;
             }
@@ -463,7 +470,7 @@ async fn reconcile_forever(
             );
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = apply(&client, &plan, Some(&metrics)) => {}
+                _ = apply(&client, &plan, Some(&metrics), |_, _| {}) => {}
             }
         }
         tokio::select! {
