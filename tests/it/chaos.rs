@@ -134,20 +134,13 @@ async fn a_fleet_survives_chaos_exactly_once() {
     eprintln!("chaos seed {seed}: {events:?}");
 
     let cluster = PrivateCluster::create();
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let listen = SocketAddr::from(([127, 0, 0, 1], crate::common::free_port()));
     let mut server = start_sandbox(listen).await;
     let proxy = CuttableProxy::start(listen).await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("{}-", thing("chaos"));
     let things: Vec<String> = (1..=THINGS).map(|i| thing_name(&prefix, i)).collect();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = crate::common::free_port();
     let parquet = dir.path().join("parquet");
     let mut text = format!(
         "shutdown_timeout = \"10s\"\n[source]\nurl = \"http://{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"1s\"\nstart_spread = \"0s\"\n\n[parquet]\ndir = \"{}\"\nrotate_after = \"300ms\"\n\n[postgres]\nurl = \"{}\"\nmemory_max_rows = 50\nspool_dir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",

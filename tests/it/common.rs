@@ -65,6 +65,14 @@ pub fn dweet_repeatedly(
     })
 }
 
+/// A loopback port free now (for a server the test starts as a process or on a fixed port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|probe| probe.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// A thing name no other test uses.
 pub fn thing(label: &str) -> String {
     format!("{label}-{}", uuid::Uuid::new_v4())

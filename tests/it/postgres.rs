@@ -620,11 +620,7 @@ impl PrivateCluster {
                     .success()
             );
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::common::free_port();
         let cluster = PrivateCluster {
             dir,
             bin: Self::pg_bin(),

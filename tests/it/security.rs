@@ -47,11 +47,7 @@ async fn a_full_run_never_prints_keys_or_the_database_password() {
         .lock(&foreign, OTHER_LOCK, &Key::new(OTHER_KEY))
         .await
         .unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = crate::common::free_port();
     let config = dir.path().join("things.toml");
     std::fs::write(
         &config,

@@ -783,11 +783,7 @@ async fn lock_keys_never_reach_logs_metrics_or_errors() {
         .lock(&wrong, OTHER_LOCK, &Key::new(crate::common::OTHER_KEY))
         .await
         .unwrap();
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = crate::common::free_port();
     let config = write_config(
         dir.path(),
         &server.base_url(),
