@@ -564,10 +564,8 @@ impl WorkerHandle {
             }
         }
         self.metrics.things_configured.set(self.things.len() as i64);
-        if source_changed && let Some(reconciler) = self.lifecycle.take() {
-            reconciler.stop().await;
-        }
-        if config.lifecycle != self.config.lifecycle
+        // A new source or new lifecycle settings need a new reconciler; new things do not.
+        if (source_changed || config.lifecycle != self.config.lifecycle)
             && let Some(reconciler) = self.lifecycle.take()
         {
             reconciler.stop().await;

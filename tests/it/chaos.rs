@@ -48,7 +48,7 @@ async fn start_sandbox(listen: SocketAddr) -> SandboxHandle {
 
 /// Each board dweets every `DWEET_EVERY` unless paused; failures (the sandbox is restarting)
 /// are simply not accepted, and the sandbox's own history says what was.
-fn run_fleet(
+fn run_pausable_fleet(
     client: Client,
     things: Vec<String>,
     paused: Arc<AtomicBool>,
@@ -72,15 +72,10 @@ fn run_fleet(
         .collect()
 }
 
+/// What PostgreSQL holds, or `None` while it does not answer.
 async fn postgres_dweets(url: &str) -> Option<BTreeSet<(String, i64)>> {
     let mut connection = PgConnection::connect(url).await.ok()?;
-    let rows = sqlx::query_as::<_, (String, i64)>(
-        "SELECT thing, (extract(epoch FROM created) * 1000)::bigint FROM dweets",
-    )
-    .fetch_all(&mut connection)
-    .await
-    .ok()?;
-    Some(rows.into_iter().collect())
+    Some(stored(&mut connection).await.into_iter().collect())
 }
 
 /// Waits until both sinks hold every one of `expected`.
@@ -165,7 +160,7 @@ async fn a_fleet_survives_chaos_exactly_once() {
     let mut worker = spawn_worker(generation);
     let paused = Arc::new(AtomicBool::new(false));
     let client = client_for(&server);
-    let fleet = run_fleet(client.clone(), things.clone(), Arc::clone(&paused));
+    let fleet = run_pausable_fleet(client.clone(), things.clone(), Arc::clone(&paused));
 
     // What earlier sandbox instances accepted (each is forgotten at its restart).
     let mut accepted_before: BTreeSet<(String, i64)> = BTreeSet::new();
