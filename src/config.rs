@@ -224,6 +224,16 @@ impl Config {
                 })?;
         }
 
+        if let (Some(parquet), Some(postgres)) = (&raw.parquet, &raw.postgres)
+            && (parquet.spool_dir() == postgres.spool_dir || parquet.dir == postgres.spool_dir)
+        {
+            return Err(invalid(
+                "postgres.spool_dir".to_owned(),
+                format!("{} is also used by [parquet]", postgres.spool_dir.display()),
+                "give each sink a spool directory of its own",
+            ));
+        }
+
         let mut seen: HashMap<&str, usize> = HashMap::new();
         // One engine checks every condition of the file (made only if there is one).
         let mut condition_engine = None;

@@ -7,6 +7,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of modules and the data flow.
 
+pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod http_server;

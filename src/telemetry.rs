@@ -5,9 +5,9 @@
 //! counters, and `thing` as the only high-cardinality label. Dashboards and alert rules are
 //! written against these names, so renaming one is a breaking change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,22 @@ pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
+/// A sink, as its metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SinkName {
+    Parquet,
+    Postgres,
+}
+
+impl SinkName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkName::Parquet => "parquet",
+            SinkName::Postgres => "postgres",
+        }
+    }
+}
+
 /// The worker's metrics, registered in their own registry (several workers in one process,
 /// as in tests, do not share counters).
 pub struct Metrics {
@@ -53,8 +69,9 @@ pub struct Metrics {
     pub sink_buffer_rows: IntGaugeVec,
     pub parquet_files_finalized: IntCounterVec,
     pub config_reloads: IntCounterVec,
-    pub spool_bytes: IntGauge,
-    pub spool_dropped: IntCounter,
+    pub spool_bytes: IntGaugeVec,
+    pub spool_dropped: IntCounterVec,
+    pub spool_corrupt_records: IntCounterVec,
     pub lifecycle_actions: IntCounterVec,
     pub lifecycle_drift: IntGauge,
     pub lifecycle_problems: IntGauge,
@@ -145,7 +162,7 @@ impl Metrics {
         let sink_buffer_rows = IntGaugeVec::new(
             opts(
                 "sink_buffer_rows",
-                "Rows accepted by a sink and not yet durable.",
+                "Records a sink holds in memory and has not yet made durable (its in-memory backlog and the batches it is writing); what waits on disk is dweetpipe_spool_bytes.",
             ),
             &["sink"],
         )?;
@@ -163,14 +180,24 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
-        let spool_bytes = IntGauge::with_opts(opts(
-            "spool_bytes",
-            "Bytes waiting for PostgreSQL in the disk spool.",
-        ))?;
-        let spool_dropped = IntCounter::with_opts(opts(
-            "spool_dropped_records_total",
-            "Records PostgreSQL will not get because the spool was full.",
-        ))?;
+        let spool_bytes = IntGaugeVec::new(
+            opts("spool_bytes", "Bytes waiting for a sink in its disk spool."),
+            &["sink"],
+        )?;
+        let spool_dropped = IntCounterVec::new(
+            opts(
+                "spool_dropped_records_total",
+                "Records a sink will not get in this run because its spool could not take them (full, or its disk failing).",
+            ),
+            &["sink"],
+        )?;
+        let spool_corrupt_records = IntCounterVec::new(
+            opts(
+                "spool_corrupt_records_total",
+                "Damaged records skipped while replaying a sink's spool (each one is logged with its segment and offset).",
+            ),
+            &["sink"],
+        )?;
         let lifecycle_actions = IntCounterVec::new(
             opts(
                 "lifecycle_actions_total",
@@ -207,6 +234,7 @@ impl Metrics {
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(spool_bytes.clone()))?;
         registry.register(Box::new(spool_dropped.clone()))?;
+        registry.register(Box::new(spool_corrupt_records.clone()))?;
         registry.register(Box::new(lifecycle_actions.clone()))?;
         registry.register(Box::new(lifecycle_drift.clone()))?;
         registry.register(Box::new(lifecycle_problems.clone()))?;
@@ -253,6 +281,7 @@ impl Metrics {
             config_reloads,
             spool_bytes,
             spool_dropped,
+            spool_corrupt_records,
             lifecycle_actions,
             lifecycle_drift,
             lifecycle_problems,
@@ -261,13 +290,17 @@ impl Metrics {
     }
 
     /// Creates a sink's series (at zero) when the sink is configured.
-    pub fn declare_sink(&self, sink: &str, tables: &[&str]) {
-        self.sink_errors.with_label_values(&[sink]);
-        self.sink_write_duration.with_label_values(&[sink]);
-        self.sink_buffer_rows.with_label_values(&[sink]);
-        for table in tables {
-            self.sink_rows_written.with_label_values(&[sink, table]);
-            if sink == "parquet" {
+    pub fn declare_sink(&self, sink: SinkName) {
+        let label = sink.as_str();
+        self.sink_errors.with_label_values(&[label]);
+        self.sink_write_duration.with_label_values(&[label]);
+        self.sink_buffer_rows.with_label_values(&[label]);
+        self.spool_bytes.with_label_values(&[label]);
+        self.spool_dropped.with_label_values(&[label]);
+        self.spool_corrupt_records.with_label_values(&[label]);
+        for table in ["readings", "dweets", "dead_letters"] {
+            self.sink_rows_written.with_label_values(&[label, table]);
+            if sink == SinkName::Parquet {
                 self.parquet_files_finalized.with_label_values(&[table]);
             }
         }
@@ -277,26 +310,6 @@ impl Metrics {
     pub fn forget_thing(&self, thing: &str) {
         let _ = self.stream_up.remove_label_values(&[thing]);
         let _ = self.last_dweet_timestamp.remove_label_values(&[thing]);
-    }
-
-    /// Each thing's stream state as the `stream_up` gauge has it: (thing, up).
-    pub fn stream_states(&self) -> Vec<(String, bool)> {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|family| family.name() == "dweetpipe_stream_up")
-            .flat_map(|family| family.get_metric())
-            .filter_map(|metric| {
-                let thing = metric
-                    .get_label()
-                    .iter()
-                    .find(|pair| pair.name() == "thing")?;
-                Some((
-                    thing.value().to_owned(),
-                    metric.get_gauge().get_value() > 0.0,
-                ))
-            })
-            .collect()
     }
 
     /// The text exposition format.
@@ -342,16 +355,17 @@ impl Metrics {
     }
 }
 
-/// What `/healthz` and `/readyz` answer from.
+/// What `/healthz` and `/readyz` answer from, and the one place that knows each thing's
+/// stream state and each sink's trouble (the metrics and `things.stream_state` are fed from
+/// here, never read back from the registry).
 pub struct Health {
     started: Instant,
     /// The main loop's last turn, in ms since `started`.
     last_beat_ms: AtomicI64,
-    sinks_ok: AtomicBool,
-    /// False while PostgreSQL is so far behind that its spool is full.
-    postgres_ok: AtomicBool,
-    /// Things whose stream is not up, with when they went down (or were started).
-    down_since: Mutex<HashMap<String, Instant>>,
+    /// Sinks that cannot make records durable now, with what is wrong.
+    sink_problems: Mutex<BTreeMap<SinkName, String>>,
+    /// Every running thing: `None` while its stream is up, else since when it is down.
+    streams: Mutex<HashMap<String, Option<Instant>>>,
     /// How long a thing may be down before the worker is not ready.
     grace: Duration,
 }
@@ -361,9 +375,8 @@ impl Health {
         Health {
             started: Instant::now(),
             last_beat_ms: AtomicI64::new(0),
-            sinks_ok: AtomicBool::new(true),
-            postgres_ok: AtomicBool::new(true),
-            down_since: Mutex::new(HashMap::new()),
+            sink_problems: Mutex::new(BTreeMap::new()),
+            streams: Mutex::new(HashMap::new()),
             grace,
         }
     }
@@ -374,32 +387,42 @@ impl Health {
         self.last_beat_ms.store(ms, Ordering::Relaxed);
     }
 
-    pub fn set_sinks_ok(&self, ok: bool) {
-        self.sinks_ok.store(ok, Ordering::Relaxed);
-    }
-
-    /// PostgreSQL is reachable or its backlog fits in memory and the spool (`true`), or the
-    /// spool is full and records are being dropped (`false`).
-    pub fn set_postgres_ok(&self, ok: bool) {
-        self.postgres_ok.store(ok, Ordering::Relaxed);
+    /// A sink reports trouble (`Some(what)`: records wait in its backlog or are dropped) or
+    /// that it is writing again (`None`).
+    pub fn set_sink_problem(&self, sink: SinkName, problem: Option<String>) {
+        let mut problems = lock(&self.sink_problems);
+        match problem {
+            Some(problem) => {
+                problems.insert(sink, problem);
+            }
+            None => {
+                problems.remove(&sink);
+            }
+        }
     }
 
     pub fn thing_down(&self, thing: &str) {
-        self.down_map()
-            .entry(thing.to_owned())
-            .or_insert_with(Instant::now);
+        let mut streams = lock(&self.streams);
+        let state = streams.entry(thing.to_owned()).or_insert(None);
+        if state.is_none() {
+            *state = Some(Instant::now());
+        }
     }
 
     pub fn thing_up(&self, thing: &str) {
-        self.down_map().remove(thing);
+        lock(&self.streams).insert(thing.to_owned(), None);
     }
 
     pub fn forget_thing(&self, thing: &str) {
-        self.down_map().remove(thing);
+        lock(&self.streams).remove(thing);
     }
 
-    fn down_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.down_since.lock().unwrap_or_else(|p| p.into_inner())
+    /// Each running thing and whether its stream is up.
+    pub fn stream_states(&self) -> Vec<(String, bool)> {
+        lock(&self.streams)
+            .iter()
+            .map(|(thing, down)| (thing.clone(), down.is_none()))
+            .collect()
     }
 
     /// Alive: the main loop turned within the last 30 s.
@@ -408,25 +431,26 @@ impl Health {
         now - self.last_beat_ms.load(Ordering::Relaxed) < 30_000
     }
 
-    /// Ready: sinks writable and every thing up or within its reconnect grace. The answer
-    /// names what is not ready.
+    /// Ready: every sink making records durable and every thing up or within its reconnect
+    /// grace. The answer names what is not ready.
     pub fn readiness(&self) -> Result<(), String> {
-        if !self.sinks_ok.load(Ordering::Relaxed) {
-            return Err("a sink is failing to write".to_owned());
+        let problems = lock(&self.sink_problems);
+        if !problems.is_empty() {
+            let named: Vec<String> = problems
+                .iter()
+                .map(|(sink, problem)| format!("{}: {problem}", sink.as_str()))
+                .collect();
+            return Err(named.join("; "));
         }
-        if !self.postgres_ok.load(Ordering::Relaxed) {
-            return Err(
-                "PostgreSQL is behind and its spool is full: records are being dropped for it"
-                    .to_owned(),
-            );
-        }
-        let down = self.down_map();
-        let stale: Vec<&str> = down
+        drop(problems);
+        let streams = lock(&self.streams);
+        let mut stale: Vec<&str> = streams
             .iter()
-            .filter(|(_, since)| since.elapsed() > self.grace)
+            .filter(|(_, down)| down.is_some_and(|since| since.elapsed() > self.grace))
             .map(|(thing, _)| thing.as_str())
-            .take(10)
             .collect();
+        stale.sort_unstable();
+        stale.truncate(10);
         if stale.is_empty() {
             Ok(())
         } else {
@@ -437,6 +461,10 @@ impl Health {
             ))
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
@@ -529,10 +557,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         assert!(health.readiness().unwrap_err().contains("S5D9-0001"));
         health.thing_up("S5D9-0001");
-        health.set_postgres_ok(false);
-        assert!(health.readiness().unwrap_err().contains("spool is full"));
-        health.set_postgres_ok(true);
-        health.set_sinks_ok(false);
-        assert!(health.readiness().unwrap_err().contains("sink"));
+        assert!(health.readiness().is_ok());
+        health.set_sink_problem(SinkName::Postgres, Some("unreachable".to_owned()));
+        assert_eq!(health.readiness().unwrap_err(), "postgres: unreachable");
+        health.set_sink_problem(SinkName::Postgres, None);
+        assert!(health.readiness().is_ok());
+        assert_eq!(health.stream_states(), vec![("S5D9-0001".to_owned(), true)]);
     }
 }

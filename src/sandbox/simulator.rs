@@ -197,7 +197,7 @@ pub async fn run_fleet(client: Client, config: FleetConfig, stats: Arc<FleetStat
                 sent += 1;
                 let odd = config
                     .odd_every
-                    .is_some_and(|every| every > 0 && sent % every == 0);
+                    .is_some_and(|every| every > 0 && sent.is_multiple_of(every));
                 let payload = if odd {
                     board.odd_payload()
                 } else {

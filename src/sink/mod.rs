@@ -1,9 +1,35 @@
-//! Where normalised records end up. One folder per sink, its config struct beside its code.
+//! Where normalised records end up, and how they get there.
+//!
+//! ```text
+//! records ──▶ fan_out ──▶ Parquet's Backlog ──▶ parquet::run (its own thread)
+//!                    └──▶ PostgreSQL's Backlog ─▶ postgres::run (its own task)
+//! ```
+//!
+//! Each sink is an independent consumer: the fan-out hands every batch to each sink's backlog
+//! (memory, then a disk spool), which never blocks, so no sink waits for another. A sink's loop
+//! takes batches oldest first and tells its backlog once they are durable; what it could not
+//! make durable goes back into the backlog and is retried. One folder per sink holds its
+//! config, its loop and its state.
 
+pub mod backlog;
+pub mod dir_lock;
 pub mod parquet;
 pub mod postgres;
+pub mod spool;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::normalize::Record;
+use crate::telemetry::Health;
+pub use backlog::Backlog;
+pub use dir_lock::{DirLock, LockError};
+
+/// Records the fan-out takes from the pipeline per batch.
+const FAN_OUT_BATCH: usize = 8 * 1024;
 
 /// A sink could not make rows durable.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +44,10 @@ pub enum SinkError {
     Parquet(#[from] ::parquet::errors::ParquetError),
     #[error("building an Arrow batch: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error("the {0} thread panicked; see the log above")]
+    Panicked(&'static str),
 }
 
 impl SinkError {
@@ -27,4 +57,44 @@ impl SinkError {
             source,
         }
     }
+}
+
+/// Hands every batch of `records` to each backlog until the pipeline closes, then closes the
+/// backlogs (their loops drain and end). Runs on its own thread: a push that spills fsyncs.
+pub fn spawn_fan_out(
+    mut records: mpsc::Receiver<Record>,
+    backlogs: Vec<Arc<Backlog>>,
+    health: Arc<Health>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("dweetpipe-fan-out".to_owned())
+        .spawn(move || {
+            loop {
+                health.beat();
+                let first = runtime.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(1), records.recv()).await
+                });
+                let first = match first {
+                    Ok(Some(record)) => record,
+                    Ok(None) => break,
+                    Err(_idle) => continue,
+                };
+                let mut batch = Vec::with_capacity(FAN_OUT_BATCH.min(records.len() + 1));
+                batch.push(first);
+                while batch.len() < FAN_OUT_BATCH {
+                    match records.try_recv() {
+                        Ok(record) => batch.push(record),
+                        Err(_) => break,
+                    }
+                }
+                let batch = Arc::new(batch);
+                for backlog in &backlogs {
+                    backlog.push(Arc::clone(&batch));
+                }
+            }
+            for backlog in &backlogs {
+                backlog.close();
+            }
+        })
 }

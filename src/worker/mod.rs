@@ -1,15 +1,11 @@
-//! The ingest worker: one subscription task per configured thing, feeding one ordered pipeline
-//! into the sinks, with metrics and health served beside it.
+//! The ingest worker's wiring: start the sinks' loops, the fan-out and one subscription task
+//! per configured thing; reload; shut down in order. The loops themselves live with their
+//! components (`sink::parquet::run`, `sink::postgres::run`, `subscription`).
 //!
 //! ```text
-//! subscription tasks ──(bounded channel of Records)──▶ sink thread ──▶ Parquet generations
+//! subscription tasks ──(bounded channel of Records)──▶ fan-out ──▶ each sink's backlog ──▶ its loop
 //! ```
-//!
-//! The channel is bounded, so a slow sink slows the subscriptions (backpressure) instead of
-//! growing memory. The Parquet sink runs on its own OS thread: encoding and fsync are blocking
-//! work that must not stall the async runtime.
 
-pub(crate) mod backoff;
 pub mod lifecycle;
 mod subscription;
 
@@ -25,21 +21,17 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use subscription::NO_WATERMARK;
-
 use crate::client::Client;
 use crate::config::{Config, ConfigError, ThingConfig};
 use crate::normalize::Record;
-use crate::sink::SinkError;
-use crate::sink::parquet::ParquetSink;
-use crate::sink::postgres::{Backlog, PostgresError, PostgresSink, StreamStates};
-use crate::telemetry::{self, Health, Metrics};
-use subscription::Subscription;
+use crate::sink::parquet::{ParquetLoop, ParquetSink};
+use crate::sink::postgres::{PostgresLoop, PostgresSink};
+use crate::sink::{Backlog, SinkError};
+use crate::telemetry::{self, Health, Metrics, SinkName};
+use subscription::{NO_WATERMARK, Subscription};
 
-/// Records in flight between the subscriptions and the sinks.
+/// Records in flight between the subscriptions and the fan-out.
 const PIPELINE_CAPACITY: usize = 16 * 1024;
-/// Records the sink takes per write call.
-const SINK_BATCH: usize = 8 * 1024;
 
 /// How the worker reads a thing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -198,10 +190,8 @@ impl SourceConfig {
 pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("the Parquet sink failed: {0}")]
-    Sink(#[from] SinkError),
     #[error(transparent)]
-    Postgres(#[from] PostgresError),
+    Sink(#[from] SinkError),
     #[error("could not listen for metrics on {addr}: {source}")]
     MetricsBind {
         addr: SocketAddr,
@@ -213,9 +203,11 @@ pub enum WorkerError {
     #[error("could not build the HTTP client: {0}")]
     Client(crate::client::Error),
     #[error(
-        "shutdown did not finish within {0:?}; the open Parquet files were not sealed and backfill will bring their rows back"
+        "shutdown did not finish within {0:?}; what was not durable is in the spools or comes back through backfill"
     )]
     ShutdownTimeout(Duration),
+    #[error("the {0} thread could not start: {1}")]
+    Thread(&'static str, std::io::Error),
 }
 
 struct RunningThing {
@@ -248,18 +240,10 @@ pub struct WorkerHandle {
     /// Per-thing watermarks, kept across removals and restarts of subscription tasks.
     watermarks: HashMap<String, Arc<AtomicI64>>,
     background: CancellationToken,
-    sink_thread: std::thread::JoinHandle<Result<(), SinkError>>,
-    postgres_task: Option<PostgresTasks>,
+    fan_out: std::thread::JoinHandle<()>,
+    parquet: Option<ParquetLoop>,
+    postgres: Option<PostgresLoop>,
     lifecycle: Option<lifecycle::Reconciler>,
-}
-
-/// The PostgreSQL side's background tasks.
-struct PostgresTasks {
-    writer: JoinHandle<()>,
-    /// Makes the writer spool what is left and stop (the shutdown deadline is near).
-    spool_now: CancellationToken,
-    reporter: JoinHandle<()>,
-    reporter_stop: CancellationToken,
 }
 
 /// Checks that `config` can run as a worker: a source and at least one sink.
@@ -281,12 +265,13 @@ pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
     Ok(source)
 }
 
-/// How long start-up waits for PostgreSQL before giving up.
-const POSTGRES_PATIENCE: Duration = Duration::from_secs(30);
+/// How long start-up waits for PostgreSQL before it goes on without it (PostgreSQL's share
+/// then waits in its backlog, and every thing backfills all the source keeps).
+const POSTGRES_PATIENCE: Duration = Duration::from_secs(3);
 
 /// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
 /// gets what it misses (the others drop it as already stored). A thing unknown to any sink
-/// starts with none.
+/// (or a sink whose marks are not known yet) starts with none.
 fn seed_watermarks(sinks: &[&HashMap<String, i64>]) -> HashMap<String, Arc<AtomicI64>> {
     let Some((first, rest)) = sinks.split_first() else {
         return HashMap::new();
@@ -303,22 +288,29 @@ fn seed_watermarks(sinks: &[&HashMap<String, i64>]) -> HashMap<String, Arc<Atomi
         .collect()
 }
 
-/// Starts the worker: recovers the sinks, binds metrics, and starts every subscription.
+/// Starts the worker: the sinks' loops (PostgreSQL need not be reachable), metrics, the
+/// fan-out, and every subscription.
 pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     let source = Arc::new(check_runnable(&config)?.clone());
     let metrics = Arc::new(Metrics::new()?);
     let health = Arc::new(Health::new(source.start_spread + Duration::from_secs(60)));
+    health.beat();
     let background = CancellationToken::new();
 
-    let tables = ["readings", "dweets", "dead_letters"];
-    if config.parquet.is_some() {
-        metrics.declare_sink("parquet", &tables);
-    }
-    if config.postgres.is_some() {
-        metrics.declare_sink("postgres", &tables);
-    }
+    let mut backlogs = Vec::new();
+    let mut sink_marks: Vec<HashMap<String, i64>> = Vec::new();
     let parquet = match &config.parquet {
         Some(parquet_config) => {
+            metrics.declare_sink(SinkName::Parquet);
+            // The spool first: opening the sink recovers its directory, which a second
+            // process must never do; both locks are taken before anything is touched.
+            let backlog = Arc::new(Backlog::open(
+                &parquet_config.spool_dir(),
+                SinkName::Parquet,
+                parquet_config.memory_max_rows,
+                parquet_config.spool_max,
+                Arc::clone(&metrics),
+            )?);
             let (sink, opened) = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?;
             tracing::info!(
                 dir = %parquet_config.dir.display(),
@@ -327,30 +319,46 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
                 things_with_watermark = opened.things_with_watermark,
                 "Parquet sink open"
             );
-            Some(sink)
+            sink_marks.push(sink.watermarks().clone());
+            backlogs.push(Arc::clone(&backlog));
+            Some((sink, backlog))
         }
         None => None,
     };
     let postgres = match &config.postgres {
         Some(postgres_config) => {
-            let sink =
+            metrics.declare_sink(SinkName::Postgres);
+            let backlog = Arc::new(Backlog::open(
+                &postgres_config.spool_dir,
+                SinkName::Postgres,
+                postgres_config.memory_max_rows,
+                postgres_config.spool_max,
+                Arc::clone(&metrics),
+            )?);
+            let connected =
                 PostgresSink::connect(postgres_config, Arc::clone(&metrics), POSTGRES_PATIENCE)
-                    .await?;
-            tracing::info!(
-                things_with_watermark = sink.watermarks().len(),
-                "PostgreSQL sink open, schema migrated"
-            );
-            Some(sink)
+                    .await;
+            let connected = match connected {
+                Ok(sink) => {
+                    tracing::info!(
+                        things_with_watermark = sink.watermarks().len(),
+                        "PostgreSQL sink open, schema migrated"
+                    );
+                    sink_marks.push(sink.watermarks().clone());
+                    Some(sink)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "starting without PostgreSQL: its records wait in its backlog until it answers, and every thing backfills what the source keeps");
+                    sink_marks.push(HashMap::new());
+                    None
+                }
+            };
+            backlogs.push(Arc::clone(&backlog));
+            Some((postgres_config.clone(), connected, backlog))
         }
         None => None,
     };
-    let sink_marks: Vec<&HashMap<String, i64>> = parquet
-        .as_ref()
-        .map(ParquetSink::watermarks)
-        .into_iter()
-        .chain(postgres.as_ref().map(PostgresSink::watermarks))
-        .collect();
-    let watermarks = seed_watermarks(&sink_marks);
+    let watermarks = seed_watermarks(&sink_marks.iter().collect::<Vec<_>>());
 
     let metrics_addr = match &config.metrics {
         Some(metrics_config) => {
@@ -371,52 +379,28 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         }
         None => None,
     };
-    tokio::spawn(heartbeat(Arc::clone(&health), background.clone()));
 
-    let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
-    let (to_postgres, postgres_task) = match (postgres, &config.postgres) {
-        (Some(sink), Some(postgres_config)) => {
-            let backlog = Arc::new(
-                Backlog::open(
-                    &postgres_config.spool_dir,
-                    postgres_config.memory_max_rows,
-                    postgres_config.spool_max,
-                    Arc::clone(&metrics),
-                )?
-                .with_health(Arc::clone(&health)),
-            );
-            let stop = CancellationToken::new();
-            let reporter_stop = CancellationToken::new();
-            let reporter = tokio::spawn(report_stream_states(
-                sink.states(),
-                Arc::clone(&metrics),
-                reporter_stop.clone(),
-            ));
-            let task = tokio::spawn(postgres_writer(
-                sink,
-                Arc::clone(&backlog),
-                postgres_config.max_rows,
-                stop.clone(),
-            ));
-            (
-                Some(backlog),
-                Some(PostgresTasks {
-                    writer: task,
-                    spool_now: stop,
-                    reporter,
-                    reporter_stop,
-                }),
-            )
-        }
-        _ => (None, None),
+    let parquet = match parquet {
+        Some((sink, backlog)) => Some(crate::sink::parquet::spawn(
+            sink,
+            backlog,
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+        )?),
+        None => None,
     };
-    let sink_thread = spawn_sink_thread(
-        parquet,
-        to_postgres,
-        receiver,
-        Arc::clone(&metrics),
-        Arc::clone(&health),
-    )?;
+    let postgres = postgres.map(|(postgres_config, connected, backlog)| {
+        crate::sink::postgres::spawn(
+            postgres_config,
+            connected,
+            backlog,
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+        )
+    });
+    let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
+    let fan_out = crate::sink::spawn_fan_out(receiver, backlogs, Arc::clone(&health))
+        .map_err(|e| WorkerError::Thread("fan-out", e))?;
     let client = source.client()?;
     let mut worker = WorkerHandle {
         things: HashMap::new(),
@@ -428,8 +412,9 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         health,
         metrics_addr,
         background,
-        sink_thread,
-        postgres_task,
+        fan_out,
+        parquet,
+        postgres,
         lifecycle: None,
         config: config.clone(),
     };
@@ -603,16 +588,17 @@ impl WorkerHandle {
         Ok(())
     }
 
-    /// Stops every subscription, seals the sinks, and stops serving metrics, all within
-    /// `timeout`.
+    /// Stops every subscription, lets each sink make what it holds durable (or spool it),
+    /// and stops serving metrics, all within `timeout`.
     pub async fn shutdown(self, timeout: Duration) -> Result<(), WorkerError> {
         let deadline = Instant::now() + timeout;
         let WorkerHandle {
             things,
             records,
             background,
-            sink_thread,
-            postgres_task,
+            fan_out,
+            parquet,
+            postgres,
             lifecycle,
             ..
         } = self;
@@ -625,213 +611,50 @@ impl WorkerHandle {
         for (_, running) in things {
             let _ = tokio::time::timeout_at(deadline.into(), running.task).await;
         }
-        // The last sender goes: the sink thread drains, seals and ends.
+        // The last sender goes: the fan-out hands over what is queued and closes the
+        // backlogs; each sink's loop drains its backlog and ends.
         drop(records);
-        let joined = tokio::task::spawn_blocking(move || sink_thread.join());
-        let outcome = tokio::time::timeout_at(deadline.into(), joined).await;
-        // The sink thread closed PostgreSQL's backlog: the writer drains it and ends, or
-        // spools the rest a second before the deadline.
-        if let Some(mut tasks) = postgres_task {
-            let spool_at = deadline
-                .checked_sub(Duration::from_secs(1))
-                .unwrap_or(deadline);
-            if tokio::time::timeout_at(spool_at.into(), &mut tasks.writer)
+        let _ = tokio::task::spawn_blocking(move || fan_out.join()).await;
+        // A sink that cannot finish by a second before the deadline spools what it holds.
+        let give_up_at = deadline
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(deadline);
+        let late = deadline + Duration::from_secs(2);
+        let mut timed_out = false;
+        let parquet_done = async {
+            let Some(parquet) = parquet else {
+                return Ok(());
+            };
+            while !parquet.is_finished() && Instant::now() < give_up_at {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            parquet.give_up();
+            tokio::task::spawn_blocking(move || parquet.join())
+                .await
+                .unwrap_or(Err(SinkError::Panicked("Parquet sink")))
+        };
+        let postgres_done = async {
+            let Some(mut postgres) = postgres else {
+                return false;
+            };
+            if tokio::time::timeout_at(give_up_at.into(), postgres.task())
+                .await
+                .is_ok()
+            {
+                return false;
+            }
+            postgres.give_up();
+            tokio::time::timeout_at(late.into(), postgres.join())
                 .await
                 .is_err()
-            {
-                tasks.spool_now.cancel();
-                let _ = tokio::time::timeout_at(
-                    (deadline + Duration::from_secs(2)).into(),
-                    tasks.writer,
-                )
-                .await;
-            }
-            tasks.reporter_stop.cancel();
-            let _ =
-                tokio::time::timeout_at((deadline + Duration::from_secs(2)).into(), tasks.reporter)
-                    .await;
-        }
+        };
+        let (parquet_result, postgres_late) = tokio::join!(parquet_done, postgres_done);
+        timed_out |= postgres_late;
         background.cancel();
-        match outcome {
-            Ok(Ok(Ok(result))) => result.map_err(WorkerError::Sink),
-            Ok(Ok(Err(_))) | Ok(Err(_)) => Err(WorkerError::Sink(SinkError::io(
-                std::path::Path::new("sink thread"),
-                std::io::Error::other("the sink thread panicked"),
-            ))),
-            Err(_elapsed) => Err(WorkerError::ShutdownTimeout(timeout)),
+        parquet_result?;
+        if timed_out {
+            return Err(WorkerError::ShutdownTimeout(timeout));
         }
-    }
-}
-
-/// How often changed stream states are written to `things.stream_state`.
-const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
-
-/// Keeps `things.stream_state` in step with the streams: writes what changed every few
-/// seconds, and `stopped` for every thing at shutdown.
-async fn report_stream_states(
-    states: StreamStates,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    let mut written: HashMap<String, bool> = HashMap::new();
-    let mut ticks = tokio::time::interval(STREAM_STATE_EVERY);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = ticks.tick() => {}
-        }
-        let changed: Vec<(String, bool)> = metrics
-            .stream_states()
-            .into_iter()
-            .filter(|(thing, up)| written.get(thing) != Some(up))
-            .collect();
-        let rows: Vec<(String, &str)> = changed
-            .iter()
-            .map(|(thing, up)| (thing.clone(), if *up { "up" } else { "down" }))
-            .collect();
-        match states.write(&rows).await {
-            Ok(()) => written.extend(changed),
-            Err(error) => tracing::debug!(%error, "could not record stream states; will retry"),
-        }
-    }
-    let stopped: Vec<(String, &str)> = written
-        .into_keys()
-        .map(|thing| (thing, "stopped"))
-        .collect();
-    if let Err(error) = states.write(&stopped).await {
-        tracing::debug!(%error, "could not record the stopped stream states");
-    }
-}
-
-async fn heartbeat(health: Arc<Health>, stop: CancellationToken) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticks.tick() => health.beat(),
-        }
-    }
-}
-
-/// Runs the file sink on its own thread: take what is queued (up to a batch), write it to
-/// Parquet, pass it on to PostgreSQL, seal on time, and seal at the end when every sender is
-/// gone.
-fn spawn_sink_thread(
-    mut parquet: Option<ParquetSink>,
-    to_postgres: Option<Arc<Backlog>>,
-    mut receiver: mpsc::Receiver<Record>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-) -> Result<std::thread::JoinHandle<Result<(), SinkError>>, WorkerError> {
-    let runtime = tokio::runtime::Handle::current();
-    let thread = std::thread::Builder::new()
-        .name("dweetpipe-sink".to_owned())
-        .spawn(move || {
-            let mut batch = Vec::with_capacity(SINK_BATCH);
-            let tick = Duration::from_millis(200);
-            loop {
-                let next =
-                    runtime.block_on(async { tokio::time::timeout(tick, receiver.recv()).await });
-                match next {
-                    Ok(Some(record)) => {
-                        batch.push(record);
-                        while batch.len() < SINK_BATCH {
-                            match receiver.try_recv() {
-                                Ok(record) => batch.push(record),
-                                Err(_) => break,
-                            }
-                        }
-                        if let Some(sink) = parquet.as_mut() {
-                            write_parquet(sink, &batch, &metrics, &health);
-                        }
-                        match &to_postgres {
-                            // Never blocks on PostgreSQL: memory, then the disk spool.
-                            Some(backlog) => backlog.push(std::mem::replace(
-                                &mut batch,
-                                Vec::with_capacity(SINK_BATCH),
-                            )),
-                            None => batch.clear(),
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(_idle) => {}
-                }
-                if let Some(sink) = parquet.as_mut() {
-                    if let Err(error) = sink.tick() {
-                        tracing::error!(%error, "the Parquet sink failed to seal a generation");
-                        health.set_sinks_ok(false);
-                    }
-                    metrics
-                        .sink_buffer_rows
-                        .with_label_values(&["parquet"])
-                        .set(sink.pending_rows() as i64);
-                }
-            }
-            if let Some(backlog) = &to_postgres {
-                backlog.close();
-            }
-            let closed = parquet.as_mut().map_or(Ok(()), ParquetSink::close);
-            metrics
-                .sink_buffer_rows
-                .with_label_values(&["parquet"])
-                .set(0);
-            closed
-        })
-        .map_err(|e| WorkerError::Sink(SinkError::io(std::path::Path::new("sink thread"), e)))?;
-    Ok(thread)
-}
-
-fn write_parquet(sink: &mut ParquetSink, batch: &[Record], metrics: &Metrics, health: &Health) {
-    let started = Instant::now();
-    match sink.write(batch) {
-        Ok(skipped) => {
-            metrics.duplicates_dropped.inc_by(skipped as u64);
-            health.set_sinks_ok(true);
-        }
-        Err(error) => {
-            tracing::error!(%error, records = batch.len(), "the Parquet sink failed to write");
-            metrics.sink_errors.with_label_values(&["parquet"]).inc();
-            health.set_sinks_ok(false);
-        }
-    }
-    metrics
-        .sink_write_duration
-        .with_label_values(&["parquet"])
-        .observe(started.elapsed().as_secs_f64());
-}
-
-/// Writes what has queued for PostgreSQL, oldest first: everything available (up to
-/// `max_rows`) as soon as the previous write is done, so batches are small while traffic is
-/// light and large when it is heavy or after an outage. On `stop` (the shutdown deadline with
-/// PostgreSQL still unreachable) what is left goes to the spool.
-async fn postgres_writer(
-    mut sink: PostgresSink,
-    backlog: Arc<Backlog>,
-    max_rows: usize,
-    stop: CancellationToken,
-) {
-    while let Some(first) = backlog.next().await {
-        let mut rows = first.records.len();
-        let mut taken = vec![first];
-        while rows < max_rows {
-            match backlog.try_take() {
-                Some(more) => {
-                    rows += more.records.len();
-                    taken.push(more);
-                }
-                None => break,
-            }
-        }
-        tokio::select! {
-            () = sink.write(taken.iter().flat_map(|t| t.records.iter())) => {
-                taken.into_iter().for_each(|t| backlog.done(t));
-            }
-            _ = stop.cancelled() => {
-                backlog.give_back(taken);
-                backlog.spill_memory();
-                tracing::warn!("PostgreSQL did not take everything before the shutdown deadline; the rest is spooled for the next start");
-                return;
-            }
-        }
+        Ok(())
     }
 }

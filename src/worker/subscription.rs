@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SourceConfig;
 use super::SourceMode;
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::client::{self, Client, Dweet, ListenOptions};
 use crate::config::ThingConfig;
 use crate::normalize::{self, Record, now_ms};

@@ -186,7 +186,8 @@ async fn a_fleet_survives_chaos_exactly_once() {
                 if let Ok(answer) = scrape {
                     let text = answer.text().await.unwrap_or_default();
                     spooled |= text.lines().any(|line| {
-                        line.starts_with("dweetpipe_spool_bytes ") && !line.ends_with(" 0")
+                        line.starts_with("dweetpipe_spool_bytes{sink=\"postgres\"} ")
+                            && !line.ends_with(" 0")
                     });
                 }
                 cluster.start();

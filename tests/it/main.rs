@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod common;
 mod deploy;
+mod faults;
 mod hostile;
 mod lifecycle;
 mod listen;

@@ -166,6 +166,20 @@ fn parquet_rows(dir: &Path, dataset: &str) -> usize {
         .sum()
 }
 
+/// (thing, created as sent) of every dead letter in the Parquet output, duplicates kept.
+pub(crate) fn parquet_dead_letters(dir: &Path) -> Vec<(String, String)> {
+    batches(dir, "dead_letters")
+        .iter()
+        .flat_map(|batch| {
+            let things = strings(batch, "thing");
+            let created = strings(batch, "created");
+            (0..batch.num_rows())
+                .map(|row| (things.value(row).to_owned(), created.value(row).to_owned()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 fn dead_letter_reasons(dir: &Path) -> Vec<String> {
     batches(dir, "dead_letters")
         .iter()

@@ -16,6 +16,7 @@
 
 mod batch;
 mod recovery;
+mod run;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -32,8 +33,9 @@ use serde::Deserialize;
 
 pub use batch::Dataset;
 use batch::Rows;
+pub use run::{ParquetLoop, spawn};
 
-use super::SinkError;
+use super::{DirLock, SinkError};
 use crate::normalize::{Record, ms_to_datetime, now_ms};
 use crate::telemetry::Metrics;
 
@@ -61,10 +63,33 @@ pub struct ParquetConfig {
     /// together). Default 1,000,000.
     #[serde(default = "default_max_rows")]
     pub max_rows: u64,
+    /// Records held in memory while the directory cannot be written (disk full, read-only),
+    /// before the spool. Default 100,000.
+    #[serde(default = "default_memory_max_rows")]
+    pub memory_max_rows: usize,
+    /// Where records wait on disk while the directory cannot be written. Put it on another
+    /// filesystem than `dir` to ride out a full disk. Default: beside `dir`, named
+    /// `<dir>-spool` (see [`ParquetConfig::spool_dir`]).
+    #[serde(default, rename = "spool_dir")]
+    pub spool_dir_setting: Option<PathBuf>,
+    /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
+    #[serde(
+        default = "default_spool_max",
+        deserialize_with = "crate::config::byte_size"
+    )]
+    pub spool_max: u64,
 }
 
 fn default_rotate_after() -> Duration {
     Duration::from_secs(5 * 60)
+}
+
+fn default_memory_max_rows() -> usize {
+    100_000
+}
+
+fn default_spool_max() -> u64 {
+    1 << 30
 }
 
 fn default_max_rows() -> u64 {
@@ -77,7 +102,19 @@ impl ParquetConfig {
             dir: dir.into(),
             rotate_after: default_rotate_after(),
             max_rows: default_max_rows(),
+            memory_max_rows: default_memory_max_rows(),
+            spool_dir_setting: None,
+            spool_max: default_spool_max(),
         }
+    }
+
+    /// Where the spool is: `spool_dir`, or `<dir>-spool` beside the dataset directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir_setting.clone().unwrap_or_else(|| {
+            let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
+            name.push("-spool");
+            self.dir.with_file_name(name)
+        })
     }
 
     /// Checks values; the error is (key, problem).
@@ -87,6 +124,12 @@ impl ParquetConfig {
         }
         if self.max_rows == 0 {
             return Err(("max_rows".to_owned(), "must be at least 1".to_owned()));
+        }
+        if self.spool_dir() == self.dir {
+            return Err((
+                "spool_dir".to_owned(),
+                "must not be the Parquet directory itself".to_owned(),
+            ));
         }
         if self.rotate_after < Duration::from_millis(100)
             || self.rotate_after > Duration::from_secs(24 * 60 * 60)
@@ -127,6 +170,8 @@ pub struct ParquetSink {
     last_generation: i64,
     open: Option<Generation>,
     metrics: Arc<Metrics>,
+    /// Held while the sink exists: no other process recovers or writes this directory.
+    _lock: DirLock,
 }
 
 /// What recovery did at start-up, for the log and for `check`.
@@ -138,8 +183,10 @@ pub struct Opened {
 }
 
 impl ParquetSink {
-    /// Opens `config.dir`, creating it, and recovers from any earlier crash.
+    /// Locks `config.dir` for this process (creating it), then recovers from any earlier
+    /// crash.
     pub fn open(config: ParquetConfig, metrics: Arc<Metrics>) -> Result<(Self, Opened), SinkError> {
+        let lock = DirLock::acquire(&config.dir)?;
         for dataset in Dataset::ALL {
             let dir = config.dir.join(dataset.dir_name());
             fs::create_dir_all(&dir).map_err(|e| SinkError::io(&dir, e))?;
@@ -162,6 +209,7 @@ impl ParquetSink {
             last_generation: recovered.newest_generation,
             open: None,
             metrics,
+            _lock: lock,
         };
         Ok((sink, opened))
     }
@@ -171,24 +219,31 @@ impl ParquetSink {
         &self.durable
     }
 
-    pub fn config(&self) -> &ParquetConfig {
-        &self.config
-    }
-
     /// Rows written into the open generation and not yet sealed.
     pub fn pending_rows(&self) -> u64 {
         self.open.as_ref().map_or(0, Generation::rows)
     }
 
-    /// Adds records to the open generation; dweets already durable are skipped (they come
-    /// back through backfill after a restart). Seals when `max_rows` is reached.
+    /// Whether `thing`'s dweet `created_ms` is already sealed or in the open generation.
+    fn holds(&self, thing: &str, created_ms: i64) -> bool {
+        let at_or_below =
+            |marks: &HashMap<String, i64>| marks.get(thing).is_some_and(|mark| created_ms <= *mark);
+        at_or_below(&self.durable)
+            || self
+                .open
+                .as_ref()
+                .is_some_and(|g| at_or_below(&g.watermarks))
+    }
+
+    /// Adds records to the open generation; dweets it already holds (sealed, or in the open
+    /// generation) are skipped: they come back through backfill and spool replays. On an
+    /// error the caller must [`abandon`](Self::abandon) the generation and retry its records.
     pub fn write(&mut self, records: &[Record]) -> Result<usize, SinkError> {
         let mut skipped = 0;
         for record in records {
             match record {
                 Record::Dweet(dweet) => {
-                    let durable = self.durable.get(&dweet.thing).copied();
-                    if durable.is_some_and(|mark| dweet.created_ms <= mark) {
+                    if self.holds(&dweet.thing, dweet.created_ms) {
                         skipped += 1;
                         continue;
                     }
@@ -210,11 +265,7 @@ impl ParquetSink {
                     // A dead-lettered dweet counts as ingested, so backfill does not bring it
                     // back after a restart.
                     if let (Some(thing), Some(created_ms)) = (&letter.thing, letter.created_ms) {
-                        if self
-                            .durable
-                            .get(thing)
-                            .is_some_and(|mark| created_ms <= *mark)
-                        {
+                        if self.holds(thing, created_ms) {
                             skipped += 1;
                             continue;
                         }
@@ -233,27 +284,36 @@ impl ParquetSink {
                 }
             }
         }
-        if self.pending_rows() >= self.config.max_rows {
-            self.seal()?;
-        }
         Ok(skipped)
     }
 
-    /// Seals the open generation when it is `rotate_after` old; call it now and then.
-    pub fn tick(&mut self) -> Result<(), SinkError> {
-        if self
-            .open
-            .as_ref()
-            .is_some_and(|g| g.opened.elapsed() >= self.config.rotate_after)
-        {
-            self.seal()?;
-        }
-        Ok(())
+    /// The open generation is `rotate_after` old or holds `max_rows` rows: time to seal.
+    pub fn due(&self) -> bool {
+        self.open.as_ref().is_some_and(|g| {
+            g.opened.elapsed() >= self.config.rotate_after || g.rows() >= self.config.max_rows
+        })
     }
 
-    /// Seals whatever is open; at shutdown.
+    /// Whether a generation is open (its records are not durable yet).
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Seals whatever is open: on time, and at shutdown. On an error the generation is gone
+    /// (its temporary files removed) and none of its records count as durable: the caller
+    /// writes them again.
     pub fn close(&mut self) -> Result<(), SinkError> {
         self.seal()
+    }
+
+    /// Drops the open generation after a failed write: its temporary files are removed and
+    /// nothing of it counts as held, so its records can be written again.
+    pub fn abandon(&mut self) {
+        if let Some(generation) = self.open.take() {
+            for file in generation.files.into_values() {
+                let _ = fs::remove_file(&file.tmp_path);
+            }
+        }
     }
 
     fn generation(&mut self) -> &mut Generation {
@@ -325,16 +385,21 @@ impl ParquetSink {
             for file in &finished {
                 let _ = fs::remove_file(&file.tmp_path);
             }
-            self.metrics
-                .sink_errors
-                .with_label_values(&["parquet"])
-                .inc();
             return Err(error);
         }
         let mut dirs = Vec::new();
-        for file in &finished {
-            fs::rename(&file.tmp_path, &file.final_path)
-                .map_err(|e| SinkError::io(&file.final_path, e))?;
+        for (renamed, file) in finished.iter().enumerate() {
+            if let Err(error) = fs::rename(&file.tmp_path, &file.final_path) {
+                // An incomplete generation is removed at the next start anyway; removing it
+                // now keeps this run from counting or re-reading half of it.
+                for done in &finished[..renamed] {
+                    let _ = fs::remove_file(&done.final_path);
+                }
+                for rest in &finished[renamed..] {
+                    let _ = fs::remove_file(&rest.tmp_path);
+                }
+                return Err(SinkError::io(&file.final_path, error));
+            }
             if let Some(parent) = file.final_path.parent()
                 && !dirs.contains(&parent)
             {
@@ -346,9 +411,12 @@ impl ParquetSink {
                 .inc();
         }
         for dir in dirs {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| SinkError::io(dir, e))?;
+            if let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
+                for file in &finished {
+                    let _ = fs::remove_file(&file.final_path);
+                }
+                return Err(SinkError::io(dir, error));
+            }
         }
         for (thing, created_ms) in generation.watermarks {
             let mark = self.durable.entry(thing).or_insert(created_ms);
@@ -503,6 +571,7 @@ mod tests {
             "two dates × (readings + dweets)"
         );
 
+        drop(sink); // the directory lock goes with it
         let (mut sink, opened) = open(dir.path());
         assert_eq!(opened.things_with_watermark, 2);
         assert_eq!(sink.watermarks().get("a"), Some(&(base + DAY_MS)));
@@ -536,6 +605,7 @@ mod tests {
         let stray = first_generation[0].with_file_name(".part-1-0.parquet.tmp");
         fs::write(&stray, b"half a file").unwrap();
 
+        drop(sink); // the directory lock goes with it
         let (sink, opened) = open(dir.path());
         assert_eq!(opened.removed_temporary, 1);
         assert_eq!(
@@ -564,6 +634,7 @@ mod tests {
         let (mut sink, _) = open(dir.path());
         sink.write(std::slice::from_ref(&letter)).unwrap();
         sink.close().unwrap();
+        drop(sink); // the directory lock goes with it
         let (mut sink, _) = open(dir.path());
         assert_eq!(
             sink.write(&[letter]).unwrap(),

@@ -2,14 +2,13 @@
 
 use std::fmt::Write;
 
-use crate::normalize::{DeadLetter, Normalized, ms_to_datetime};
+use crate::normalize::{Normalized, ms_to_datetime};
 
 /// The COPY buffers of one batch.
 #[derive(Default)]
 pub struct CopyRows {
     pub dweets: String,
     pub readings: String,
-    pub dead_letters: String,
 }
 
 impl CopyRows {
@@ -33,19 +32,6 @@ impl CopyRows {
             let _ = writeln!(self.readings, "\t{}", reading.value);
         }
     }
-
-    pub fn push_dead_letter(&mut self, letter: &DeadLetter) {
-        push_optional(&mut self.dead_letters, letter.thing.as_deref());
-        self.dead_letters.push('\t');
-        push_optional(&mut self.dead_letters, letter.created.as_deref());
-        self.dead_letters.push('\t');
-        self.dead_letters.push_str(&timestamp(letter.received_ms));
-        self.dead_letters.push('\t');
-        push_field(&mut self.dead_letters, &without_nul(&letter.payload));
-        self.dead_letters.push('\t');
-        push_field(&mut self.dead_letters, &without_nul(&letter.reason));
-        self.dead_letters.push('\n');
-    }
 }
 
 /// PostgreSQL text cannot hold NUL; a dead letter must always be storable, so NUL becomes
@@ -62,13 +48,6 @@ pub fn timestamp(ms: i64) -> String {
     ms_to_datetime(ms)
         .format("%Y-%m-%d %H:%M:%S%.3f+00")
         .to_string()
-}
-
-fn push_optional(out: &mut String, value: Option<&str>) {
-    match value {
-        Some(value) => push_field(out, &without_nul(value)),
-        None => out.push_str("\\N"),
-    }
 }
 
 fn push_field(out: &mut String, value: &str) {
@@ -106,17 +85,6 @@ mod tests {
             "a\\tb\t2014-03-19 10:38:46.010+00\t2014-03-19 10:38:46.020+00\t{\"s\":\"x\\\\\\\\y\\\\n\"}\n"
         );
         assert_eq!(rows.readings, "2014-03-19 10:38:46.010+00\ta\\tb\tv\t0.1\n");
-        rows.push_dead_letter(&DeadLetter {
-            thing: None,
-            created: None,
-            created_ms: None,
-            received_ms: 0,
-            payload: "nul\0here".to_owned(),
-            reason: "r".to_owned(),
-        });
-        assert_eq!(
-            rows.dead_letters,
-            "\\N\t\\N\t1970-01-01 00:00:00.000+00\tnul\u{FFFD}here\tr\n"
-        );
+        assert_eq!(without_nul("nul\0here"), "nul\u{FFFD}here");
     }
 }

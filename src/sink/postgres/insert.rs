@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::copy::without_nul;
-use crate::normalize::{Record, ms_to_datetime};
+use crate::normalize::{DeadLetter, Record, ms_to_datetime};
 
 /// Batches with at least this many readings go by COPY (when no stored row can repeat).
 pub const COPY_FROM_READINGS: usize = 4000;
@@ -32,6 +32,7 @@ struct Columns<'a> {
     reading_values: Vec<f64>,
     letter_things: Vec<Option<String>>,
     letter_created: Vec<Option<String>>,
+    letter_at: Vec<String>,
     letter_received: Vec<DateTime<Utc>>,
     letter_payloads: Vec<String>,
     letter_reasons: Vec<String>,
@@ -63,6 +64,7 @@ impl<'a> Columns<'a> {
                     };
                     columns.letter_things.push(text(&letter.thing));
                     columns.letter_created.push(text(&letter.created));
+                    columns.letter_at.push(letter_at(letter));
                     columns
                         .letter_received
                         .push(ms_to_datetime(letter.received_ms));
@@ -121,21 +123,55 @@ pub async fn insert(
         .await?
         .rows_affected();
     }
-    if !columns.letter_received.is_empty() {
-        added.2 = sqlx::query(
-            "INSERT INTO dead_letters (thing, created, received_at, payload, reason)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])",
-        )
-        .bind(&columns.letter_things)
-        .bind(&columns.letter_created)
-        .bind(&columns.letter_received)
-        .bind(&columns.letter_payloads)
-        .bind(&columns.letter_reasons)
-        .execute(&mut *connection)
-        .await?
-        .rows_affected();
-    }
+    added.2 = insert_letter_columns(connection, &columns).await?;
     Ok(added)
+}
+
+/// Inserts only the dead letters of `records`, skipping those already stored.
+pub async fn insert_letters(
+    connection: &mut PgConnection,
+    records: &[&Record],
+) -> Result<u64, sqlx::Error> {
+    let letters: Vec<&Record> = records
+        .iter()
+        .copied()
+        .filter(|r| matches!(r, Record::DeadLetter(_)))
+        .collect();
+    insert_letter_columns(connection, &Columns::of(&letters)).await
+}
+
+/// Dead letters are always tolerant: their natural key (thing, `letter_at`, payload) makes a
+/// repeat a no-op.
+async fn insert_letter_columns(
+    connection: &mut PgConnection,
+    columns: &Columns<'_>,
+) -> Result<u64, sqlx::Error> {
+    if columns.letter_received.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query(
+        "INSERT INTO dead_letters (thing, created, received_at, payload, reason, letter_at)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[])
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&columns.letter_things)
+    .bind(&columns.letter_created)
+    .bind(&columns.letter_received)
+    .bind(&columns.letter_payloads)
+    .bind(&columns.letter_reasons)
+    .bind(&columns.letter_at)
+    .execute(&mut *connection)
+    .await?
+    .rows_affected())
+}
+
+/// When a dead letter happened, for its natural key: `created` as sent, or the arrival time
+/// in ms for a line that had none.
+fn letter_at(letter: &DeadLetter) -> String {
+    match &letter.created {
+        Some(created) => without_nul(created).into_owned(),
+        None => letter.received_ms.to_string(),
+    }
 }
 
 /// Readings in `records`: what decides between COPY and INSERT.

@@ -10,11 +10,11 @@
 //! forever; data errors are narrowed down by bisection and only the offending dweets go to
 //! `dead_letters`.
 
-mod backlog;
 mod copy;
 mod insert;
+mod run;
 
-pub use backlog::Backlog;
+pub use run::{PostgresLoop, spawn};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -23,30 +23,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer};
+use sqlx::PgConnection;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection};
 
+use crate::backoff::Backoff;
 use crate::normalize::{DeadLetter, Record};
-use crate::telemetry::Metrics;
-use crate::worker::backoff::Backoff;
+use crate::telemetry::{Health, Metrics, SinkName};
 pub use copy::CopyRows;
 
 /// The schema, embedded so the binary migrates without the source tree.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../../migrations/0001_schema.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../../migrations/0001_schema.sql"),
+    ),
+    (
+        2,
+        "dead letter key",
+        include_str!("../../../migrations/0002_dead_letter_key.sql"),
+    ),
+];
 
-/// The COPY text of `records`, as the sink sends it (the import benchmark loads the same
-/// bytes with `psql \copy` for comparison).
+/// The COPY text of the dweets among `records`, as the sink sends it (the import benchmark
+/// loads the same bytes with `psql \copy` for comparison). Dead letters take an INSERT.
 pub fn copy_rows<'a>(records: impl IntoIterator<Item = &'a Record>) -> CopyRows {
     let mut rows = CopyRows::default();
     for record in records {
-        match record {
-            Record::Dweet(dweet) => rows.push_dweet(dweet),
-            Record::DeadLetter(letter) => rows.push_dead_letter(letter),
+        if let Record::Dweet(dweet) = record {
+            rows.push_dweet(dweet);
         }
     }
     rows
@@ -96,17 +102,13 @@ pub struct PostgresConfig {
     /// `postgres://user:password@host/db`; or `url_env` names a variable holding it.
     pub url: Option<DatabaseUrl>,
     pub url_env: Option<String>,
-    /// Rows per COPY batch at most. Default 5000.
+    /// Records per statement (and per transaction) at most. Default 5000.
     #[serde(default = "default_max_rows")]
     pub max_rows: usize,
-    /// The longest a record waits for its batch. Batches are written as soon as the previous
-    /// one is done (natural batching), which keeps this bound while PostgreSQL keeps up; a
-    /// slower PostgreSQL is what the backlog is for. Default 1 s.
-    #[serde(
-        default = "default_max_age",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub max_age: Duration,
+    /// Removed: batches are written as soon as the previous one commits, so no record waits
+    /// on a timer. Kept only to refuse files that still set it with a clear message.
+    #[serde(default, rename = "max_age")]
+    pub removed_max_age: Option<serde::de::IgnoredAny>,
     /// Records held in memory while PostgreSQL is slow or down, before the spool. Default 100,000.
     #[serde(default = "default_memory_max_rows")]
     pub memory_max_rows: usize,
@@ -137,17 +139,13 @@ fn default_max_rows() -> usize {
     5000
 }
 
-fn default_max_age() -> Duration {
-    Duration::from_secs(1)
-}
-
 impl PostgresConfig {
     pub fn new(url: DatabaseUrl) -> Self {
         PostgresConfig {
             url: Some(url),
             url_env: None,
             max_rows: default_max_rows(),
-            max_age: default_max_age(),
+            removed_max_age: None,
             memory_max_rows: default_memory_max_rows(),
             spool_dir: default_spool_dir(),
             spool_max: default_spool_max(),
@@ -202,6 +200,13 @@ impl PostgresConfig {
                 "the default is 5000".to_owned(),
             ));
         }
+        if self.removed_max_age.is_some() {
+            return Err((
+                "max_age".to_owned(),
+                "was removed: records are written as soon as the previous batch commits, so none waits on a timer".to_owned(),
+                "delete the line; max_rows still bounds each statement".to_owned(),
+            ));
+        }
         Ok(())
     }
 }
@@ -212,21 +217,57 @@ pub enum PostgresError {
     Url(String),
     #[error("PostgreSQL: {0}")]
     Database(String),
+    /// The server answered and refused us: waiting will not fix it, a person must.
+    #[error("PostgreSQL refused the connection: {reason} ({fix})")]
+    Refused { reason: String, fix: &'static str },
     #[error("applying the migrations: {0}")]
     Migrate(String),
 }
 
 impl PostgresError {
     fn database(error: &sqlx::Error, url: &DatabaseUrl) -> Self {
-        PostgresError::Database(strip_url(&error.to_string(), url.expose()))
+        let reason = strip_url(&database_message(error), url.expose());
+        let code = error.as_database_error().and_then(|e| e.code());
+        let fix = match code.as_deref() {
+            Some("3D000") => "create the database, or name an existing one in the URL",
+            Some("28P01") | Some("28000") => "check the user and password in the URL",
+            Some("42501") => "grant the user CONNECT and CREATE on the database",
+            _ => return PostgresError::Database(reason),
+        };
+        PostgresError::Refused { reason, fix }
+    }
+
+    /// Whether waiting and retrying can help (the server is down or busy), as opposed to a
+    /// setting a person must fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PostgresError::Database(_) | PostgresError::Migrate(_))
+    }
+}
+
+/// sqlx's message without the source chain it repeats ("error: error: ...").
+fn database_message(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
     }
 }
 
 /// Applies the embedded migrations (idempotent); returns how many were newly applied.
 pub async fn migrate(url: &DatabaseUrl) -> Result<usize, PostgresError> {
-    let mut connection = PgConnection::connect_with(&url.options()?)
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(url.options()?)
         .await
         .map_err(|e| PostgresError::database(&e, url))?;
+    let applied = migrate_pool(&pool, url).await;
+    pool.close().await;
+    applied
+}
+
+/// [`migrate`] over a pool (a pool, not a connection: the future stays `Send`, so a spawned
+/// task can run it).
+async fn migrate_pool(pool: &PgPool, url: &DatabaseUrl) -> Result<usize, PostgresError> {
     let migrator = Migrator::with_migrations(
         MIGRATIONS
             .iter()
@@ -241,18 +282,18 @@ pub async fn migrate(url: &DatabaseUrl) -> Result<usize, PostgresError> {
             })
             .collect(),
     );
-    let before: i64 = applied_count(&mut connection).await;
+    let before: i64 = applied_count(pool).await;
     migrator
-        .run(&mut connection)
+        .run(pool)
         .await
         .map_err(|e| PostgresError::Migrate(strip_url(&e.to_string(), url.expose())))?;
-    let after = applied_count(&mut connection).await;
+    let after = applied_count(pool).await;
     Ok(usize::try_from(after - before).unwrap_or(0))
 }
 
-async fn applied_count(connection: &mut PgConnection) -> i64 {
+async fn applied_count(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(connection)
+        .fetch_one(pool)
         .await
         .unwrap_or(0)
 }
@@ -324,6 +365,8 @@ pub struct PostgresSink {
     /// Newest committed `created` (ms) per thing, from `things`.
     watermarks: HashMap<String, i64>,
     metrics: Arc<Metrics>,
+    /// Told while writes fail and retry (the worker's readiness); none for one-shot imports.
+    health: Option<Arc<Health>>,
 }
 
 impl PostgresSink {
@@ -352,14 +395,18 @@ impl PostgresSink {
         }
     }
 
-    async fn try_connect(url: &DatabaseUrl, metrics: Arc<Metrics>) -> Result<Self, PostgresError> {
-        migrate(url).await?;
+    /// One attempt: connect, migrate, load the watermarks.
+    pub async fn try_connect(
+        url: &DatabaseUrl,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, PostgresError> {
         let pool = PgPoolOptions::new()
             .max_connections(3)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(url.options()?)
             .await
             .map_err(|e| PostgresError::database(&e, url))?;
+        migrate_pool(&pool, url).await?;
         let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> =
             sqlx::query_as("SELECT thing, last_created FROM things WHERE last_created IS NOT NULL")
                 .fetch_all(&pool)
@@ -375,7 +422,20 @@ impl PostgresSink {
             shard_hasher: std::hash::RandomState::new(),
             watermarks,
             metrics,
+            health: None,
         })
+    }
+
+    /// Reports write trouble to `health` while it lasts.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    fn report(&self, problem: Option<String>) {
+        if let Some(health) = &self.health {
+            health.set_sink_problem(SinkName::Postgres, problem);
+        }
     }
 
     pub fn watermarks(&self) -> &HashMap<String, i64> {
@@ -440,15 +500,15 @@ impl PostgresSink {
                 .with_label_values(&["postgres"])
                 .observe(started.elapsed().as_secs_f64());
             let Err(error) = result else {
+                if !last_problem.is_empty() {
+                    self.report(None);
+                    last_problem.clear();
+                }
                 backoff.reset();
                 tolerant = start_tolerant;
                 continue;
             };
-            self.metrics
-                .sink_errors
-                .with_label_values(&["postgres"])
-                .inc();
-            let text = strip_url(&error.to_string(), self.url.expose());
+            let text = strip_url(&database_message(&error), self.url.expose());
             match classify(&error) {
                 Failure::Conflict => {
                     tolerant = true;
@@ -464,8 +524,15 @@ impl PostgresSink {
                     pending.push(first);
                 }
                 Failure::Retry => {
+                    // Only failed attempts count as sink errors: a conflict or a bisection
+                    // step is the write path working as designed.
+                    self.metrics
+                        .sink_errors
+                        .with_label_values(&[SinkName::Postgres.as_str()])
+                        .inc();
                     if text != last_problem {
                         tracing::warn!(error = %text, rows = slice.len(), "PostgreSQL write failed; retrying until it succeeds");
+                        self.report(Some(format!("writes fail and are retried: {text}")));
                         last_problem = text;
                     }
                     pending.push(slice);
@@ -564,13 +631,9 @@ impl PostgresSink {
                         &rows.readings,
                     )
                     .await?,
-                    copy_into(
-                        &mut tx,
-                        "dead_letters",
-                        "thing, created, received_at, payload, reason",
-                        &rows.dead_letters,
-                    )
-                    .await?,
+                    // Letters may repeat whatever the watermark says (they have no order of
+                    // their own): always the conflict-tolerant INSERT.
+                    insert::insert_letters(&mut tx, records).await?,
                 )
             };
         let written = [

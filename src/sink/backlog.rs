@@ -1,0 +1,760 @@
+//! A sink's queue: what the fan-out handed it and it has not yet made durable. Batches wait in
+//! memory up to a bound, then in a spool on disk (fsynced before `push` returns), so a slow or
+//! failing destination never stalls ingestion or another sink, and loses nothing accepted.
+//!
+//! Order is kept per sink, which the sinks' watermarks rely on: [`Backlog::next`] hands out
+//! batches oldest first whether they wait in memory or on disk. A spool segment is deleted only
+//! after the sink said its records are durable ([`Backlog::done`]), so a crash replays it.
+//!
+//! The one hazard of a memory-then-disk queue is a crash while an older batch is held in
+//! memory by the sink (being written, or waiting for its Parquet generation to seal) and newer
+//! ones are already on disk: the restart would replay the newer ones and the sink's watermark
+//! would pass the lost older ones for good. So whenever anything goes to disk, every batch the
+//! sink still holds from memory is copied there first ("shadowed"); the copy is skipped while
+//! this process runs and replayed only after a crash.
+//!
+//! When the spool cannot take a batch (full, or its disk failing), the batch is dropped,
+//! counted and logged, and so is every later record of the same things in this run: the
+//! sink's watermark then stays below the gap, and the next start's backfill refills it from the
+//! source when the source still has it.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use super::SinkError;
+use super::dir_lock::DirLock;
+use super::spool;
+use crate::normalize::Record;
+use crate::telemetry::{Metrics, SinkName};
+
+/// A segment is closed for appends past this size.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".spool";
+
+/// A batch of records in a sink's queue.
+pub type Batch = Arc<Vec<Record>>;
+
+#[derive(Debug)]
+struct Segment {
+    /// Order in this process (on disk, the file name's number gives the order).
+    seq: u64,
+    path: PathBuf,
+    bytes: u64,
+    /// Record ranges that copy batches held in memory: skipped unless the process restarted.
+    skip: Vec<Range<usize>>,
+}
+
+struct Queued {
+    seq: u64,
+    id: u64,
+    records: Batch,
+    /// A copy is in a spool segment already.
+    shadowed: bool,
+}
+
+#[derive(Default)]
+struct State {
+    memory: VecDeque<Queued>,
+    memory_records: usize,
+    /// Oldest first; the last one may still be open for appends.
+    segments: VecDeque<Segment>,
+    appending: Option<File>,
+    /// Memory batches the sink holds (taken, not yet done or given back): id → shadowed.
+    in_flight: Vec<(u64, Batch, bool)>,
+    spool_bytes: u64,
+    next_segment: u64,
+    next_seq: u64,
+    /// Things whose records were dropped in this run, so later ones are dropped too.
+    lost: HashMap<String, ()>,
+    closed: bool,
+}
+
+/// A batch taken by the sink; hand it back to [`Backlog::done`] once durable, or to
+/// [`Backlog::give_back`] if it could not be made durable.
+pub struct Taken {
+    pub records: Batch,
+    origin: Origin,
+}
+
+enum Origin {
+    Memory { seq: u64, id: u64 },
+    Segment(Segment),
+}
+
+pub struct Backlog {
+    state: Mutex<State>,
+    ready: Notify,
+    dir: PathBuf,
+    sink: SinkName,
+    memory_max_records: usize,
+    spool_max_bytes: u64,
+    metrics: Arc<Metrics>,
+    _lock: DirLock,
+}
+
+fn segment_number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?
+        .parse()
+        .ok()
+}
+
+impl Backlog {
+    /// Locks `dir` for this process and opens its spool; segments left by an earlier run come
+    /// first.
+    pub fn open(
+        dir: &Path,
+        sink: SinkName,
+        memory_max_records: usize,
+        spool_max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SinkError> {
+        let lock = DirLock::acquire(dir)?;
+        let mut found: Vec<(u64, PathBuf, u64)> = Vec::new();
+        for entry in fs::read_dir(dir).map_err(|e| SinkError::io(dir, e))? {
+            let path = entry.map_err(|e| SinkError::io(dir, e))?.path();
+            if let Some(number) = segment_number(&path) {
+                let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                found.push((number, path, bytes));
+            }
+        }
+        found.sort_by_key(|(number, _, _)| *number);
+        let mut state = State {
+            next_segment: found.last().map_or(1, |(number, _, _)| number + 1),
+            spool_bytes: found.iter().map(|(_, _, bytes)| bytes).sum(),
+            ..State::default()
+        };
+        for (_, path, bytes) in found {
+            let seq = state.take_seq();
+            state.segments.push_back(Segment {
+                seq,
+                path,
+                bytes,
+                skip: Vec::new(),
+            });
+        }
+        if !state.segments.is_empty() {
+            tracing::info!(
+                sink = sink.as_str(),
+                segments = state.segments.len(),
+                bytes = state.spool_bytes,
+                "spool from an earlier run will be replayed"
+            );
+        }
+        let backlog = Backlog {
+            state: Mutex::new(state),
+            ready: Notify::new(),
+            dir: dir.to_path_buf(),
+            sink,
+            memory_max_records,
+            spool_max_bytes,
+            metrics,
+            _lock: lock,
+        };
+        backlog.publish(&backlog.lock());
+        Ok(backlog)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What waits, for the metrics: records in memory (queued or held by the sink, not yet
+    /// durable) and bytes on disk.
+    fn publish(&self, state: &State) {
+        let label = self.sink.as_str();
+        self.metrics
+            .spool_bytes
+            .with_label_values(&[label])
+            .set(state.spool_bytes as i64);
+        let held: usize = state
+            .in_flight
+            .iter()
+            .filter(|(_, _, shadowed)| !shadowed)
+            .map(|(_, batch, _)| batch.len())
+            .sum();
+        self.metrics
+            .sink_buffer_rows
+            .with_label_values(&[label])
+            .set((state.memory_records + held) as i64);
+    }
+
+    /// Bytes on disk in the spool now.
+    pub fn spool_bytes(&self) -> u64 {
+        self.lock().spool_bytes
+    }
+
+    /// Records and spool bytes waiting, and whether anything was dropped in this run.
+    pub fn pending(&self) -> (usize, u64, bool) {
+        let state = self.lock();
+        (
+            state.memory_records,
+            state.spool_bytes,
+            !state.lost.is_empty(),
+        )
+    }
+
+    /// Queues a batch: in memory while there is room and nothing is on disk, else on disk
+    /// (written and fsynced before this returns).
+    pub fn push(&self, batch: Batch) {
+        let mut state = self.lock();
+        let batch = self.without_lost(&state, batch);
+        if batch.is_empty() {
+            return;
+        }
+        if state.segments.is_empty()
+            && state.memory_records + batch.len() <= self.memory_max_records
+        {
+            state.memory_records += batch.len();
+            let (seq, id) = (state.take_seq(), state.take_seq());
+            state.memory.push_back(Queued {
+                seq,
+                id,
+                records: batch,
+                shadowed: false,
+            });
+        } else {
+            let written = self
+                .persist_memory(&mut state)
+                .and_then(|()| self.append(&mut state, &batch));
+            if let Err(error) = written {
+                self.drop_batch(&mut state, &batch, &error);
+            }
+        }
+        self.publish(&state);
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    fn without_lost(&self, state: &State, batch: Batch) -> Batch {
+        let is_lost = |r: &Record| r.thing().is_some_and(|t| state.lost.contains_key(t));
+        if state.lost.is_empty() || !batch.iter().any(is_lost) {
+            return batch;
+        }
+        let kept: Vec<Record> = batch.iter().filter(|r| !is_lost(r)).cloned().collect();
+        self.metrics
+            .spool_dropped
+            .with_label_values(&[self.sink.as_str()])
+            .inc_by((batch.len() - kept.len()) as u64);
+        Arc::new(kept)
+    }
+
+    fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
+        self.metrics
+            .spool_dropped
+            .with_label_values(&[self.sink.as_str()])
+            .inc_by(batch.len() as u64);
+        for thing in batch.iter().filter_map(Record::thing) {
+            state.lost.insert(thing.to_owned(), ());
+        }
+        tracing::error!(
+            sink = self.sink.as_str(),
+            %error,
+            records = batch.len(),
+            "the sink is behind and its spool cannot take more: these records, and later ones of the same things, will not reach this sink in this run; restart the worker once the spool has room and backfill refills what the source still has"
+        );
+    }
+
+    /// Moves to disk what only memory holds: the batches the sink holds (as copies, skipped in
+    /// this run) and the queued ones, oldest first, in one new segment at the end.
+    fn persist_memory(&self, state: &mut State) -> Result<(), String> {
+        let held: Vec<Batch> = state
+            .in_flight
+            .iter()
+            .filter(|(_, _, shadowed)| !shadowed)
+            .map(|(_, batch, _)| Arc::clone(batch))
+            .collect();
+        let queued_unshadowed = state.memory.iter().any(|q| !q.shadowed);
+        if held.is_empty() && !queued_unshadowed {
+            return Ok(());
+        }
+        let mut text = spool::header().to_vec();
+        let mut skip = Vec::new();
+        let mut at = 0;
+        for batch in &held {
+            spool::encode(batch, &mut text);
+            skip.push(at..at + batch.len());
+            at += batch.len();
+        }
+        for queued in state.memory.iter().filter(|q| !q.shadowed) {
+            spool::encode(&queued.records, &mut text);
+        }
+        self.check_room(state, text.len() as u64)?;
+        let number = state.next_segment;
+        state.next_segment += 1;
+        let (mut file, path) = self.create_segment(number)?;
+        file.write_all(&text)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        for entry in state.in_flight.iter_mut() {
+            entry.2 = true;
+        }
+        let kept: VecDeque<Queued> = state.memory.drain(..).filter(|q| q.shadowed).collect();
+        state.memory_records = kept.iter().map(|q| q.records.len()).sum();
+        state.memory = kept;
+        let seq = state.take_seq();
+        state.segments.push_back(Segment {
+            seq,
+            path,
+            bytes: text.len() as u64,
+            skip,
+        });
+        state.appending = Some(file);
+        state.spool_bytes += text.len() as u64;
+        Ok(())
+    }
+
+    /// Appends `batch` to the open segment, or a new one.
+    fn append(&self, state: &mut State, batch: &[Record]) -> Result<(), String> {
+        let mut text = Vec::new();
+        spool::encode(batch, &mut text);
+        let reuse = state.appending.is_some()
+            && state
+                .segments
+                .back()
+                .is_some_and(|s| s.bytes < SEGMENT_BYTES);
+        if !reuse {
+            text.splice(0..0, spool::header());
+        }
+        self.check_room(state, text.len() as u64)?;
+        if !reuse {
+            let number = state.next_segment;
+            state.next_segment += 1;
+            let (file, path) = self.create_segment(number)?;
+            let seq = state.take_seq();
+            state.appending = Some(file);
+            state.segments.push_back(Segment {
+                seq,
+                path,
+                bytes: 0,
+                skip: Vec::new(),
+            });
+        }
+        let file = state.appending.as_mut().ok_or("no open segment")?;
+        if let Err(error) = file.write_all(&text).and_then(|()| file.sync_data()) {
+            // What was appended may be torn; a new segment starts clean.
+            state.appending = None;
+            return Err(error.to_string());
+        }
+        if let Some(segment) = state.segments.back_mut() {
+            segment.bytes += text.len() as u64;
+        }
+        state.spool_bytes += text.len() as u64;
+        Ok(())
+    }
+
+    fn check_room(&self, state: &State, size: u64) -> Result<(), String> {
+        if state.spool_bytes + size > self.spool_max_bytes {
+            return Err(format!(
+                "the spool is full ({} of {} bytes)",
+                state.spool_bytes, self.spool_max_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates segment `number`'s file, and makes its name durable.
+    fn create_segment(&self, number: u64) -> Result<(File, PathBuf), String> {
+        let path = self
+            .dir
+            .join(format!("{SEGMENT_PREFIX}{number:020}{SEGMENT_SUFFIX}"));
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        Ok((file, path))
+    }
+
+    /// The oldest queued batch; waits for one. `None` once closed and empty.
+    pub async fn next(&self) -> Option<Taken> {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(taken) = self.try_take() {
+                return Some(taken);
+            }
+            {
+                let state = self.lock();
+                if state.closed && state.memory.is_empty() && state.segments.is_empty() {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The oldest queued batch if there is one now.
+    pub fn try_take(&self) -> Option<Taken> {
+        loop {
+            let mut state = self.lock();
+            let memory_first = match (state.memory.front(), state.segments.front()) {
+                (Some(queued), Some(segment)) => queued.seq < segment.seq,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if memory_first {
+                let queued = state.memory.pop_front()?;
+                state.memory_records -= queued.records.len();
+                state
+                    .in_flight
+                    .push((queued.id, Arc::clone(&queued.records), queued.shadowed));
+                self.publish(&state);
+                return Some(Taken {
+                    records: queued.records,
+                    origin: Origin::Memory {
+                        seq: queued.seq,
+                        id: queued.id,
+                    },
+                });
+            }
+            let segment = state.segments.pop_front()?;
+            if state.segments.is_empty() {
+                // It was the one open for appends: newer batches start a new segment.
+                state.appending = None;
+            }
+            drop(state);
+            match self.read_segment(&segment) {
+                Ok(records) => {
+                    return Some(Taken {
+                        records: Arc::new(records),
+                        origin: Origin::Segment(segment),
+                    });
+                }
+                Err(error) => {
+                    let aside = segment.path.with_extension("unreadable");
+                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside; its records do not reach this sink");
+                    let _ = fs::rename(&segment.path, &aside);
+                    let mut state = self.lock();
+                    state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
+                    self.publish(&state);
+                }
+            }
+        }
+    }
+
+    /// The segment's records, less the copies this run skips; damage is counted and logged.
+    fn read_segment(&self, segment: &Segment) -> Result<Vec<Record>, String> {
+        let bytes = fs::read(&segment.path).map_err(|e| e.to_string())?;
+        let decoded = spool::decode(&bytes).map_err(|e| e.to_string())?;
+        for damage in &decoded.damaged {
+            tracing::error!(
+                sink = self.sink.as_str(),
+                segment = %segment.path.display(),
+                offset = damage.offset,
+                reason = %damage.reason,
+                "a damaged spool record is skipped; the records after it are replayed"
+            );
+        }
+        if !decoded.damaged.is_empty() {
+            self.metrics
+                .spool_corrupt_records
+                .with_label_values(&[self.sink.as_str()])
+                .inc_by(decoded.damaged.len() as u64);
+        }
+        if segment.skip.is_empty() {
+            return Ok(decoded.records);
+        }
+        Ok(decoded
+            .records
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !segment.skip.iter().any(|range| range.contains(i)))
+            .map(|(_, record)| record)
+            .collect())
+    }
+
+    /// Forgets a batch the sink made durable (deleting its segment).
+    pub fn done(&self, taken: Taken) {
+        let mut state = self.lock();
+        match taken.origin {
+            Origin::Memory { id, .. } => state.in_flight.retain(|(held, _, _)| *held != id),
+            Origin::Segment(segment) => {
+                let _ = fs::remove_file(&segment.path);
+                state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
+            }
+        }
+        self.publish(&state);
+    }
+
+    /// Puts batches the sink could not make durable back in front, in their order.
+    pub fn give_back(&self, taken: Vec<Taken>) {
+        let mut state = self.lock();
+        for batch in taken.into_iter().rev() {
+            match batch.origin {
+                Origin::Memory { seq, id } => {
+                    let shadowed = state
+                        .in_flight
+                        .iter()
+                        .find(|(held, _, _)| *held == id)
+                        .is_some_and(|(_, _, shadowed)| *shadowed);
+                    state.in_flight.retain(|(held, _, _)| *held != id);
+                    state.memory_records += batch.records.len();
+                    state.memory.push_front(Queued {
+                        seq,
+                        id,
+                        records: batch.records,
+                        shadowed,
+                    });
+                }
+                Origin::Segment(segment) => state.segments.push_front(segment),
+            }
+        }
+        self.publish(&state);
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Moves whatever only memory holds to the spool: when the sink's destination fails, and
+    /// at shutdown.
+    pub fn spill_memory(&self) {
+        let mut state = self.lock();
+        if let Err(error) = self.persist_memory(&mut state) {
+            tracing::warn!(sink = self.sink.as_str(), %error, records = state.memory_records, "could not move the in-memory backlog to the spool; it stays in memory");
+        }
+        self.publish(&state);
+    }
+
+    /// Resolves once the backlog is closed (nothing more will be pushed).
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.ready.notified();
+            if self.lock().closed {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_waiters();
+        self.ready.notify_one();
+    }
+}
+
+impl State {
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::normalize::{Normalized, Reading};
+
+    fn batch(thing: &str, from: i64, count: i64) -> Batch {
+        Arc::new(
+            (from..from + count)
+                .map(|created_ms| {
+                    Record::Dweet(Normalized {
+                        thing: thing.to_owned(),
+                        created_ms,
+                        received_ms: created_ms,
+                        content: "{}".to_owned(),
+                        readings: vec![Reading {
+                            sensor: "v".to_owned(),
+                            value: 1.0,
+                        }],
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    fn open(dir: &Path, memory: usize, spool: u64, metrics: &Arc<Metrics>) -> Backlog {
+        Backlog::open(dir, SinkName::Postgres, memory, spool, Arc::clone(metrics)).unwrap()
+    }
+
+    /// Takes everything to the end (the backlog must be closed), as a sink would.
+    async fn replay_all(backlog: &Backlog) -> Vec<i64> {
+        let mut seen = Vec::new();
+        while let Some(taken) = backlog.next().await {
+            seen.extend(created(&taken));
+            backlog.done(taken);
+        }
+        seen
+    }
+
+    fn created(taken: &Taken) -> Vec<i64> {
+        taken
+            .records
+            .iter()
+            .filter_map(Record::created_ms)
+            .collect()
+    }
+
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| segment_number(p).is_some())
+            .collect();
+        found.sort();
+        found
+    }
+
+    fn spooled(metrics: &Metrics) -> f64 {
+        metrics.value("dweetpipe_spool_bytes", &[("sink", "postgres")])
+    }
+
+    #[tokio::test]
+    async fn spills_past_the_memory_bound_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let backlog = open(dir.path(), 3, 1 << 20, &metrics);
+        backlog.push(batch("a", 0, 2));
+        backlog.push(batch("a", 2, 2)); // over the bound: memory and this go to disk
+        backlog.push(batch("a", 4, 1)); // something is on disk: disk too
+        assert!(spooled(&metrics) > 0.0);
+        backlog.close();
+        assert_eq!(replay_all(&backlog).await, vec![0, 1, 2, 3, 4]);
+        assert_eq!(spooled(&metrics), 0.0);
+        assert!(
+            segments(dir.path()).is_empty(),
+            "durable segments are deleted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_held_by_the_sink_is_on_disk_before_anything_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        {
+            let backlog = open(dir.path(), 2, 1 << 20, &metrics);
+            backlog.push(batch("a", 0, 2));
+            let held = backlog.try_take().unwrap(); // the sink is writing 0, 1
+            backlog.push(batch("a", 2, 2)); // memory is free again: memory
+            backlog.push(batch("a", 4, 2)); // over: 0..4 go to disk before 4, 5
+            // In this run the copies are skipped: the sink still holds 0, 1 and takes 2.. next.
+            let next = backlog.try_take().unwrap();
+            assert_eq!(created(&next), vec![2, 3, 4, 5]);
+            drop((held, next)); // a crash: nothing done
+        }
+        let backlog = open(dir.path(), 2, 1 << 20, &metrics);
+        backlog.close();
+        assert_eq!(
+            replay_all(&backlog).await,
+            vec![0, 1, 2, 3, 4, 5],
+            "after a crash everything replays, oldest first"
+        );
+    }
+
+    #[tokio::test]
+    async fn given_back_batches_come_out_again_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let backlog = open(dir.path(), 2, 1 << 20, &metrics);
+        backlog.push(batch("a", 0, 2)); // memory
+        backlog.push(batch("a", 2, 2)); // disk (with 0, 1)
+        backlog.push(batch("a", 4, 2)); // disk
+        let first = backlog.try_take().unwrap();
+        let second = backlog.try_take();
+        backlog.give_back(std::iter::once(first).chain(second).collect());
+        backlog.spill_memory();
+        backlog.close();
+        assert_eq!(replay_all(&backlog).await, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn memory_spilled_at_shutdown_replays_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        {
+            let backlog = open(dir.path(), 10, 1 << 20, &metrics);
+            backlog.push(batch("a", 0, 2));
+            let held = backlog.try_take().unwrap();
+            backlog.push(batch("a", 2, 2));
+            backlog.give_back(vec![held]);
+            backlog.spill_memory();
+        }
+        let backlog = open(dir.path(), 10, 1 << 20, &metrics);
+        backlog.close();
+        assert_eq!(replay_all(&backlog).await, vec![0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_counts_its_loss_and_drops_the_things_later_records_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let backlog = open(dir.path(), 0, 400, &metrics);
+        backlog.push(batch("a", 0, 2));
+        backlog.push(batch("a", 2, 50)); // too big for 400 bytes: dropped and counted
+        backlog.push(batch("a", 52, 1)); // after a gap: dropped, so no watermark passes it
+        backlog.push(batch("b", 0, 1)); // another thing is unaffected
+        let dropped = metrics.value(
+            "dweetpipe_spool_dropped_records_total",
+            &[("sink", "postgres")],
+        );
+        assert_eq!(dropped, 51.0);
+        backlog.close();
+        assert_eq!(replay_all(&backlog).await, vec![0, 1, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_is_skipped_and_counted_and_the_rest_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        {
+            let backlog = open(dir.path(), 0, 1 << 20, &metrics);
+            backlog.push(batch("a", 0, 10));
+        }
+        let segment = &segments(dir.path())[0];
+        let mut bytes = fs::read(segment).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        fs::write(segment, bytes).unwrap();
+
+        let backlog = open(dir.path(), 0, 1 << 20, &metrics);
+        backlog.close();
+        let replayed = replay_all(&backlog).await;
+        assert_eq!(replayed.len(), 9, "{replayed:?}");
+        assert_eq!(
+            metrics.value(
+                "dweetpipe_spool_corrupt_records_total",
+                &[("sink", "postgres")]
+            ),
+            1.0
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_segment_is_set_aside_and_frees_its_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        fs::write(
+            dir.path()
+                .join(format!("{SEGMENT_PREFIX}{:020}{SEGMENT_SUFFIX}", 7)),
+            vec![b'x'; 300],
+        )
+        .unwrap();
+        let backlog = open(dir.path(), 0, 400, &metrics);
+        assert_eq!(backlog.spool_bytes(), 300);
+        assert!(backlog.try_take().is_none());
+        assert_eq!(backlog.spool_bytes(), 0, "capacity is not lost for good");
+        backlog.push(batch("a", 0, 2));
+        assert!(
+            backlog.spool_bytes() > 0,
+            "and the spool takes records again"
+        );
+        assert!(
+            dir.path()
+                .join(format!("{SEGMENT_PREFIX}{:020}.unreadable", 7))
+                .exists()
+        );
+    }
+}

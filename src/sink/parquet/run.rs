@@ -1,0 +1,203 @@
+//! The Parquet sink's loop, on its own OS thread (encoding and fsync are blocking work): take
+//! batches from its backlog oldest first, write them into the open generation, seal on time,
+//! and only then tell the backlog they are durable.
+//!
+//! A failed write or seal (ENOSPC, EIO, a read-only directory) abandons the open generation,
+//! hands every batch it held back to the backlog (which moves them to its spool), marks the
+//! sink unready, and retries with backoff: once the directory is writable again the backlog
+//! drains by itself, oldest first, without a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::ParquetSink;
+use crate::backoff::Backoff;
+use crate::sink::SinkError;
+use crate::sink::backlog::{Backlog, Taken};
+use crate::telemetry::{Health, Metrics, SinkName};
+
+/// How often the loop wakes to seal on time when nothing arrives.
+const TICK: Duration = Duration::from_millis(200);
+/// Records taken into the open generation per turn.
+const TAKE_RECORDS: usize = 8 * 1024;
+
+/// The running loop.
+pub struct ParquetLoop {
+    thread: std::thread::JoinHandle<()>,
+    /// Stop retrying a failing directory: what is held goes to the spool (shutdown deadline).
+    give_up: Arc<AtomicBool>,
+}
+
+impl ParquetLoop {
+    /// Asks a loop stuck on a failing directory to spool what it holds and end.
+    pub fn give_up(&self) {
+        self.give_up.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the loop to end (after its backlog was closed).
+    pub fn join(self) -> Result<(), SinkError> {
+        self.thread
+            .join()
+            .map_err(|_| SinkError::Panicked("Parquet sink"))
+    }
+}
+
+/// Starts the loop; it ends once `backlog` is closed and drained (or on `give_up`).
+pub fn spawn(
+    sink: ParquetSink,
+    backlog: Arc<Backlog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<ParquetLoop, SinkError> {
+    let runtime = tokio::runtime::Handle::current();
+    let give_up = Arc::new(AtomicBool::new(false));
+    let state = Loop {
+        sink,
+        backlog,
+        metrics,
+        health,
+        held: Vec::new(),
+        give_up: Arc::clone(&give_up),
+        failing_since: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name("dweetpipe-parquet".to_owned())
+        .spawn(move || state.run(&runtime))
+        .map_err(|e| SinkError::io(std::path::Path::new("the Parquet sink thread"), e))?;
+    Ok(ParquetLoop { thread, give_up })
+}
+
+struct Loop {
+    sink: ParquetSink,
+    backlog: Arc<Backlog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// Batches in the open generation: done once it seals, given back if it fails.
+    held: Vec<Taken>,
+    give_up: Arc<AtomicBool>,
+    failing_since: Option<Instant>,
+}
+
+impl Loop {
+    fn run(mut self, runtime: &tokio::runtime::Handle) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            let next =
+                runtime.block_on(async { tokio::time::timeout(TICK, self.backlog.next()).await });
+            let outcome = match next {
+                Ok(Some(first)) => self.take_and_write(first),
+                Ok(None) => break,
+                Err(_idle) => Ok(()),
+            };
+            // While failing, seal at once: success is what ends the fault.
+            let outcome = outcome.and_then(|()| {
+                if self.sink.due() || (self.failing_since.is_some() && self.sink.is_open()) {
+                    self.seal()
+                } else {
+                    Ok(())
+                }
+            });
+            match outcome {
+                Ok(()) => {
+                    if self.failing_since.is_some() && !self.sink.is_open() {
+                        self.recovered();
+                        backoff.reset();
+                    }
+                }
+                Err(error) => {
+                    self.failed(&error);
+                    if self.give_up.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    std::thread::sleep(delay);
+                }
+            }
+            if self.give_up.load(Ordering::Relaxed) && self.failing_since.is_some() {
+                return;
+            }
+        }
+        // Closed and drained: seal what is open; if that fails, keep it in the spool.
+        if let Err(error) = self.seal() {
+            self.failed(&error);
+        }
+    }
+
+    fn take_and_write(&mut self, first: Taken) -> Result<(), SinkError> {
+        let mut taken = vec![first];
+        let mut records = taken[0].records.len();
+        while records < TAKE_RECORDS {
+            match self.backlog.try_take() {
+                Some(more) => {
+                    records += more.records.len();
+                    taken.push(more);
+                }
+                None => break,
+            }
+        }
+        let started = Instant::now();
+        let mut outcome = Ok(());
+        for batch in &taken {
+            match self.sink.write(&batch.records) {
+                Ok(skipped) => self.metrics.duplicates_dropped.inc_by(skipped as u64),
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            }
+        }
+        self.held.extend(taken);
+        self.metrics
+            .sink_write_duration
+            .with_label_values(&[SinkName::Parquet.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    fn seal(&mut self) -> Result<(), SinkError> {
+        self.sink.close()?;
+        for taken in self.held.drain(..) {
+            self.backlog.done(taken);
+        }
+        Ok(())
+    }
+
+    /// Nothing held is durable: it all goes back to the backlog, and to its spool.
+    fn failed(&mut self, error: &SinkError) {
+        self.sink.abandon();
+        self.backlog.give_back(std::mem::take(&mut self.held));
+        self.backlog.spill_memory();
+        self.metrics
+            .sink_errors
+            .with_label_values(&[SinkName::Parquet.as_str()])
+            .inc();
+        let (memory, spooled, lost) = self.backlog.pending();
+        let problem = format!(
+            "cannot write Parquet ({error}); {memory} records wait in memory and {spooled} bytes in the spool{}",
+            if lost { ", and some were dropped" } else { "" }
+        );
+        if self.failing_since.is_none() {
+            tracing::error!(%error, "the Parquet sink cannot write; its records wait in its backlog and it retries with backoff");
+            self.failing_since = Some(Instant::now());
+        } else {
+            tracing::debug!(%error, "the Parquet sink still cannot write");
+        }
+        self.health
+            .set_sink_problem(SinkName::Parquet, Some(problem));
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(
+                after_secs = since.elapsed().as_secs(),
+                "the Parquet sink writes again; its backlog drains"
+            );
+        }
+        self.health.set_sink_problem(SinkName::Parquet, None);
+    }
+}

@@ -1,0 +1,241 @@
+//! The PostgreSQL sink's loop: connect (for as long as it takes: the worker runs and the
+//! other sinks ingest meanwhile, PostgreSQL's share waiting in its backlog), migrate, load the
+//! watermarks, then write what the backlog holds oldest first, at most `max_rows` records per
+//! transaction, and tell the backlog once each batch has committed.
+//!
+//! Batching is natural: everything queued (up to `max_rows`) goes as soon as the previous
+//! write is done, so batches are small while traffic is light and large after an outage.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{PostgresConfig, PostgresError, PostgresSink, StreamStates};
+use crate::backoff::Backoff;
+use crate::normalize::Record;
+use crate::sink::backlog::Backlog;
+use crate::telemetry::{Health, Metrics, SinkName};
+
+/// How often changed stream states are written to `things.stream_state`.
+const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
+/// The longest wait between connection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// The running loop.
+pub struct PostgresLoop {
+    task: JoinHandle<()>,
+    give_up: CancellationToken,
+}
+
+impl PostgresLoop {
+    /// Stops waiting for PostgreSQL: what is left goes to the spool for the next start.
+    pub fn give_up(&self) {
+        self.give_up.cancel();
+    }
+
+    /// Waits for the loop (it ends once its backlog is closed and drained, or on give up).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+
+    pub fn task(&mut self) -> &mut JoinHandle<()> {
+        &mut self.task
+    }
+}
+
+/// Starts the loop with a sink already connected at start-up, or connects in the background.
+pub fn spawn(
+    config: PostgresConfig,
+    connected: Option<PostgresSink>,
+    backlog: Arc<Backlog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> PostgresLoop {
+    let give_up = CancellationToken::new();
+    let task = tokio::spawn(run(
+        config,
+        connected,
+        backlog,
+        metrics,
+        health,
+        give_up.clone(),
+    ));
+    PostgresLoop { task, give_up }
+}
+
+async fn run(
+    config: PostgresConfig,
+    connected: Option<PostgresSink>,
+    backlog: Arc<Backlog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    give_up: CancellationToken,
+) {
+    let sink = match connected {
+        Some(sink) => sink,
+        None => match connect(&config, &metrics, &health, &backlog, &give_up).await {
+            Some(sink) => sink,
+            None => {
+                backlog.spill_memory();
+                tracing::warn!(
+                    "PostgreSQL was not reachable before shutdown; its records are spooled for the next start"
+                );
+                return;
+            }
+        },
+    };
+    let mut sink = sink.with_health(Arc::clone(&health));
+    let reporter_stop = CancellationToken::new();
+    let reporter = tokio::spawn(report_stream_states(
+        sink.states(),
+        Arc::clone(&health),
+        reporter_stop.clone(),
+    ));
+    write_backlog(&mut sink, &backlog, config.max_rows, &give_up).await;
+    reporter_stop.cancel();
+    let _ = reporter.await;
+}
+
+/// Connects until it works or `give_up`; reports what is wrong to the log and `/readyz`.
+async fn connect(
+    config: &PostgresConfig,
+    metrics: &Arc<Metrics>,
+    health: &Health,
+    backlog: &Backlog,
+    give_up: &CancellationToken,
+) -> Option<PostgresSink> {
+    let url = config.url.clone()?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
+    let mut last_problem = String::new();
+    loop {
+        // Shutting down before PostgreSQL ever answered: the spool keeps its share.
+        let attempt = tokio::select! {
+            _ = give_up.cancelled() => return None,
+            _ = backlog.closed() => return None,
+            attempt = PostgresSink::try_connect(&url, Arc::clone(metrics)) => attempt,
+        };
+        let error = match attempt {
+            Ok(sink) => {
+                health.set_sink_problem(SinkName::Postgres, None);
+                tracing::info!(
+                    things_with_watermark = sink.watermarks().len(),
+                    "PostgreSQL reached, schema migrated; its backlog drains"
+                );
+                return Some(sink);
+            }
+            Err(error) => error,
+        };
+        let text = error.to_string();
+        if text != last_problem {
+            if error.is_transient() {
+                tracing::warn!(%error, "PostgreSQL is not reachable; ingestion goes on and its records wait in its backlog");
+            } else {
+                tracing::error!(%error, "PostgreSQL refuses this worker; retrying cannot fix that, so it is retried only every {RECONNECT_MAX:?} while its records wait in its backlog");
+            }
+            health.set_sink_problem(SinkName::Postgres, Some(format_problem(&error)));
+            last_problem = text;
+        }
+        let delay = if error.is_transient() {
+            backoff.next_delay(&mut rand::rng())
+        } else {
+            RECONNECT_MAX
+        };
+        tokio::select! {
+            _ = give_up.cancelled() => return None,
+            _ = backlog.closed() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn format_problem(error: &PostgresError) -> String {
+    if error.is_transient() {
+        format!("unreachable ({error})")
+    } else {
+        error.to_string()
+    }
+}
+
+async fn write_backlog(
+    sink: &mut PostgresSink,
+    backlog: &Backlog,
+    max_rows: usize,
+    give_up: &CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = give_up.cancelled() => None,
+            first = backlog.next() => first,
+        };
+        let Some(first) = first else {
+            if give_up.is_cancelled() {
+                backlog.spill_memory();
+            }
+            return;
+        };
+        let mut rows = first.records.len();
+        let mut taken = vec![first];
+        while rows < max_rows {
+            match backlog.try_take() {
+                Some(more) => {
+                    rows += more.records.len();
+                    taken.push(more);
+                }
+                None => break,
+            }
+        }
+        let write = async {
+            // One spool segment can hold far more than max_rows: split it.
+            let records: Vec<&Record> = taken.iter().flat_map(|t| t.records.iter()).collect();
+            for chunk in records.chunks(max_rows) {
+                sink.write(chunk.to_vec()).await;
+            }
+        };
+        tokio::select! {
+            () = write => taken.into_iter().for_each(|t| backlog.done(t)),
+            _ = give_up.cancelled() => {
+                // What did commit is skipped as already stored when it replays.
+                backlog.give_back(taken);
+                backlog.spill_memory();
+                tracing::warn!("PostgreSQL did not take everything before the shutdown deadline; the rest is spooled for the next start");
+                return;
+            }
+        }
+    }
+}
+
+/// Keeps `things.stream_state` in step with the streams: writes what changed every few
+/// seconds, and `stopped` for every thing at shutdown.
+async fn report_stream_states(states: StreamStates, health: Arc<Health>, stop: CancellationToken) {
+    let mut written: HashMap<String, bool> = HashMap::new();
+    let mut ticks = tokio::time::interval(STREAM_STATE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let changed: Vec<(String, bool)> = health
+            .stream_states()
+            .into_iter()
+            .filter(|(thing, up)| written.get(thing) != Some(up))
+            .collect();
+        let rows: Vec<(String, &str)> = changed
+            .iter()
+            .map(|(thing, up)| (thing.clone(), if *up { "up" } else { "down" }))
+            .collect();
+        match states.write(&rows).await {
+            Ok(()) => written.extend(changed),
+            Err(error) => tracing::debug!(%error, "could not record stream states; will retry"),
+        }
+    }
+    let stopped: Vec<(String, &str)> = written
+        .into_keys()
+        .map(|thing| (thing, "stopped"))
+        .collect();
+    if let Err(error) = states.write(&stopped).await {
+        tracing::debug!(%error, "could not record the stopped stream states");
+    }
+}

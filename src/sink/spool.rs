@@ -1,0 +1,422 @@
+//! The spool's on-disk format: what a sink's backlog writes while its destination cannot take
+//! records, and reads back when it can.
+//!
+//! A segment file is a header and a sequence of frames, one frame per record:
+//!
+//! ```text
+//! header  "DWSPOOL" 0x00, version u16 LE
+//! frame   magic u32 LE, payload length u32 LE, crc32c(payload) u32 LE, payload
+//! payload kind u8, then the record's fields (strings as u32 length + UTF-8, i64/f64 LE,
+//!         optional fields behind a presence byte)
+//! ```
+//!
+//! The format is its own type ([`SpoolRecord`] encoding), not serde of the in-memory
+//! [`Record`], so changing `Record` cannot silently change what old spools mean; a new layout
+//! gets a new version. Reading is pure (bytes in, records and findings out): a frame whose
+//! length runs past the end of the file is a torn append that was never acknowledged and is
+//! ignored; a frame whose checksum or content is wrong is skipped, reported with its offset,
+//! and reading resumes at the next frame magic, so one damaged record costs only itself.
+
+use crate::normalize::{DeadLetter, Normalized, Reading, Record};
+
+/// The first bytes of every segment.
+pub const HEADER_MAGIC: &[u8; 8] = b"DWSPOOL\0";
+/// The layout written by this build.
+pub const VERSION: u16 = 1;
+/// Header length: magic + version.
+pub const HEADER_LEN: usize = HEADER_MAGIC.len() + 2;
+/// Marks the start of a frame; what reading resynchronises on after damage.
+const FRAME_MAGIC: u32 = 0xD5E1_7F0A;
+const FRAME_HEAD: usize = 12;
+/// No record is near this; a longer length is damage.
+const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+
+const KIND_DWEET: u8 = 1;
+const KIND_DEAD_LETTER: u8 = 2;
+
+const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// The segment header for a new file.
+pub fn header() -> [u8; HEADER_LEN] {
+    let mut bytes = [0; HEADER_LEN];
+    bytes[..8].copy_from_slice(HEADER_MAGIC);
+    bytes[8..].copy_from_slice(&VERSION.to_le_bytes());
+    bytes
+}
+
+/// Appends one frame per record to `out`.
+pub fn encode(records: &[Record], out: &mut Vec<u8>) {
+    let mut payload = Vec::new();
+    for record in records {
+        payload.clear();
+        SpoolRecord(record).write(&mut payload);
+        out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&CRC32C.checksum(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+}
+
+/// A stretch of a segment that could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Byte offset of the damaged frame in the file.
+    pub offset: usize,
+    pub reason: String,
+}
+
+/// What a segment held.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub records: Vec<Record>,
+    /// Damaged records in the middle: skipped, each one lost.
+    pub damaged: Vec<Damage>,
+    /// Bytes of a torn last append (never acknowledged), ignored.
+    pub torn_tail: usize,
+}
+
+/// Why a whole segment cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("not a dweetpipe spool segment (the header is missing or wrong)")]
+    NotASegment,
+    #[error(
+        "spool format version {0} is newer than this build reads ({VERSION}); run the newer dweetpipe to drain it"
+    )]
+    UnknownVersion(u16),
+}
+
+/// Reads a whole segment file's bytes.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
+    if bytes.len() < HEADER_LEN || &bytes[..8] != HEADER_MAGIC {
+        return Err(FormatError::NotASegment);
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != VERSION {
+        return Err(FormatError::UnknownVersion(version));
+    }
+    let mut decoded = Decoded::default();
+    let mut at = HEADER_LEN;
+    while at < bytes.len() {
+        match frame_at(bytes, at) {
+            Frame::Record(record, next) => {
+                decoded.records.push(record);
+                at = next;
+            }
+            Frame::Torn => {
+                // Only a tail with no good frame after it is a torn append.
+                match next_magic(bytes, at + 1) {
+                    Some(resume) => {
+                        decoded.damaged.push(Damage {
+                            offset: at,
+                            reason: "the frame's length runs into the next frame".to_owned(),
+                        });
+                        at = resume;
+                    }
+                    None => {
+                        decoded.torn_tail = bytes.len() - at;
+                        break;
+                    }
+                }
+            }
+            Frame::Damaged(reason) => {
+                decoded.damaged.push(Damage { offset: at, reason });
+                match next_magic(bytes, at + 1) {
+                    Some(resume) => at = resume,
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(decoded)
+}
+
+enum Frame {
+    Record(Record, usize),
+    Torn,
+    Damaged(String),
+}
+
+fn frame_at(bytes: &[u8], at: usize) -> Frame {
+    let Some(head) = bytes.get(at..at + FRAME_HEAD) else {
+        return Frame::Torn;
+    };
+    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    if word(0) != FRAME_MAGIC {
+        return Frame::Damaged("no frame starts here".to_owned());
+    }
+    let length = word(4) as usize;
+    if length > MAX_PAYLOAD {
+        return Frame::Damaged(format!("implausible frame length {length}"));
+    }
+    let start = at + FRAME_HEAD;
+    let Some(payload) = bytes.get(start..start + length) else {
+        return Frame::Torn;
+    };
+    if CRC32C.checksum(payload) != word(8) {
+        return Frame::Damaged("checksum mismatch".to_owned());
+    }
+    match SpoolRecord::read(payload) {
+        Some(record) => Frame::Record(record, start + length),
+        None => Frame::Damaged("the checksum matches but the record does not parse".to_owned()),
+    }
+}
+
+fn next_magic(bytes: &[u8], from: usize) -> Option<usize> {
+    let magic = FRAME_MAGIC.to_le_bytes();
+    bytes
+        .get(from..)?
+        .windows(4)
+        .position(|w| w == magic)
+        .map(|i| from + i)
+}
+
+/// The on-disk encoding of one record.
+struct SpoolRecord<'a>(&'a Record);
+
+impl SpoolRecord<'_> {
+    fn write(&self, out: &mut Vec<u8>) {
+        match self.0 {
+            Record::Dweet(dweet) => {
+                out.push(KIND_DWEET);
+                put_str(out, &dweet.thing);
+                out.extend_from_slice(&dweet.created_ms.to_le_bytes());
+                out.extend_from_slice(&dweet.received_ms.to_le_bytes());
+                put_str(out, &dweet.content);
+                out.extend_from_slice(&(dweet.readings.len() as u32).to_le_bytes());
+                for reading in &dweet.readings {
+                    put_str(out, &reading.sensor);
+                    out.extend_from_slice(&reading.value.to_le_bytes());
+                }
+            }
+            Record::DeadLetter(letter) => {
+                out.push(KIND_DEAD_LETTER);
+                put_opt_str(out, letter.thing.as_deref());
+                put_opt_str(out, letter.created.as_deref());
+                match letter.created_ms {
+                    Some(ms) => {
+                        out.push(1);
+                        out.extend_from_slice(&ms.to_le_bytes());
+                    }
+                    None => out.push(0),
+                }
+                out.extend_from_slice(&letter.received_ms.to_le_bytes());
+                put_str(out, &letter.payload);
+                put_str(out, &letter.reason);
+            }
+        }
+    }
+
+    fn read(payload: &[u8]) -> Option<Record> {
+        let mut input = Reader(payload);
+        let record = match input.u8()? {
+            KIND_DWEET => {
+                let thing = input.string()?;
+                let created_ms = input.i64()?;
+                let received_ms = input.i64()?;
+                let content = input.string()?;
+                let count = input.u32()? as usize;
+                // Each reading takes at least 12 bytes: a count beyond that is damage.
+                if count > input.0.len() / 12 {
+                    return None;
+                }
+                let mut readings = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let sensor = input.string()?;
+                    let value = f64::from_le_bytes(input.take(8)?.try_into().ok()?);
+                    readings.push(Reading { sensor, value });
+                }
+                Record::Dweet(Normalized {
+                    thing,
+                    created_ms,
+                    received_ms,
+                    content,
+                    readings,
+                })
+            }
+            KIND_DEAD_LETTER => {
+                let thing = input.opt_string()?;
+                let created = input.opt_string()?;
+                let created_ms = match input.u8()? {
+                    0 => None,
+                    1 => Some(input.i64()?),
+                    _ => return None,
+                };
+                Record::DeadLetter(DeadLetter {
+                    thing,
+                    created,
+                    created_ms,
+                    received_ms: input.i64()?,
+                    payload: input.string()?,
+                    reason: input.string()?,
+                })
+            }
+            _ => return None,
+        };
+        input.0.is_empty().then_some(record)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_opt_str(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(text) => {
+            out.push(1);
+            put_str(out, text);
+        }
+        None => out.push(0),
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let length = self.u32()? as usize;
+        String::from_utf8(self.take(length)?.to_vec()).ok()
+    }
+
+    fn opt_string(&mut self) -> Option<Option<String>> {
+        match self.u8()? {
+            0 => Some(None),
+            1 => self.string().map(Some),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dweet(thing: &str, created_ms: i64) -> Record {
+        Record::Dweet(Normalized {
+            thing: thing.to_owned(),
+            created_ms,
+            received_ms: created_ms + 3,
+            content: format!(r#"{{"n":{created_ms},"é":"ü"}}"#),
+            readings: vec![
+                Reading {
+                    sensor: "n".to_owned(),
+                    value: created_ms as f64,
+                },
+                Reading {
+                    sensor: "x.y".to_owned(),
+                    value: -0.1,
+                },
+            ],
+        })
+    }
+
+    fn letter(created_ms: Option<i64>) -> Record {
+        Record::DeadLetter(DeadLetter {
+            thing: Some("t".to_owned()),
+            created: created_ms.map(|ms| ms.to_string()),
+            created_ms,
+            received_ms: 9,
+            payload: "[1,2]".to_owned(),
+            reason: "not an object".to_owned(),
+        })
+    }
+
+    fn segment(records: &[Record]) -> Vec<u8> {
+        let mut bytes = header().to_vec();
+        encode(records, &mut bytes);
+        bytes
+    }
+
+    /// Offsets where each frame starts.
+    fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
+        let mut offsets = Vec::new();
+        let mut at = HEADER_LEN;
+        while let Frame::Record(_, next) = frame_at(bytes, at) {
+            offsets.push(at);
+            at = next;
+        }
+        offsets
+    }
+
+    #[test]
+    fn records_round_trip_exactly() {
+        let records = vec![
+            dweet("a", 1),
+            letter(Some(5)),
+            letter(None),
+            dweet("b", i64::MIN),
+        ];
+        let decoded = decode(&segment(&records)).unwrap();
+        assert_eq!(decoded.records, records);
+        assert!(decoded.damaged.is_empty());
+        assert_eq!(decoded.torn_tail, 0);
+    }
+
+    #[test]
+    fn a_torn_last_frame_is_ignored_not_reported() {
+        let records: Vec<Record> = (0..5).map(|i| dweet("a", i)).collect();
+        let bytes = segment(&records);
+        for cut in [
+            bytes.len() - 1,
+            bytes.len() - 20,
+            frame_offsets(&bytes)[4] + 3,
+        ] {
+            let decoded = decode(&bytes[..cut]).unwrap();
+            assert_eq!(decoded.records, records[..4], "cut at {cut}");
+            assert!(decoded.damaged.is_empty());
+            assert!(decoded.torn_tail > 0);
+        }
+    }
+
+    #[test]
+    fn a_damaged_middle_record_is_skipped_and_reported_and_the_rest_replays() {
+        let records: Vec<Record> = (0..9).map(|i| dweet("a", i)).collect();
+        let clean = segment(&records);
+        let offsets = frame_offsets(&clean);
+        // A flipped byte anywhere inside frame 4: its head, its length, its payload.
+        for inside in [0, 2, 5, 9, 13, 30] {
+            let mut bytes = clean.clone();
+            bytes[offsets[4] + inside] ^= 0x5a;
+            let decoded = decode(&bytes).unwrap();
+            let mut expected = records.clone();
+            expected.remove(4);
+            assert_eq!(decoded.records, expected, "damage at +{inside}");
+            assert_eq!(decoded.damaged.len(), 1, "damage at +{inside}");
+            assert_eq!(decoded.damaged[0].offset, offsets[4]);
+        }
+    }
+
+    #[test]
+    fn foreign_and_future_files_are_refused_whole() {
+        assert_eq!(
+            decode(b"{\"Dweet\":{}}\n").unwrap_err(),
+            FormatError::NotASegment
+        );
+        let mut future = segment(&[dweet("a", 1)]);
+        future[8] = 9;
+        assert_eq!(decode(&future).unwrap_err(), FormatError::UnknownVersion(9));
+    }
+}
