@@ -83,7 +83,8 @@ pub struct ThingConfig {
     /// The lock id the thing should be locked with; `None` for unlocked.
     pub lock: Option<String>,
     pub alert: Option<AlertSpec>,
-    /// False leaves the thing's lock and alert alone (`manage = false`).
+    /// Whether dweetpipe keeps the thing's lock and alert as declared: only when the entry
+    /// declares a `lock`, an `[thing.alert]` or `manage = true`.
     pub manage: bool,
 }
 
@@ -111,7 +112,7 @@ impl ThingConfig {
             key_source: None,
             lock: None,
             alert: None,
-            manage: true,
+            manage: false,
         }
     }
 
@@ -297,7 +298,11 @@ impl Config {
                 },
                 (None, None) => (None, None),
             };
-            let manage = entry.manage.unwrap_or(true);
+            // A key alone (for reading a locked thing) never hands its lock and alert over
+            // to dweetpipe: only a declared lock or alert, or `manage = true`, does.
+            let manage = entry
+                .manage
+                .unwrap_or(entry.lock.is_some() || entry.alert.is_some());
             validate_lifecycle(entry, manage, key.is_some(), &mut condition_engine)
                 .map_err(|(field, problem, fix)| invalid(at(field), problem, &fix))?;
             things.push(ThingConfig {
@@ -309,7 +314,7 @@ impl Config {
                 manage,
             });
         }
-        let declares_lifecycle = things.iter().any(|t| t.lock.is_some() || t.alert.is_some());
+        let declares_lifecycle = things.iter().any(|t| t.manage);
         let lifecycle = raw
             .lifecycle
             .or_else(|| declares_lifecycle.then(LifecycleConfig::default));
@@ -356,6 +361,13 @@ fn validate_lifecycle(
             "manage",
             "manage = false, yet a lock or an alert is declared".to_owned(),
             "remove `manage = false` to have dweetpipe manage them, or remove them".to_owned(),
+        ));
+    }
+    if entry.manage == Some(true) && !has_key {
+        return Err((
+            "manage",
+            "manage = true, but dweetpipe needs the thing's key to change its lock or alert".to_owned(),
+            "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
         ));
     }
     if let Some(lock) = &entry.lock {
@@ -687,5 +699,22 @@ listen = "127.0.0.1:9187"
             explicit.lifecycle.unwrap().interval,
             Duration::from_secs(30)
         );
+    }
+
+    #[test]
+    fn a_key_alone_never_hands_a_things_lock_and_alert_over() {
+        // The README's pattern for ingesting a locked thing, beside a managed one.
+        let mixed = load(
+            "[[thing]]\nname = \"S5D9-63de\"\nkey_env = \"S5D9_KEY\"\n\n[[thing]]\nname = \"b\"\nlock = \"other-lock\"\nkey_env = \"S5D9_KEY\"\n",
+        )
+        .unwrap();
+        assert!(!mixed.things[0].manage, "a key is for reading only");
+        assert!(mixed.things[1].manage);
+        let asked =
+            load("[[thing]]\nname = \"a\"\nkey_env = \"S5D9_KEY\"\nmanage = true\n").unwrap();
+        assert!(asked.things[0].manage, "manage = true asks for it");
+        assert!(asked.lifecycle.is_some());
+        let error = load("[[thing]]\nname = \"a\"\nmanage = true\n").unwrap_err();
+        assert_eq!(error.key, "thing[0].manage");
     }
 }

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use dweetpipe::config::Config;
 use dweetpipe::import::Imported;
 use dweetpipe::normalize::{Record, now_ms};
+use dweetpipe::sink::SinkError;
 use dweetpipe::sink::parquet::ParquetSink;
 use dweetpipe::sink::postgres::PostgresSink;
 use dweetpipe::telemetry::Metrics;
@@ -55,7 +56,14 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let mut parquet = match &config.parquet {
         Some(parquet_config) => {
-            Some(ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?.0)
+            let opened = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))
+                .map_err(|error| match error {
+                    SinkError::Locked(held) => anyhow!(
+                        "{held}\nimport writes the Parquet directory itself: stop the worker, run the import, then start the worker again (it backfills what the source still keeps)"
+                    ),
+                    other => other.into(),
+                })?;
+            Some(opened.0)
         }
         None => None,
     };

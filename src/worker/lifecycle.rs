@@ -3,10 +3,11 @@
 //!
 //! The dweet.io API has no "describe this thing" call, so the observed state is inferred: a
 //! keyless read that fails with "locked" means locked; a read with our key that succeeds means
-//! our key opens it; `get_alert` with the key gives the alert. A thing is managed only when it
-//! is in the file with a key (and not `manage = false`); in a managed thing, no `lock` means
-//! "unlocked" and no `[thing.alert]` means "no alert", so deleting them from the file removes
-//! them on the server. A thing absent from the file is never observed nor touched.
+//! our key opens it; `get_alert` with the key gives the alert. A thing is managed only when its
+//! entry declares a `lock`, an `[thing.alert]` or `manage = true` (a key alone is for reading);
+//! in a managed thing, no `lock` means "unlocked" and no `[thing.alert]` means "no alert", so
+//! deleting them from the file removes them on the server. A thing absent from the file, or
+//! not managed, is never observed nor touched.
 //!
 //! `plan` and `apply` run this once from the CLI; `run` keeps a [`Reconciler`] that does it at
 //! start, after every reload and every `[lifecycle] interval`.
@@ -179,7 +180,7 @@ pub struct Done {
 /// Whether a thing is managed, and the state the file asks for.
 fn desired(thing: &ThingConfig) -> Result<&Key, &'static str> {
     if !thing.manage {
-        return Err("manage = false");
+        return Err("it declares no lock, [thing.alert] or manage = true");
     }
     thing
         .key
@@ -610,6 +611,9 @@ mod tests {
             manage: false,
             ..thing(None, None)
         };
-        assert_eq!(desired(&opted_out).unwrap_err(), "manage = false");
+        assert_eq!(
+            desired(&opted_out).unwrap_err(),
+            "it declares no lock, [thing.alert] or manage = true"
+        );
     }
 }

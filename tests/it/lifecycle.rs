@@ -16,7 +16,8 @@ const KEY_VARIABLE: &str = "LIFECYCLE_TEST_KEY";
 const HOT: &str = "if(dweet.sensors.TemperatureC > 40) return 'too hot';";
 const VERY_HOT: &str = "if(dweet.sensors.TemperatureC > 60) return 'very hot';";
 
-/// A things file for one managed thing: `lock` and `alert` (recipients, condition) optional.
+/// A things file for one managed thing (`manage = true`, so a missing lock or alert means
+/// "none"): `lock` and `alert` (recipients, condition) optional.
 fn things_file(
     dir: &Path,
     url: &str,
@@ -26,7 +27,7 @@ fn things_file(
     extra: &str,
 ) -> PathBuf {
     let mut text = format!(
-        "{extra}\n[source]\nurl = \"{url}\"\n\n[[thing]]\nname = \"{name}\"\nkey_env = \"{KEY_VARIABLE}\"\n"
+        "{extra}\n[source]\nurl = \"{url}\"\n\n[[thing]]\nname = \"{name}\"\nkey_env = \"{KEY_VARIABLE}\"\nmanage = true\n"
     );
     if let Some(lock) = lock {
         text.push_str(&format!("lock = \"{lock}\"\n"));
@@ -209,6 +210,68 @@ async fn plan_changes_nothing_and_apply_converges_in_both_directions() {
         "a key was printed:\n{}",
         session.transcript
     );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_alone_is_for_reading_and_run_never_unlocks_or_removes_an_alert_unasked() {
+    let server = sandbox().await;
+    let client = client_for(&server);
+    let dir = tempfile::tempdir().unwrap();
+    // The README's pattern: the key of a locked, alerted thing, to ingest it; beside it a
+    // thing the file does manage.
+    let read_only = thing("S5D9-63de");
+    let managed = thing("managed");
+    client.lock(&read_only, LOCK, &key()).await.unwrap();
+    client
+        .set_alert(&read_only, &["x@example.com"], HOT, &key())
+        .await
+        .unwrap();
+    let path = dir.path().join("things.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\n[lifecycle]\ninterval = \"1s\"\n\n[[thing]]\nname = \"{read_only}\"\nkey_env = \"{KEY_VARIABLE}\"\n\n[[thing]]\nname = \"{managed}\"\nkey_env = \"{KEY_VARIABLE}\"\nlock = \"{OTHER_LOCK}\"\n",
+            server.base_url()
+        ),
+    )
+    .unwrap();
+    let plan = dweetpipe("plan", &path, KEY).await;
+    assert!(
+        text(&plan).contains(&format!("{read_only}: not managed")),
+        "{}",
+        text(&plan)
+    );
+    let config = Config::load_with_env(&path, |variable| {
+        (variable == KEY_VARIABLE).then(|| KEY.to_owned())
+    })
+    .unwrap();
+    let mut config = config;
+    config.parquet = Some(dweetpipe::sink::parquet::ParquetConfig::new(
+        dir.path().join("parquet"),
+    ));
+    let (worker, metrics) = start_worker(config).await;
+    // Two reconciliations at least (start, then the 1 s interval).
+    wait_for("the managed thing locked", Duration::from_secs(10), || {
+        metrics.value("dweetpipe_lifecycle_actions_total", &[("kind", "lock")]) >= 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(is_locked(&client, &read_only).await, "still locked");
+    assert_eq!(
+        alert_condition(&client, &read_only).await.as_deref(),
+        Some(HOT),
+        "its alert is still there"
+    );
+    assert_eq!(
+        metrics.value(
+            "dweetpipe_lifecycle_actions_total",
+            &[("thing", &read_only)]
+        ),
+        0.0,
+        "nothing was done to it"
+    );
+    worker.shutdown(Duration::from_secs(5)).await.unwrap();
     server.shutdown().await;
 }
 

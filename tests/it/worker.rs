@@ -525,6 +525,10 @@ impl WorkerProcess {
         }
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     pub(crate) fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("running").to_string();
         assert!(
@@ -567,6 +571,85 @@ pub(crate) fn write_config(
     let path = dir.join("things.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_a_running_workers_parquet_is_refused_and_touches_nothing() {
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("{}-", thing("owned"));
+    let things: Vec<String> = (1..=2).map(|i| thing_name(&prefix, i)).collect();
+    let entries: Vec<(&str, Option<&str>)> = things.iter().map(|t| (t.as_str(), None)).collect();
+    let config = write_config(dir.path(), &server.base_url(), &entries, "");
+    let parquet = dir.path().join("parquet");
+    let fleet_config = FleetConfig {
+        things: 2,
+        interval: Duration::from_millis(20),
+        prefix,
+        ..FleetConfig::default()
+    };
+    let stats = std::sync::Arc::new(FleetStats::default());
+    let fleet = tokio::spawn(run_fleet(client_for(&server), fleet_config, stats));
+    let mut worker = WorkerProcess::spawn(&config, &[], dir.path().join("worker.log"));
+    wait_for("sealed files", Duration::from_secs(20), || {
+        parquet_files(&parquet, "dweets").len() >= 2
+    })
+    .await;
+    let before = parquet_files(&parquet, "dweets");
+    let pid = worker.pid();
+
+    let recorded = dir.path().join("recorded.jsonl");
+    std::fs::write(
+        &recorded,
+        format!(
+            "{{\"thing\":\"{}\",\"created\":\"2026-11-01T00:00:00.000Z\",\"content\":{{\"t\":1}}}}\n",
+            things[0]
+        ),
+    )
+    .unwrap();
+    let import = Command::new(BIN)
+        .args(["import", "--config", config.to_str().unwrap()])
+        .arg(&recorded)
+        .output()
+        .await
+        .unwrap();
+    let second = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    for (what, output) in [("import", &import), ("a second run", &second)] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{what} must refuse: {stderr}");
+        assert!(
+            stderr.contains("in use by another dweetpipe process")
+                && stderr.contains(&format!("PID {pid}")),
+            "{what} names the holder: {stderr}"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&import.stderr).contains("stop the worker"),
+        "import says what to do"
+    );
+    let after = parquet_files(&parquet, "dweets");
+    assert!(
+        before.iter().all(|file| after.contains(file)),
+        "no file of the running worker was removed"
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    worker.signal("-TERM");
+    assert!(worker.wait().await.success(), "{}", worker.log());
+    assert!(
+        !worker.log().contains("No such file") && !worker.log().contains("cannot write"),
+        "{}",
+        worker.log()
+    );
+    let expected = sandbox_dweets(&client_for(&server), &things, None).await;
+    assert_exactly_once(&parquet, &expected);
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
