@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
-use dweetpipe::normalize::{Record, normalize};
+use dweetpipe::normalize::normalize;
 use dweetpipe::protocol::encode_stream_frame;
+use dweetpipe::record::Record;
 use dweetpipe::sandbox::simulator::S5d9Board;
 use dweetpipe::sink::parquet::{ParquetConfig, ParquetSink};
 use dweetpipe::telemetry::Metrics;

@@ -10,15 +10,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
+use crate::alert::AlertSpec;
+use crate::alert::condition::{ConditionEngine, MAX_CONDITION_CHARS};
 use crate::client::Key;
-use crate::sandbox::condition::{ConditionEngine, MAX_CONDITION_CHARS};
+use crate::lifecycle::LifecycleConfig;
+use crate::settings::Invalid;
 use crate::sink::parquet::ParquetConfig;
 use crate::sink::postgres::PostgresConfig;
+use crate::source::{SourceConfig, ThingConfig};
 use crate::telemetry::MetricsConfig;
-use crate::worker::SourceConfig;
-use crate::worker::lifecycle::{AlertSpec, LifecycleConfig};
 
 /// The prefix of environment overrides: `DWEETPIPE__SOURCE__URL`.
 pub const ENV_PREFIX: &str = "DWEETPIPE";
@@ -58,7 +60,7 @@ struct ConfigFile {
     postgres: Option<PostgresConfig>,
     metrics: Option<MetricsConfig>,
     lifecycle: Option<LifecycleConfig>,
-    #[serde(default, deserialize_with = "optional_duration")]
+    #[serde(default, deserialize_with = "crate::settings::optional_duration")]
     shutdown_timeout: Option<Duration>,
 }
 
@@ -71,21 +73,6 @@ struct ThingEntry {
     lock: Option<String>,
     alert: Option<AlertSpec>,
     manage: Option<bool>,
-}
-
-/// One thing to ingest, with its key resolved, and the lock and alert it should carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ThingConfig {
-    pub name: String,
-    pub key: Option<Key>,
-    /// Where the key came from, for reports (`env S5D9_KEY`); never the key itself.
-    pub key_source: Option<String>,
-    /// The lock id the thing should be locked with; `None` for unlocked.
-    pub lock: Option<String>,
-    pub alert: Option<AlertSpec>,
-    /// Whether dweetpipe keeps the thing's lock and alert as declared: only when the entry
-    /// declares a `lock`, an `[thing.alert]` or `manage = true`.
-    pub manage: bool,
 }
 
 /// A validated configuration.
@@ -104,39 +91,18 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 }
 
-impl ThingConfig {
-    pub fn unlocked(name: impl Into<String>) -> Self {
-        ThingConfig {
-            name: name.into(),
-            key: None,
-            key_source: None,
-            lock: None,
-            alert: None,
-            manage: false,
-        }
-    }
-
-    /// Whether a running subscription for `self` can keep serving `other` (same name and key;
-    /// lock and alert changes are the lifecycle's business, not the stream's).
-    pub fn reads_like(&self, other: &ThingConfig) -> bool {
-        self.name == other.name && self.key == other.key
-    }
-}
-
 impl Config {
     /// The embedded configuration of the demo and the benchmarks: the simulator's boards
     /// (`S5D9-0001` ... `S5D9-{things}`) read from `source` into `parquet`.
     pub fn for_simulated_fleet(
         source: SourceConfig,
-        things: usize,
+        things: impl IntoIterator<Item = String>,
         parquet: ParquetConfig,
     ) -> Config {
         Config {
             path: PathBuf::from("(embedded)"),
             source: Some(source),
-            things: (1..=things)
-                .map(|i| ThingConfig::unlocked(crate::sandbox::simulator::thing_name("S5D9-", i)))
-                .collect(),
+            things: things.into_iter().map(ThingConfig::unlocked).collect(),
             parquet: Some(parquet),
             postgres: None,
             metrics: None,
@@ -181,138 +147,48 @@ impl Config {
                 problem: error.to_string(),
                 fix: "compare with config/things.example.toml".to_owned(),
             })?;
-        let invalid = |key: String, problem: String, fix: &str| ConfigError {
+        let invalid = |error: Invalid| ConfigError {
             file: file.clone(),
-            key,
-            problem,
-            fix: fix.to_owned(),
+            key: error.key,
+            problem: error.problem,
+            fix: error.fix,
         };
-
         if let Some(source) = &raw.source {
-            source.validate().map_err(|(key, problem)| {
-                invalid(
-                    format!("source.{key}"),
-                    problem,
-                    "see the [source] section of config/things.example.toml",
-                )
-            })?;
+            source.validate().map_err(|e| invalid(e.within("source")))?;
         }
         if let Some(parquet) = &raw.parquet {
-            parquet.validate().map_err(|(key, problem)| {
-                invalid(
-                    format!("parquet.{key}"),
-                    problem,
-                    "see the [parquet] section of config/things.example.toml",
-                )
-            })?;
+            parquet
+                .validate()
+                .map_err(|e| invalid(e.within("parquet")))?;
         }
-
         if let Some(lifecycle) = &raw.lifecycle {
-            lifecycle.validate().map_err(|(key, problem)| {
-                invalid(
-                    format!("lifecycle.{key}"),
-                    problem,
-                    "see the [lifecycle] section of config/things.example.toml",
-                )
-            })?;
+            lifecycle
+                .validate()
+                .map_err(|e| invalid(e.within("lifecycle")))?;
         }
-
         if let Some(postgres) = raw.postgres.as_mut() {
             postgres
                 .resolve(&env)
-                .map_err(|(key, problem, fix): (String, String, String)| {
-                    invalid(format!("postgres.{key}"), problem, &fix)
-                })?;
+                .map_err(|e| invalid(e.within("postgres")))?;
         }
-
-        if let (Some(parquet), Some(postgres)) = (&raw.parquet, &raw.postgres)
-            && (parquet.spool_dir() == postgres.spool_dir || parquet.dir == postgres.spool_dir)
-        {
-            return Err(invalid(
-                "postgres.spool_dir".to_owned(),
-                format!("{} is also used by [parquet]", postgres.spool_dir.display()),
-                "give each sink a spool directory of its own",
-            ));
-        }
+        check_spools(&raw).map_err(invalid)?;
 
         let mut seen: HashMap<&str, usize> = HashMap::new();
         // One engine checks every condition of the file (made only if there is one).
         let mut condition_engine = None;
         let mut things = Vec::with_capacity(raw.thing.len());
         for (index, entry) in raw.thing.iter().enumerate() {
-            let at = |field: &str| format!("thing[{index}].{field}");
-            if entry.name.trim().is_empty() {
-                return Err(invalid(
-                    at("name"),
-                    "a thing needs a name".to_owned(),
-                    "set name = \"S5D9-63de\" (the board's ThingName.txt)",
-                ));
-            }
             if let Some(first) = seen.insert(&entry.name, index) {
-                return Err(invalid(
-                    at("name"),
+                return Err(invalid(Invalid::new(
+                    format!("thing[{index}].name"),
                     format!("{:?} is already thing[{first}]", entry.name),
                     "list each thing once",
-                ));
+                )));
             }
-            let (key, key_source) = match (&entry.key_env, &entry.key_file) {
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        at("key_env"),
-                        "key_env and key_file are both set".to_owned(),
-                        "keep one of them",
-                    ));
-                }
-                (Some(variable), None) => match env(variable).filter(|v| !v.trim().is_empty()) {
-                    Some(value) => (
-                        Some(Key::new(value.trim())),
-                        Some(format!("env {variable}")),
-                    ),
-                    None => {
-                        return Err(invalid(
-                            at("key_env"),
-                            format!("the environment variable {variable} is not set (or empty)"),
-                            "export it before starting dweetpipe (systemd: EnvironmentFile=, Kubernetes: a Secret)",
-                        ));
-                    }
-                },
-                (None, Some(path)) => match std::fs::read_to_string(path) {
-                    Ok(text) if !text.trim().is_empty() => (
-                        Some(Key::new(text.trim())),
-                        Some(format!("file {}", path.display())),
-                    ),
-                    Ok(_) => {
-                        return Err(invalid(
-                            at("key_file"),
-                            format!("{} is empty", path.display()),
-                            "write the lock's master key into it",
-                        ));
-                    }
-                    Err(error) => {
-                        return Err(invalid(
-                            at("key_file"),
-                            format!("cannot read {}: {error}", path.display()),
-                            "check the path and its permissions",
-                        ));
-                    }
-                },
-                (None, None) => (None, None),
-            };
-            // A key alone (for reading a locked thing) never hands its lock and alert over
-            // to dweetpipe: only a declared lock or alert, or `manage = true`, does.
-            let manage = entry
-                .manage
-                .unwrap_or(entry.lock.is_some() || entry.alert.is_some());
-            validate_lifecycle(entry, manage, key.is_some(), &mut condition_engine)
-                .map_err(|(field, problem, fix)| invalid(at(field), problem, &fix))?;
-            things.push(ThingConfig {
-                name: entry.name.clone(),
-                key,
-                key_source,
-                lock: entry.lock.clone(),
-                alert: entry.alert.clone(),
-                manage,
-            });
+            let thing = entry
+                .resolve(&env, &mut condition_engine)
+                .map_err(|e| invalid(e.within(&format!("thing[{index}]"))))?;
+            things.push(thing);
         }
         let declares_lifecycle = things.iter().any(|t| t.manage);
         let lifecycle = raw
@@ -347,24 +223,113 @@ impl Config {
     }
 }
 
+impl ThingEntry {
+    /// The entry with its key read (from the environment or a file) and its lifecycle
+    /// checked; keys in the error are relative to the thing.
+    fn resolve(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+        engine: &mut Option<ConditionEngine>,
+    ) -> Result<ThingConfig, Invalid> {
+        if self.name.trim().is_empty() {
+            return Err(Invalid::new(
+                "name",
+                "a thing needs a name",
+                "set name = \"S5D9-63de\" (the board's ThingName.txt)",
+            ));
+        }
+        let (key, key_source) = match (&self.key_env, &self.key_file) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(
+                    "key_env",
+                    "key_env and key_file are both set",
+                    "keep one of them",
+                ));
+            }
+            (Some(variable), None) => match env(variable).filter(|v| !v.trim().is_empty()) {
+                Some(value) => (
+                    Some(Key::new(value.trim())),
+                    Some(format!("env {variable}")),
+                ),
+                None => {
+                    return Err(Invalid::new(
+                        "key_env",
+                        format!("the environment variable {variable} is not set (or empty)"),
+                        "export it before starting dweetpipe (systemd: EnvironmentFile=, Kubernetes: a Secret)",
+                    ));
+                }
+            },
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => (
+                    Some(Key::new(text.trim())),
+                    Some(format!("file {}", path.display())),
+                ),
+                Ok(_) => {
+                    return Err(Invalid::new(
+                        "key_file",
+                        format!("{} is empty", path.display()),
+                        "write the lock's master key into it",
+                    ));
+                }
+                Err(error) => {
+                    return Err(Invalid::new(
+                        "key_file",
+                        format!("cannot read {}: {error}", path.display()),
+                        "check the path and its permissions",
+                    ));
+                }
+            },
+            (None, None) => (None, None),
+        };
+        // A key alone (for reading a locked thing) never hands its lock and alert over to
+        // dweetpipe: only a declared lock or alert, or `manage = true`, does.
+        let manage = self
+            .manage
+            .unwrap_or(self.lock.is_some() || self.alert.is_some());
+        validate_lifecycle(self, manage, key.is_some(), engine)?;
+        Ok(ThingConfig {
+            name: self.name.clone(),
+            key,
+            key_source,
+            lock: self.lock.clone(),
+            alert: self.alert.clone(),
+            manage,
+        })
+    }
+}
+
+/// Sections that must not share a directory: each spool is locked by its own sink.
+fn check_spools(raw: &ConfigFile) -> Result<(), Invalid> {
+    if let (Some(parquet), Some(postgres)) = (&raw.parquet, &raw.postgres)
+        && (parquet.spool_dir() == postgres.spool_dir || parquet.dir == postgres.spool_dir)
+    {
+        return Err(Invalid::new(
+            "postgres.spool_dir",
+            format!("{} is also used by [parquet]", postgres.spool_dir.display()),
+            "give each sink a spool directory of its own",
+        ));
+    }
+    Ok(())
+}
+
 /// A thing's `lock`, `[thing.alert]` and `manage`, checked as the service would check them,
-/// before anything is sent: (field, problem, fix).
+/// before anything is sent; keys in the error are relative to the thing.
 fn validate_lifecycle(
     entry: &ThingEntry,
     manage: bool,
     has_key: bool,
     engine: &mut Option<ConditionEngine>,
-) -> Result<(), (&'static str, String, String)> {
+) -> Result<(), Invalid> {
     let declared = entry.lock.is_some() || entry.alert.is_some();
     if !manage && declared {
-        return Err((
+        return Err(Invalid::new(
             "manage",
             "manage = false, yet a lock or an alert is declared".to_owned(),
             "remove `manage = false` to have dweetpipe manage them, or remove them".to_owned(),
         ));
     }
     if entry.manage == Some(true) && !has_key {
-        return Err((
+        return Err(Invalid::new(
             "manage",
             "manage = true, but dweetpipe needs the thing's key to change its lock or alert".to_owned(),
             "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
@@ -372,15 +337,15 @@ fn validate_lifecycle(
     }
     if let Some(lock) = &entry.lock {
         if lock.trim().is_empty() || lock.trim() != lock {
-            return Err((
+            return Err(Invalid::new(
                 "lock",
                 "the lock id is empty or has surrounding spaces".to_owned(),
                 "write the lock id exactly as issued, e.g. lock = \"my-lock\"".to_owned(),
             ));
         }
         if !has_key {
-            return Err((
-                "lock",
+            return Err(Invalid::new(
+            "lock",
                 "a lock needs its master key, and no key_env or key_file is set".to_owned(),
                 "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
             ));
@@ -390,14 +355,14 @@ fn validate_lifecycle(
         return Ok(());
     };
     if entry.lock.is_none() {
-        return Err((
+        return Err(Invalid::new(
             "alert",
             "alerts need a locked thing (the service refuses them otherwise)".to_owned(),
             "add lock = \"LOCK-ID\" and its key_env, or remove [thing.alert]".to_owned(),
         ));
     }
     if alert.to.is_empty() {
-        return Err((
+        return Err(Invalid::new(
             "alert.to",
             "an alert needs at least one recipient".to_owned(),
             "to = [\"ops@example.com\"]".to_owned(),
@@ -408,7 +373,7 @@ fn validate_lifecycle(
         .iter()
         .find(|address| !crate::protocol::is_plausible_email(address))
     {
-        return Err((
+        return Err(Invalid::new(
             "alert.to",
             format!("{bad:?} is not an e-mail address"),
             "write addresses as name@example.com".to_owned(),
@@ -416,7 +381,7 @@ fn validate_lifecycle(
     }
     let chars = alert.when.chars().count();
     if alert.when.trim().is_empty() || chars > MAX_CONDITION_CHARS {
-        return Err((
+        return Err(Invalid::new(
             "alert.when",
             format!(
                 "the condition is {chars} characters long; it must be 1 to {} (the service's limit)",
@@ -429,72 +394,17 @@ fn validate_lifecycle(
         Some(engine) => engine,
         None => engine.insert(
             ConditionEngine::new(Default::default())
-                .map_err(|e| ("alert.when", e.to_string(), String::new()))?,
+                .map_err(|e| Invalid::new("alert.when", e.to_string(), ""))?,
         ),
     };
     engine.check(&alert.when).map_err(|error| {
-        (
+        Invalid::new(
             "alert.when",
             error.to_string(),
-            "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\"".to_owned(),
+            "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\"",
         )
     })?;
     Ok(())
-}
-
-/// Deserialises a human duration: "5s", "2m", "1h 30m", "250ms".
-pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text).map_err(|error| {
-        serde::de::Error::custom(format!(
-            "{text:?} is not a duration like \"5s\" or \"2m\" ({error})"
-        ))
-    })
-}
-
-/// Deserialises a byte size: "1GiB", "512MiB", "1000000".
-pub fn byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Number(u64),
-        Text(String),
-    }
-    match Raw::deserialize(deserializer)? {
-        Raw::Number(bytes) => Ok(bytes),
-        Raw::Text(text) => parse_byte_size(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a size like \"512MiB\" or \"1GiB\""
-            ))
-        }),
-    }
-}
-
-fn parse_byte_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1000,
-        "MB" => 1000 * 1000,
-        "GB" => 1000 * 1000 * 1000,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        _ => return None,
-    };
-    number.checked_mul(factor)
-}
-
-pub fn optional_duration<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Duration>, D::Error> {
-    duration(deserializer).map(Some)
 }
 
 #[cfg(test)]
@@ -660,14 +570,6 @@ listen = "127.0.0.1:9187"
         let error = Config::load(Path::new("/nonexistent/things.toml")).unwrap_err();
         assert!(error.to_string().contains("does not exist"));
         assert!(error.fix.contains("things.example.toml"));
-    }
-
-    #[test]
-    fn byte_sizes_parse() {
-        assert_eq!(parse_byte_size("1GiB"), Some(1 << 30));
-        assert_eq!(parse_byte_size("512 MiB"), Some(512 << 20));
-        assert_eq!(parse_byte_size("1000"), Some(1000));
-        assert_eq!(parse_byte_size("lots"), None);
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::io::BufRead;
 
 use crate::client::Dweet;
-use crate::normalize::{self, DeadLetter, Record};
+use crate::normalize;
+use crate::record::{DeadLetter, Record};
 use crate::sink::SinkError;
 use crate::sink::parquet::ParquetSink;
 use crate::sink::postgres::PostgresSink;

@@ -1,21 +1,36 @@
 //! dweetpipe: keep, query and watch the data of a dweet.io fleet.
 //!
-//! - [`client`]: an async client for the dweet.io API (everything dweepy does).
-//! - [`sandbox`]: a dweet.io-compatible server and an S5D9 fleet simulator, for tests, demos
-//!   and self-hosting now that the public service is gone.
-//! - [`protocol`]: the wire facts both of them share.
+//! # Layout
 //!
-//! See `ARCHITECTURE.md` for the map of modules and the data flow.
+//! Data flows one way: source → decode → normalise → fan-out → sinks. Each module may use only
+//! modules of lower layers (`tests/layering.rs` enforces it); `config` only assembles the
+//! sections the components define, and only `worker` (and the binary's `cli/`) uses it.
+//!
+//! | layer | modules |
+//! |---|---|
+//! | 0: shared facts | [`protocol`] (wire facts of both ends), [`backoff`] (retry delays), [`settings`] (config units and the validation error), [`record`] (what flows to the sinks), `http_server` (the HTTP/1 accept loop) |
+//! | 1: clients and telemetry | [`client`] (the dweet.io API; listen streams yield events), [`telemetry`] (metric names, health, the endpoint) |
+//! | 2: pure cores | [`normalize`] (dweet → record), [`alert`] (the condition engine and `[thing.alert]`) |
+//! | 3: components | [`source`] (`[source]`, things, one subscription per thing), [`sink`] (the fan-out, backlogs and spool, Parquet, PostgreSQL), [`sandbox`] (the dweet.io-compatible server and simulator) |
+//! | 4: features | [`lifecycle`] (locks and alerts from the file), [`import`] (JSON Lines into the sinks) |
+//! | 5: configuration | [`config`] (things.toml: read, override, validate, assemble) |
+//! | 6: wiring | [`worker`] (start, reload, shut down) |
+//!
+//! See `ARCHITECTURE.md` for the data path and its invariants.
 
+pub mod alert;
 pub mod backoff;
 pub mod client;
 pub mod config;
-pub mod http_server;
+pub(crate) mod http_server;
 pub mod import;
+pub mod lifecycle;
 pub mod normalize;
 pub mod protocol;
+pub mod record;
 pub mod sandbox;
+pub mod settings;
 pub mod sink;
-pub mod systemd;
+pub mod source;
 pub mod telemetry;
 pub mod worker;

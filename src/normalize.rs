@@ -6,88 +6,16 @@
 //! that was not a dweet at all) becomes a dead letter with the reason: nothing is dropped
 //! silently and nothing here can panic.
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::client::Dweet;
+use crate::record::{DeadLetter, Normalized, Reading, Record};
 
 /// Deeper content is refused: no sensor payload nests this far, and recursion must be bounded.
 pub const MAX_DEPTH: usize = 32;
 /// More numeric leaves than this in one dweet is refused as unusable (the public service's
 /// 2000-character limit allows a few hundred).
 pub const MAX_READINGS: usize = 10_000;
-
-/// A dweet that normalised: its raw record and its readings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Normalized {
-    pub thing: String,
-    /// `created`, milliseconds since the Unix epoch (UTC).
-    pub created_ms: i64,
-    pub received_ms: i64,
-    /// The content as compact JSON, exactly as decoded.
-    pub content: String,
-    pub readings: Vec<Reading>,
-}
-
-/// One numeric leaf; its time and thing are the dweet's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reading {
-    pub sensor: String,
-    pub value: f64,
-}
-
-/// Something that could not become rows, kept with the reason.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    pub thing: Option<String>,
-    /// The dweet's `created` as sent, when there was one.
-    pub created: Option<String>,
-    /// `created` in ms, when it parsed: the sinks' dedupe key.
-    pub created_ms: Option<i64>,
-    pub received_ms: i64,
-    pub payload: String,
-    pub reason: String,
-}
-
-/// What the pipeline carries from sources to sinks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Record {
-    Dweet(Normalized),
-    DeadLetter(DeadLetter),
-}
-
-impl Record {
-    pub fn thing(&self) -> Option<&str> {
-        match self {
-            Record::Dweet(dweet) => Some(&dweet.thing),
-            Record::DeadLetter(letter) => letter.thing.as_deref(),
-        }
-    }
-
-    /// The dweet's `created` in ms: the sinks' dedupe key, when there is one.
-    pub fn created_ms(&self) -> Option<i64> {
-        match self {
-            Record::Dweet(dweet) => Some(dweet.created_ms),
-            Record::DeadLetter(letter) => letter.created_ms,
-        }
-    }
-
-    pub fn received_ms(&self) -> i64 {
-        match self {
-            Record::Dweet(dweet) => dweet.received_ms,
-            Record::DeadLetter(letter) => letter.received_ms,
-        }
-    }
-}
-
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-pub fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
-}
 
 /// Normalises one dweet received at `received_ms`.
 pub fn normalize(dweet: &Dweet, received_ms: i64) -> Record {

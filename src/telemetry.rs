@@ -48,31 +48,88 @@ impl SinkName {
     }
 }
 
+/// A table (PostgreSQL) or dataset (Parquet), as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Readings,
+    Dweets,
+    DeadLetters,
+}
+
+impl Table {
+    pub const ALL: [Table; 3] = [Table::Readings, Table::Dweets, Table::DeadLetters];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Readings => "readings",
+            Table::Dweets => "dweets",
+            Table::DeadLetters => "dead_letters",
+        }
+    }
+}
+
+/// Why a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The server closed it (an idle close is normal).
+    Closed,
+    Error,
+    /// Cancelled: a reload or shutdown.
+    Stopped,
+}
+
+/// How a stream connection attempt went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    Ok,
+    /// Locked, wrong key, unknown thing.
+    Refused,
+    Failed,
+}
+
+/// Where a dweet entering the pipeline came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DweetSource {
+    Stream,
+    Backfill,
+    Poll,
+}
+
+impl DweetSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DweetSource::Stream => "stream",
+            DweetSource::Backfill => "backfill",
+            DweetSource::Poll => "poll",
+        }
+    }
+}
+
 /// The worker's metrics, registered in their own registry (several workers in one process,
 /// as in tests, do not share counters).
 pub struct Metrics {
     pub registry: Registry,
     pub build_info: IntGaugeVec,
     pub things_configured: IntGauge,
-    pub stream_up: IntGaugeVec,
-    pub stream_connects: IntCounterVec,
-    pub stream_disconnects: IntCounterVec,
-    pub dweets_received: IntCounterVec,
+    stream_up: IntGaugeVec,
+    stream_connects: IntCounterVec,
+    stream_disconnects: IntCounterVec,
+    dweets_received: IntCounterVec,
     pub duplicates_dropped: IntCounter,
     pub decode_errors: IntCounter,
     pub dead_letters: IntCounter,
-    pub last_dweet_timestamp: GaugeVec,
+    last_dweet_timestamp: GaugeVec,
     pub ingest_delay: Histogram,
-    pub sink_rows_written: IntCounterVec,
-    pub sink_errors: IntCounterVec,
-    pub sink_write_duration: HistogramVec,
-    pub sink_buffer_rows: IntGaugeVec,
-    pub parquet_files_finalized: IntCounterVec,
-    pub config_reloads: IntCounterVec,
-    pub spool_bytes: IntGaugeVec,
-    pub spool_dropped: IntCounterVec,
-    pub spool_corrupt_records: IntCounterVec,
-    pub lifecycle_actions: IntCounterVec,
+    sink_rows_written: IntCounterVec,
+    sink_errors: IntCounterVec,
+    sink_write_duration: HistogramVec,
+    sink_buffer_rows: IntGaugeVec,
+    parquet_files_finalized: IntCounterVec,
+    config_reloads: IntCounterVec,
+    spool_bytes: IntGaugeVec,
+    spool_dropped: IntCounterVec,
+    spool_corrupt_records: IntCounterVec,
+    lifecycle_actions: IntCounterVec,
     pub lifecycle_drift: IntGauge,
     pub lifecycle_problems: IntGauge,
     pub uptime: Gauge,
@@ -298,12 +355,108 @@ impl Metrics {
         self.spool_bytes.with_label_values(&[label]);
         self.spool_dropped.with_label_values(&[label]);
         self.spool_corrupt_records.with_label_values(&[label]);
-        for table in ["readings", "dweets", "dead_letters"] {
-            self.sink_rows_written.with_label_values(&[label, table]);
+        for table in Table::ALL {
+            self.sink_rows_written
+                .with_label_values(&[label, table.as_str()]);
             if sink == SinkName::Parquet {
-                self.parquet_files_finalized.with_label_values(&[table]);
+                self.parquet_files_finalized
+                    .with_label_values(&[table.as_str()]);
             }
         }
+    }
+
+    pub fn set_stream_up(&self, thing: &str, up: bool) {
+        self.stream_up
+            .with_label_values(&[thing])
+            .set(i64::from(up));
+    }
+
+    pub fn stream_connected(&self, outcome: ConnectOutcome) {
+        let label = match outcome {
+            ConnectOutcome::Ok => "ok",
+            ConnectOutcome::Refused => "refused",
+            ConnectOutcome::Failed => "failed",
+        };
+        self.stream_connects.with_label_values(&[label]).inc();
+    }
+
+    pub fn stream_disconnected(&self, reason: Disconnect) {
+        let label = match reason {
+            Disconnect::Closed => "closed",
+            Disconnect::Error => "error",
+            Disconnect::Stopped => "stopped",
+        };
+        self.stream_disconnects.with_label_values(&[label]).inc();
+    }
+
+    pub fn dweet_received(&self, source: DweetSource) {
+        self.dweets_received
+            .with_label_values(&[source.as_str()])
+            .inc();
+    }
+
+    pub fn set_last_dweet(&self, thing: &str, created_ms: i64) {
+        self.last_dweet_timestamp
+            .with_label_values(&[thing])
+            .set(created_ms as f64 / 1000.0);
+    }
+
+    pub fn rows_written(&self, sink: SinkName, table: Table, rows: u64) {
+        self.sink_rows_written
+            .with_label_values(&[sink.as_str(), table.as_str()])
+            .inc_by(rows);
+    }
+
+    pub fn sink_error(&self, sink: SinkName) {
+        self.sink_errors.with_label_values(&[sink.as_str()]).inc();
+    }
+
+    /// Seconds per write call of `sink`.
+    pub fn sink_write_duration(&self, sink: SinkName) -> Histogram {
+        self.sink_write_duration.with_label_values(&[sink.as_str()])
+    }
+
+    pub fn set_sink_buffer(&self, sink: SinkName, records: usize) {
+        self.sink_buffer_rows
+            .with_label_values(&[sink.as_str()])
+            .set(records as i64);
+    }
+
+    pub fn parquet_file_sealed(&self, dataset: Table) {
+        self.parquet_files_finalized
+            .with_label_values(&[dataset.as_str()])
+            .inc();
+    }
+
+    pub fn config_reloaded(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "invalid" }])
+            .inc();
+    }
+
+    pub fn set_spool_bytes(&self, sink: SinkName, bytes: u64) {
+        self.spool_bytes
+            .with_label_values(&[sink.as_str()])
+            .set(bytes as i64);
+    }
+
+    pub fn spool_dropped(&self, sink: SinkName, records: u64) {
+        self.spool_dropped
+            .with_label_values(&[sink.as_str()])
+            .inc_by(records);
+    }
+
+    pub fn spool_corrupt(&self, sink: SinkName, records: u64) {
+        self.spool_corrupt_records
+            .with_label_values(&[sink.as_str()])
+            .inc_by(records);
+    }
+
+    /// One lifecycle change made (`ok`) or failed; `kind` is the lifecycle's action name.
+    pub fn lifecycle_action(&self, thing: &str, kind: &'static str, ok: bool) {
+        self.lifecycle_actions
+            .with_label_values(&[thing, kind, if ok { "ok" } else { "failed" }])
+            .inc();
     }
 
     /// Drops a removed thing's series so dashboards stop showing it.

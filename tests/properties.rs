@@ -4,8 +4,9 @@
 //! a longer campaign.
 
 use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
-use dweetpipe::normalize::{Record, normalize};
+use dweetpipe::normalize::normalize;
 use dweetpipe::protocol::encode_stream_frame;
+use dweetpipe::record::Record;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 

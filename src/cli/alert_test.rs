@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use dweetpipe::alert::condition::{ConditionEngine, EvaluationLimits, Verdict, transition};
 use dweetpipe::import::Imported;
-use dweetpipe::normalize::Record;
-use dweetpipe::sandbox::condition::{ConditionEngine, EvaluationLimits, Verdict, transition};
+use dweetpipe::record::Record;
 use dweetpipe::sandbox::notify::NotificationKind;
 
 #[derive(Debug, Args)]

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use dweetpipe::config::Config;
+use dweetpipe::sandbox::simulator::thing_name;
 use dweetpipe::sink::parquet::ParquetConfig;
+use dweetpipe::source::SourceConfig;
 use dweetpipe::telemetry::Metrics;
-use dweetpipe::worker::{self, SourceConfig};
+use dweetpipe::worker;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -239,7 +241,7 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
             start_spread: Duration::from_secs(3),
             ..SourceConfig::new(url.clone())
         },
-        args.things,
+        (1..=args.things).map(|i| thing_name("S5D9-", i)),
         ParquetConfig::new(&data),
     );
     let started = Instant::now();
@@ -454,7 +456,7 @@ async fn truncate(url: &str) -> anyhow::Result<()> {
 async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
     use dweetpipe::client::{Created, Dweet};
     use dweetpipe::import::Imported;
-    use dweetpipe::normalize::Record;
+    use dweetpipe::record::Record;
     use dweetpipe::sandbox::simulator::S5d9Board;
     use dweetpipe::sink::postgres::{DatabaseUrl, PostgresConfig, PostgresSink};
 
@@ -472,7 +474,7 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         for i in 0..args.dweets {
             let dweet = Dweet {
                 thing: format!("S5D9-{:04}", i % 20 + 1),
-                created: Created::from_datetime(dweetpipe::normalize::ms_to_datetime(
+                created: Created::from_datetime(dweetpipe::record::ms_to_datetime(
                     start + (i / 20) as i64 * 1000,
                 )),
                 content: boards[i % 20].next_payload(),
@@ -639,7 +641,7 @@ async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
             start_spread: Duration::from_secs(2),
             ..SourceConfig::new(url.clone())
         },
-        args.things,
+        (1..=args.things).map(|i| thing_name("S5D9-", i)),
         ParquetConfig::new(data.join("parquet")),
     );
     config.postgres = Some(PostgresConfig {
@@ -709,12 +711,14 @@ impl Stages {
         let mean = |histogram: &prometheus::Histogram| {
             1000.0 * histogram.get_sample_sum() / (histogram.get_sample_count().max(1) as f64)
         };
-        let postgres = metrics.sink_write_duration.with_label_values(&["postgres"]);
+        let postgres = metrics.sink_write_duration(dweetpipe::telemetry::SinkName::Postgres);
         Stages {
             received_ms: mean(&metrics.ingest_delay),
             postgres_write_ms: mean(&postgres),
             postgres_writes: postgres.get_sample_count(),
-            parquet_write_ms: mean(&metrics.sink_write_duration.with_label_values(&["parquet"])),
+            parquet_write_ms: mean(
+                &metrics.sink_write_duration(dweetpipe::telemetry::SinkName::Parquet),
+            ),
         }
     }
 }

@@ -12,12 +12,13 @@ use anyhow::Context;
 use clap::Args;
 use dweetpipe::client::Client;
 use dweetpipe::config::Config;
-use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
+use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
 use dweetpipe::sandbox::{self, SandboxConfig};
 use dweetpipe::sink::parquet::ParquetConfig;
 use dweetpipe::sink::postgres::{DatabaseUrl, PostgresConfig};
+use dweetpipe::source::SourceConfig;
 use dweetpipe::telemetry::{Metrics, MetricsConfig};
-use dweetpipe::worker::{self, SourceConfig};
+use dweetpipe::worker;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -78,7 +79,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
                 start_spread: Duration::from_millis(200),
                 ..SourceConfig::new(url.clone())
             },
-            args.things,
+            (1..=args.things).map(|i| thing_name("S5D9-", i)),
             ParquetConfig {
                 rotate_after: Duration::from_secs(5),
                 ..ParquetConfig::new(&args.data)

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use dweetpipe::config::Config;
 use dweetpipe::import::Imported;
-use dweetpipe::normalize::{Record, now_ms};
+use dweetpipe::record::{Record, now_ms};
 use dweetpipe::sink::SinkError;
 use dweetpipe::sink::parquet::ParquetSink;
 use dweetpipe::sink::postgres::PostgresSink;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use dweetpipe::config::Config;
-use dweetpipe::worker::lifecycle::{self, Plan, ThingPlan, describe};
+use dweetpipe::lifecycle::{self, Plan, ThingPlan, describe};
 
 use super::worker::ConfigArgs;
 

@@ -8,6 +8,7 @@ mod demo;
 mod import;
 mod lifecycle;
 mod sandbox;
+mod systemd;
 mod worker;
 
 use std::path::PathBuf;
@@ -190,7 +191,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn default_log_filter(command: &Command) -> &'static str {
     match command {
         Command::Sandbox(_) | Command::Simulate(_) | Command::Run(_) => "info",
-        Command::Demo(_) => "warn",
         _ => "warn",
     }
 }

@@ -7,7 +7,9 @@ use clap::Args;
 use dweetpipe::client::{self, Client};
 use dweetpipe::config::Config;
 use dweetpipe::sink::postgres::{self, DatabaseUrl};
-use dweetpipe::{systemd, worker};
+use dweetpipe::worker;
+
+use super::systemd;
 
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
@@ -92,11 +94,7 @@ async fn reload(worker: &mut worker::WorkerHandle, path: &Path) {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
-            worker
-                .metrics()
-                .config_reloads
-                .with_label_values(&["invalid"])
-                .inc();
+            worker.metrics().config_reloaded(false);
             tracing::error!("reload refused, keeping the running configuration: {error}");
             return;
         }

@@ -1,8 +1,6 @@
 //! The client's one error type. Each variant is something a caller can act on: retry later,
 //! supply a key, fix the thing name, or give up.
 
-use std::time::Duration;
-
 use crate::protocol;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -42,13 +40,6 @@ pub enum Error {
         context: &'static str,
         detail: String,
     },
-    /// A listen stream sent nothing for longer than its idle timeout.
-    #[error("the listen stream sent nothing for {0:?}")]
-    Idle(Duration),
-    /// A listen stream line that was not a dweet. Yielded only with
-    /// [`ListenOptions::report_skipped_lines`](super::ListenOptions); the stream goes on.
-    #[error("skipped a stream line: {}", .0.reason)]
-    SkippedLine(super::SkippedLine),
     /// The base URL or a client option is unusable.
     #[error("invalid client configuration: {0}")]
     Config(String),
@@ -80,10 +71,7 @@ impl Error {
     /// Whether the same call may succeed later without the caller changing anything.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Transport(_)
-            | Error::Connection(_)
-            | Error::RateLimited { .. }
-            | Error::Idle(_) => true,
+            Error::Transport(_) | Error::Connection(_) | Error::RateLimited { .. } => true,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
             _ => false,
         }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::time::Instant;
 
-use super::decoder::{Decoded, FrameDecoder};
+use super::decoder::{Decoded, FrameDecoder, SkippedLine};
 use super::error::{Error, Result};
 use super::types::Dweet;
 
@@ -33,9 +33,6 @@ pub struct ListenOptions {
     pub reconnect_delay: Duration,
     /// The longest stream line kept; see [`FrameDecoder::with_max_line`].
     pub max_line: usize,
-    /// Yield lines that are not dweets as [`Error::SkippedLine`] items (the stream goes on),
-    /// instead of only counting them: for callers that keep them as dead letters.
-    pub report_skipped_lines: bool,
 }
 
 impl Default for ListenOptions {
@@ -45,7 +42,6 @@ impl Default for ListenOptions {
             idle_timeout: Duration::from_secs(90),
             reconnect_delay: Duration::from_secs(1),
             max_line: super::decoder::DEFAULT_MAX_LINE,
-            report_skipped_lines: false,
         }
     }
 }
@@ -72,18 +68,32 @@ impl ListenStats {
     }
 }
 
+/// What a listen stream delivers: a dweet, or a line that was not one (the stream goes on).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenEvent {
+    Dweet(Dweet),
+    /// Kept for callers that store such lines as dead letters; counted in [`ListenStats`].
+    Skipped(SkippedLine),
+}
+
 /// A stream of dweets from `listen_for_dweets_from`. It ends when the connection ends (or,
 /// with `reconnect_for`, when the deadline passes); it yields an error and ends when the
 /// server refuses the stream (unknown lock key, say) or the connection fails without
-/// reconnects.
+/// reconnects. Lines that are not dweets are skipped and counted; [`DweetStream::events`]
+/// yields them too.
 pub struct DweetStream {
-    inner: BoxStream<'static, Result<Dweet>>,
+    inner: BoxStream<'static, Result<ListenEvent>>,
     stats: Arc<ListenStats>,
 }
 
 impl DweetStream {
     pub fn stats(&self) -> Arc<ListenStats> {
         Arc::clone(&self.stats)
+    }
+
+    /// Every event, skipped lines included; `Err` only for failures.
+    pub fn events(self) -> BoxStream<'static, Result<ListenEvent>> {
+        self.inner
     }
 }
 
@@ -99,7 +109,15 @@ impl Stream for DweetStream {
     type Item = Result<Dweet>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.poll_next_unpin(cx)
+        loop {
+            return match self.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(ListenEvent::Skipped(_)))) => continue,
+                Poll::Ready(Some(Ok(ListenEvent::Dweet(dweet)))) => Poll::Ready(Some(Ok(dweet))),
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 }
 
@@ -161,13 +179,13 @@ pub(super) async fn open(
 }
 
 enum Step {
-    Yield(Result<Dweet>),
+    Yield(Result<ListenEvent>),
     End,
     Continue,
 }
 
 impl Listener {
-    async fn next_item(&mut self) -> Option<Result<Dweet>> {
+    async fn next_item(&mut self) -> Option<Result<ListenEvent>> {
         loop {
             if self.finished {
                 return None;
@@ -238,16 +256,12 @@ impl Listener {
         match event {
             Decoded::Dweet(dweet) => {
                 self.stats.dweets.fetch_add(1, Ordering::Relaxed);
-                Step::Yield(Ok(dweet))
+                Step::Yield(Ok(ListenEvent::Dweet(dweet)))
             }
             Decoded::Skipped(line) => {
                 self.stats.skipped_lines.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(reason = %line.reason, "skipped a listen stream line");
-                if self.options.report_skipped_lines {
-                    Step::Yield(Err(Error::SkippedLine(line)))
-                } else {
-                    Step::Continue
-                }
+                Step::Yield(Ok(ListenEvent::Skipped(line)))
             }
             Decoded::Failure { code, because } => {
                 // A refusal (locked, wrong key) will not change by reconnecting.

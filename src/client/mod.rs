@@ -33,7 +33,7 @@ pub use decoder::{
     DEFAULT_MAX_LINE, Decoded, EXCERPT_BYTES, FrameDecoder, SkipReason, SkippedLine,
 };
 pub use error::{Error, Result};
-pub use listen::{DweetStream, ListenOptions, ListenStats};
+pub use listen::{DweetStream, ListenEvent, ListenOptions, ListenStats};
 pub use types::{Alert, AlertStatus, Created, Dweet, Key, Recipient};
 
 /// The public service's address, kept as the default for users of other compatible hosts.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::condition::{ConditionEngine, ConditionError, EvaluationLimits, Verdict};
+use crate::alert::condition::{ConditionEngine, ConditionError, EvaluationLimits, Verdict};
 
 /// Evaluations that may wait per lane; past it, dweets to alerted things wait their turn.
 const QUEUE: usize = 1024;

@@ -15,10 +15,10 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::condition::MAX_CONDITION_CHARS;
 use super::evaluator::{Evaluator, NoVerdict};
 use super::store::{PendingEvaluation, Store};
 use super::{Refusal, SandboxConfig, content, names};
+use crate::alert::condition::MAX_CONDITION_CHARS;
 use crate::client::Recipient;
 use crate::http_server::Body;
 use crate::protocol::{self, Failure, Success};

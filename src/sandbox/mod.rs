@@ -6,7 +6,6 @@
 //! proxy in front of it), keeps everything in memory, and forgets it as the public service
 //! did: the last `max_history` dweets of a thing, for `retention` after its last dweet.
 
-pub mod condition;
 mod content;
 mod evaluator;
 mod http;
@@ -28,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::Key;
 use crate::protocol;
 
-pub use condition::EvaluationLimits;
+pub use crate::alert::condition::EvaluationLimits;
 pub use store::Limits;
 
 /// Everything the server can be told. `Default` is the public service's behaviour on

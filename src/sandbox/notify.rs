@@ -11,17 +11,9 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 
-/// Why an alert is being notified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NotificationKind {
-    /// The condition fired on a dweet while the alert was closed.
-    Opened,
-    /// The condition was quiet on a dweet while the alert was open.
-    Closed,
-}
+pub use crate::alert::condition::NotificationKind;
+use tokio::io::AsyncWriteExt;
 
 /// One alert notification, as written to the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use super::Refusal;
-use super::condition::{Verdict, transition};
 use super::notify::{Notification, NotificationKind};
+use crate::alert::condition::{Verdict, transition};
 use crate::client::{Alert, AlertStatus, Created, Dweet, Key, Recipient};
 use crate::protocol;
 

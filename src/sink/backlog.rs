@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use super::SinkError;
 use super::dir_lock::DirLock;
 use super::spool;
-use crate::normalize::Record;
+use crate::record::Record;
 use crate::telemetry::{Metrics, SinkName};
 
 /// A segment is closed for appends past this size.
@@ -171,11 +171,7 @@ impl Backlog {
     /// What waits, for the metrics: records in memory (queued or held by the sink, not yet
     /// durable) and bytes on disk.
     fn publish(&self, state: &State) {
-        let label = self.sink.as_str();
-        self.metrics
-            .spool_bytes
-            .with_label_values(&[label])
-            .set(state.spool_bytes as i64);
+        self.metrics.set_spool_bytes(self.sink, state.spool_bytes);
         let held: usize = state
             .in_flight
             .iter()
@@ -183,9 +179,7 @@ impl Backlog {
             .map(|(_, batch, _)| batch.len())
             .sum();
         self.metrics
-            .sink_buffer_rows
-            .with_label_values(&[label])
-            .set((state.memory_records + held) as i64);
+            .set_sink_buffer(self.sink, state.memory_records + held);
     }
 
     /// Bytes on disk in the spool now.
@@ -242,17 +236,12 @@ impl Backlog {
         }
         let kept: Vec<Record> = batch.iter().filter(|r| !is_lost(r)).cloned().collect();
         self.metrics
-            .spool_dropped
-            .with_label_values(&[self.sink.as_str()])
-            .inc_by((batch.len() - kept.len()) as u64);
+            .spool_dropped(self.sink, (batch.len() - kept.len()) as u64);
         Arc::new(kept)
     }
 
     fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
-        self.metrics
-            .spool_dropped
-            .with_label_values(&[self.sink.as_str()])
-            .inc_by(batch.len() as u64);
+        self.metrics.spool_dropped(self.sink, batch.len() as u64);
         for thing in batch.iter().filter_map(Record::thing) {
             state.lost.insert(thing.to_owned(), ());
         }
@@ -459,9 +448,7 @@ impl Backlog {
         }
         if !decoded.damaged.is_empty() {
             self.metrics
-                .spool_corrupt_records
-                .with_label_values(&[self.sink.as_str()])
-                .inc_by(decoded.damaged.len() as u64);
+                .spool_corrupt(self.sink, decoded.damaged.len() as u64);
         }
         if segment.skip.is_empty() {
             return Ok(decoded.records);
@@ -554,7 +541,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::normalize::{Normalized, Reading};
+    use crate::record::{Normalized, Reading};
 
     fn batch(thing: &str, from: i64, count: i64) -> Batch {
         Arc::new(

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::normalize::Record;
+use crate::record::Record;
 use crate::telemetry::Health;
 pub use backlog::Backlog;
 pub use dir_lock::{DirLock, LockError};

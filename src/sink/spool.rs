@@ -10,14 +10,14 @@
 //!         optional fields behind a presence byte)
 //! ```
 //!
-//! The format is its own type ([`SpoolRecord`] encoding), not serde of the in-memory
+//! The format is its own type (`SpoolRecord`), not serde of the in-memory
 //! [`Record`], so changing `Record` cannot silently change what old spools mean; a new layout
 //! gets a new version. Reading is pure (bytes in, records and findings out): a frame whose
 //! length runs past the end of the file is a torn append that was never acknowledged and is
 //! ignored; a frame whose checksum or content is wrong is skipped, reported with its offset,
 //! and reading resumes at the next frame magic, so one damaged record costs only itself.
 
-use crate::normalize::{DeadLetter, Normalized, Reading, Record};
+use crate::record::{DeadLetter, Normalized, Reading, Record};
 
 /// The first bytes of every segment.
 pub const HEADER_MAGIC: &[u8; 8] = b"DWSPOOL\0";

@@ -6,9 +6,6 @@
 //! subscription tasks ──(bounded channel of Records)──▶ fan-out ──▶ each sink's backlog ──▶ its loop
 //! ```
 
-pub mod lifecycle;
-mod subscription;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,175 +13,23 @@ use std::sync::atomic::AtomicI64;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
-use crate::config::{Config, ConfigError, ThingConfig};
-use crate::normalize::Record;
+use crate::config::{Config, ConfigError};
+use crate::lifecycle;
+use crate::record::Record;
 use crate::sink::parquet::{ParquetLoop, ParquetSink};
 use crate::sink::postgres::{PostgresLoop, PostgresSink};
 use crate::sink::{Backlog, SinkError};
+use crate::source::subscription::{NO_WATERMARK, Subscription};
+use crate::source::{SourceConfig, ThingConfig};
 use crate::telemetry::{self, Health, Metrics, SinkName};
-use subscription::{NO_WATERMARK, Subscription};
 
 /// Records in flight between the subscriptions and the fan-out.
 const PIPELINE_CAPACITY: usize = 16 * 1024;
-
-/// How the worker reads a thing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SourceMode {
-    /// Hold a listen stream open (the default).
-    #[default]
-    Stream,
-    /// Poll `get_dweets_for` every `poll_interval`, for servers without streaming.
-    Poll,
-}
-
-impl<'de> Deserialize<'de> for SourceMode {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match String::deserialize(deserializer)?.as_str() {
-            "stream" => Ok(SourceMode::Stream),
-            "poll" => Ok(SourceMode::Poll),
-            other => Err(serde::de::Error::custom(format!(
-                "mode {other:?} is not \"stream\" or \"poll\""
-            ))),
-        }
-    }
-}
-
-/// The `[source]` section. Only `url` is needed; the rest are tuning knobs with defaults for
-/// the public service's behaviour.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    pub url: String,
-    #[serde(default)]
-    pub mode: SourceMode,
-    #[serde(
-        default = "defaults::poll_interval",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub poll_interval: Duration,
-    /// A stream silent for this long is reopened; above the server's own 60 s idle close.
-    #[serde(
-        default = "defaults::idle_timeout",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub idle_timeout: Duration,
-    #[serde(
-        default = "defaults::reconnect_min",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub reconnect_min: Duration,
-    #[serde(
-        default = "defaults::reconnect_max",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub reconnect_max: Duration,
-    /// A connection up this long resets the backoff.
-    #[serde(
-        default = "defaults::healthy_after",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub healthy_after: Duration,
-    /// Wait after a refusal (locked, wrong key, unknown thing) before trying again.
-    #[serde(
-        default = "defaults::refused_retry",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub refused_retry: Duration,
-    /// Subscriptions start at random offsets within this window, so a restart is no herd.
-    #[serde(
-        default = "defaults::start_spread",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub start_spread: Duration,
-    #[serde(
-        default = "defaults::request_timeout",
-        deserialize_with = "crate::config::duration"
-    )]
-    pub request_timeout: Duration,
-}
-
-mod defaults {
-    use std::time::Duration;
-    pub fn poll_interval() -> Duration {
-        Duration::from_secs(5)
-    }
-    pub fn idle_timeout() -> Duration {
-        Duration::from_secs(90)
-    }
-    pub fn reconnect_min() -> Duration {
-        Duration::from_secs(1)
-    }
-    pub fn reconnect_max() -> Duration {
-        Duration::from_secs(60)
-    }
-    pub fn healthy_after() -> Duration {
-        Duration::from_secs(30)
-    }
-    pub fn refused_retry() -> Duration {
-        Duration::from_secs(5 * 60)
-    }
-    pub fn start_spread() -> Duration {
-        Duration::from_secs(5)
-    }
-    pub fn request_timeout() -> Duration {
-        Duration::from_secs(30)
-    }
-}
-
-impl SourceConfig {
-    pub fn new(url: impl Into<String>) -> Self {
-        SourceConfig {
-            url: url.into(),
-            mode: SourceMode::Stream,
-            poll_interval: defaults::poll_interval(),
-            idle_timeout: defaults::idle_timeout(),
-            reconnect_min: defaults::reconnect_min(),
-            reconnect_max: defaults::reconnect_max(),
-            healthy_after: defaults::healthy_after(),
-            refused_retry: defaults::refused_retry(),
-            start_spread: defaults::start_spread(),
-            request_timeout: defaults::request_timeout(),
-        }
-    }
-
-    /// Checks values; the error is (key, problem).
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if let Err(error) = Client::new(&self.url) {
-            return Err(("url".to_owned(), format!("{:?}: {error}", self.url)));
-        }
-        for (key, value) in [
-            ("poll_interval", self.poll_interval),
-            ("idle_timeout", self.idle_timeout),
-            ("reconnect_min", self.reconnect_min),
-            ("request_timeout", self.request_timeout),
-        ] {
-            if value.is_zero() {
-                return Err((key.to_owned(), "must be above zero".to_owned()));
-            }
-        }
-        if self.reconnect_max < self.reconnect_min {
-            return Err((
-                "reconnect_max".to_owned(),
-                "must not be below reconnect_min".to_owned(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// A client for this source, with its request timeout.
-    pub fn client(&self) -> Result<Client, WorkerError> {
-        Client::builder(&self.url)
-            .request_timeout(self.request_timeout)
-            .build()
-            .map_err(WorkerError::Client)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -201,7 +46,7 @@ pub enum WorkerError {
     #[error("could not set up metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("could not build the HTTP client: {0}")]
-    Client(crate::client::Error),
+    Client(#[from] crate::client::Error),
     #[error(
         "shutdown did not finish within {0:?}; what was not durable is in the spools or comes back through backfill"
     )]
@@ -495,10 +340,7 @@ impl WorkerHandle {
         let source = match check_runnable(&config) {
             Ok(checked) => checked,
             Err(error) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["invalid"])
-                    .inc();
+                self.metrics.config_reloaded(false);
                 return Err(error.into());
             }
         };
@@ -556,7 +398,7 @@ impl WorkerHandle {
             reconciler.stop().await;
         }
         self.reconcile_lifecycle(&config)?;
-        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        self.metrics.config_reloaded(true);
         // Sections that need a restart keep their running values.
         let parquet = self.config.parquet.clone();
         let postgres = self.config.postgres.clone();

@@ -784,7 +784,8 @@ async fn a_postgresql_restart_mid_stream_loses_nothing_and_parquet_keeps_going()
 #[tokio::test]
 async fn copy_and_insert_batches_store_the_same_rows() {
     use dweetpipe::client::{Created, Dweet};
-    use dweetpipe::normalize::{Record, ms_to_datetime, normalize};
+    use dweetpipe::normalize::normalize;
+    use dweetpipe::record::{Record, ms_to_datetime};
     use dweetpipe::sandbox::simulator::S5d9Board;
     use dweetpipe::sink::postgres::PostgresSink;
 

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, StringArray, TimestampMillisecondArray};
 use dweetpipe::client::{Client, Key};
-use dweetpipe::config::{Config, ThingConfig};
+use dweetpipe::config::Config;
 use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
 use dweetpipe::sandbox::{self, SandboxConfig, SandboxHandle};
 use dweetpipe::sink::parquet::ParquetConfig;
+use dweetpipe::source::SourceConfig;
+use dweetpipe::source::ThingConfig;
 use dweetpipe::telemetry::Metrics;
-use dweetpipe::worker::{self, SourceConfig, WorkerHandle};
+use dweetpipe::worker::{self, WorkerHandle};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::json;
 use tokio::process::{Child, Command};
@@ -958,7 +960,7 @@ async fn poll_mode_ingests_with_the_same_dedupe() {
     let name = thing("poll");
     let mut config = test_config(&server.base_url(), std::slice::from_ref(&name), dir.path());
     if let Some(source) = config.source.as_mut() {
-        source.mode = worker::SourceMode::Poll;
+        source.mode = dweetpipe::source::SourceMode::Poll;
         source.poll_interval = Duration::from_millis(100);
     }
     let (worker, metrics) = start_worker(config).await;

@@ -10,7 +10,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
-use crate::normalize::{DeadLetter, Normalized};
+use crate::record::{DeadLetter, Normalized};
+use crate::telemetry::Table;
 
 /// The datasets under `[parquet] dir`, each its own folder of `date=YYYY-MM-DD/` partitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,6 +32,15 @@ impl Dataset {
             Dataset::Readings => "readings",
             Dataset::Dweets => "dweets",
             Dataset::DeadLetters => "dead_letters",
+        }
+    }
+
+    /// The metrics' name for this dataset.
+    pub fn table(self) -> Table {
+        match self {
+            Dataset::Readings => Table::Readings,
+            Dataset::Dweets => Table::Dweets,
+            Dataset::DeadLetters => Table::DeadLetters,
         }
     }
 

@@ -11,7 +11,7 @@
 //! generation is sealed when it is `rotate_after` old or holds `max_rows` rows, and at
 //! shutdown: every file gets its footer (with the generation, its file count and the per-thing
 //! watermarks), is fsynced and renamed into place, and the folders are fsynced. Recovery
-//! ([`recovery`]) removes what a crash left half-done, so after a restart with backfill every
+//! (`recovery`) removes what a crash left half-done, so after a restart with backfill every
 //! dweet is in the output exactly once.
 
 mod batch;
@@ -36,8 +36,9 @@ use batch::Rows;
 pub use run::{ParquetLoop, spawn};
 
 use super::{DirLock, SinkError};
-use crate::normalize::{Record, ms_to_datetime, now_ms};
-use crate::telemetry::Metrics;
+use crate::record::{Record, ms_to_datetime, now_ms};
+use crate::settings::Invalid;
+use crate::telemetry::{Metrics, SinkName};
 
 const META_GENERATION: &str = "dweetpipe.generation";
 const META_FILES: &str = "dweetpipe.generation_files";
@@ -56,7 +57,7 @@ pub struct ParquetConfig {
     /// Seal the open files after this long. Default 5 min.
     #[serde(
         default = "default_rotate_after",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::settings::duration"
     )]
     pub rotate_after: Duration,
     /// Seal the open files once they hold this many rows (readings, dweets and dead letters
@@ -75,7 +76,7 @@ pub struct ParquetConfig {
     /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
     #[serde(
         default = "default_spool_max",
-        deserialize_with = "crate::config::byte_size"
+        deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
 }
@@ -117,26 +118,29 @@ impl ParquetConfig {
         })
     }
 
-    /// Checks values; the error is (key, problem).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks values; keys in the error are relative to `[parquet]`.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        const FIX: &str = "see the [parquet] section of config/things.example.toml";
         if self.dir.as_os_str().is_empty() {
-            return Err(("dir".to_owned(), "the directory is empty".to_owned()));
+            return Err(Invalid::new("dir", "the directory is empty", FIX));
         }
         if self.max_rows == 0 {
-            return Err(("max_rows".to_owned(), "must be at least 1".to_owned()));
+            return Err(Invalid::new("max_rows", "must be at least 1", FIX));
         }
         if self.spool_dir() == self.dir {
-            return Err((
-                "spool_dir".to_owned(),
-                "must not be the Parquet directory itself".to_owned(),
+            return Err(Invalid::new(
+                "spool_dir",
+                "must not be the Parquet directory itself",
+                "give the spool its own directory, ideally on another filesystem",
             ));
         }
         if self.rotate_after < Duration::from_millis(100)
             || self.rotate_after > Duration::from_secs(24 * 60 * 60)
         {
-            return Err((
-                "rotate_after".to_owned(),
-                "must be between 100ms and 24h".to_owned(),
+            return Err(Invalid::new(
+                "rotate_after",
+                "must be between 100ms and 24h",
+                FIX,
             ));
         }
         Ok(())
@@ -405,10 +409,7 @@ impl ParquetSink {
             {
                 dirs.push(parent);
             }
-            self.metrics
-                .parquet_files_finalized
-                .with_label_values(&[file.dataset.dir_name()])
-                .inc();
+            self.metrics.parquet_file_sealed(file.dataset.table());
         }
         for dir in dirs {
             if let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
@@ -424,9 +425,7 @@ impl ParquetSink {
         }
         for (dataset, rows) in &generation.dataset_rows {
             self.metrics
-                .sink_rows_written
-                .with_label_values(&["parquet", dataset.dir_name()])
-                .inc_by(*rows);
+                .rows_written(SinkName::Parquet, dataset.table(), *rows);
         }
         tracing::debug!(
             generation = generation.id,
@@ -513,7 +512,7 @@ impl OpenFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::normalize::{DeadLetter, Normalized, Reading};
+    use crate::record::{DeadLetter, Normalized, Reading};
 
     const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 

@@ -153,8 +153,7 @@ impl Loop {
         }
         self.held.extend(taken);
         self.metrics
-            .sink_write_duration
-            .with_label_values(&[SinkName::Parquet.as_str()])
+            .sink_write_duration(SinkName::Parquet)
             .observe(started.elapsed().as_secs_f64());
         outcome
     }
@@ -172,10 +171,7 @@ impl Loop {
         self.sink.abandon();
         self.backlog.give_back(std::mem::take(&mut self.held));
         self.backlog.spill_memory();
-        self.metrics
-            .sink_errors
-            .with_label_values(&[SinkName::Parquet.as_str()])
-            .inc();
+        self.metrics.sink_error(SinkName::Parquet);
         let (memory, spooled, lost) = self.backlog.pending();
         let problem = format!(
             "cannot write Parquet ({error}); {memory} records wait in memory and {spooled} bytes in the spool{}",

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::normalize::{Normalized, ms_to_datetime};
+use crate::record::{Normalized, ms_to_datetime};
 
 /// The COPY buffers of one batch.
 #[derive(Default)]
@@ -65,7 +65,7 @@ fn push_field(out: &mut String, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::normalize::Reading;
+    use crate::record::Reading;
 
     #[test]
     fn rows_are_escaped_copy_text() {

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::copy::without_nul;
-use crate::normalize::{DeadLetter, Record, ms_to_datetime};
+use crate::record::{DeadLetter, Record, ms_to_datetime};
 
 /// Batches with at least this many readings go by COPY (when no stored row can repeat).
 pub const COPY_FROM_READINGS: usize = 4000;

@@ -28,8 +28,9 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::backoff::Backoff;
-use crate::normalize::{DeadLetter, Record};
-use crate::telemetry::{Health, Metrics, SinkName};
+use crate::record::{DeadLetter, Record};
+use crate::settings::Invalid;
+use crate::telemetry::{Health, Metrics, SinkName, Table};
 pub use copy::CopyRows;
 
 /// The schema, embedded so the binary migrates without the source tree.
@@ -118,7 +119,7 @@ pub struct PostgresConfig {
     /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
     #[serde(
         default = "default_spool_max",
-        deserialize_with = "crate::config::byte_size"
+        deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
 }
@@ -152,15 +153,12 @@ impl PostgresConfig {
         }
     }
 
-    /// Resolves `url_env` into `url` and checks values; the error is (key, problem, fix).
-    pub fn resolve(
-        &mut self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), (String, String, String)> {
+    /// Resolves `url_env` into `url` and checks values; keys in the error are relative to `[postgres]`.
+    pub fn resolve(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
         match (&self.url, &self.url_env) {
             (Some(_), Some(_)) => {
-                return Err((
-                    "url_env".to_owned(),
+                return Err(Invalid::new(
+                    "url_env",
                     "url and url_env are both set".to_owned(),
                     "keep one of them".to_owned(),
                 ));
@@ -168,16 +166,16 @@ impl PostgresConfig {
             (None, Some(variable)) => match env(variable).filter(|v| !v.trim().is_empty()) {
                 Some(url) => self.url = Some(DatabaseUrl(url.trim().to_owned())),
                 None => {
-                    return Err((
-                        "url_env".to_owned(),
+                    return Err(Invalid::new(
+                        "url_env",
                         format!("the environment variable {variable} is not set (or empty)"),
                         "export it (systemd: EnvironmentFile=, Kubernetes: a Secret)".to_owned(),
                     ));
                 }
             },
             (None, None) => {
-                return Err((
-                    "url".to_owned(),
+                return Err(Invalid::new(
+                    "url",
                     "no database is named".to_owned(),
                     "set url = \"postgres://...\" or url_env = \"DATABASE_URL\"".to_owned(),
                 ));
@@ -187,23 +185,23 @@ impl PostgresConfig {
         if let Some(url) = &self.url
             && let Err(error) = url.options()
         {
-            return Err((
-                "url".to_owned(),
+            return Err(Invalid::new(
+                "url",
                 error.to_string(),
                 "write it as postgres://user:password@host:5432/database".to_owned(),
             ));
         }
         if self.max_rows == 0 {
-            return Err((
-                "max_rows".to_owned(),
+            return Err(Invalid::new(
+                "max_rows",
                 "must be at least 1".to_owned(),
                 "the default is 5000".to_owned(),
             ));
         }
         if self.removed_max_age.is_some() {
-            return Err((
-                "max_age".to_owned(),
-                "was removed: records are written as soon as the previous batch commits, so none waits on a timer".to_owned(),
+            return Err(Invalid::new(
+                    "max_age",
+                    "was removed: records are written as soon as the previous batch commits, so none waits on a timer".to_owned(),
                 "delete the line; max_rows still bounds each statement".to_owned(),
             ));
         }
@@ -496,8 +494,7 @@ impl PostgresSink {
             let started = Instant::now();
             let result = self.write_batch(slice, tolerant, marks).await;
             self.metrics
-                .sink_write_duration
-                .with_label_values(&["postgres"])
+                .sink_write_duration(SinkName::Postgres)
                 .observe(started.elapsed().as_secs_f64());
             let Err(error) = result else {
                 if !last_problem.is_empty() {
@@ -526,10 +523,7 @@ impl PostgresSink {
                 Failure::Retry => {
                     // Only failed attempts count as sink errors: a conflict or a bisection
                     // step is the write path working as designed.
-                    self.metrics
-                        .sink_errors
-                        .with_label_values(&[SinkName::Postgres.as_str()])
-                        .inc();
+                    self.metrics.sink_error(SinkName::Postgres);
                     if text != last_problem {
                         tracing::warn!(error = %text, rows = slice.len(), "PostgreSQL write failed; retrying until it succeeds");
                         self.report(Some(format!("writes fail and are retried: {text}")));
@@ -560,7 +554,7 @@ impl PostgresSink {
             Record::Dweet(dweet) => Record::DeadLetter(DeadLetter {
                 thing: Some(dweet.thing.clone()),
                 created: Some(crate::protocol::format_created(
-                    crate::normalize::ms_to_datetime(dweet.created_ms),
+                    crate::record::ms_to_datetime(dweet.created_ms),
                 )),
                 created_ms: Some(dweet.created_ms),
                 received_ms: dweet.received_ms,
@@ -637,19 +631,19 @@ impl PostgresSink {
                 )
             };
         let written = [
-            ("dweets", dweets),
-            ("readings", readings),
-            ("dead_letters", dead_letters),
+            (Table::Dweets, dweets),
+            (Table::Readings, readings),
+            (Table::DeadLetters, dead_letters),
         ];
         if !marks.is_empty() {
             let things: Vec<&str> = marks.keys().copied().collect();
             let created: Vec<chrono::DateTime<chrono::Utc>> = things
                 .iter()
-                .map(|t| crate::normalize::ms_to_datetime(marks[t].0))
+                .map(|t| crate::record::ms_to_datetime(marks[t].0))
                 .collect();
             let received: Vec<chrono::DateTime<chrono::Utc>> = things
                 .iter()
-                .map(|t| crate::normalize::ms_to_datetime(marks[t].1))
+                .map(|t| crate::record::ms_to_datetime(marks[t].1))
                 .collect();
             sqlx::query(
                 "INSERT INTO things (thing, last_created, last_received_at, updated_at)
@@ -671,10 +665,7 @@ impl PostgresSink {
             *mark = (*mark).max(created);
         }
         for (table, count) in written {
-            self.metrics
-                .sink_rows_written
-                .with_label_values(&["postgres", table])
-                .inc_by(count);
+            self.metrics.rows_written(SinkName::Postgres, table, count);
         }
         Ok(())
     }
@@ -732,8 +723,8 @@ mod tests {
             url_env: Some("NOPE".to_owned()),
             ..PostgresConfig::new(DatabaseUrl::new(""))
         };
-        let (key, problem, _) = missing.resolve(|_| None).unwrap_err();
-        assert_eq!(key, "url_env");
-        assert!(problem.contains("NOPE"));
+        let refused = missing.resolve(|_| None).unwrap_err();
+        assert_eq!(refused.key, "url_env");
+        assert!(refused.problem.contains("NOPE"));
     }
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PostgresConfig, PostgresError, PostgresSink, StreamStates};
 use crate::backoff::Backoff;
-use crate::normalize::Record;
+use crate::record::Record;
 use crate::sink::backlog::Backlog;
 use crate::telemetry::{Health, Metrics, SinkName};
 

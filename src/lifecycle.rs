@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Alert, Client, Error as ClientError, Key};
-use crate::config::ThingConfig;
+use crate::settings::Invalid;
+use crate::source::ThingConfig;
 use crate::telemetry::Metrics;
 
 /// The `[lifecycle]` section.
@@ -31,7 +32,7 @@ pub struct LifecycleConfig {
     /// How often `run` re-checks the server for drift made by hand.
     #[serde(
         default = "default_interval",
-        deserialize_with = "crate::config::duration"
+        deserialize_with = "crate::settings::duration"
     )]
     pub interval: Duration,
 }
@@ -49,38 +50,16 @@ impl Default for LifecycleConfig {
 }
 
 impl LifecycleConfig {
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks values; keys in the error are relative to `[lifecycle]`.
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.interval < Duration::from_secs(1) {
-            return Err((
-                "interval".to_owned(),
-                "must be at least 1s (the public service allowed one request per second per thing)"
-                    .to_owned(),
+            return Err(Invalid::new(
+                "interval",
+                "must be at least 1s (the public service allowed one request per second per thing)",
+                "see the [lifecycle] section of config/things.example.toml",
             ));
         }
         Ok(())
-    }
-}
-
-/// A thing's `[thing.alert]`: who is told, and the JavaScript condition.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlertSpec {
-    pub to: Vec<String>,
-    pub when: String,
-}
-
-impl AlertSpec {
-    /// Same recipients (in any order) and the very same condition.
-    fn matches(&self, alert: &Alert) -> bool {
-        let mut wanted: Vec<&str> = self.to.iter().map(String::as_str).collect();
-        let mut actual: Vec<&str> = alert
-            .recipients
-            .iter()
-            .map(|r| r.address.as_str())
-            .collect();
-        wanted.sort_unstable();
-        actual.sort_unstable();
-        wanted == actual && self.when == alert.condition
     }
 }
 
@@ -289,14 +268,7 @@ pub async fn apply(
                 .await
                 .map_err(|error| error.to_string());
             if let Some(metrics) = metrics {
-                metrics
-                    .lifecycle_actions
-                    .with_label_values(&[
-                        thing.name.as_str(),
-                        kind.as_str(),
-                        if outcome.is_ok() { "ok" } else { "failed" },
-                    ])
-                    .inc();
+                metrics.lifecycle_action(&thing.name, kind.as_str(), outcome.is_ok());
             }
             match &outcome {
                 Ok(()) => {
@@ -485,6 +457,7 @@ async fn reconcile_forever(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alert::AlertSpec;
     use crate::client::Recipient;
 
     fn thing(lock: Option<&str>, alert: Option<(&str, &str)>) -> ThingConfig {

@@ -14,18 +14,17 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::SourceConfig;
-use super::SourceMode;
+use super::{SourceConfig, SourceMode, ThingConfig};
 use crate::backoff::Backoff;
-use crate::client::{self, Client, Dweet, ListenOptions};
-use crate::config::ThingConfig;
-use crate::normalize::{self, Record, now_ms};
-use crate::telemetry::{Health, Metrics};
+use crate::client::{self, Client, Dweet, ListenEvent, ListenOptions};
+use crate::normalize;
+use crate::record::{Record, now_ms};
+use crate::telemetry::{ConnectOutcome, Disconnect, DweetSource, Health, Metrics};
 
 /// No dweet emitted yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
 
-pub(super) struct Subscription {
+pub struct Subscription {
     pub thing: ThingConfig,
     pub client: Client,
     pub source: Arc<SourceConfig>,
@@ -75,50 +74,35 @@ impl Subscription {
                 SourceMode::Stream => self.stream_once().await,
                 SourceMode::Poll => self.poll_once().await,
             };
-            self.metrics.stream_up.with_label_values(&[&thing]).set(0);
+            self.metrics.set_stream_up(&thing, false);
             self.health.thing_down(&thing);
             if started.elapsed() >= self.source.healthy_after {
                 backoff.reset();
             }
             let delay = match ended {
                 Ended::Stopped => {
-                    self.metrics
-                        .stream_disconnects
-                        .with_label_values(&["stopped"])
-                        .inc();
+                    self.metrics.stream_disconnected(Disconnect::Stopped);
                     return;
                 }
                 Ended::Closed => {
-                    self.metrics
-                        .stream_disconnects
-                        .with_label_values(&["closed"])
-                        .inc();
+                    self.metrics.stream_disconnected(Disconnect::Closed);
                     tracing::debug!(%thing, "stream closed by the server; reconnecting");
                     backoff.next_delay(&mut rand::rng())
                 }
                 Ended::Failed(error) => {
-                    self.metrics
-                        .stream_disconnects
-                        .with_label_values(&["error"])
-                        .inc();
+                    self.metrics.stream_disconnected(Disconnect::Error);
                     report(&thing, &error, &mut last_problem, "will retry with backoff");
                     backoff.next_delay(&mut rand::rng())
                 }
                 Ended::Refused(error) => {
-                    self.metrics
-                        .stream_disconnects
-                        .with_label_values(&["error"])
-                        .inc();
+                    self.metrics.stream_disconnected(Disconnect::Error);
                     let retry = format!("will retry in {:?}", self.source.refused_retry);
                     report(&thing, &error, &mut last_problem, &retry);
                     self.source.refused_retry
                 }
             };
             if self.pause(delay).await.is_err() {
-                self.metrics
-                    .stream_disconnects
-                    .with_label_values(&["stopped"])
-                    .inc();
+                self.metrics.stream_disconnected(Disconnect::Stopped);
                 return;
             }
         }
@@ -131,25 +115,18 @@ impl Subscription {
         }
     }
 
-    fn connected(&self, outcome: &str) {
-        self.metrics
-            .stream_connects
-            .with_label_values(&[outcome])
-            .inc();
+    fn connected(&self, outcome: ConnectOutcome) {
+        self.metrics.stream_connected(outcome);
     }
 
     fn up(&self) {
-        self.metrics
-            .stream_up
-            .with_label_values(&[&self.thing.name])
-            .set(1);
+        self.metrics.set_stream_up(&self.thing.name, true);
         self.health.thing_up(&self.thing.name);
     }
 
     async fn stream_once(&mut self) -> Ended {
         let options = ListenOptions {
             idle_timeout: self.source.idle_timeout,
-            report_skipped_lines: true,
             ..ListenOptions::default()
         };
         let opened = tokio::select! {
@@ -157,19 +134,19 @@ impl Subscription {
             opened = self.client.listen_for_dweets_from(&self.thing.name, self.thing.key.as_ref(), options) => opened,
         };
         let mut stream = match opened {
-            Ok(stream) => stream,
+            Ok(stream) => stream.events(),
             Err(error) => {
                 let ended = Ended::from(error);
                 self.connected(if matches!(ended, Ended::Refused(_)) {
-                    "refused"
+                    ConnectOutcome::Refused
                 } else {
-                    "failed"
+                    ConnectOutcome::Failed
                 });
                 return ended;
             }
         };
-        self.connected("ok");
-        if let Err(ended) = self.fetch_history("backfill").await {
+        self.connected(ConnectOutcome::Ok);
+        if let Err(ended) = self.fetch_history(DweetSource::Backfill).await {
             return ended;
         }
         self.up();
@@ -180,8 +157,8 @@ impl Subscription {
             };
             let sent = match item {
                 None => return Ended::Closed,
-                Some(Ok(dweet)) => self.emit(dweet, "stream").await,
-                Some(Err(client::Error::SkippedLine(line))) => {
+                Some(Ok(ListenEvent::Dweet(dweet))) => self.emit(dweet, DweetSource::Stream).await,
+                Some(Ok(ListenEvent::Skipped(line))) => {
                     self.metrics.decode_errors.inc();
                     self.metrics.dead_letters.inc();
                     let record = normalize::undecodable_line(
@@ -203,18 +180,18 @@ impl Subscription {
     async fn poll_once(&mut self) -> Ended {
         let mut first = true;
         loop {
-            if let Err(ended) = self.fetch_history("poll").await {
+            if let Err(ended) = self.fetch_history(DweetSource::Poll).await {
                 if first {
                     self.connected(if matches!(ended, Ended::Refused(_)) {
-                        "refused"
+                        ConnectOutcome::Refused
                     } else {
-                        "failed"
+                        ConnectOutcome::Failed
                     });
                 }
                 return ended;
             }
             if first {
-                self.connected("ok");
+                self.connected(ConnectOutcome::Ok);
                 self.up();
                 first = false;
             }
@@ -225,7 +202,7 @@ impl Subscription {
     }
 
     /// Emits, oldest first, whatever the server keeps that is newer than the watermark.
-    async fn fetch_history(&mut self, source: &'static str) -> Result<(), Ended> {
+    async fn fetch_history(&mut self, source: DweetSource) -> Result<(), Ended> {
         let fetched = tokio::select! {
             _ = self.cancel.cancelled() => return Err(Ended::Stopped),
             fetched = self.client.get_dweets_for(&self.thing.name, self.thing.key.as_ref()) => fetched,
@@ -248,7 +225,7 @@ impl Subscription {
 
     /// Normalises and sends one dweet unless it is not newer than the watermark. Returns
     /// false when the pipeline is gone.
-    async fn emit(&mut self, dweet: Dweet, source: &'static str) -> bool {
+    async fn emit(&mut self, dweet: Dweet, source: DweetSource) -> bool {
         let received_ms = now_ms();
         let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
         if let Some(created_ms) = created_ms {
@@ -257,19 +234,13 @@ impl Subscription {
                 return true;
             }
             self.watermark.store(created_ms, Ordering::Relaxed);
-            self.metrics
-                .last_dweet_timestamp
-                .with_label_values(&[&self.thing.name])
-                .set(created_ms as f64 / 1000.0);
-            if source != "backfill" {
+            self.metrics.set_last_dweet(&self.thing.name, created_ms);
+            if source != DweetSource::Backfill {
                 let delay = (received_ms - created_ms).max(0) as f64 / 1000.0;
                 self.metrics.ingest_delay.observe(delay);
             }
         }
-        self.metrics
-            .dweets_received
-            .with_label_values(&[source])
-            .inc();
+        self.metrics.dweet_received(source);
         let record = normalize::normalize_parsed(&dweet, created_ms, received_ms);
         if matches!(record, Record::DeadLetter(_)) {
             self.metrics.dead_letters.inc();

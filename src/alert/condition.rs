@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use rquickjs::{CaughtError, Coerced, Context, Ctx, Function, Runtime, Value};
 
-use super::notify::NotificationKind;
+use serde::Serialize;
 
 /// The protocol's limit on a condition's length, in characters.
 pub const MAX_CONDITION_CHARS: usize = 2000;
@@ -159,6 +159,16 @@ impl ConditionEngine {
         }
         otherwise(description)
     }
+}
+
+/// Why an alert is being notified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotificationKind {
+    /// The condition fired on a dweet while the alert was closed.
+    Opened,
+    /// The condition was quiet on a dweet while the alert was open.
+    Closed,
 }
 
 /// Whether an alert opens or closes on a verdict: the one rule the sandbox's alert status and

@@ -1,0 +1,100 @@
+//! What every configuration section shares without depending on `config`: human units
+//! (durations like "5s", byte sizes like "512MiB") as serde deserialisers, and [`Invalid`], the
+//! one validation error (key, problem, fix) each section returns.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A value a section refuses: which key, what is wrong with it, and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Relative to the section (`url`); [`Invalid::within`] adds the section.
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl Invalid {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        Invalid {
+            key: key.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// The same, with its key under `section` (`source` + `url` = `source.url`).
+    pub fn within(mut self, section: &str) -> Self {
+        self.key = format!("{section}.{}", self.key);
+        self
+    }
+}
+
+/// Deserialises a human duration: "5s", "2m", "1h 30m", "250ms".
+pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|error| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a duration like \"5s\" or \"2m\" ({error})"
+        ))
+    })
+}
+
+/// Deserialises a byte size: "1GiB", "512MiB", "1000000".
+pub fn byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Raw::deserialize(deserializer)? {
+        Raw::Number(bytes) => Ok(bytes),
+        Raw::Text(text) => parse_byte_size(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a size like \"512MiB\" or \"1GiB\""
+            ))
+        }),
+    }
+}
+
+fn parse_byte_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1000,
+        "MB" => 1000 * 1000,
+        "GB" => 1000 * 1000 * 1000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+pub fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_byte_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_byte_size("512 MiB"), Some(512 << 20));
+        assert_eq!(parse_byte_size("1000"), Some(1000));
+        assert_eq!(parse_byte_size("lots"), None);
+    }
+}

@@ -1,0 +1,134 @@
+//! The layering rule of ARCHITECTURE.md, enforced: every `crate::` reference in a library
+//! module's code (test modules and comments aside) points to a module of a strictly lower
+//! layer, so the import graph has no cycles and no upward arrows. Only `worker` (and the
+//! binary's `cli/`) may use `config`; nothing uses `worker`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Each library module's layer: a module may use only modules of lower layers.
+const LAYERS: &[(&str, u8)] = &[
+    ("protocol", 0),
+    ("backoff", 0),
+    ("settings", 0),
+    ("http_server", 0),
+    ("record", 0),
+    ("client", 1),
+    ("telemetry", 1),
+    ("normalize", 2),
+    ("alert", 2),
+    ("sink", 3),
+    ("source", 3),
+    ("sandbox", 3),
+    ("lifecycle", 4),
+    ("import", 4),
+    ("config", 5),
+    ("worker", 6),
+];
+
+/// The modules a file's code names through `crate::` (paths and `use crate::{a, b}` groups).
+fn referenced(code: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        rest = &rest[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let end = group.find('}').unwrap_or(group.len());
+            for item in group[..end].split(',') {
+                let name: String = item
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != "self" {
+                    found.insert(name);
+                }
+            }
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            found.insert(name);
+        }
+    }
+    found
+}
+
+/// The library's code, per module: comments and `#[cfg(test)]` tails left out.
+fn module_code() -> BTreeMap<String, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut modules: BTreeMap<String, String> = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let relative = path.strip_prefix(&src).unwrap();
+            let first = relative.components().next().unwrap();
+            let module = first
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_owned();
+            if ["main", "lib", "cli"].contains(&module.as_str()) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let code: String = text
+                .lines()
+                .map(|line| line.split("//").next().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n");
+            modules.entry(module).or_default().push_str(&code);
+        }
+    }
+    modules
+}
+
+#[test]
+fn every_import_points_down() {
+    let layers: BTreeMap<&str, u8> = LAYERS.iter().copied().collect();
+    let mut wrong = Vec::new();
+    for (module, code) in module_code() {
+        let Some(own) = layers.get(module.as_str()) else {
+            wrong.push(format!(
+                "src/{module}: not in LAYERS; give it a layer in tests/layering.rs and ARCHITECTURE.md"
+            ));
+            continue;
+        };
+        for used in referenced(&code) {
+            if used == module {
+                continue;
+            }
+            match layers.get(used.as_str()) {
+                Some(layer) if layer < own => {}
+                Some(layer) => wrong.push(format!(
+                    "{module} (layer {own}) uses {used} (layer {layer}): an arrow up or sideways"
+                )),
+                None => wrong.push(format!(
+                    "{module} uses crate::{used}, which is not a module"
+                )),
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "layering broken:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn the_checker_sees_groups_and_paths() {
+    let found =
+        referenced("use crate::{sink::Backlog, telemetry};\nlet x = crate::config::duration;");
+    let expected: BTreeSet<String> = ["sink", "telemetry", "config"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(found, expected);
+}
