@@ -287,6 +287,7 @@ async fn dashboards_and_alert_rules_match_what_a_running_worker_exports() {
     // One managed thing, so the lifecycle series exist.
     config.things[0].lock = Some(crate::common::LOCK.to_owned());
     config.things[0].key = Some(crate::common::key());
+    config.things[0].manage = true;
     config.lifecycle = Some(Default::default());
     config.metrics = Some(dweetpipe::telemetry::MetricsConfig {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -320,13 +320,13 @@ fn is_root() -> bool {
 }
 
 /// A tmpfs of `size` mounted on a directory of its own, unmounted on drop.
-struct SmallDisk {
-    mount: PathBuf,
+pub(crate) struct SmallDisk {
+    pub(crate) mount: PathBuf,
 }
 
 impl SmallDisk {
     /// Mounts one, or says why it cannot (not root, no mount).
-    fn mount(under: &Path, size: &str) -> Result<SmallDisk, String> {
+    pub(crate) fn mount(under: &Path, size: &str) -> Result<SmallDisk, String> {
         if !is_root() {
             return Err("mounting a size-limited tmpfs needs root (CI runs as root)".to_owned());
         }
@@ -347,7 +347,7 @@ impl SmallDisk {
     }
 
     /// Fills what is left with a file, so the next write fails with ENOSPC.
-    fn fill(&self) -> PathBuf {
+    pub(crate) fn fill(&self) -> PathBuf {
         let filler = self.mount.join("filler");
         let _ = std::process::Command::new("dd")
             .args(["if=/dev/zero", "bs=64k"])

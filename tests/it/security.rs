@@ -70,6 +70,7 @@ when = "if(dweet.v > 10) return 'high';"
 [[thing]]
 name = "{foreign}"
 key_env = "FOREIGN_KEY"
+manage = true
 
 [[thing]]
 name = "{plain}"
