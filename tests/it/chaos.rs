@@ -64,10 +64,7 @@ fn is_too_deep(content: &serde_json::Value) -> bool {
 }
 
 /// What the sandbox holds: good dweets as (thing, created ms), odd ones as (thing, created).
-async fn sandbox_history(
-    client: &Client,
-    things: &[String],
-) -> (BTreeSet<(String, i64)>, BTreeSet<(String, String)>) {
+async fn sandbox_history(client: &Client, things: &[String]) -> (Dweets, Letters) {
     let (mut good, mut odd) = (BTreeSet::new(), BTreeSet::new());
     for thing in things {
         for dweet in client.get_dweets_for(thing, None).await.unwrap_or_default() {
@@ -129,6 +126,11 @@ async fn postgres_dweets(url: &str) -> Option<BTreeSet<(String, i64)>> {
     Some(stored(&mut connection).await.into_iter().collect())
 }
 
+/// Dweets as (thing, created ms).
+type Dweets = BTreeSet<(String, i64)>;
+/// Dead letters as (thing, created as sent).
+type Letters = BTreeSet<(String, String)>;
+
 /// The dead letters PostgreSQL holds as (thing, created), or `None` while it does not answer.
 async fn postgres_letters(url: &str) -> Option<BTreeSet<(String, String)>> {
     let mut connection = PgConnection::connect(url).await.ok()?;
@@ -143,7 +145,7 @@ async fn postgres_letters(url: &str) -> Option<BTreeSet<(String, String)>> {
 async fn wait_until_stored(
     url: &str,
     parquet: &std::path::Path,
-    (expected, odd): (&BTreeSet<(String, i64)>, &BTreeSet<(String, String)>),
+    (expected, odd): (&Dweets, &Letters),
     timeout: Duration,
 ) {
     let started = Instant::now();
