@@ -1,7 +1,8 @@
 //! things.toml: loading, environment overrides and validation.
 //!
-//! The file is read with the `config` crate, then `DWEETPIPE__SECTION__KEY` variables override
-//! it (`DWEETPIPE__SOURCE__URL=...`). Every section's struct lives next to the code it
+//! The file is parsed as TOML with strict types (a number where a path belongs is an error
+//! naming the key), then `DWEETPIPE__SECTION__KEY` variables override it
+//! (`DWEETPIPE__SOURCE__URL=...`), each checked on its own so a mistake names the variable. Every section's struct lives next to the code it
 //! configures; this module assembles them and checks what crosses sections. Every error names
 //! the file, the key and what to do, and never contains a key's value.
 
@@ -23,7 +24,7 @@ use crate::source::{SourceConfig, ThingConfig};
 use crate::telemetry::MetricsConfig;
 
 /// The prefix of environment overrides: `DWEETPIPE__SOURCE__URL`.
-pub const ENV_PREFIX: &str = "DWEETPIPE";
+pub const ENV_OVERRIDE: &str = "DWEETPIPE__";
 
 /// A bad configuration, said so that the user can fix it without reading our code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,22 +132,24 @@ impl Config {
                     .to_owned(),
             });
         }
-        let mut raw: ConfigFile = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix(ENV_PREFIX)
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            )
-            .build()
-            .and_then(|built| built.try_deserialize())
-            .map_err(|error| ConfigError {
-                file: file.clone(),
-                key: String::new(),
-                problem: error.to_string(),
-                fix: "compare with config/things.example.toml".to_owned(),
-            })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            file: file.clone(),
+            key: String::new(),
+            problem: format!("cannot read it: {error}"),
+            fix: "check the path and its permissions".to_owned(),
+        })?;
+        let mut raw = parse_strictly(&text).map_err(|(key, problem)| ConfigError {
+            file: file.clone(),
+            key,
+            problem,
+            fix: "compare with config/things.example.toml".to_owned(),
+        })?;
+        let overrides: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with(ENV_OVERRIDE))
+            .collect();
+        if !overrides.is_empty() {
+            raw = apply_overrides(&text, overrides)?;
+        }
         let invalid = |error: Invalid| ConfigError {
             file: file.clone(),
             key: error.key,
@@ -220,6 +223,98 @@ impl Config {
             problem: problem.into(),
             fix: fix.into(),
         }
+    }
+}
+
+/// The file as typed TOML: an error is (the key at fault, or empty, and what is wrong).
+fn parse_strictly(text: &str) -> Result<ConfigFile, (String, String)> {
+    toml::from_str(text).map_err(|error| {
+        let key = error
+            .span()
+            .map(|span| key_at(text, span.start))
+            .unwrap_or_default();
+        (key, error.message().to_owned())
+    })
+}
+
+/// `section.key` of the line holding byte `at` (the nearest `[section]` above it).
+fn key_at(text: &str, at: usize) -> String {
+    let before = &text[..at.min(text.len())];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let Some((key, _)) = line.split_once('=') else {
+        return String::new();
+    };
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_owned());
+    match section {
+        Some(section) => format!("{section}.{}", key.trim()),
+        None => key.trim().to_owned(),
+    }
+}
+
+/// Applies `DWEETPIPE__SECTION__KEY=value` variables to the file, one at a time, so a variable
+/// that names no key or holds the wrong type is named in the error (not blamed on the file).
+fn apply_overrides(
+    text: &str,
+    mut overrides: Vec<(String, String)>,
+) -> Result<ConfigFile, ConfigError> {
+    overrides.sort();
+    let mut document: toml::Table = toml::from_str(text).unwrap_or_default();
+    let refused = |name: &str, problem: String| ConfigError {
+        file: format!("the environment variable {name}"),
+        key: String::new(),
+        problem,
+        fix: "name a key as DWEETPIPE__SECTION__KEY (e.g. DWEETPIPE__SOURCE__URL), or unset it"
+            .to_owned(),
+    };
+    for (name, value) in &overrides {
+        let path: Vec<String> = name[ENV_OVERRIDE.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let mut table = &mut document;
+        for section in &path[..path.len() - 1] {
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = entry
+                .as_table_mut()
+                .ok_or_else(|| refused(name, format!("`{section}` is not a section")))?;
+        }
+        let key = path.last().cloned().unwrap_or_default();
+        let typed = override_value(table.get(&key), value);
+        table.insert(key, typed);
+        let rendered = toml::to_string(&document).unwrap_or_default();
+        parse_strictly(&rendered).map_err(|(key, problem)| {
+            refused(
+                name,
+                format!(
+                    "`{}`: {problem}",
+                    if key.is_empty() { path.join(".") } else { key }
+                ),
+            )
+        })?;
+    }
+    let rendered = toml::to_string(&document).unwrap_or_default();
+    parse_strictly(&rendered).map_err(|(_, problem)| refused("DWEETPIPE__*", problem))
+}
+
+/// An override's text as the type the file has at that key (or the type it reads as).
+fn override_value(existing: Option<&toml::Value>, text: &str) -> toml::Value {
+    let parsed = || {
+        toml::from_str::<toml::Table>(&format!("v = {text}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_table() && !v.is_array())
+    };
+    match existing {
+        Some(toml::Value::String(_)) => toml::Value::String(text.to_owned()),
+        _ => parsed().unwrap_or_else(|| toml::Value::String(text.to_owned())),
     }
 }
 
@@ -464,18 +559,18 @@ listen = "127.0.0.1:9187"
         let cases = [
             (
                 "[source]\nurl = \"https://dweet.io\"\nurll = 1\n",
-                "",
+                "source.urll",
                 "unknown field `urll`",
             ),
             ("[source]\nurl = \"dweet.io\"\n", "source.url", "not a URL"),
             (
                 "[source]\nurl = \"https://dweet.io\"\nmode = \"push\"\n",
-                "",
+                "source.mode",
                 "is not \"stream\" or \"poll\"",
             ),
             (
                 "[source]\nurl = \"https://dweet.io\"\npoll_interval = \"soon\"\n",
-                "",
+                "source.poll_interval",
                 "is not a duration",
             ),
             (
@@ -601,6 +696,54 @@ listen = "127.0.0.1:9187"
             explicit.lifecycle.unwrap().interval,
             Duration::from_secs(30)
         );
+    }
+
+    #[test]
+    fn wrong_types_are_refused_naming_the_key_and_the_type() {
+        for (text, key, expected) in [
+            ("[parquet]\ndir = 42\n", "parquet.dir", "integer"),
+            ("[[thing]]\nname = 5\n", "thing.name", "integer"),
+            (
+                "[[thing]]\nname = \"a\"\nmanage = \"no\"\n",
+                "thing.manage",
+                "bool",
+            ),
+            (
+                "[postgres]\nmax_rows = \"many\"\nurl = \"postgres://h/d\"\n",
+                "postgres.max_rows",
+                "string",
+            ),
+        ] {
+            let error = load(text).unwrap_err();
+            assert_eq!(error.key, key, "{text}: {error}");
+            assert!(error.problem.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_override_with_a_typo_names_the_variable_not_the_file() {
+        let text = "[source]\nurl = \"http://127.0.0.1:1\"\n";
+        let typo = apply_overrides(
+            text,
+            vec![("DWEETPIPE__SOURCE__ULR".to_owned(), "http://x".to_owned())],
+        )
+        .unwrap_err();
+        assert_eq!(typo.file, "the environment variable DWEETPIPE__SOURCE__ULR");
+        assert!(typo.problem.contains("ulr"), "{typo}");
+        let good = apply_overrides(
+            text,
+            vec![
+                (
+                    "DWEETPIPE__SOURCE__URL".to_owned(),
+                    "http://10.0.0.1:80".to_owned(),
+                ),
+                ("DWEETPIPE__PARQUET__DIR".to_owned(), "/tmp/p".to_owned()),
+                ("DWEETPIPE__PARQUET__MAX_ROWS".to_owned(), "5000".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(good.source.unwrap().url, "http://10.0.0.1:80");
+        assert_eq!(good.parquet.unwrap().max_rows, 5000);
     }
 
     #[test]

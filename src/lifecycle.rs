@@ -250,8 +250,9 @@ pub async fn plan(client: &Client, things: &[ThingConfig]) -> Plan {
     Plan { things: planned }
 }
 
-/// Makes the changes of `plan`, in order; a thing's remaining changes are skipped after one
-/// fails. Counts each in `metrics` when given, and tells `progress` of each as it is done.
+/// Makes the changes of `plan`, in order; after one fails, a thing's remaining changes are
+/// not tried (an alert needs its lock) and are reported as such. Counts each change tried in
+/// `metrics` when given, and tells `progress` of each as it is done or skipped.
 pub async fn apply(
     client: &Client,
     plan: &Plan,
@@ -263,7 +264,21 @@ pub async fn apply(
         let (ThingPlan::Changes(actions), Ok(key)) = (thing_plan, desired(thing)) else {
             continue;
         };
+        let mut failed_before: Option<ActionKind> = None;
         for &kind in actions {
+            if let Some(first) = failed_before {
+                let entry = Done {
+                    thing: thing.name.clone(),
+                    kind,
+                    outcome: Err(format!(
+                        "not tried, because {} failed before it",
+                        describe(thing, first)
+                    )),
+                };
+                progress(thing, &entry);
+                done.push(entry);
+                continue;
+            }
             let outcome = act(client, thing, key, kind)
                 .await
                 .map_err(|error| error.to_string());
@@ -287,7 +302,7 @@ pub async fn apply(
             progress(thing, &entry);
             done.push(entry);
             if failed {
-                break;
+                failed_before = Some(kind);
             }
         }
     }

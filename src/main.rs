@@ -32,11 +32,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let call = cli::Call::of(&cli.command);
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<cli::Interrupted>() => ExitCode::from(130),
         Err(error) => {
             eprintln!("error: {error:#}");
-            if let Some(hint) = error.downcast_ref::<client::Error>().and_then(hint_for) {
+            if let Some(hint) = error
+                .downcast_ref::<client::Error>()
+                .and_then(|e| hint_for(call, e))
+            {
                 eprintln!("hint: {hint}");
             }
             ExitCode::FAILURE
@@ -44,24 +49,37 @@ fn main() -> ExitCode {
     }
 }
 
-/// What the user can do about a client error, where there is something to do.
-fn hint_for(error: &client::Error) -> Option<&'static str> {
-    match error {
-        client::Error::Locked { .. } => {
-            Some("the thing is locked: pass its key with --key-file PATH or DWEET_KEY")
-        }
-        client::Error::WrongKey { .. } => {
-            Some("check the key: it must be the master key of the lock attached to this thing")
-        }
-        client::Error::NotFound { .. } => Some(
-            "thing names are case-sensitive, and a thing is forgotten 24 h after its last dweet",
-        ),
-        client::Error::RateLimited { .. } => {
+/// What the user can do about a client error from `call`, where there is something to do.
+fn hint_for(call: cli::Call, error: &client::Error) -> Option<&'static str> {
+    use cli::Call;
+    match (call, error) {
+        (_, client::Error::RateLimited { .. }) => {
             Some("the server allows about one request per second per thing; wait and retry")
         }
-        client::Error::Transport(_) => {
+        (_, client::Error::Transport(_)) => {
             Some("is the server running and the --server URL (or DWEET_SERVER) right?")
         }
+        (Call::Lock, client::Error::NotFound { .. }) => Some(
+            "the server knows no lock of that id with this key: check the lock id (it is issued with the lock) and its master key",
+        ),
+        (Call::RemoveLock, client::Error::NotFound { .. }) => {
+            Some("the server knows no lock of that id: check the spelling")
+        }
+        (Call::RemoveLock, client::Error::WrongKey { .. }) => {
+            Some("the key is not this lock's master key")
+        }
+        (Call::Alert, client::Error::NotFound { .. }) => Some(
+            "the thing has no alert (set one with `dweetpipe alert set`), or no such thing is known",
+        ),
+        (_, client::Error::Locked { .. }) => {
+            Some("the thing is locked: pass its key with --key-file PATH or DWEET_KEY")
+        }
+        (_, client::Error::WrongKey { .. }) => {
+            Some("check the key: it must be the master key of the lock attached to this thing")
+        }
+        (Call::Thing, client::Error::NotFound { .. }) => Some(
+            "thing names are case-sensitive, and a thing is forgotten 24 h after its last dweet",
+        ),
         _ => None,
     }
 }

@@ -41,10 +41,10 @@ pub struct ListenArgs {
     thing: String,
     /// Stop after this many seconds, reconnecting until then. Without it, listen until
     /// interrupted.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = super::numbers::timeout_seconds)]
     timeout: Option<f64>,
     /// Treat a connection silent for this many seconds as dead and reconnect.
-    #[arg(long, value_name = "SECS", default_value_t = 90.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 90.0, value_parser = super::numbers::interval_seconds)]
     idle_timeout: f64,
     #[command(flatten)]
     key: KeyArgs,
@@ -100,10 +100,28 @@ pub struct AlertSetArgs {
     #[arg(long, value_name = "ADDRESSES", value_delimiter = ',', required = true)]
     to: Vec<String>,
     /// A JavaScript function body over `dweet` (the content) returning a message to fire.
-    #[arg(long, value_name = "CONDITION")]
+    /// Checked here before it is sent.
+    #[arg(long, value_name = "CONDITION", value_parser = condition)]
     when: String,
     #[command(flatten)]
     key: KeyArgs,
+}
+
+/// An alert condition the engine parses (the sandbox would refuse anything else, and an
+/// alert that never parses never fires).
+fn condition(text: &str) -> Result<String, String> {
+    use dweetpipe::alert::condition::{ConditionEngine, MAX_CONDITION_CHARS};
+    let chars = text.chars().count();
+    if text.trim().is_empty() || chars > MAX_CONDITION_CHARS {
+        return Err(format!(
+            "a condition is 1 to {MAX_CONDITION_CHARS} characters, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\""
+        ));
+    }
+    let mut engine = ConditionEngine::new(Default::default()).map_err(|e| e.to_string())?;
+    engine.check(text).map_err(|e| {
+        format!("{e} (a JavaScript function body over `dweet`; try it with `dweetpipe alert test`)")
+    })?;
+    Ok(text.to_owned())
 }
 
 /// Splits `[THING] k=v ...` and builds the content.
@@ -132,6 +150,11 @@ fn dweet_parts(args: &DweetArgs) -> anyhow::Result<(Option<&str>, Value)> {
 
 pub async fn dweet(client: &Client, args: DweetArgs) -> anyhow::Result<()> {
     let (thing, content) = dweet_parts(&args)?;
+    if content.as_object().is_some_and(|c| c.is_empty()) {
+        bail!(
+            "nothing to send: give the content as KEY=VALUE pairs or --json '{{...}}', e.g. `dweetpipe dweet S5D9-63de TemperatureC=29`"
+        );
+    }
     let key = args.key.optional()?;
     match (thing, args.quietly) {
         (Some(thing), true) => {
@@ -142,7 +165,14 @@ pub async fn dweet(client: &Client, args: DweetArgs) -> anyhow::Result<()> {
         (Some(thing), false) => {
             print_json(&client.dweet_for(thing, &content, key.as_ref()).await?)?
         }
-        (None, false) => print_json(&client.dweet(&content).await?)?,
+        (None, false) => {
+            let dweet = client.dweet(&content).await?;
+            eprintln!(
+                "the server named the thing {:?}; dweet to it again with `dweetpipe dweet {} ...`",
+                dweet.thing, dweet.thing
+            );
+            print_json(&dweet)?
+        }
         (None, true) => {
             bail!("--quietly needs a THING: the server names things only in its answer")
         }
@@ -193,7 +223,10 @@ pub async fn listen(client: &Client, args: ListenArgs) -> anyhow::Result<()> {
     loop {
         let next = tokio::select! {
             next = stream.next() => next,
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => {
+                out.flush()?;
+                return Err(super::Interrupted.into());
+            }
         };
         let Some(item) = next else { break };
         let dweet: Dweet = item?;

@@ -23,15 +23,16 @@ use dweetpipe::worker;
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How many simulated boards.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::numbers::whole(1, 10_000))]
     things: usize,
     /// How long the fleet dweets, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    #[arg(long, value_name = "SECS", default_value_t = 20, value_parser = super::numbers::whole_u64(1, 86_400))]
     duration: u64,
     /// Seconds between two dweets of one board.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = super::numbers::interval_seconds)]
     interval: f64,
-    /// Where the Parquet output goes.
+    /// Where the output goes: each run writes into a fresh folder of its own under DIR
+    /// (named by its start time), so the summary and the suggested queries match.
     #[arg(long, value_name = "DIR", default_value = "data/demo")]
     data: PathBuf,
 }
@@ -53,8 +54,25 @@ impl Progress {
     }
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     let interval = super::api::seconds("--interval", args.interval)?;
+    args.data = args.data.join(
+        chrono::Utc::now()
+            .format("run-%Y%m%dT%H%M%S%.3fZ")
+            .to_string(),
+    );
+    let database_url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .map(DatabaseUrl::new);
+    if let Some(url) = &database_url {
+        // A demo that waits forever for a database is no demo: say what is wrong at once.
+        dweetpipe::sink::postgres::probe(url, Duration::from_secs(10))
+            .await
+            .context(
+                "DATABASE_URL is set, but PostgreSQL cannot be used; fix it, or unset DATABASE_URL to run the demo with Parquet only",
+            )?;
+    }
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = sandbox::start(SandboxConfig {
         listen: loopback,
@@ -64,13 +82,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .context("could not start the sandbox on loopback")?;
     let url = server.base_url();
 
-    let postgres = std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .map(|url| PostgresConfig {
-            spool_dir: args.data.join("spool"),
-            ..PostgresConfig::new(DatabaseUrl::new(url))
-        });
+    let postgres = database_url.map(|url| PostgresConfig {
+        spool_dir: args.data.join("spool"),
+        ..PostgresConfig::new(url)
+    });
     let config = Config {
         metrics: Some(MetricsConfig { listen: loopback }),
         postgres: postgres.clone(),

@@ -100,22 +100,23 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         )
     };
     println!(
-        "import: {lines} lines, {dweets} dweets ({repeats} repeated in the input), {dead_letters} dead letters, in {:.1} s",
+        "import: {lines} lines, {dweets} dweets ({repeats} repeated in the input), {dead_letters} unusable (dead letters), in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    if parquet.is_some() {
-        println!(
-            "  Parquet: {} dweets and {} readings written (dweets already stored are skipped)",
-            rows("parquet", "dweets"),
-            rows("parquet", "readings")
-        );
-    }
-    if postgres.is_some() {
-        println!(
-            "  PostgreSQL: {} dweets and {} readings written (dweets already stored are skipped)",
-            rows("postgres", "dweets"),
-            rows("postgres", "readings")
-        );
+    // Per sink, what it stored: PostgreSQL may refuse a dweet Parquet keeps (a \u0000 that
+    // jsonb cannot hold), and then holds it as one more dead letter.
+    for (present, label, sink) in [
+        (parquet.is_some(), "Parquet", "parquet"),
+        (postgres.is_some(), "PostgreSQL", "postgres"),
+    ] {
+        if present {
+            println!(
+                "  {label}: {} dweets, {} readings and {} dead letters written (what was already stored is skipped)",
+                rows(sink, "dweets"),
+                rows(sink, "readings"),
+                rows(sink, "dead_letters")
+            );
+        }
     }
     Ok(())
 }

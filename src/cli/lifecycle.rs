@@ -46,7 +46,8 @@ pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
         println!("  ... and {quiet} thing(s) in sync or not managed");
     }
     match plan.changes() {
-        0 => println!("Nothing to change."),
+        0 if plan.problems() == 0 => println!("Nothing to change."),
+        0 => println!("No change apply could make."),
         changes => println!(
             "{changes} change(s) on {} thing(s). `dweetpipe apply --config {}` makes them.",
             plan.drifted(),

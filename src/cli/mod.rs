@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod import;
 mod lifecycle;
+mod numbers;
 mod sandbox;
 mod systemd;
 mod worker;
@@ -35,7 +36,9 @@ Try it with no set-up: `dweetpipe demo`. Or, in three terminals:
 #[derive(Debug, Parser)]
 #[command(name = "dweetpipe", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
-    /// The dweet.io-compatible server to talk to: scheme://host[:port][/prefix].
+    /// The dweet.io-compatible server the client verbs and `simulate` talk to:
+    /// scheme://host[:port][/prefix]. Other commands take theirs from the things file and
+    /// refuse an explicit --server (DWEET_SERVER, meant for the client verbs, is left alone).
     #[arg(long, global = true, env = "DWEET_SERVER", default_value = dweetpipe::client::DEFAULT_BASE_URL)]
     pub server: String,
 
@@ -92,9 +95,11 @@ pub enum Command {
     ///
     /// Subscribes to every [[thing]] of the file, backfills gaps on every (re)connect, and
     /// writes readings, raw dweets and dead letters; serves /metrics, /healthz and /readyz.
-    /// When the file declares locks or alerts, keeps them as declared (like `apply`) at start,
-    /// on SIGHUP and every [lifecycle] interval. SIGTERM/SIGINT: stop and seal the files
-    /// (within shutdown_timeout). SIGHUP: reload the file (validated first).
+    /// Starts even while PostgreSQL is down (its share waits in its spool). When the file
+    /// manages locks or alerts, keeps them as declared (like `apply`) at start, on SIGHUP and
+    /// every [lifecycle] interval. SIGTERM/SIGINT: stop, make what the sinks hold durable or
+    /// spool it (within shutdown_timeout), and print a summary. SIGHUP: reload the file
+    /// (validated first).
     Run(worker::ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.
     Check(worker::ConfigArgs),
@@ -102,9 +107,10 @@ pub enum Command {
     ///
     /// Reads each managed thing's state (is it locked, does our key open it, which alert it
     /// carries) and prints lock, unlock, set/replace/remove alert per thing. Changes nothing.
-    /// A thing is managed when it has a key_env/key_file and not `manage = false`; in it, no
-    /// `lock` means unlocked and no [thing.alert] means no alert. Things absent from the file
-    /// are never touched. Exits non-zero when a thing cannot be reconciled (wrong key).
+    /// A thing is managed only when its entry declares `lock`, [thing.alert] or `manage = true`
+    /// (a key alone is for reading); in it, no `lock` means unlocked and no [thing.alert] means
+    /// no alert. Other things are never touched. Exits non-zero when a thing cannot be
+    /// reconciled (wrong key).
     Plan(worker::ConfigArgs),
     /// Make the server's locks and alerts match the things file, and print what was done.
     ///
@@ -131,18 +137,16 @@ pub struct KeyArgs {
     /// The lock's master key. Prefer DWEET_KEY or --key-file outside quick tries.
     #[arg(long, env = "DWEET_KEY", hide_env_values = true)]
     key: Option<String>,
-    /// Read the key from this file (surrounding whitespace ignored).
-    #[arg(long, conflicts_with = "key", value_name = "PATH")]
+    /// Read the key from this file (surrounding whitespace ignored); it takes precedence over
+    /// --key and DWEET_KEY.
+    #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
 }
 
 impl KeyArgs {
     pub fn optional(&self) -> anyhow::Result<Option<Key>> {
-        if let Some(key) = &self.key {
-            return Ok(Some(Key::new(key.clone())));
-        }
         let Some(path) = &self.key_file else {
-            return Ok(None);
+            return Ok(self.key.as_ref().map(|key| Key::new(key.clone())));
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("could not read the key file {}", path.display()))?;
@@ -163,7 +167,66 @@ impl KeyArgs {
     }
 }
 
+/// Which kind of call a command makes, so a hint can fit the call that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// Reads or writes a thing's dweets.
+    Thing,
+    Lock,
+    RemoveLock,
+    Alert,
+    Other,
+}
+
+impl Call {
+    pub fn of(command: &Command) -> Call {
+        match command {
+            Command::Dweet(_)
+            | Command::Latest(_)
+            | Command::History(_)
+            | Command::Listen(_)
+            | Command::Unlock(_) => Call::Thing,
+            Command::Lock(_) => Call::Lock,
+            Command::RemoveLock(_) => Call::RemoveLock,
+            Command::Alert(_) => Call::Alert,
+            _ => Call::Other,
+        }
+    }
+
+    /// Whether the command talks to `--server` (the others take their server from a file
+    /// or are one).
+    fn uses_server(command: &Command) -> bool {
+        matches!(
+            command,
+            Command::Dweet(_)
+                | Command::Latest(_)
+                | Command::History(_)
+                | Command::Listen(_)
+                | Command::Lock(_)
+                | Command::Unlock(_)
+                | Command::RemoveLock(_)
+                | Command::Alert(_)
+                | Command::Simulate(_)
+        )
+    }
+}
+
+/// The user interrupted a command that ends that way (Ctrl-C in `listen`): exit 130, as
+/// shells expect.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // DWEET_SERVER may be exported for the client verbs; an explicit --server is a mistake.
+    let explicit_server = std::env::args().any(|a| a == "--server" || a.starts_with("--server="));
+    if explicit_server && !Call::uses_server(&cli.command) {
+        bail!(
+            "--server is for the client verbs and `simulate`; this command does not use it: \
+             `run`, `check`, `plan`, `apply` and `import` take the server from [source] url in the things file, \
+             `demo` and `sandbox` are servers of their own, `migrate` talks to PostgreSQL. Drop --server."
+        );
+    }
     let client = || Client::new(&cli.server).with_context(|| format!("--server {:?}", cli.server));
     match cli.command {
         Command::Dweet(args) => api::dweet(&client()?, args).await,

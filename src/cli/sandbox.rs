@@ -17,8 +17,9 @@ use super::api::seconds;
 
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
-    /// Address to serve on (port 0 picks a free one; the URL is printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address to serve on: HOST:PORT, where HOST is an IP address or a name such as
+    /// localhost (port 0 picks a free one; the URL is printed).
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = listen_address)]
     listen: SocketAddr,
     /// A lock and its master key, NAME:KEY; repeat for more. DWEETPIPE_SANDBOX_LOCKS takes a
     /// comma-separated list and keeps keys out of the process list.
@@ -33,21 +34,21 @@ pub struct SandboxArgs {
     /// A file of locks, one NAME:KEY per line (`#` starts a comment).
     #[arg(long, value_name = "PATH")]
     locks_file: Option<PathBuf>,
-    /// Serve under this path prefix, e.g. /dweet.
-    #[arg(long, default_value = "")]
+    /// Serve under this path prefix, e.g. /dweet (a missing leading slash is added).
+    #[arg(long, default_value = "", value_parser = path_prefix)]
     prefix: String,
     /// Dweets kept per thing (the Renesas sandbox kept 500).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = super::numbers::whole(1, 1_000_000))]
     max_history: usize,
     /// How long a thing's history lives after its last dweet (e.g. 24h, 90m).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = super::numbers::positive_duration)]
     retention: Duration,
     /// Most characters of content per dweet.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = super::numbers::whole(1, 16 * 1024 * 1024))]
     max_content: usize,
     /// Requests per second allowed per thing (the public service allowed about 1). Off when
     /// not given.
-    #[arg(long, value_name = "PER_SECOND")]
+    #[arg(long, value_name = "PER_SECOND", value_parser = super::numbers::per_second)]
     rate_limit: Option<f64>,
     /// Close a listen stream after this long without a dweet, as the public service did.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -79,13 +80,13 @@ struct AlertArgs {
     #[arg(long, value_name = "ADDRESS", default_value = "dweetpipe@localhost")]
     smtp_from: String,
     /// Longest one condition may run on one dweet before it is stopped.
-    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "50ms", value_parser = super::numbers::positive_duration)]
     alert_time_limit: Duration,
     /// Memory the condition engine may use, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = super::numbers::whole(1, 4096))]
     alert_memory_mib: usize,
     /// Alerts e-mailed per thing per UTC day (reported as `alerts_allowed_today`).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = super::numbers::whole_u32(0, 1_000_000))]
     alerts_per_day: u32,
 }
 
@@ -103,23 +104,15 @@ impl AlertArgs {
         Ok(notifiers)
     }
 
-    fn limits(&self) -> anyhow::Result<EvaluationLimits> {
-        if self.alert_time_limit.is_zero() || self.alert_memory_mib == 0 {
-            bail!("--alert-time-limit and --alert-memory-mib must be above zero");
-        }
-        Ok(EvaluationLimits {
+    fn limits(&self) -> EvaluationLimits {
+        EvaluationLimits {
             time: self.alert_time_limit,
             memory_bytes: self.alert_memory_mib << 20,
-        })
+        }
     }
 }
 
 pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
-    if let Some(rate) = args.rate_limit
-        && !(rate.is_finite() && rate > 0.0)
-    {
-        bail!("--rate-limit must be a positive number of requests per second, not {rate}");
-    }
     let mut locks = Vec::new();
     for spec in &args.locks {
         locks.push(parse_lock(spec).context("--lock")?);
@@ -150,18 +143,51 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
         },
         max_content_chars: args.max_content,
         idle_close: args.idle_close,
-        alert_limits: args.alerts.limits()?,
+        alert_limits: args.alerts.limits(),
         notifiers: args.alerts.notifiers()?,
         ..SandboxConfig::default()
     };
+    let lock_count = config.locks.len();
     let handle = dweetpipe::sandbox::start(config)
         .await
         .with_context(|| format!("could not listen on {}", args.listen))?;
     println!("listening on {}", handle.base_url());
+    tracing::info!(
+        locks = lock_count,
+        "locks loaded from --lock, DWEETPIPE_SANDBOX_LOCKS and --locks-file"
+    );
     super::shutdown_signal().await;
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
+}
+
+/// HOST:PORT with HOST an address or a name (the first address it resolves to).
+fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .map_err(|e| format!("{e} (write HOST:PORT, e.g. 127.0.0.1:8080 or localhost:8080)"))?
+        .next()
+        .ok_or_else(|| format!("{text} resolves to no address"))
+}
+
+/// A URL path prefix: "" (none) or "/segment[/...]", without a trailing slash.
+fn path_prefix(text: &str) -> Result<String, String> {
+    let trimmed = text.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    if trimmed.contains(['?', '#', ' ']) {
+        return Err("a path prefix has no '?', '#' or spaces, e.g. /dweet".to_owned());
+    }
+    Ok(if trimmed.starts_with('/') {
+        trimmed.to_owned()
+    } else {
+        format!("/{trimmed}")
+    })
 }
 
 /// `NAME:KEY`; the key itself never appears in the error.
@@ -177,19 +203,19 @@ fn parse_lock(spec: &str) -> anyhow::Result<(String, Key)> {
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// How many boards.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::numbers::whole(1, 100_000))]
     things: usize,
     /// Seconds between two dweets of one board (fractions allowed).
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = super::numbers::interval_seconds)]
     interval: f64,
     /// Dweets per board, then exit. Without it, run until interrupted.
-    #[arg(long)]
+    #[arg(long, value_parser = super::numbers::whole_u64(1, u64::MAX))]
     count: Option<u64>,
     /// Thing names are PREFIX0001, PREFIX0002, ...
     #[arg(long, default_value = "S5D9-")]
     prefix: String,
     /// Every M-th dweet of a board is an odd payload (missing sensors, strings, nulls, nesting).
-    #[arg(long, value_name = "M")]
+    #[arg(long, value_name = "M", value_parser = super::numbers::whole_u64(1, u64::MAX))]
     odd_every: Option<u64>,
     /// Seed for the boards' values; the same seed sends the same values.
     #[arg(long, default_value_t = 0x5D9)]
@@ -200,9 +226,6 @@ pub struct SimulateArgs {
 
 pub async fn simulate(client: Client, args: SimulateArgs) -> anyhow::Result<()> {
     let interval = seconds("--interval", args.interval)?;
-    if interval.is_zero() {
-        bail!("--interval must be above zero");
-    }
     let config = FleetConfig {
         things: args.things,
         interval,

@@ -1,6 +1,7 @@
 //! `dweetpipe run` and `dweetpipe check`: the ingest worker and its dry run.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -48,6 +49,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let shutdown_timeout = config.shutdown_timeout;
+    let started = std::time::Instant::now();
     let mut worker = worker::start(config).await?;
     if let Some(addr) = worker.metrics_addr() {
         tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
@@ -77,9 +79,50 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     }
     notify_systemd("STOPPING=1");
     tracing::info!(timeout = ?shutdown_timeout, "shutting down: stopping streams and sealing sinks");
-    worker.shutdown(shutdown_timeout).await?;
+    let metrics = std::sync::Arc::clone(worker.metrics());
+    let shut_down = worker.shutdown(shutdown_timeout).await;
+    print_summary(&metrics, started.elapsed());
+    shut_down?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// What the run did, as `import` and `demo` say it: dweets received, and per sink what it
+/// stored, what waits in its spool for the next start, and what it lost.
+fn print_summary(metrics: &dweetpipe::telemetry::Metrics, took: Duration) {
+    let value = |name: &str, labels: &[(&str, &str)]| metrics.value(name, labels);
+    let received = |source: &str| value("dweetpipe_dweets_received_total", &[("source", source)]);
+    println!(
+        "run: {} s; received {} dweets (stream {}, backfill {}, poll {}), {} dead letters",
+        took.as_secs(),
+        value("dweetpipe_dweets_received_total", &[]),
+        received("stream"),
+        received("backfill"),
+        received("poll"),
+        value("dweetpipe_dead_letters_total", &[])
+    );
+    for sink in ["parquet", "postgres"] {
+        let rows = |table: &str| {
+            value(
+                "dweetpipe_sink_rows_written_total",
+                &[("sink", sink), ("table", table)],
+            )
+        };
+        let declared = metrics
+            .encode()
+            .contains(&format!("dweetpipe_sink_errors_total{{sink=\"{sink}\"}}"));
+        if !declared {
+            continue;
+        }
+        println!(
+            "  {sink}: {} dweets, {} readings, {} dead letters stored; {} bytes spooled for the next start; {} records dropped",
+            rows("dweets"),
+            rows("readings"),
+            rows("dead_letters"),
+            value("dweetpipe_spool_bytes", &[("sink", sink)]),
+            value("dweetpipe_spool_dropped_records_total", &[("sink", sink)])
+        );
+    }
 }
 
 /// Tells systemd (under `Type=notify`); a failure is logged, never fatal.
@@ -118,65 +161,152 @@ fn hangup_signals() -> anyhow::Result<tokio::signal::unix::Signal> {
         .context("could not listen for SIGHUP")
 }
 
-/// How many things `check` asks the source about.
-const CHECK_SAMPLE: usize = 10;
+/// Things asked about at once by `check`.
+const CHECK_CONCURRENCY: usize = 8;
+/// Up to this many things, `check` prints a line for each.
+const CHECK_LIST_UP_TO: usize = 50;
 
 pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     println!("{}: valid", config.path.display());
+    let mut problems = Vec::new();
     match &config.source {
         Some(source) => println!("source: {} ({:?} mode)", source.url, source.mode),
         None => println!("source: none (enough for `import`, not for `run`)"),
     }
     println!("things: {}", config.things.len());
-    for thing in config.things.iter().take(20) {
-        match &thing.key_source {
-            Some(from) => println!("  {} (key from {from})", thing.name),
-            None => println!("  {}", thing.name),
-        }
-    }
-    if config.things.len() > 20 {
-        println!("  ... and {} more", config.things.len() - 20);
-    }
     if let Some(parquet) = &config.parquet {
         println!(
-            "parquet: {} (sealed every {} or {} rows)",
+            "parquet: {} (sealed every {} or {} rows; spool {})",
             parquet.dir.display(),
             humantime::format_duration(parquet.rotate_after),
-            parquet.max_rows
+            parquet.max_rows,
+            parquet.spool_dir().display()
         );
+    }
+    if let Some(postgres_config) = &config.postgres
+        && let Some(url) = &postgres_config.url
+    {
+        match postgres::probe(url, Duration::from_secs(10)).await {
+            Ok(version) => {
+                let schema = match version {
+                    Some(v) if v >= postgres::schema_version() => "schema up to date".to_owned(),
+                    Some(v) => format!("schema at version {v}; `run` or `migrate` upgrades it"),
+                    None => "no schema yet; `run` or `migrate` creates it".to_owned(),
+                };
+                println!("postgres: reachable, {schema}");
+            }
+            Err(error) => {
+                println!("postgres: PROBLEM: {error}");
+                problems.push("PostgreSQL".to_owned());
+            }
+        }
     }
     if let Some(metrics) = &config.metrics {
         println!("metrics: http://{}/metrics", metrics.listen);
     }
-    match worker::check_runnable(&config) {
-        Ok(_) => println!("run: ready"),
-        Err(error) => println!("run: not possible: {}", error.problem),
-    }
-    let Some(source) = &config.source else {
-        return Ok(());
-    };
-    let client = source.client()?;
-    let mut problems = 0;
-    let sample: Vec<_> = config.things.iter().take(CHECK_SAMPLE).collect();
-    if sample.is_empty() {
-        probe(&client, "dweetpipe-check", None).await?;
-    }
-    for thing in sample {
-        match probe(&client, &thing.name, thing.key.as_ref()).await {
-            Ok(state) => println!("  {}: {state}", thing.name),
+    if let Some(source) = &config.source {
+        let client = source.client()?;
+        match probe_things(&client, &config.things).await {
             Err(error) => {
-                problems += 1;
-                println!("  {}: problem: {error}", thing.name);
+                println!("source: PROBLEM: not reachable: {error:#}");
+                problems.push("the source".to_owned());
+            }
+            Ok(answers) => {
+                let troubled = answers.iter().filter(|(_, a)| a.is_err()).count();
+                println!(
+                    "source: reachable; asked about all {} thing(s), {troubled} with a problem",
+                    answers.len()
+                );
+                let list_all = answers.len() <= CHECK_LIST_UP_TO;
+                for (thing, answer) in &answers {
+                    match answer {
+                        Ok(state) if list_all => println!("  {}: {state}", thing.name),
+                        Ok(_) => {}
+                        Err(error) => println!("  {}: PROBLEM: {error}", thing.name),
+                    }
+                }
+                if troubled > 0 {
+                    problems.push(format!("{troubled} thing(s)"));
+                }
+                if config.lifecycle.is_some() {
+                    let plan = dweetpipe::lifecycle::plan(&client, &config.things).await;
+                    let changes = plan.changes();
+                    println!("lifecycle: `run` would make {changes} change(s) at start");
+                    for (thing, thing_plan) in &plan.things {
+                        match thing_plan {
+                            dweetpipe::lifecycle::ThingPlan::Changes(actions) => {
+                                for &kind in actions {
+                                    println!(
+                                        "  {}: will {}",
+                                        thing.name,
+                                        dweetpipe::lifecycle::describe(thing, kind)
+                                    );
+                                }
+                            }
+                            dweetpipe::lifecycle::ThingPlan::Problem(why) => {
+                                println!("  {}: PROBLEM: {why}", thing.name)
+                            }
+                            _ => {}
+                        }
+                    }
+                    if plan.problems() > 0 {
+                        problems.push(format!("{} lifecycle problem(s)", plan.problems()));
+                    }
+                }
             }
         }
     }
-    println!("source: reachable");
-    if problems > 0 {
-        bail!("{problems} of the things checked have a problem (see above)");
+    match worker::check_runnable(&config) {
+        Ok(_) if problems.is_empty() => println!("run: ready"),
+        Ok(_) => println!(
+            "run: would start, but see the problems above ({})",
+            problems.join(", ")
+        ),
+        Err(error) => println!("run: not possible: {}", error.problem),
+    }
+    if !problems.is_empty() {
+        bail!(
+            "check found problems with {} (see above)",
+            problems.join(", ")
+        );
     }
     Ok(())
 }
+
+/// Asks the source about every thing, a few at a time; `Err` when the source itself does not
+/// answer (the first transport failure ends the probing).
+async fn probe_things(
+    client: &Client,
+    things: &[dweetpipe::source::ThingConfig],
+) -> anyhow::Result<Vec<(dweetpipe::source::ThingConfig, anyhow::Result<&'static str>)>> {
+    use futures_util::StreamExt;
+    if things.is_empty() {
+        probe(client, "dweetpipe-check", None).await?;
+        return Ok(Vec::new());
+    }
+    let mut answers = futures_util::stream::iter(things.iter().cloned())
+        .map(|thing| async move {
+            let answer = probe(client, &thing.name, thing.key.as_ref()).await;
+            (thing, answer)
+        })
+        .buffered(CHECK_CONCURRENCY);
+    let mut collected = Vec::with_capacity(things.len());
+    while let Some((thing, answer)) = answers.next().await {
+        if let Err(error) = &answer
+            && error.is::<Unreachable>()
+        {
+            return Err(answer.unwrap_err());
+        }
+        collected.push((thing, answer));
+    }
+    Ok(collected)
+}
+
+/// The source did not answer at all.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreachable(client::Error);
 
 /// One read of a thing: whether the source answers, and whether our key opens it.
 async fn probe(
@@ -188,7 +318,7 @@ async fn probe(
         Ok(_) => Ok("has dweets"),
         Err(client::Error::NotFound { .. }) => Ok("no dweets kept yet"),
         Err(error @ (client::Error::Transport(_) | client::Error::Status { .. })) => {
-            Err(error).context(format!("the source {} is not reachable", client.base_url()))
+            Err(Unreachable(error).into())
         }
         Err(error) => Err(error.into()),
     }

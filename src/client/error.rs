@@ -29,11 +29,13 @@ pub enum Error {
     #[error("the server answered HTTP {status}: {body}")]
     Status { status: u16, body: String },
     /// The request never got an answer: DNS, connect, TLS, timeout, reset.
-    #[error("could not talk to the dweet server: {0}")]
-    Transport(#[source] reqwest::Error),
+    /// The cause's whole chain is in the message (logs print `Display` only), and is not a
+    /// `source`, so `{:#}` says it once.
+    #[error("could not talk to the dweet server: {}", chain(.0))]
+    Transport(reqwest::Error),
     /// A listen stream's own connection failed (plain-HTTP transport).
     #[error("could not talk to the dweet server: {0}")]
-    Connection(#[source] std::io::Error),
+    Connection(std::io::Error),
     /// The answer was not what the protocol says.
     #[error("could not decode the server's answer to {context}: {detail}")]
     Decode {
@@ -43,6 +45,21 @@ pub enum Error {
     /// The base URL or a client option is unusable.
     #[error("invalid client configuration: {0}")]
     Config(String),
+}
+
+/// An error and its sources as one line, each text once (reqwest and hyper repeat theirs).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 impl Error {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::evaluator::{Evaluator, NoVerdict};
 use super::store::{PendingEvaluation, Store};
 use super::{Refusal, SandboxConfig, content, names};
-use crate::alert::condition::MAX_CONDITION_CHARS;
+use crate::alert::condition::{ConditionEngine, MAX_CONDITION_CHARS};
 use crate::client::Recipient;
 use crate::http_server::Body;
 use crate::protocol::{self, Failure, Success};
@@ -454,6 +454,9 @@ fn decode_segment(raw: &str) -> Result<String, Refusal> {
 fn decode_condition(raw: &str) -> Result<String, Refusal> {
     let condition = decode_segment(&raw.replace('+', " "))?;
     let chars = condition.chars().count();
+    if condition.trim().is_empty() {
+        return Err(Refusal::new(400, "the alert condition is empty"));
+    }
     if chars > MAX_CONDITION_CHARS {
         return Err(Refusal::new(
             400,
@@ -462,6 +465,12 @@ fn decode_condition(raw: &str) -> Result<String, Refusal> {
             ),
         ));
     }
+    // An alert whose condition never parses would never fire: refuse it now, saying why.
+    let mut engine = ConditionEngine::new(Default::default())
+        .map_err(|e| Refusal::new(500, format!("the condition engine failed: {e}")))?;
+    engine
+        .check(&condition)
+        .map_err(|e| Refusal::new(400, format!("the alert condition does not parse: {e}")))?;
     Ok(condition)
 }
 

@@ -25,11 +25,11 @@ pub enum LockError {
         "{dir} is in use by another dweetpipe process{holder}; stop it first, or give this process a directory of its own"
     )]
     Held { dir: PathBuf, holder: String },
-    #[error("{path}: {source}")]
+    /// The cause is part of the message, not a `source`, so a chain is printed once.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -38,7 +38,7 @@ impl DirLock {
     pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| LockError::Io { path, source }
+            move |error| LockError::Io { path, error }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(LOCK_FILE);
@@ -63,8 +63,8 @@ impl DirLock {
                     holder,
                 });
             }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(LockError::Io { path, source });
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(LockError::Io { path, error });
             }
         }
         file.set_len(0)

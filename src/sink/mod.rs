@@ -31,19 +31,19 @@ pub use dir_lock::{DirLock, LockError};
 /// Records the fan-out takes from the pipeline per batch.
 const FAN_OUT_BATCH: usize = 8 * 1024;
 
-/// A sink could not make rows durable.
+/// A sink could not make rows durable. Causes are part of the messages, not `source`s, so
+/// a chain printed with `{:#}` says each once.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("writing Parquet: {0}")]
-    Parquet(#[from] ::parquet::errors::ParquetError),
+    Parquet(::parquet::errors::ParquetError),
     #[error("building an Arrow batch: {0}")]
-    Arrow(#[from] arrow::error::ArrowError),
+    Arrow(arrow::error::ArrowError),
     #[error(transparent)]
     Locked(#[from] LockError),
     #[error("the {0} thread panicked; see the log above")]
@@ -51,11 +51,23 @@ pub enum SinkError {
 }
 
 impl SinkError {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
         SinkError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
+    }
+}
+
+impl From<::parquet::errors::ParquetError> for SinkError {
+    fn from(error: ::parquet::errors::ParquetError) -> Self {
+        SinkError::Parquet(error)
+    }
+}
+
+impl From<arrow::error::ArrowError> for SinkError {
+    fn from(error: arrow::error::ArrowError) -> Self {
+        SinkError::Arrow(error)
     }
 }
 

@@ -37,22 +37,33 @@ pub enum WorkerError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("could not listen for metrics on {addr}: {source}")]
+    #[error("could not listen for metrics on {addr}: {error}")]
     MetricsBind {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("could not set up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    Metrics(prometheus::Error),
     #[error("could not build the HTTP client: {0}")]
-    Client(#[from] crate::client::Error),
+    Client(crate::client::Error),
     #[error(
         "shutdown did not finish within {0:?}; what was not durable is in the spools or comes back through backfill"
     )]
     ShutdownTimeout(Duration),
     #[error("the {0} thread could not start: {1}")]
     Thread(&'static str, std::io::Error),
+}
+
+impl From<prometheus::Error> for WorkerError {
+    fn from(error: prometheus::Error) -> Self {
+        WorkerError::Metrics(error)
+    }
+}
+
+impl From<crate::client::Error> for WorkerError {
+    fn from(error: crate::client::Error) -> Self {
+        WorkerError::Client(error)
+    }
 }
 
 struct RunningThing {
@@ -209,9 +220,9 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         Some(metrics_config) => {
             let listener = tokio::net::TcpListener::bind(metrics_config.listen)
                 .await
-                .map_err(|source| WorkerError::MetricsBind {
+                .map_err(|error| WorkerError::MetricsBind {
                     addr: metrics_config.listen,
-                    source,
+                    error,
                 })?;
             let addr = listener.local_addr().ok();
             tokio::spawn(telemetry::serve(

@@ -364,6 +364,7 @@ async fn demo(data: &std::path::Path, database_url: Option<&str>) -> String {
         Some(url) => command.env("DATABASE_URL", url),
         None => command.env_remove("DATABASE_URL"),
     };
+    command.env_remove("DWEET_SERVER");
     let output = tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
         .unwrap()
@@ -377,6 +378,17 @@ async fn demo(data: &std::path::Path, database_url: Option<&str>) -> String {
         stderr(&output)
     );
     stdout(&output)
+}
+
+/// The newest run folder the demo made under `data`.
+fn run_dir(data: &std::path::Path) -> std::path::PathBuf {
+    let mut runs: Vec<_> = std::fs::read_dir(data)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    runs.sort();
+    runs.pop().expect("a run folder")
 }
 
 fn number_after(summary: &str, marker: &str) -> u64 {
@@ -418,11 +430,17 @@ async fn demo_runs_on_loopback_and_every_dweet_sent_is_stored() {
         "says how to query: {summary}"
     );
     assert!(
-        std::fs::read_dir(data.path().join("readings"))
-            .unwrap()
-            .next()
-            .is_some(),
+        run_dir(data.path()).join("readings").is_dir(),
         "Parquet partitions written"
+    );
+    // A second run writes a folder of its own: its summary and queries are its own.
+    let second = demo(data.path(), None).await;
+    let folders = std::fs::read_dir(data.path()).unwrap().count();
+    assert_eq!(folders, 2, "one folder per run");
+    let newest = run_dir(data.path());
+    assert!(
+        second.contains(&newest.display().to_string()),
+        "the queries point at this run's folder: {second}"
     );
 }
 
@@ -483,7 +501,11 @@ async fn listen_without_a_timeout_stops_cleanly_on_sigint() {
         .await
         .expect("exits on SIGINT")
         .unwrap();
-    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "interrupted, as shells expect: {status:?}"
+    );
     writer.abort();
     server.shutdown().await;
 }

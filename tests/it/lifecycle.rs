@@ -294,6 +294,10 @@ async fn a_wrong_master_key_is_reported_and_nothing_changes() {
         let output = dweetpipe(verb, &config, OTHER_KEY).await;
         let all = text(&output);
         assert!(!output.status.success(), "{verb} must fail:\n{all}");
+        assert!(
+            !all.contains("Nothing to change"),
+            "{verb} says nothing misleading:\n{all}"
+        );
         assert!(all.contains("does not open it"), "{verb}:\n{all}");
         assert!(
             all.contains(KEY_VARIABLE),
@@ -306,18 +310,24 @@ async fn a_wrong_master_key_is_reported_and_nothing_changes() {
     }
     assert_eq!(alert_condition(&client, &name).await, None);
 
-    // A lock id the server does not know: apply fails with the server's reason.
+    // A lock id the server does not know: apply fails with the server's reason, and says the
+    // alert that needed the lock was not tried.
     let config = things_file(
         dir.path(),
         &server.base_url(),
         &thing("unknown-lock"),
         Some("no-such-lock"),
-        None,
+        Some((&["ops@example.com"], HOT)),
         "",
     );
     let output = dweetpipe("apply", &config, KEY).await;
     assert!(!output.status.success());
-    assert!(text(&output).contains("FAILED"), "{}", text(&output));
+    let all = text(&output);
+    assert!(all.contains("FAILED"), "{all}");
+    assert!(
+        all.contains("set alert") && all.contains("not tried, because lock"),
+        "{all}"
+    );
     server.shutdown().await;
 }
 

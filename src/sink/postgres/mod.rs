@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer};
-use sqlx::PgConnection;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
 
 use crate::backoff::Backoff;
 use crate::record::{DeadLetter, Record};
@@ -261,6 +261,35 @@ pub async fn migrate(url: &DatabaseUrl) -> Result<usize, PostgresError> {
     let applied = migrate_pool(&pool, url).await;
     pool.close().await;
     applied
+}
+
+/// Connects once and asks for the schema version, changing nothing: for `check`. Within
+/// `patience`, or a "no answer" error.
+pub async fn probe(url: &DatabaseUrl, patience: Duration) -> Result<Option<i64>, PostgresError> {
+    let attempt = async {
+        let mut connection = PgConnection::connect_with(&url.options()?)
+            .await
+            .map_err(|e| PostgresError::database(&e, url))?;
+        let version: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&mut connection)
+                .await
+                .ok()
+                .flatten();
+        Ok(version)
+    };
+    tokio::time::timeout(patience, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(PostgresError::Database(format!(
+                "no answer within {patience:?}"
+            )))
+        })
+}
+
+/// The newest schema version this build applies.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |(version, _, _)| *version)
 }
 
 /// [`migrate`] over a pool (a pool, not a connection: the future stays `Send`, so a spawned
