@@ -83,7 +83,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     let url = server.base_url();
 
     let postgres = database_url.map(|url| PostgresConfig {
-        spool_dir: args.data.join("spool"),
+        spool_dir: args.data.join("spool").join("postgres"),
         ..PostgresConfig::new(url)
     });
     let config = Config {
@@ -97,6 +97,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             (1..=args.things).map(|i| thing_name("S5D9-", i)),
             ParquetConfig {
                 rotate_after: Duration::from_secs(5),
+                spool_dir_setting: Some(args.data.join("spool").join("parquet")),
                 ..ParquetConfig::new(&args.data)
             },
         )

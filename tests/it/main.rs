@@ -12,6 +12,7 @@ mod faults;
 mod hostile;
 mod lifecycle;
 mod listen;
+mod newcomer;
 mod postgres;
 mod protocol;
 mod security;
