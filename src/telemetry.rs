@@ -5,7 +5,7 @@
 //! counters, and `thing` as the only high-cardinality label. Dashboards and alert rules are
 //! written against these names, so renaming one is a breaking change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,81 @@ use crate::http_server::{self, Body};
 pub struct MetricsConfig {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub listen: SocketAddr,
+    /// A loop (fan-out, a sink's loop) that has not turned for this long makes `/healthz`
+    /// answer 503 and stops the systemd watchdog pings. Default 30s.
+    #[serde(
+        default = "default_stuck_after",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub stuck_after: Duration,
+}
+
+fn default_stuck_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl MetricsConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        MetricsConfig {
+            listen,
+            stuck_after: default_stuck_after(),
+        }
+    }
+}
+
+/// Blocks this thread for good when `DWEETPIPE_FAULT_STALL` names `point`: the fault the
+/// health tests use to show that a stuck loop is reported. Costs one variable read per call.
+pub fn fault_point(point: &str) {
+    if std::env::var("DWEETPIPE_FAULT_STALL").is_ok_and(|stalled| stalled == point) {
+        tracing::warn!(
+            point,
+            "fault point: this loop stalls for good (DWEETPIPE_FAULT_STALL)"
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// A long-running loop's heartbeat: the loop calls [`LoopBeat::beat`] every turn (and while
+/// it waits); `/healthz` and the watchdog fail once it has not for `stuck_after`.
+#[derive(Clone)]
+pub struct LoopBeat {
+    last_ms: Arc<AtomicI64>,
+    started: Instant,
+}
+
+impl LoopBeat {
+    pub fn beat(&self) {
+        let ms = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Sleeps `total`, beating every second: a loop that waits on purpose is not stuck.
+    pub fn sleep_beating(&self, total: Duration) {
+        let until = Instant::now() + total;
+        loop {
+            self.beat();
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_secs(1)));
+        }
+    }
+
+    /// [`LoopBeat::sleep_beating`] for async loops.
+    pub async fn pause_beating(&self, total: Duration) {
+        let until = Instant::now() + total;
+        loop {
+            self.beat();
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        }
+    }
 }
 
 /// A sink, as its metrics label it.
@@ -513,8 +588,15 @@ impl Metrics {
 /// here, never read back from the registry).
 pub struct Health {
     started: Instant,
-    /// The main loop's last turn, in ms since `started`.
-    last_beat_ms: AtomicI64,
+    /// Each long-running loop's last turn, in ms since `started`.
+    loops: Mutex<Vec<(&'static str, Arc<AtomicI64>)>>,
+    /// Loops that ended by a panic, with what they said.
+    failed_loops: Mutex<Vec<String>>,
+    stuck_after: Duration,
+    /// Things whose subscription has made its first attempt (for systemd's READY).
+    attempted: Mutex<HashSet<String>>,
+    /// Sinks that lost records in this run (their spool could not take them).
+    sink_losses: Mutex<BTreeMap<SinkName, String>>,
     /// Sinks that cannot make records durable now, with what is wrong.
     sink_problems: Mutex<BTreeMap<SinkName, String>>,
     /// Every running thing: `None` while its stream is up, else since when it is down.
@@ -524,20 +606,58 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(grace: Duration) -> Self {
+    pub fn new(grace: Duration, stuck_after: Duration) -> Self {
         Health {
             started: Instant::now(),
-            last_beat_ms: AtomicI64::new(0),
+            loops: Mutex::new(Vec::new()),
+            failed_loops: Mutex::new(Vec::new()),
+            stuck_after,
+            attempted: Mutex::new(HashSet::new()),
+            sink_losses: Mutex::new(BTreeMap::new()),
             sink_problems: Mutex::new(BTreeMap::new()),
             streams: Mutex::new(HashMap::new()),
             grace,
         }
     }
 
-    /// Called by the main loop on every turn.
-    pub fn beat(&self) {
-        let ms = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        self.last_beat_ms.store(ms, Ordering::Relaxed);
+    /// Registers a long-running loop by name; it must beat from now on.
+    pub fn register_loop(&self, name: &'static str) -> LoopBeat {
+        let beat = LoopBeat {
+            last_ms: Arc::new(AtomicI64::new(0)),
+            started: self.started,
+        };
+        beat.beat();
+        lock(&self.loops).push((name, Arc::clone(&beat.last_ms)));
+        beat
+    }
+
+    /// A loop ended by a panic: alive no more.
+    pub fn loop_failed(&self, what: String) {
+        lock(&self.failed_loops).push(what);
+    }
+
+    /// A sink dropped records its spool could not take (`None`: it has not).
+    pub fn set_sink_loss(&self, sink: SinkName, loss: Option<String>) {
+        let mut losses = lock(&self.sink_losses);
+        match loss {
+            Some(loss) => {
+                losses.insert(sink, loss);
+            }
+            None => {
+                losses.remove(&sink);
+            }
+        }
+    }
+
+    /// `thing`'s subscription has made its first attempt (connected, or failed to).
+    pub fn thing_attempted(&self, thing: &str) {
+        lock(&self.attempted).insert(thing.to_owned());
+    }
+
+    /// Whether every one of `things` has made its first attempt.
+    pub fn all_attempted<'a>(&self, mut things: impl Iterator<Item = &'a str>) -> bool {
+        let attempted = lock(&self.attempted);
+        things.all(|thing| attempted.contains(thing))
     }
 
     /// A sink reports trouble (`Some(what)`: records wait in its backlog or are dropped) or
@@ -568,6 +688,7 @@ impl Health {
 
     pub fn forget_thing(&self, thing: &str) {
         lock(&self.streams).remove(thing);
+        lock(&self.attempted).remove(thing);
     }
 
     /// Each running thing and whether its stream is up.
@@ -578,24 +699,46 @@ impl Health {
             .collect()
     }
 
-    /// Alive: the main loop turned within the last 30 s.
-    pub fn alive(&self) -> bool {
+    /// Alive: every registered loop turned within `stuck_after` and none died. The error
+    /// names the loops that did not.
+    pub fn liveness(&self) -> Result<(), String> {
+        let failed = lock(&self.failed_loops);
+        if let Some(first) = failed.first() {
+            return Err(first.clone());
+        }
+        drop(failed);
         let now = i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX);
-        now - self.last_beat_ms.load(Ordering::Relaxed) < 30_000
+        let limit = i64::try_from(self.stuck_after.as_millis()).unwrap_or(i64::MAX);
+        let stuck: Vec<String> = lock(&self.loops)
+            .iter()
+            .filter_map(|(name, last)| {
+                let silent = now - last.load(Ordering::Relaxed);
+                (silent > limit).then(|| {
+                    format!(
+                        "the {name} loop has not turned for {:.1} s",
+                        silent as f64 / 1000.0
+                    )
+                })
+            })
+            .collect();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(stuck.join("; "))
+        }
     }
 
     /// Ready: every sink making records durable and every thing up or within its reconnect
     /// grace. The answer names what is not ready.
     pub fn readiness(&self) -> Result<(), String> {
-        let problems = lock(&self.sink_problems);
-        if !problems.is_empty() {
-            let named: Vec<String> = problems
-                .iter()
-                .map(|(sink, problem)| format!("{}: {problem}", sink.as_str()))
-                .collect();
+        let named: Vec<String> = lock(&self.sink_problems)
+            .iter()
+            .chain(lock(&self.sink_losses).iter())
+            .map(|(sink, problem)| format!("{}: {problem}", sink.as_str()))
+            .collect();
+        if !named.is_empty() {
             return Err(named.join("; "));
         }
-        drop(problems);
         let streams = lock(&self.streams);
         let mut stale: Vec<&str> = streams
             .iter()
@@ -644,12 +787,14 @@ fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Body> {
                 metrics.encode(),
             )
         }
-        "/healthz" if health.alive() => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/healthz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "the main loop is stuck\n".to_owned(),
-        ),
+        "/healthz" => match health.liveness() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not alive: {why}\n"),
+            ),
+        },
         "/readyz" => match health.readiness() {
             Ok(()) => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
             Err(why) => (
@@ -704,7 +849,7 @@ mod tests {
 
     #[test]
     fn readiness_names_what_is_wrong() {
-        let health = Health::new(Duration::ZERO);
+        let health = Health::new(Duration::ZERO, Duration::from_secs(30));
         assert!(health.readiness().is_ok());
         health.thing_down("S5D9-0001");
         std::thread::sleep(Duration::from_millis(5));

@@ -87,7 +87,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         ..PostgresConfig::new(url)
     });
     let config = Config {
-        metrics: Some(MetricsConfig { listen: loopback }),
+        metrics: Some(MetricsConfig::new(loopback)),
         postgres: postgres.clone(),
         ..Config::for_simulated_fleet(
             SourceConfig {

@@ -48,36 +48,46 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 /// Runs the worker until SIGTERM or SIGINT; SIGHUP reloads the file.
 pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
-    let shutdown_timeout = config.shutdown_timeout;
     let started = std::time::Instant::now();
     let mut worker = worker::start(config).await?;
     if let Some(addr) = worker.metrics_addr() {
         tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
     }
     let mut hangups = hangup_signals()?;
-    notify_systemd(&format!(
-        "READY=1\nSTATUS=ingesting {} things",
-        worker.things().count()
-    ));
-    // Pinged from this loop, so a stuck loop stops the pings and systemd restarts the worker.
-    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     // One listener for the whole run, so a signal between two turns is not missed.
     let shutdown = super::shutdown_signal();
     tokio::pin!(shutdown);
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    // READY once every thing has subscribed (or its first attempt failed); the watchdog is
+    // fed meanwhile, since start-up is not a hang.
+    let mut interrupted = false;
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
-            _ = hangups.recv() => {
-                notify_systemd("RELOADING=1");
-                reload(&mut worker, &args.config).await;
-                notify_systemd(&format!("READY=1\nSTATUS=ingesting {} things", worker.things().count()));
-            }
+            _ = &mut shutdown => { interrupted = true; break }
+            () = worker.subscribed() => break,
             _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
-                notify_systemd("WATCHDOG=1");
+                ping_watchdog(&worker);
+            }
+        }
+    }
+    if !interrupted {
+        notify_systemd(&ready_status(&worker));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = hangups.recv() => {
+                    notify_systemd("RELOADING=1");
+                    reload(&mut worker, &args.config).await;
+                    notify_systemd(&ready_status(&worker));
+                }
+                _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
+                    ping_watchdog(&worker);
+                }
             }
         }
     }
     notify_systemd("STOPPING=1");
+    let shutdown_timeout = worker.shutdown_timeout();
     tracing::info!(timeout = ?shutdown_timeout, "shutting down: stopping streams and sealing sinks");
     let metrics = std::sync::Arc::clone(worker.metrics());
     let shut_down = worker.shutdown(shutdown_timeout).await;
@@ -122,6 +132,25 @@ fn print_summary(metrics: &dweetpipe::telemetry::Metrics, took: Duration) {
             value("dweetpipe_spool_bytes", &[("sink", sink)]),
             value("dweetpipe_spool_dropped_records_total", &[("sink", sink)])
         );
+    }
+}
+
+/// READY with a STATUS line saying what is up.
+fn ready_status(worker: &worker::WorkerHandle) -> String {
+    let states = worker.health().stream_states();
+    let up = states.iter().filter(|(_, up)| *up).count();
+    format!(
+        "READY=1\nSTATUS=ingesting {} things, {up} streams up",
+        worker.things().count()
+    )
+}
+
+/// Pings only while every loop of the worker turns: a stuck loop stops the pings, and
+/// systemd restarts the worker.
+fn ping_watchdog(worker: &worker::WorkerHandle) {
+    match worker.health().liveness() {
+        Ok(()) => notify_systemd("WATCHDOG=1"),
+        Err(why) => tracing::error!(%why, "not pinging the systemd watchdog"),
     }
 }
 

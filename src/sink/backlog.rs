@@ -31,7 +31,7 @@ use super::SinkError;
 use super::dir_lock::DirLock;
 use super::spool;
 use crate::record::Record;
-use crate::telemetry::{Metrics, SinkName};
+use crate::telemetry::{Health, Metrics, SinkName};
 
 /// A segment is closed for appends past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -96,6 +96,7 @@ pub struct Backlog {
     memory_max_records: usize,
     spool_max_bytes: u64,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     _lock: DirLock,
 }
 
@@ -117,6 +118,7 @@ impl Backlog {
         memory_max_records: usize,
         spool_max_bytes: u64,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> Result<Self, SinkError> {
         let lock = DirLock::acquire(dir)?;
         let mut found: Vec<(u64, PathBuf, u64)> = Vec::new();
@@ -158,6 +160,7 @@ impl Backlog {
             memory_max_records,
             spool_max_bytes,
             metrics,
+            health,
             _lock: lock,
         };
         backlog.publish(&backlog.lock());
@@ -245,6 +248,13 @@ impl Backlog {
         for thing in batch.iter().filter_map(Record::thing) {
             state.lost.insert(thing.to_owned(), ());
         }
+        self.health.set_sink_loss(
+            self.sink,
+            Some(format!(
+                "its spool cannot take records ({error}); {} thing(s) lose records for the rest of this run",
+                state.lost.len()
+            )),
+        );
         tracing::error!(
             sink = self.sink.as_str(),
             %error,
@@ -542,6 +552,7 @@ impl State {
 mod tests {
     use super::*;
     use crate::record::{Normalized, Reading};
+    use std::time::Duration;
 
     fn batch(thing: &str, from: i64, count: i64) -> Batch {
         Arc::new(
@@ -563,7 +574,16 @@ mod tests {
     }
 
     fn open(dir: &Path, memory: usize, spool: u64, metrics: &Arc<Metrics>) -> Backlog {
-        Backlog::open(dir, SinkName::Postgres, memory, spool, Arc::clone(metrics)).unwrap()
+        let health = Arc::new(Health::new(Duration::ZERO, Duration::from_secs(30)));
+        Backlog::open(
+            dir,
+            SinkName::Postgres,
+            memory,
+            spool,
+            Arc::clone(metrics),
+            health,
+        )
+        .unwrap()
     }
 
     /// Takes everything to the end (the backlog must be closed), as a sink would.
@@ -688,6 +708,11 @@ mod tests {
             &[("sink", "postgres")],
         );
         assert_eq!(dropped, 51.0);
+        let said = backlog.health.readiness().unwrap_err();
+        assert!(
+            said.starts_with("postgres: its spool cannot take records"),
+            "{said}"
+        );
         backlog.close();
         assert_eq!(replay_all(&backlog).await, vec![0, 1, 0]);
     }

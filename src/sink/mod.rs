@@ -79,11 +79,12 @@ pub fn spawn_fan_out(
     health: Arc<Health>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Handle::current();
+    let beat = health.register_loop("fan-out");
     std::thread::Builder::new()
         .name("dweetpipe-fan-out".to_owned())
         .spawn(move || {
             loop {
-                health.beat();
+                beat.beat();
                 let first = runtime.block_on(async {
                     tokio::time::timeout(Duration::from_secs(1), records.recv()).await
                 });

@@ -117,6 +117,7 @@ impl Subscription {
 
     fn connected(&self, outcome: ConnectOutcome) {
         self.metrics.stream_connected(outcome);
+        self.health.thing_attempted(&self.thing.name);
     }
 
     fn up(&self) {

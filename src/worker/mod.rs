@@ -149,8 +149,14 @@ fn seed_watermarks(sinks: &[&HashMap<String, i64>]) -> HashMap<String, Arc<Atomi
 pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     let source = Arc::new(check_runnable(&config)?.clone());
     let metrics = Arc::new(Metrics::new()?);
-    let health = Arc::new(Health::new(source.start_spread + Duration::from_secs(60)));
-    health.beat();
+    let stuck_after = config
+        .metrics
+        .as_ref()
+        .map_or(Duration::from_secs(30), |m| m.stuck_after);
+    let health = Arc::new(Health::new(
+        source.start_spread + Duration::from_secs(60),
+        stuck_after,
+    ));
     let background = CancellationToken::new();
 
     let mut backlogs = Vec::new();
@@ -166,6 +172,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
                 parquet_config.memory_max_rows,
                 parquet_config.spool_max,
                 Arc::clone(&metrics),
+                Arc::clone(&health),
             )?);
             let (sink, opened) = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?;
             tracing::info!(
@@ -190,6 +197,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
                 postgres_config.memory_max_rows,
                 postgres_config.spool_max,
                 Arc::clone(&metrics),
+                Arc::clone(&health),
             )?);
             let connected =
                 PostgresSink::connect(postgres_config, Arc::clone(&metrics), POSTGRES_PATIENCE)
@@ -300,6 +308,24 @@ impl WorkerHandle {
         self.things.keys().map(String::as_str)
     }
 
+    /// What `/healthz` and `/readyz` answer from (the CLI's watchdog asks it too).
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The `shutdown_timeout` of the configuration in force (a reload changes it).
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.config.shutdown_timeout
+    }
+
+    /// Resolves once every thing's subscription has made its first attempt (connected, or
+    /// failed to): what systemd's READY means.
+    pub async fn subscribed(&self) {
+        while !self.health.all_attempted(self.things()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn start_thing(&mut self, thing: ThingConfig, spread: bool) {
         let cancel = CancellationToken::new();
         let watermark = Arc::clone(
@@ -325,7 +351,19 @@ impl WorkerHandle {
             cancel: cancel.clone(),
             start_delay,
         };
-        let task = tokio::spawn(subscription.run());
+        let health = Arc::clone(&self.health);
+        let name = thing.name.clone();
+        let task = tokio::spawn(async move {
+            use futures_util::FutureExt;
+            if std::panic::AssertUnwindSafe(subscription.run())
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(thing = %name, "the subscription task panicked; the worker is no longer alive");
+                health.loop_failed(format!("the subscription of {name} panicked"));
+            }
+        });
         self.things.insert(
             thing.name.clone(),
             RunningThing {

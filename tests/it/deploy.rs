@@ -78,10 +78,104 @@ async fn run_tells_systemd_ready_watchdog_and_stopping() {
             .any(|m| m.contains("STATUS=ingesting 1 things")),
         "{ready:?}"
     );
+    assert!(
+        ready.iter().any(|m| m.contains("streams up")),
+        "READY says how many streams are up: {ready:?}"
+    );
     tokio::task::block_in_place(|| receive(&socket, "WATCHDOG=1"));
     process.signal("-TERM");
     tokio::task::block_in_place(|| receive(&socket, "STOPPING=1"));
     assert!(process.wait().await.success(), "{}", process.log());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_comes_even_when_every_first_attempt_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("unreachable");
+    let closed = format!("http://127.0.0.1:{}", crate::common::free_port());
+    let config = write_config(dir.path(), &closed, &[(&name, None)], "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let env = [("NOTIFY_SOCKET", socket_path.to_str().unwrap())];
+    let mut process = WorkerProcess::spawn(&config, &env, dir.path().join("worker.log"));
+    let ready = tokio::task::block_in_place(|| receive(&socket, "READY=1"));
+    assert!(
+        ready
+            .iter()
+            .any(|m| m.contains("STATUS=ingesting 1 things, 0 streams up")),
+        "{ready:?}"
+    );
+    process.signal("-TERM");
+    assert!(process.wait().await.success(), "{}", process.log());
+}
+
+/// Every message the socket gets within `window`.
+fn drain(socket: &UnixDatagram, window: Duration) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let until = std::time::Instant::now() + window;
+    while std::time::Instant::now() < until {
+        if let Ok(n) = socket.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_sink_loop_fails_healthz_by_name_and_stops_the_watchdog() {
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("stuck");
+    let metrics_port = crate::common::free_port();
+    let config = write_config(
+        dir.path(),
+        &server.base_url(),
+        &[(&name, None)],
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\nstuck_after = \"1s\"\n"),
+    );
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let env = [
+        ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "200000"),
+        ("DWEETPIPE_FAULT_STALL", "parquet"),
+    ];
+    let mut process = WorkerProcess::spawn(&config, &env, dir.path().join("worker.log"));
+    let metrics_addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let started = std::time::Instant::now();
+    let said = loop {
+        if tokio::net::TcpStream::connect(metrics_addr).await.is_ok() {
+            let (head, body) = crate::common::raw_get(metrics_addr, "/healthz").await;
+            if head.starts_with("http/1.1 503") {
+                break String::from_utf8_lossy(&body).into_owned();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "/healthz never failed: {}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(said.contains("Parquet sink loop has not turned"), "{said}");
+    // Pings sent before the loop was found stuck are gone; from now on there are none.
+    tokio::task::block_in_place(|| drain(&socket, Duration::from_millis(500)));
+    let later = tokio::task::block_in_place(|| drain(&socket, Duration::from_millis(1500)));
+    assert!(
+        !later.iter().any(|m| m.contains("WATCHDOG=1")),
+        "the watchdog is still fed: {later:?}"
+    );
+    assert!(process.log().contains("not pinging the systemd watchdog"));
+    process.signal("-KILL");
+    process.wait().await;
     server.shutdown().await;
 }
 
@@ -289,9 +383,9 @@ async fn dashboards_and_alert_rules_match_what_a_running_worker_exports() {
     config.things[0].key = Some(crate::common::key());
     config.things[0].manage = true;
     config.lifecycle = Some(Default::default());
-    config.metrics = Some(dweetpipe::telemetry::MetricsConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-    });
+    config.metrics = Some(dweetpipe::telemetry::MetricsConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+    ));
     let (worker, metrics) = crate::worker::start_worker(config).await;
     crate::worker::wait_streams_up(&metrics, 2).await;
     crate::worker::wait_for("the lock applied", Duration::from_secs(10), || {

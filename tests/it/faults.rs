@@ -27,6 +27,8 @@ struct Setup {
     dir: tempfile::TempDir,
     metrics_port: u16,
     things: Vec<String>,
+    /// More `[postgres]` keys, one `key = value` a line.
+    postgres_extra: String,
 }
 
 impl Setup {
@@ -36,6 +38,7 @@ impl Setup {
             dir: tempfile::tempdir().unwrap(),
             metrics_port: free_port(),
             things: (1..=count).map(|i| format!("{prefix}-{i}")).collect(),
+            postgres_extra: String::new(),
         }
     }
 
@@ -62,8 +65,9 @@ impl Setup {
         );
         if let Some(url) = postgres {
             text.push_str(&format!(
-                "\n[postgres]\nurl = \"{url}\"\nspool_dir = \"{}\"\nmemory_max_rows = {memory_rows}\n",
-                self.path("postgres-spool").display()
+                "\n[postgres]\nurl = \"{url}\"\nspool_dir = \"{}\"\nmemory_max_rows = {memory_rows}\n{}\n",
+                self.path("postgres-spool").display(),
+                self.postgres_extra
             ));
         }
         for name in &self.things {
@@ -566,6 +570,37 @@ async fn a_damaged_spool_loses_only_the_damaged_record_and_reports_it() {
         log.contains("a damaged spool record is skipped") && log.contains("offset"),
         "and logged with its segment and offset:\n{log}"
     );
+    assert_exactly_once(&parquet, &sent);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_is_counted_and_makes_the_worker_unready() {
+    let cluster = PrivateCluster::create();
+    cluster.stop();
+    let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    let mut setup = Setup::new("full-spool", 2);
+    setup.postgres_extra = "spool_max = \"4KiB\"".to_owned();
+    let parquet = setup.path("parquet");
+    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 0);
+    let worker = setup.spawn(&config, "worker.log");
+    let (sent, _) = dweet_fleet(
+        &client_for(&server),
+        &setup.things,
+        60,
+        Duration::from_millis(10),
+        None,
+    )
+    .await;
+    setup
+        .wait_readyz("503", "postgres: its spool cannot take records", &worker)
+        .await;
+    let dropped = setup
+        .metric("dweetpipe_spool_dropped_records_total{sink=\"postgres\"}")
+        .await;
+    assert!(dropped > 0.0, "the loss is counted");
+    wait_parquet(&parquet, &sent, &worker).await;
+    stop(worker).await;
     assert_exactly_once(&parquet, &sent);
     server.shutdown().await;
 }

@@ -15,7 +15,7 @@ use super::ParquetSink;
 use crate::backoff::Backoff;
 use crate::sink::SinkError;
 use crate::sink::backlog::{Backlog, Taken};
-use crate::telemetry::{Health, Metrics, SinkName};
+use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, fault_point};
 
 /// How often the loop wakes to seal on time when nothing arrives.
 const TICK: Duration = Duration::from_millis(200);
@@ -57,6 +57,7 @@ pub fn spawn(
     let runtime = tokio::runtime::Handle::current();
     let give_up = Arc::new(AtomicBool::new(false));
     let state = Loop {
+        beat: health.register_loop("Parquet sink"),
         sink,
         backlog,
         metrics,
@@ -81,12 +82,15 @@ struct Loop {
     held: Vec<Taken>,
     give_up: Arc<AtomicBool>,
     failing_since: Option<Instant>,
+    beat: LoopBeat,
 }
 
 impl Loop {
     fn run(mut self, runtime: &tokio::runtime::Handle) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
+            self.beat.beat();
+            fault_point("parquet");
             let next =
                 runtime.block_on(async { tokio::time::timeout(TICK, self.backlog.next()).await });
             let outcome = match next {
@@ -115,7 +119,7 @@ impl Loop {
                         return;
                     }
                     let delay = backoff.next_delay(&mut rand::rng());
-                    std::thread::sleep(delay);
+                    self.beat.sleep_beating(delay);
                 }
             }
             if self.give_up.load(Ordering::Relaxed) && self.failing_since.is_some() {

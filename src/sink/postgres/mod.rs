@@ -30,7 +30,7 @@ use sqlx::{Connection, PgConnection};
 use crate::backoff::Backoff;
 use crate::record::{DeadLetter, Record};
 use crate::settings::Invalid;
-use crate::telemetry::{Health, Metrics, SinkName, Table};
+use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
 pub use copy::CopyRows;
 
 /// The schema, embedded so the binary migrates without the source tree.
@@ -392,8 +392,9 @@ pub struct PostgresSink {
     /// Newest committed `created` (ms) per thing, from `things`.
     watermarks: HashMap<String, i64>,
     metrics: Arc<Metrics>,
-    /// Told while writes fail and retry (the worker's readiness); none for one-shot imports.
-    health: Option<Arc<Health>>,
+    /// Told while writes fail and retry (the worker's readiness and liveness); none for
+    /// one-shot imports.
+    health: Option<(Arc<Health>, LoopBeat)>,
 }
 
 impl PostgresSink {
@@ -453,15 +454,21 @@ impl PostgresSink {
         })
     }
 
-    /// Reports write trouble to `health` while it lasts.
-    pub fn with_health(mut self, health: Arc<Health>) -> Self {
-        self.health = Some(health);
+    /// Reports write trouble to `health` while it lasts, and beats `beat` while it retries.
+    pub fn with_health(mut self, health: Arc<Health>, beat: LoopBeat) -> Self {
+        self.health = Some((health, beat));
         self
     }
 
     fn report(&self, problem: Option<String>) {
-        if let Some(health) = &self.health {
+        if let Some((health, _)) = &self.health {
             health.set_sink_problem(SinkName::Postgres, problem);
+        }
+    }
+
+    fn beat(&self) {
+        if let Some((_, beat)) = &self.health {
+            beat.beat();
         }
     }
 
@@ -517,6 +524,7 @@ impl PostgresSink {
         let mut tolerant = start_tolerant;
         let mut last_problem = String::new();
         while let Some(slice) = pending.pop() {
+            self.beat();
             if slice.is_empty() {
                 continue;
             }

@@ -17,7 +17,7 @@ use super::{PostgresConfig, PostgresError, PostgresSink, StreamStates};
 use crate::backoff::Backoff;
 use crate::record::Record;
 use crate::sink::backlog::Backlog;
-use crate::telemetry::{Health, Metrics, SinkName};
+use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 
 /// How often changed stream states are written to `things.stream_state`.
 const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
@@ -74,9 +74,10 @@ async fn run(
     health: Arc<Health>,
     give_up: CancellationToken,
 ) {
+    let beat = health.register_loop("PostgreSQL sink");
     let sink = match connected {
         Some(sink) => sink,
-        None => match connect(&config, &metrics, &health, &backlog, &give_up).await {
+        None => match connect(&config, &metrics, &health, &backlog, &give_up, &beat).await {
             Some(sink) => sink,
             None => {
                 backlog.spill_memory();
@@ -87,14 +88,14 @@ async fn run(
             }
         },
     };
-    let mut sink = sink.with_health(Arc::clone(&health));
+    let mut sink = sink.with_health(Arc::clone(&health), beat.clone());
     let reporter_stop = CancellationToken::new();
     let reporter = tokio::spawn(report_stream_states(
         sink.states(),
         Arc::clone(&health),
         reporter_stop.clone(),
     ));
-    write_backlog(&mut sink, &backlog, config.max_rows, &give_up).await;
+    write_backlog(&mut sink, &backlog, config.max_rows, &give_up, &beat).await;
     reporter_stop.cancel();
     let _ = reporter.await;
 }
@@ -106,11 +107,13 @@ async fn connect(
     health: &Health,
     backlog: &Backlog,
     give_up: &CancellationToken,
+    beat: &LoopBeat,
 ) -> Option<PostgresSink> {
     let url = config.url.clone()?;
     let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
     let mut last_problem = String::new();
     loop {
+        beat.beat();
         // Shutting down before PostgreSQL ever answered: the spool keeps its share.
         let attempt = tokio::select! {
             _ = give_up.cancelled() => return None,
@@ -146,7 +149,7 @@ async fn connect(
         tokio::select! {
             _ = give_up.cancelled() => return None,
             _ = backlog.closed() => return None,
-            _ = tokio::time::sleep(delay) => {}
+            _ = beat.pause_beating(delay) => {}
         }
     }
 }
@@ -164,11 +167,15 @@ async fn write_backlog(
     backlog: &Backlog,
     max_rows: usize,
     give_up: &CancellationToken,
+    beat: &LoopBeat,
 ) {
     loop {
+        beat.beat();
         let first = tokio::select! {
             _ = give_up.cancelled() => None,
             first = backlog.next() => first,
+            // Idle is not stuck: turn at least every second.
+            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
         };
         let Some(first) = first else {
             if give_up.is_cancelled() {
