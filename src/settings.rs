@@ -6,6 +6,52 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// A secret from the command line or a file (a lock spec with its key, an SMTP URL with its
+/// password): `Debug` and `Display` never show it, so a struct holding one can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: impl Into<String>) -> Self {
+        Secret(text.into())
+    }
+
+    /// The secret itself; call sites are easy to audit by this name.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(text.to_owned()))
+    }
+}
+
+/// `url` with the password of any `user:password@` part replaced, for logs and reports.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// A value a section refuses: which key, what is wrong with it, and what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalid {
@@ -89,6 +135,17 @@ pub fn optional_duration<'de, D: Deserializer<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_and_url_passwords_never_print() {
+        let secret = Secret::new("hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        assert_eq!(
+            redact_url("http://probe:hunter2@127.0.0.1:80/dweet?x=1"),
+            "http://probe:***@127.0.0.1:80/dweet?x=1"
+        );
+        assert_eq!(redact_url("https://dweet.io"), "https://dweet.io");
+    }
 
     #[test]
     fn byte_sizes_parse() {

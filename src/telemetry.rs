@@ -261,7 +261,7 @@ impl Metrics {
         ))?;
         let dead_letters = IntCounter::with_opts(opts(
             "dead_letters_total",
-            "Records sent to the dead letters, with their reason.",
+            "Dweets and stream lines the worker could not turn into rows: dead letters in every sink. A dweet only PostgreSQL refuses counts in sink_rows_written_total{sink=\"postgres\",table=\"dead_letters\"} instead.",
         ))?;
         let last_dweet_timestamp = GaugeVec::new(
             opts(

@@ -26,7 +26,11 @@ async fn make_plan(args: &ConfigArgs) -> anyhow::Result<(Config, dweetpipe::clie
 /// Prints the plan; exits non-zero when a thing cannot be reconciled.
 pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
     let (config, client, plan) = make_plan(&args).await?;
-    println!("{} against {}:", config.path.display(), client.base_url());
+    println!(
+        "{} against {}:",
+        config.path.display(),
+        dweetpipe::settings::redact_url(client.base_url())
+    );
     // A big fleet's plan shows what needs attention; the quiet things are counted.
     let list_quiet = plan.things.len() <= LIST_QUIET_UP_TO;
     let mut quiet = 0;

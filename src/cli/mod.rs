@@ -136,7 +136,7 @@ pub enum Command {
 pub struct KeyArgs {
     /// The lock's master key. Prefer DWEET_KEY or --key-file outside quick tries.
     #[arg(long, env = "DWEET_KEY", hide_env_values = true)]
-    key: Option<String>,
+    key: Option<Key>,
     /// Read the key from this file (surrounding whitespace ignored); it takes precedence over
     /// --key and DWEET_KEY.
     #[arg(long, value_name = "PATH")]
@@ -146,7 +146,7 @@ pub struct KeyArgs {
 impl KeyArgs {
     pub fn optional(&self) -> anyhow::Result<Option<Key>> {
         let Some(path) = &self.key_file else {
-            return Ok(self.key.as_ref().map(|key| Key::new(key.clone())));
+            return Ok(self.key.clone());
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("could not read the key file {}", path.display()))?;
@@ -278,5 +278,28 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsed_arguments_never_print_their_secrets() {
+        for args in [
+            vec!["dweetpipe", "latest", "t", "--key", "sekrit-1"],
+            vec!["dweetpipe", "sandbox", "--lock", "a:sekrit-1"],
+            vec![
+                "dweetpipe",
+                "sandbox",
+                "--smtp-url",
+                "smtps://u:sekrit-1@mail:465",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(&args).unwrap();
+            let printed = format!("{cli:?}");
+            assert!(!printed.contains("sekrit-1"), "{args:?}: {printed}");
+        }
     }
 }

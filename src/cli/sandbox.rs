@@ -11,6 +11,7 @@ use dweetpipe::client::{Client, Key};
 use dweetpipe::sandbox::notify::{LogNotifier, Notify, OutboxNotifier, SmtpNotifier};
 use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
 use dweetpipe::sandbox::{EvaluationLimits, Limits, SandboxConfig};
+use dweetpipe::settings::Secret;
 
 use super::KeyArgs;
 use super::api::seconds;
@@ -30,7 +31,7 @@ pub struct SandboxArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    locks: Vec<String>,
+    locks: Vec<Secret>,
     /// A file of locks, one NAME:KEY per line (`#` starts a comment).
     #[arg(long, value_name = "PATH")]
     locks_file: Option<PathBuf>,
@@ -75,7 +76,7 @@ struct AlertArgs {
         env = "DWEETPIPE_SMTP_URL",
         hide_env_values = true
     )]
-    smtp_url: Option<String>,
+    smtp_url: Option<Secret>,
     /// The sender of alert e-mails.
     #[arg(long, value_name = "ADDRESS", default_value = "dweetpipe@localhost")]
     smtp_from: String,
@@ -98,7 +99,7 @@ impl AlertArgs {
         }
         if let Some(url) = &self.smtp_url {
             notifiers.push(Arc::new(
-                SmtpNotifier::new(url, &self.smtp_from).context("--smtp-url")?,
+                SmtpNotifier::new(url.expose(), &self.smtp_from).context("--smtp-url")?,
             ));
         }
         Ok(notifiers)
@@ -115,7 +116,7 @@ impl AlertArgs {
 pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
     let mut locks = Vec::new();
     for spec in &args.locks {
-        locks.push(parse_lock(spec).context("--lock")?);
+        locks.push(parse_lock(spec.expose()).context("--lock")?);
     }
     if let Some(path) = &args.locks_file {
         let text = std::fs::read_to_string(path)

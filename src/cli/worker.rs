@@ -200,7 +200,11 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
     println!("{}: valid", config.path.display());
     let mut problems = Vec::new();
     match &config.source {
-        Some(source) => println!("source: {} ({:?} mode)", source.url, source.mode),
+        Some(source) => println!(
+            "source: {} ({:?} mode)",
+            dweetpipe::settings::redact_url(&source.url),
+            source.mode
+        ),
         None => println!("source: none (enough for `import`, not for `run`)"),
     }
     println!("things: {}", config.things.len());

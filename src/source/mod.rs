@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::alert::AlertSpec;
 use crate::client::{Client, Key};
-use crate::settings::Invalid;
+use crate::settings::{Invalid, redact_url};
 
 /// How the worker reads a thing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,7 +35,7 @@ impl<'de> Deserialize<'de> for SourceMode {
 
 /// The `[source]` section. Only `url` is needed; the rest are tuning knobs with defaults for
 /// the public service's behaviour.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub url: String,
@@ -112,6 +112,24 @@ mod defaults {
     }
     pub fn request_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+}
+
+/// Shows the URL without a password it may carry (`https://user:***@host`).
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &redact_url(&self.url))
+            .field("mode", &self.mode)
+            .field("poll_interval", &self.poll_interval)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("healthy_after", &self.healthy_after)
+            .field("refused_retry", &self.refused_retry)
+            .field("start_spread", &self.start_spread)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
     }
 }
 

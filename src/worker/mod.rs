@@ -223,6 +223,13 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         None => None,
     };
     let watermarks = seed_watermarks(&sink_marks.iter().collect::<Vec<_>>());
+    // "Last dweet" from what the sinks hold, so a thing silent since before this start is
+    // seen as silent (and alerted on) rather than absent.
+    for thing in &config.things {
+        if let Some(newest) = sink_marks.iter().filter_map(|m| m.get(&thing.name)).max() {
+            metrics.set_last_dweet(&thing.name, *newest);
+        }
+    }
 
     let metrics_addr = match &config.metrics {
         Some(metrics_config) => {
@@ -290,7 +297,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         .metrics
         .things_configured
         .set(worker.things.len() as i64);
-    tracing::info!(things = worker.things.len(), url = %worker.source.url, mode = ?worker.source.mode, "worker started");
+    tracing::info!(things = worker.things.len(), url = %crate::settings::redact_url(&worker.source.url), mode = ?worker.source.mode, "worker started");
     Ok(worker)
 }
 

@@ -14,6 +14,7 @@ mod lifecycle;
 mod listen;
 mod newcomer;
 mod postgres;
+mod prometheus;
 mod protocol;
 mod security;
 mod worker;

@@ -39,6 +39,8 @@ fn collect(transcript: &mut String, output: &std::process::Output) {
 async fn a_full_run_never_prints_keys_or_the_database_password() {
     let db = TestDatabase::create().await;
     let (database_url, password) = with_password(&db.url);
+    // The source URL carries a password too (a proxy or a server behind basic auth).
+    let source_password = format!("src-{}", uuid::Uuid::new_v4().simple());
     let server = sandbox_with(|_| {}).await;
     let client = client_for(&server);
     let dir = tempfile::tempdir().unwrap();
@@ -48,6 +50,10 @@ async fn a_full_run_never_prints_keys_or_the_database_password() {
         .await
         .unwrap();
     let metrics_port = crate::common::free_port();
+    let source_url =
+        server
+            .base_url()
+            .replacen("http://", &format!("http://probe:{source_password}@"), 1);
     let config = dir.path().join("things.toml");
     std::fs::write(
         &config,
@@ -89,7 +95,7 @@ spool_dir = "{spool}"
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 "#,
-            url = server.base_url(),
+            url = source_url,
             parquet = dir.path().join("parquet").display(),
             spool = dir.path().join("spool").display(),
         ),
@@ -191,7 +197,13 @@ listen = "127.0.0.1:{metrics_port}"
     );
     drop(connection);
 
-    for secret in [KEY, OTHER_KEY, WRONG_KEY, password.as_str()] {
+    for secret in [
+        KEY,
+        OTHER_KEY,
+        WRONG_KEY,
+        password.as_str(),
+        source_password.as_str(),
+    ] {
         let hits: Vec<&str> = transcript
             .lines()
             .filter(|line| line.contains(secret))
@@ -199,7 +211,7 @@ listen = "127.0.0.1:{metrics_port}"
         assert!(hits.is_empty(), "{secret} leaked in:\n{}", hits.join("\n"));
     }
     eprintln!(
-        "searched {} lines ({} bytes) for 4 secrets: 0 hits",
+        "searched {} lines ({} bytes) for 5 secrets: 0 hits",
         transcript.lines().count(),
         transcript.len()
     );

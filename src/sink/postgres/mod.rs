@@ -606,7 +606,8 @@ impl PostgresSink {
                 ..letter.clone()
             }),
         };
-        self.metrics.dead_letters.inc();
+        // Counted in rows written (table dead_letters) once stored; dead_letters_total counts
+        // what normalisation refused, which Parquet stores as dead letters too.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match self.write_batch(&[&letter], false, marks).await {
