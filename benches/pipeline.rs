@@ -34,7 +34,12 @@ fn stream_bytes() -> Vec<u8> {
 
 fn run_pipeline(bytes: &[u8], dir: &std::path::Path) -> usize {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let (mut sink, _) = ParquetSink::open(ParquetConfig::new(dir), metrics).expect("sink opens");
+    let (mut sink, _) = ParquetSink::open(
+        ParquetConfig::new(dir),
+        std::time::Duration::from_secs(24 * 60 * 60),
+        metrics,
+    )
+    .expect("sink opens");
     let mut decoder = FrameDecoder::new();
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
     let mut dweets = 0;

@@ -651,6 +651,83 @@ listen = "127.0.0.1:9187"
         }
     }
 
+    /// The keys the structs accept in `section`, read from serde's own "expected one of" list.
+    fn struct_keys(section: &str) -> std::collections::BTreeSet<String> {
+        let probe = match section {
+            "" => "zz_probe = 1\n".to_owned(),
+            "thing" => "[[thing]]\nname = \"a\"\nzz_probe = 1\n".to_owned(),
+            "thing.alert" => "[[thing]]\nname = \"a\"\n[thing.alert]\nzz_probe = 1\n".to_owned(),
+            other => format!("[{other}]\nzz_probe = 1\n"),
+        };
+        let (_, problem) = parse_strictly(&probe).expect_err("an unknown key is refused");
+        // serde says "expected one of `a`, `b`", or "expected `a` or `b`" for two.
+        let list = problem
+            .split("expected ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{section}: {problem}"))
+            .trim_start_matches("one of ");
+        list.split([',', ' '])
+            .filter(|word| word.starts_with('`'))
+            .map(|key| key.trim_matches('`').to_owned())
+            .filter(|key| key != "max_age") // removed: refused with an explanation
+            .collect()
+    }
+
+    /// Each section's keys as config/things.example.toml shows them, set or commented out.
+    fn example_keys() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/things.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut keys: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        let mut section = String::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if line.starts_with('[') && line.ends_with(']') {
+                section = line.trim_matches(|c| c == '[' || c == ']').to_owned();
+                continue;
+            }
+            let Some((key, _)) = line.split_once(" = ") else {
+                continue;
+            };
+            if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                keys.entry(section.clone())
+                    .or_default()
+                    .insert(key.to_owned());
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn the_example_shows_every_key_and_only_real_keys() {
+        let example = example_keys();
+        for section in [
+            "",
+            "source",
+            "thing",
+            "thing.alert",
+            "lifecycle",
+            "parquet",
+            "postgres",
+            "metrics",
+        ] {
+            let mut accepted = struct_keys(section);
+            // Sections are not keys: the top level's, and [thing.alert] inside [[thing]].
+            let nested = |key: &String| match section {
+                "" => example.contains_key(key.as_str()),
+                _ => example.contains_key(&format!("{section}.{key}")),
+            };
+            accepted.retain(|key| !nested(key));
+            let shown = example.get(section).cloned().unwrap_or_default();
+            let missing: Vec<_> = accepted.difference(&shown).collect();
+            let unknown: Vec<_> = shown.difference(&accepted).collect();
+            assert!(
+                missing.is_empty() && unknown.is_empty(),
+                "[{section}]: the example lacks {missing:?} and shows unknown {unknown:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_shipped_example_is_valid_and_runnable() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/things.example.toml");

@@ -56,7 +56,12 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let mut parquet = match &config.parquet {
         Some(parquet_config) => {
-            let opened = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))
+            // An import may bring history of any age: every footer counts.
+            let opened = ParquetSink::open(
+                parquet_config.clone(),
+                std::time::Duration::MAX,
+                Arc::clone(&metrics),
+            )
                 .map_err(|error| match error {
                     SinkError::Locked(held) => anyhow!(
                         "{held}\nimport writes the Parquet directory itself: stop the worker, run the import, then start the worker again (it backfills what the source still keeps)"

@@ -85,6 +85,14 @@ pub struct SourceConfig {
         deserialize_with = "crate::settings::duration"
     )]
     pub request_timeout: Duration,
+    /// How far back the source keeps a thing's history (dweet.io: 24h; a `dweetpipe sandbox`:
+    /// its `--retention`). Parquet's start-up recovery reads what it wrote this far back, and
+    /// two days more.
+    #[serde(
+        default = "defaults::history",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub history: Duration,
 }
 
 mod defaults {
@@ -113,6 +121,9 @@ mod defaults {
     pub fn request_timeout() -> Duration {
         Duration::from_secs(30)
     }
+    pub fn history() -> Duration {
+        Duration::from_secs(24 * 60 * 60)
+    }
 }
 
 /// Shows the URL without a password it may carry (`https://user:***@host`).
@@ -129,6 +140,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("refused_retry", &self.refused_retry)
             .field("start_spread", &self.start_spread)
             .field("request_timeout", &self.request_timeout)
+            .field("history", &self.history)
             .finish()
     }
 }
@@ -146,6 +158,7 @@ impl SourceConfig {
             refused_retry: defaults::refused_retry(),
             start_spread: defaults::start_spread(),
             request_timeout: defaults::request_timeout(),
+            history: defaults::history(),
         }
     }
 

@@ -174,7 +174,8 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
                 Arc::clone(&metrics),
                 Arc::clone(&health),
             )?);
-            let (sink, opened) = ParquetSink::open(parquet_config.clone(), Arc::clone(&metrics))?;
+            let (sink, opened) =
+                ParquetSink::open(parquet_config.clone(), source.history, Arc::clone(&metrics))?;
             tracing::info!(
                 dir = %parquet_config.dir.display(),
                 removed_temporary = opened.removed_temporary,

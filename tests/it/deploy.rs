@@ -495,3 +495,55 @@ async fn dashboards_and_alert_rules_match_what_a_running_worker_exports() {
     db.drop_now().await;
     server.shutdown().await;
 }
+
+/// Every `datasource` object anywhere in a dashboard, as (type, uid).
+fn datasources_used(value: &serde_json::Value, found: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(source) = map.get("datasource")
+                && let Some(uid) = source.get("uid").and_then(|u| u.as_str())
+            {
+                let kind = source.get("type").and_then(|t| t.as_str()).unwrap_or("");
+                found.push((kind.to_owned(), uid.to_owned()));
+            }
+            map.values().for_each(|v| datasources_used(v, found));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| datasources_used(v, found)),
+        _ => {}
+    }
+}
+
+#[test]
+fn dashboards_name_only_datasources_the_provisioning_defines() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana");
+    let provisioning =
+        std::fs::read_to_string(root.join("provisioning/datasources/dweetpipe.yaml")).unwrap();
+    // (type, uid) of each provisioned data source, read from its `- name:` entry.
+    let mut defined = Vec::new();
+    for entry in provisioning.split("\n  - name:").skip(1) {
+        let field = |key: &str| {
+            entry
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        defined.push((field("type:"), field("uid:")));
+    }
+    assert_eq!(defined.len(), 2, "{defined:?}");
+    for dashboard in ["fleet-health.json", "s5d9-sensors.json"] {
+        let text = std::fs::read_to_string(root.join("dashboards").join(dashboard)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut used = Vec::new();
+        datasources_used(&json, &mut used);
+        assert!(!used.is_empty(), "{dashboard} names data sources");
+        for (kind, uid) in used {
+            assert!(
+                defined
+                    .iter()
+                    .any(|(k, u)| *u == uid && (kind.is_empty() || *k == kind)),
+                "{dashboard} uses {kind} {uid}, which the provisioning does not define: {defined:?}"
+            );
+        }
+    }
+}

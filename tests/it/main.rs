@@ -16,5 +16,6 @@ mod newcomer;
 mod postgres;
 mod prometheus;
 mod protocol;
+mod readers;
 mod security;
 mod worker;

@@ -64,7 +64,9 @@ impl Dataset {
                 text("thing", false),
                 time("created"),
                 time("received_at"),
-                text("content", false),
+                // Parquet's JSON logical type: DuckDB and Spark read it as JSON.
+                text("content", false)
+                    .with_extension_type(arrow_schema::extension::Json::default()),
             ],
             Dataset::DeadLetters => vec![
                 text("thing", true),

@@ -45,9 +45,10 @@ const META_FILES: &str = "dweetpipe.generation_files";
 const META_WATERMARKS: &str = "dweetpipe.watermarks";
 /// Rows buffered per file before they are encoded into the open file.
 const BATCH_ROWS: usize = 16 * 1024;
-/// Recovery opens footers of generations younger than this; older data is past any source's
-/// retention, so its watermarks cannot matter for backfill.
-const RECOVERY_HORIZON: Duration = Duration::from_secs(72 * 60 * 60);
+/// Recovery opens the footers of generations younger than what the source can replay plus
+/// this margin; older data is past the source's history, so its watermarks cannot matter for
+/// backfill (and a large dataset need not be read whole at every start).
+const RECOVERY_MARGIN: Duration = Duration::from_secs(48 * 60 * 60);
 
 /// The `[parquet]` section.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -147,6 +148,13 @@ impl ParquetConfig {
     }
 }
 
+/// The oldest generation (ms) whose footers recovery reads, `now_ms` being now: what the
+/// source can still replay, and a margin.
+fn recovery_horizon(now_ms: i64, replay: Duration) -> i64 {
+    let reach = replay.saturating_add(RECOVERY_MARGIN);
+    now_ms.saturating_sub(i64::try_from(reach.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// One file of the open generation.
 struct OpenFile {
     dataset: Dataset,
@@ -188,14 +196,18 @@ pub struct Opened {
 
 impl ParquetSink {
     /// Locks `config.dir` for this process (creating it), then recovers from any earlier
-    /// crash.
-    pub fn open(config: ParquetConfig, metrics: Arc<Metrics>) -> Result<(Self, Opened), SinkError> {
+    /// crash. `replay` is how far back the source keeps history (`[source] history`).
+    pub fn open(
+        config: ParquetConfig,
+        replay: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, Opened), SinkError> {
         let lock = DirLock::acquire(&config.dir)?;
         for dataset in Dataset::ALL {
             let dir = config.dir.join(dataset.dir_name());
             fs::create_dir_all(&dir).map_err(|e| SinkError::io(&dir, e))?;
         }
-        let horizon = now_ms() - RECOVERY_HORIZON.as_millis() as i64;
+        let horizon = recovery_horizon(now_ms(), replay);
         let recovered = recovery::recover(&config.dir, horizon)?;
         let opened = Opened {
             removed_temporary: recovered.removed_temporary,
@@ -530,7 +542,12 @@ mod tests {
     }
 
     fn open(dir: &Path) -> (ParquetSink, Opened) {
-        ParquetSink::open(ParquetConfig::new(dir), Arc::new(Metrics::new().unwrap())).unwrap()
+        ParquetSink::open(
+            ParquetConfig::new(dir),
+            Duration::from_secs(24 * 60 * 60),
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap()
     }
 
     fn finalised(dir: &Path) -> Vec<PathBuf> {
@@ -616,6 +633,25 @@ mod tests {
             sink.watermarks().get("a"),
             Some(&base),
             "only complete generations count"
+        );
+    }
+
+    #[test]
+    fn recovery_reads_as_far_back_as_the_source_can_replay() {
+        let now = 1_795_000_000_000;
+        let five_days_ago = now - 5 * DAY_MS;
+        let week = Duration::from_secs(7 * 24 * 60 * 60);
+        assert!(
+            recovery_horizon(now, week) < five_days_ago,
+            "a source keeping a week: a 5-day-old generation's watermarks are read"
+        );
+        assert!(
+            recovery_horizon(now, Duration::from_secs(24 * 60 * 60)) > five_days_ago,
+            "dweet.io's day: it is past replay and need not be read"
+        );
+        assert!(
+            recovery_horizon(now, Duration::MAX) < 0,
+            "an import reads every footer"
         );
     }
 
