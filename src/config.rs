@@ -637,6 +637,11 @@ listen = "127.0.0.1:9187"
                 "lifecycle.interval",
                 "at least 1s",
             ),
+            (
+                "[postgres]\nurl = \"postgres://h/d\"\nmax_age = \"1s\"\n",
+                "postgres.max_age",
+                "was removed",
+            ),
         ];
         for (text, key, problem) in cases {
             let text: &str = text;

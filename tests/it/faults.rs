@@ -253,10 +253,12 @@ async fn postgres_dead_letters(url: &str) -> Vec<(String, String)> {
         .unwrap()
 }
 
-async fn stop(mut worker: WorkerProcess) {
+/// Stops the worker with SIGTERM; returns its summary.
+async fn stop(mut worker: WorkerProcess) -> String {
     worker.signal("-TERM");
     let status = worker.wait().await;
     assert!(status.success(), "{}", worker.log());
+    worker.stdout()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -264,7 +266,9 @@ async fn postgresql_down_at_start_ingestion_goes_on_and_it_catches_up_when_it_an
     let cluster = PrivateCluster::create();
     cluster.stop();
     let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
-    let setup = Setup::new("pg-down", 3);
+    let mut setup = Setup::new("pg-down", 3);
+    // What the spool holds drains at most 10 records a transaction.
+    setup.postgres_extra = "max_rows = 10".to_owned();
     let parquet = setup.path("parquet");
     let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 20);
     let worker = setup.spawn(&config, "worker.log");
@@ -294,6 +298,15 @@ async fn postgresql_down_at_start_ingestion_goes_on_and_it_catches_up_when_it_an
     );
 
     cluster.start();
+    wait_postgres(&cluster.url(), &first, &worker).await;
+    let writes = setup
+        .metric("dweetpipe_sink_write_duration_seconds_count{sink=\"postgres\"}")
+        .await;
+    assert!(
+        writes >= (first.len() / 10) as f64,
+        "the {} spooled records went in transactions of at most 10: {writes} writes",
+        first.len()
+    );
     let (second, _) = dweet_fleet(
         &client_for(&server),
         &setup.things,
@@ -305,7 +318,14 @@ async fn postgresql_down_at_start_ingestion_goes_on_and_it_catches_up_when_it_an
     let expected: BTreeSet<_> = first.union(&second).cloned().collect();
     wait_postgres(&cluster.url(), &expected, &worker).await;
     setup.wait_readyz("200", "ready", &worker).await;
-    stop(worker).await;
+    let summary = stop(worker).await;
+    // `run` ends with what it did, per sink.
+    assert!(
+        summary.contains(&format!("received {} dweets", expected.len()))
+            && summary.contains(&format!("postgres: {} dweets", expected.len()))
+            && summary.contains(&format!("parquet: {} dweets", expected.len())),
+        "{summary}"
+    );
 
     assert_eq!(
         expected,

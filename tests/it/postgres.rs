@@ -443,9 +443,14 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
     let older = dir.path().join("older.jsonl");
     std::fs::write(&older, a_lines[8..].join("\n")).unwrap();
     let with_bad = dir.path().join("b.jsonl");
+    // A broken line (a dead letter everywhere), and a dweet whose content holds a NUL: Parquet
+    // keeps it, PostgreSQL's jsonb refuses it and holds it as one more dead letter.
     std::fs::write(
         &with_bad,
-        format!("{}\nthis line is broken\n", history(b.clone()).await),
+        format!(
+            "{}\nthis line is broken\n{{\"thing\":\"{b}\",\"created\":\"2026-11-30T00:00:00.000Z\",\"content\":{{\"s\":\"nul\\u0000here\"}}}}\n",
+            history(b.clone()).await
+        ),
     )
     .unwrap();
     let config = dir.path().join("import.toml");
@@ -478,7 +483,16 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
         }
     };
     let summary = import(vec![&newer, &with_bad]).await;
-    assert!(summary.contains("1 dead letters"), "{summary}");
+    assert!(summary.contains("1 unusable (dead letters)"), "{summary}");
+    // Each sink says what it stored: PostgreSQL one dead letter more than Parquet.
+    assert!(
+        summary.contains("Parquet: 21 dweets") && summary.contains("and 1 dead letters written"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("PostgreSQL: 20 dweets") && summary.contains("and 2 dead letters written"),
+        "{summary}"
+    );
     import(vec![&older]).await;
     let again = import(vec![&newer, &older, &with_bad]).await;
     assert!(

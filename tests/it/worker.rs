@@ -5,7 +5,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, StringArray, TimestampMillisecondArray};
@@ -515,7 +514,7 @@ impl WorkerProcess {
         command
             .args(["run", "--config", config.to_str().unwrap()])
             .env("RUST_LOG", "dweetpipe=debug,info")
-            .stdout(Stdio::null())
+            .stdout(File::create(log.with_extension("out")).unwrap())
             .stderr(File::create(&log).unwrap())
             .kill_on_drop(true);
         for (name, value) in env {
@@ -551,6 +550,11 @@ impl WorkerProcess {
 
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What the process printed on stdout (`run`'s summary).
+    pub(crate) fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
     }
 }
 
@@ -1086,5 +1090,27 @@ async fn a_cut_stream_reconnects_and_backfill_recovers_what_it_missed() {
         dir.path(),
         &sandbox_dweets(&client, std::slice::from_ref(&name), None).await,
     );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_shutdown_timeout_is_the_one_shutdown_uses() {
+    let server = big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let things = vec![thing("timeout")];
+    let config = test_config(&server.base_url(), &things, dir.path());
+    let (mut worker, _) = start_worker(config.clone()).await;
+    assert_eq!(worker.shutdown_timeout(), config.shutdown_timeout);
+    let reloaded = Config {
+        shutdown_timeout: Duration::from_secs(3),
+        ..config
+    };
+    worker.reload(reloaded).await.unwrap();
+    assert_eq!(
+        worker.shutdown_timeout(),
+        Duration::from_secs(3),
+        "SIGHUP's new shutdown_timeout takes effect, not ignored"
+    );
+    worker.shutdown(Duration::from_secs(5)).await.unwrap();
     server.shutdown().await;
 }
