@@ -103,16 +103,44 @@ impl<'a> Failure<'a> {
     }
 }
 
+/// The headers a browser may send with a dweet.io call (the public service's list, as the
+/// stream was captured with it).
+pub const CORS_ALLOW_HEADERS: &str = "X-DWEET-AUTH,X-Requested-With,x-access-token,content-type";
+/// The methods the API answers.
+pub const CORS_ALLOW_METHODS: &str = "GET,POST,OPTIONS";
+
 /// Frames one compact dweet JSON object for the listen stream: the object is encoded a second
 /// time as a JSON string literal, preceded by its length in hex, each line ending in CRLF.
+/// Non-ASCII characters are written as `\uXXXX` escapes (surrogate pairs beyond the BMP):
+/// dweepy decodes each stream read as ASCII, and a raw UTF-8 byte kills its listener.
 pub fn encode_stream_frame(dweet_json: &str) -> Vec<u8> {
     // Encoding a &str as JSON cannot fail.
-    let literal = serde_json::to_string(dweet_json).unwrap_or_default();
+    let literal = ascii_only(&serde_json::to_string(dweet_json).unwrap_or_default());
     let mut frame = Vec::with_capacity(literal.len() + 12);
     frame.extend_from_slice(format!("{:x}\r\n", literal.len()).as_bytes());
     frame.extend_from_slice(literal.as_bytes());
     frame.extend_from_slice(b"\r\n");
     frame
+}
+
+/// JSON text with every non-ASCII character as a `\uXXXX` escape; any JSON parser reads it
+/// the same.
+fn ascii_only(json: &str) -> String {
+    if json.is_ascii() {
+        return json.to_owned();
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
 }
 
 /// `local@domain.tld` without spaces: the check a form would make, not RFC 5322.
@@ -153,6 +181,22 @@ mod tests {
         ] {
             assert_eq!(coerce_query_value(stays), json!(stays), "{stays:?}");
         }
+    }
+
+    #[test]
+    fn stream_frames_are_ascii_and_decode_to_the_same_text() {
+        let dweet = r#"{"thing":"café","created":"2014-03-19T10:45:28.934Z","content":{"note":"naïve 😀"}}"#;
+        let frame = encode_stream_frame(dweet);
+        assert!(frame.is_ascii(), "{}", String::from_utf8_lossy(&frame));
+        let text = String::from_utf8(frame).unwrap();
+        let literal = text.split("\r\n").nth(1).unwrap();
+        let inner: String = serde_json::from_str(literal).unwrap();
+        assert_eq!(inner, dweet);
+        assert_eq!(
+            usize::from_str_radix(text.split("\r\n").next().unwrap(), 16).unwrap(),
+            literal.len(),
+            "the length counts the escaped bytes"
+        );
     }
 
     #[test]

@@ -89,7 +89,22 @@ impl App {
             .find(|(n, _)| n == "callback")
             .map(|(_, v)| v.clone());
         if parts.method == Method::OPTIONS {
-            return respond(StatusCode::NO_CONTENT, None, Empty::new().boxed_unsync());
+            // A CORS preflight: a browser asks before POSTing JSON.
+            let mut answer = respond(StatusCode::NO_CONTENT, None, Empty::new().boxed_unsync());
+            let headers = answer.headers_mut();
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static(protocol::CORS_ALLOW_METHODS),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static(protocol::CORS_ALLOW_HEADERS),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
+            return answer;
         }
         let content_type = parts
             .headers
@@ -388,6 +403,10 @@ fn respond(status: StatusCode, content_type: Option<&'static str>, body: Body) -
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(protocol::CORS_ALLOW_HEADERS),
     );
     response
 }

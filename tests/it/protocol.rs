@@ -303,3 +303,94 @@ async fn five_hundred_concurrent_listeners_all_receive() {
     assert_eq!(delivered, 500);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cors_preflight_lets_a_browser_post_json() {
+    let server = sandbox().await;
+    let addr = server.local_addr();
+    let thing = thing("cors");
+    let preflight = format!(
+        "OPTIONS /dweet/for/{thing} HTTP/1.1\r\nHost: t\r\nOrigin: http://board.local\r\n\
+         Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: content-type\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let (head, body) = split_head(raw_exchange(addr, preflight.as_bytes()).await);
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    assert!(body.is_empty());
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    let methods = head
+        .lines()
+        .find_map(|l| l.strip_prefix("access-control-allow-methods: "))
+        .unwrap_or_else(|| panic!("no allowed methods: {head}"));
+    // split_head lowercases the head.
+    assert!(
+        methods.contains("post") && methods.contains("get"),
+        "{head}"
+    );
+    let allowed = head
+        .lines()
+        .find_map(|l| l.strip_prefix("access-control-allow-headers: "))
+        .unwrap_or_else(|| panic!("no allowed headers: {head}"));
+    for needed in ["content-type", "x-dweet-auth"] {
+        assert!(allowed.to_ascii_lowercase().contains(needed), "{head}");
+    }
+    // The POST that follows is answered with the origin allowed too.
+    let json = r#"{"v":42}"#;
+    let post = format!(
+        "POST /dweet/for/{thing} HTTP/1.1\r\nHost: t\r\nOrigin: http://board.local\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+        json.len()
+    );
+    let (head, body) = split_head(raw_exchange(addr, post.as_bytes()).await);
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(text(&body).contains("\"succeeded\""), "{}", text(&body));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_non_ascii_dweet_reaches_a_byte_wise_ascii_stream_reader() {
+    let server = sandbox().await;
+    let addr = server.local_addr();
+    let thing = thing("ascii");
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET /listen/for/dweets/from/{thing} HTTP/1.1\r\nHost: t\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Read one byte at a time, as dweepy's reader does, until the headers end.
+    let mut received = Vec::new();
+    let mut byte = [0u8; 1];
+    while !received.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        received.push(byte[0]);
+    }
+    let client = common::client_for(&server);
+    client
+        .dweet_for(
+            &thing,
+            &serde_json::json!({ "place": "café", "mood": "😀" }),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut frame = Vec::new();
+    while !frame.ends_with(b"}\"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut byte))
+            .await
+            .expect("the dweet arrives")
+            .unwrap();
+        assert!(
+            byte[0].is_ascii(),
+            "a non-ASCII byte on the stream: {frame:?}"
+        );
+        frame.push(byte[0]);
+    }
+    let text = String::from_utf8(frame).unwrap();
+    let literal = text
+        .split("\r\n")
+        .find(|line| line.starts_with('"'))
+        .expect("the double-encoded literal");
+    let inner: String = serde_json::from_str(literal).unwrap();
+    let dweet: serde_json::Value = serde_json::from_str(&inner).unwrap();
+    assert_eq!(dweet["content"]["place"], "café");
+    assert_eq!(dweet["content"]["mood"], "😀");
+    server.shutdown().await;
+}
