@@ -16,21 +16,36 @@
 //! | 5: configuration | [`config`] (things.toml: read, override, validate, assemble) |
 //! | 6: wiring | [`worker`] (start, reload, shut down) |
 //!
+//! Features (all on by default): `worker` (sinks, sources, config, lifecycle, import,
+//! telemetry), `sandbox` (the server and simulator), `alert` (the QuickJS engine), `cli` (the
+//! binary). With `default-features = false` the crate is the client alone: [`client`],
+//! [`protocol`], [`normalize`], [`record`], [`settings`], [`backoff`].
+//!
 //! See `ARCHITECTURE.md` for the data path and its invariants.
 
+#[cfg(feature = "alert")]
 pub mod alert;
 pub mod backoff;
 pub mod client;
+#[cfg(feature = "worker")]
 pub mod config;
+#[cfg(feature = "server")]
 pub(crate) mod http_server;
+#[cfg(feature = "worker")]
 pub mod import;
+#[cfg(feature = "worker")]
 pub mod lifecycle;
 pub mod normalize;
 pub mod protocol;
 pub mod record;
+#[cfg(feature = "sandbox")]
 pub mod sandbox;
 pub mod settings;
+#[cfg(feature = "worker")]
 pub mod sink;
+#[cfg(feature = "worker")]
 pub mod source;
+#[cfg(feature = "worker")]
 pub mod telemetry;
+#[cfg(feature = "worker")]
 pub mod worker;

@@ -130,7 +130,6 @@ fn collect(
 mod tests {
     use super::*;
     use crate::client::Created;
-    use crate::sandbox::simulator::S5d9Board;
     use serde_json::json;
 
     fn dweet(content: Value) -> Dweet {
@@ -154,8 +153,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "sandbox")]
     fn an_s5d9_dweet_gives_thirteen_readings_named_by_path() {
-        let payload = S5d9Board::new(1).next_payload();
+        let payload = crate::sandbox::simulator::S5d9Board::new(1).next_payload();
         let record = normalize(&dweet(payload), 1);
         let got = readings(&record);
         assert_eq!(got.len(), 13, "12 sensors + dweet-count: {got:?}");

@@ -3,7 +3,6 @@
 
 mod alert_test;
 mod api;
-mod bench;
 mod demo;
 mod import;
 mod lifecycle;
@@ -125,9 +124,6 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Create or upgrade the PostgreSQL schema (`run` does it at start too).
     Migrate(worker::MigrateArgs),
-    /// Measure the worker with whole processes and print the figures.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -244,7 +240,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(args) => worker::check(args).await,
         Command::Plan(args) => lifecycle::plan(args).await,
         Command::Apply(args) => lifecycle::apply(args).await,
-        Command::Bench(command) => bench::run(command).await,
         Command::Migrate(args) => worker::migrate(args).await,
         Command::Import(args) => import::run(args).await,
     }

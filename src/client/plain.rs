@@ -2,7 +2,7 @@
 //!
 //! Why not reqwest here: a worker holds one stream per thing, and hyper keeps an 8 KiB write
 //! buffer and an 8 KiB read buffer per connection for its whole life, about 23 KiB per idle
-//! stream in all (230 MiB for 10,000 things, measured with `dweetpipe bench fanin`). This
+//! stream in all (230 MiB for 10,000 things, measured with `cargo bench --bench harness -- fanin`). This
 //! transport waits for readability without holding a buffer and allocates only while bytes are
 //! arriving. It is used only for `http://` servers with no proxy configured (boards and the
 //! sandbox speak plain HTTP); TLS and proxies stay with reqwest.

@@ -342,6 +342,12 @@ async fn help_teaches_every_verb() {
     ] {
         assert!(text.contains(verb), "--help mentions {verb}");
     }
+    assert!(
+        !text
+            .lines()
+            .any(|line| line.trim_start().starts_with("bench")),
+        "the benchmark harness is not a user verb: {text}"
+    );
     let alert = run("http://127.0.0.1:1", &["alert", "set", "--help"]).await;
     assert!(stdout(&alert).contains("--when") && stdout(&alert).contains("--to"));
 }

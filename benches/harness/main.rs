@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// Many things subscribed from one worker: RSS and CPU idle and under load.
     Fanin(FaninArgs),
     /// Importing S5D9 dweets into PostgreSQL, beside `psql \copy` of the same rows.
@@ -83,8 +83,8 @@ pub struct FaninArgs {
 }
 
 /// The Python side of the comparisons, shipped inside the binary.
-const DWEEPY_IMPORT: &str = include_str!("../../benches/python/dweepy_import.py");
-const DWEEPY_LISTENERS: &str = include_str!("../../benches/python/dweepy_listeners.py");
+const DWEEPY_IMPORT: &str = include_str!("../python/dweepy_import.py");
+const DWEEPY_LISTENERS: &str = include_str!("../python/dweepy_listeners.py");
 
 /// Writes `script` into `dir` and returns a `python3` command for it, or why it cannot run.
 fn python_script(
@@ -112,7 +112,43 @@ fn python_script(
     Ok(command)
 }
 
-pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+/// Whole-process benchmarks: `cargo bench --bench harness -- <fanin|import|latency|sandbox>`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "harness")]
+struct Harness {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+/// The `dweetpipe` binary the benchmarks start as sandbox and simulator (built by cargo with
+/// the bench profile).
+const DWEETPIPE: &str = env!("CARGO_BIN_EXE_dweetpipe");
+
+fn main() -> std::process::ExitCode {
+    use clap::Parser;
+    // `cargo bench` appends `--bench`; it is not ours.
+    let args = std::env::args().filter(|arg| arg != "--bench");
+    let harness = Harness::parse_from(args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: could not start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(harness.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Fanin(args) => fanin(args).await,
         BenchCommand::Import(args) => import(args).await,
@@ -171,8 +207,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 async fn spawn_sandbox() -> anyhow::Result<(Child, String)> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let mut child = Command::new(DWEETPIPE)
         .args([
             "sandbox",
             "--listen",
@@ -202,8 +237,7 @@ async fn spawn_sandbox() -> anyhow::Result<(Child, String)> {
 
 /// The simulator as a child process: `things` boards, one dweet a second each, `count` each.
 fn spawn_simulator(url: &str, things: usize, count: u64) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
-    Command::new(exe)
+    Command::new(DWEETPIPE)
         .args(["--server", url, "simulate", "--things", &things.to_string()])
         .args(["--interval", "1", "--count", &count.to_string()])
         .stdout(Stdio::null())
