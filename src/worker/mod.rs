@@ -97,6 +97,8 @@ pub struct WorkerHandle {
     watermarks: HashMap<String, Arc<AtomicI64>>,
     background: CancellationToken,
     fan_out: std::thread::JoinHandle<()>,
+    /// The sinks' backlogs, so shutdown can close them itself if the fan-out does not end.
+    backlogs: Vec<Arc<Backlog>>,
     parquet: Option<ParquetLoop>,
     postgres: Option<PostgresLoop>,
     lifecycle: Option<lifecycle::Reconciler>,
@@ -271,7 +273,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         )
     });
     let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
-    let fan_out = crate::sink::spawn_fan_out(receiver, backlogs, Arc::clone(&health))
+    let fan_out = crate::sink::spawn_fan_out(receiver, backlogs.clone(), Arc::clone(&health))
         .map_err(|e| WorkerError::Thread("fan-out", e))?;
     let client = source.client()?;
     let mut worker = WorkerHandle {
@@ -285,6 +287,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         metrics_addr,
         background,
         fan_out,
+        backlogs,
         parquet,
         postgres,
         lifecycle: None,
@@ -496,6 +499,7 @@ impl WorkerHandle {
             records,
             background,
             fan_out,
+            backlogs,
             parquet,
             postgres,
             lifecycle,
@@ -513,24 +517,37 @@ impl WorkerHandle {
         // The last sender goes: the fan-out hands over what is queued and closes the
         // backlogs; each sink's loop drains its backlog and ends.
         drop(records);
-        let _ = tokio::task::spawn_blocking(move || fan_out.join()).await;
+        // A subscription that overran the deadline still holds a sender: then the backlogs
+        // are closed here, and what it still sends is not taken (backfill brings it back).
+        let joined = tokio::task::spawn_blocking(move || fan_out.join());
+        let mut timed_out = tokio::time::timeout_at(deadline.into(), joined)
+            .await
+            .is_err();
+        if timed_out {
+            tracing::warn!("the pipeline did not drain before the shutdown deadline");
+            backlogs.iter().for_each(|backlog| backlog.close());
+        }
         // A sink that cannot finish by a second before the deadline spools what it holds.
         let give_up_at = deadline
             .checked_sub(Duration::from_secs(1))
             .unwrap_or(deadline);
         let late = deadline + Duration::from_secs(2);
-        let mut timed_out = false;
         let parquet_done = async {
             let Some(parquet) = parquet else {
-                return Ok(());
+                return Ok(false);
             };
             while !parquet.is_finished() && Instant::now() < give_up_at {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             parquet.give_up();
-            tokio::task::spawn_blocking(move || parquet.join())
-                .await
-                .unwrap_or(Err(SinkError::Panicked("Parquet sink")))
+            let joined = tokio::task::spawn_blocking(move || parquet.join());
+            match tokio::time::timeout_at(late.into(), joined).await {
+                Ok(joined) => joined
+                    .unwrap_or(Err(SinkError::Panicked("Parquet sink")))
+                    .map(|()| false),
+                // Its thread ends with the process; the spool and backfill keep the records.
+                Err(_) => Ok(true),
+            }
         };
         let postgres_done = async {
             let Some(mut postgres) = postgres else {
@@ -547,10 +564,10 @@ impl WorkerHandle {
                 .await
                 .is_err()
         };
-        let (parquet_result, postgres_late) = tokio::join!(parquet_done, postgres_done);
+        let (parquet_late, postgres_late) = tokio::join!(parquet_done, postgres_done);
         timed_out |= postgres_late;
         background.cancel();
-        parquet_result?;
+        timed_out |= parquet_late?;
         if timed_out {
             return Err(WorkerError::ShutdownTimeout(timeout));
         }

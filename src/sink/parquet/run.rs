@@ -122,14 +122,17 @@ impl Loop {
                     self.beat.sleep_beating(delay);
                 }
             }
-            if self.give_up.load(Ordering::Relaxed) && self.failing_since.is_some() {
-                return;
+            if self.give_up.load(Ordering::Relaxed) {
+                // Out of time: seal what is open below; what waits stays in the spool.
+                break;
             }
         }
-        // Closed and drained: seal what is open; if that fails, keep it in the spool.
+        // Closed and drained (or out of time): seal what is open; if that fails, keep it in
+        // the spool, with whatever still waits in memory.
         if let Err(error) = self.seal() {
             self.failed(&error);
         }
+        self.backlog.spill_memory();
     }
 
     fn take_and_write(&mut self, first: Taken) -> Result<(), SinkError> {
