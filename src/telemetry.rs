@@ -638,15 +638,7 @@ impl Health {
 
     /// A sink dropped records its spool could not take (`None`: it has not).
     pub fn set_sink_loss(&self, sink: SinkName, loss: Option<String>) {
-        let mut losses = lock(&self.sink_losses);
-        match loss {
-            Some(loss) => {
-                losses.insert(sink, loss);
-            }
-            None => {
-                losses.remove(&sink);
-            }
-        }
+        set_or_clear(&self.sink_losses, sink, loss);
     }
 
     /// `thing`'s subscription has made its first attempt (connected, or failed to).
@@ -663,15 +655,7 @@ impl Health {
     /// A sink reports trouble (`Some(what)`: records wait in its backlog or are dropped) or
     /// that it is writing again (`None`).
     pub fn set_sink_problem(&self, sink: SinkName, problem: Option<String>) {
-        let mut problems = lock(&self.sink_problems);
-        match problem {
-            Some(problem) => {
-                problems.insert(sink, problem);
-            }
-            None => {
-                problems.remove(&sink);
-            }
-        }
+        set_or_clear(&self.sink_problems, sink, problem);
     }
 
     pub fn thing_down(&self, thing: &str) {
@@ -757,6 +741,15 @@ impl Health {
             ))
         }
     }
+}
+
+/// Records what is wrong with `sink` (`Some`), or that nothing is (`None`).
+fn set_or_clear(map: &Mutex<BTreeMap<SinkName, String>>, sink: SinkName, what: Option<String>) {
+    let mut map = lock(map);
+    match what {
+        Some(what) => map.insert(sink, what),
+        None => map.remove(&sink),
+    };
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
