@@ -27,6 +27,25 @@ enum BenchCommand {
     Latency(LatencyArgs),
     /// The sandbox alone: dweets/s accepted, and delivered to listeners, on loopback.
     Sandbox(SandboxBenchArgs),
+    /// Catch-up after an outage: every thing has `--per-thing` dweets waiting when the worker
+    /// starts; the time until all are in PostgreSQL and Parquet and every stream is live.
+    Catchup(CatchupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CatchupArgs {
+    /// Things, each with dweets waiting.
+    #[arg(long, default_value_t = 1000)]
+    things: usize,
+    /// Dweets waiting per thing (dweet.io kept 500).
+    #[arg(long, default_value_t = 500)]
+    per_thing: usize,
+    /// The sandbox's rate limit (requests per second per thing); off when not given.
+    #[arg(long, value_name = "PER_SECOND")]
+    rate_limit: Option<f64>,
+    /// A server to create a scratch database on.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    database_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +173,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Import(args) => import(args).await,
         BenchCommand::Latency(args) => latency(args).await,
         BenchCommand::Sandbox(args) => sandbox_throughput(args).await,
+        BenchCommand::Catchup(args) => catchup(args).await,
     }
 }
 
@@ -207,16 +227,21 @@ fn mib(bytes: u64) -> f64 {
 }
 
 async fn spawn_sandbox() -> anyhow::Result<(Child, String)> {
+    spawn_sandbox_with(&["--max-history", "10"]).await
+}
+
+/// [`spawn_sandbox`] with other sandbox flags.
+async fn spawn_sandbox_with(extra: &[&str]) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(DWEETPIPE)
         .args([
             "sandbox",
             "--listen",
             "127.0.0.1:0",
-            "--max-history",
-            "10",
             "--idle-close",
             "1h",
+            "--no-alert-outbox",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -868,5 +893,136 @@ async fn sandbox_throughput(args: SandboxBenchArgs) -> anyhow::Result<()> {
         cpu_percent(sandbox_from, sandbox_to),
         mib(sandbox_to.rss_bytes)
     );
+    Ok(())
+}
+
+/// Fills a sandbox with `per_thing` dweets for each thing (32 writers), starts a worker with
+/// both sinks, and times its catch-up.
+async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
+    use dweetpipe::sandbox::simulator::S5d9Board;
+    let history = args.per_thing.max(10).to_string();
+    let mut flags = vec!["--max-history", history.as_str()];
+    let rate = args.rate_limit.map(|r| r.to_string());
+    if let Some(rate) = &rate {
+        flags.extend(["--rate-limit", rate.as_str()]);
+    }
+    let (mut sandbox, url) = spawn_sandbox_with(&flags).await?;
+    let scratch = ScratchDatabase::create(&args.database_url).await?;
+    let things: Vec<String> = (1..=args.things).map(|i| thing_name("S5D9-", i)).collect();
+
+    // The outage: the fleet dweets while no worker runs.
+    let filled = Instant::now();
+    let client = dweetpipe::client::Client::new(&url)?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let total = args.things * args.per_thing;
+    let writers: Vec<_> = (0..32)
+        .map(|writer| {
+            let (client, things, next) = (client.clone(), things.clone(), Arc::clone(&next));
+            tokio::spawn(async move {
+                let mut board = S5d9Board::new(writer);
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return;
+                    }
+                    let thing = &things[i % things.len()];
+                    // A rate-limited sandbox refuses some; try again, the fleet would too.
+                    while client
+                        .dweet_for(thing, &board.next_payload(), None)
+                        .await
+                        .is_err()
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await?;
+    }
+    let fill_secs = filled.elapsed().as_secs_f64();
+
+    let data = tempfile_dir()?;
+    let mut config = Config::for_simulated_fleet(
+        SourceConfig::new(url.clone()),
+        things.iter().cloned(),
+        ParquetConfig {
+            spool_dir_setting: Some(data.join("parquet-spool")),
+            ..ParquetConfig::new(data.join("parquet"))
+        },
+    );
+    config.postgres = Some(dweetpipe::sink::postgres::PostgresConfig {
+        spool_dir: data.join("spool"),
+        ..dweetpipe::sink::postgres::PostgresConfig::new(dweetpipe::sink::postgres::DatabaseUrl::new(
+            scratch.url.clone(),
+        ))
+    });
+    let before = usage()?;
+    let started = Instant::now();
+    let worker = worker::start(config).await?;
+    let metrics = Arc::clone(worker.metrics());
+    let written = |sink: &str| {
+        metrics.value(
+            "dweetpipe_sink_rows_written_total",
+            &[("sink", sink), ("table", "dweets")],
+        )
+    };
+    let (mut postgres_at, mut live_at) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // Parquet seals every 5 minutes by default: its catch-up is "received", sealed at the
+    // next rotation; PostgreSQL's is committed rows.
+    while postgres_at.is_none() || live_at.is_none() {
+        if Instant::now() > deadline {
+            bail!(
+                "no catch-up within 10 minutes: {} of {total} in PostgreSQL, {} streams up",
+                written("postgres"),
+                streams_up(&metrics)
+            );
+        }
+        if postgres_at.is_none() && written("postgres") >= total as f64 {
+            postgres_at = Some(started.elapsed());
+        }
+        if live_at.is_none() && streams_up(&metrics) == args.things {
+            live_at = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let after = usage()?;
+    let refused = metrics.value("dweetpipe_stream_connects_total", &[("outcome", "refused")])
+        + metrics.value("dweetpipe_stream_connects_total", &[("outcome", "failed")]);
+    worker.shutdown(Duration::from_secs(60)).await?;
+    let parquet_rows = written("parquet");
+    let _ = sandbox.kill().await;
+    scratch.drop().await;
+    let _ = std::fs::remove_dir_all(&data);
+
+    println!(
+        "catch-up: {} things x {} dweets waiting ({total} dweets; sandbox filled in {fill_secs:.1} s{})",
+        args.things,
+        args.per_thing,
+        args.rate_limit
+            .map_or(String::new(), |r| format!(", rate limit {r}/s per thing"))
+    );
+    println!(
+        "  every stream live after      {:>8.1} s",
+        live_at.unwrap_or_default().as_secs_f64()
+    );
+    println!(
+        "  every dweet in PostgreSQL    {:>8.1} s   ({:.0} dweets/s)",
+        postgres_at.unwrap_or_default().as_secs_f64(),
+        total as f64 / postgres_at.unwrap_or_default().as_secs_f64().max(0.001)
+    );
+    println!(
+        "  Parquet at shutdown          {:>8.0} dweets sealed   received {received:.0}",
+        parquet_rows
+    );
+    println!(
+        "  worker CPU                   {:>8.1}% of one core   RSS {:.1} MiB",
+        cpu_percent(before, after),
+        mib(after.rss_bytes)
+    );
+    println!("  refused or failed connects   {refused:>8.0}");
     Ok(())
 }
