@@ -954,9 +954,9 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
     );
     config.postgres = Some(dweetpipe::sink::postgres::PostgresConfig {
         spool_dir: data.join("spool"),
-        ..dweetpipe::sink::postgres::PostgresConfig::new(dweetpipe::sink::postgres::DatabaseUrl::new(
-            scratch.url.clone(),
-        ))
+        ..dweetpipe::sink::postgres::PostgresConfig::new(
+            dweetpipe::sink::postgres::DatabaseUrl::new(scratch.url.clone()),
+        )
     });
     let before = usage()?;
     let started = Instant::now();
