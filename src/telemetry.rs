@@ -603,6 +603,9 @@ pub struct Health {
     streams: Mutex<HashMap<String, Option<Instant>>>,
     /// How long a thing may be down before the worker is not ready.
     grace: Duration,
+    /// Fed from the stream states above (`stream_up`, a removed thing's series), so the gauge
+    /// and the database's `stream_state` say the same.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Health {
@@ -614,10 +617,17 @@ impl Health {
             stuck_after,
             attempted: Mutex::new(HashSet::new()),
             sink_losses: Mutex::new(BTreeMap::new()),
+            metrics: None,
             sink_problems: Mutex::new(BTreeMap::new()),
             streams: Mutex::new(HashMap::new()),
             grace,
         }
+    }
+
+    /// Keeps `metrics`' per-thing series in step with the stream states held here.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Registers a long-running loop by name; it must beat from now on.
@@ -664,15 +674,25 @@ impl Health {
         if state.is_none() {
             *state = Some(Instant::now());
         }
+        if let Some(metrics) = &self.metrics {
+            metrics.set_stream_up(thing, false);
+        }
     }
 
     pub fn thing_up(&self, thing: &str) {
         lock(&self.streams).insert(thing.to_owned(), None);
+        if let Some(metrics) = &self.metrics {
+            metrics.set_stream_up(thing, true);
+        }
     }
 
+    /// A thing removed from the configuration: its state and its series go.
     pub fn forget_thing(&self, thing: &str) {
         lock(&self.streams).remove(thing);
         lock(&self.attempted).remove(thing);
+        if let Some(metrics) = &self.metrics {
+            metrics.forget_thing(thing);
+        }
     }
 
     /// Each running thing and whether its stream is up.
@@ -849,6 +869,18 @@ mod tests {
         assert!(health.readiness().unwrap_err().contains("S5D9-0001"));
         health.thing_up("S5D9-0001");
         assert!(health.readiness().is_ok());
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let fed =
+            Health::new(Duration::ZERO, Duration::from_secs(30)).with_metrics(Arc::clone(&metrics));
+        fed.thing_down("t");
+        assert_eq!(metrics.value("dweetpipe_stream_up", &[("thing", "t")]), 0.0);
+        fed.thing_up("t");
+        assert_eq!(metrics.value("dweetpipe_stream_up", &[("thing", "t")]), 1.0);
+        fed.forget_thing("t");
+        assert!(
+            !metrics.encode().contains("thing=\"t\""),
+            "the series is gone"
+        );
         health.set_sink_problem(SinkName::Postgres, Some("unreachable".to_owned()));
         assert_eq!(health.readiness().unwrap_err(), "postgres: unreachable");
         health.set_sink_problem(SinkName::Postgres, None);

@@ -74,7 +74,6 @@ impl Subscription {
                 SourceMode::Stream => self.stream_once().await,
                 SourceMode::Poll => self.poll_once().await,
             };
-            self.metrics.set_stream_up(&thing, false);
             self.health.thing_down(&thing);
             if started.elapsed() >= self.source.healthy_after {
                 backoff.reset();
@@ -121,7 +120,6 @@ impl Subscription {
     }
 
     fn up(&self) {
-        self.metrics.set_stream_up(&self.thing.name, true);
         self.health.thing_up(&self.thing.name);
     }
 

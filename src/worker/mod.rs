@@ -155,10 +155,10 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         .metrics
         .as_ref()
         .map_or(Duration::from_secs(30), |m| m.stuck_after);
-    let health = Arc::new(Health::new(
-        source.start_spread + Duration::from_secs(60),
-        stuck_after,
-    ));
+    let health = Arc::new(
+        Health::new(source.start_spread + Duration::from_secs(60), stuck_after)
+            .with_metrics(Arc::clone(&metrics)),
+    );
     let background = CancellationToken::new();
 
     let mut backlogs = Vec::new();
@@ -389,7 +389,6 @@ impl WorkerHandle {
         if let Some(running) = self.things.remove(name) {
             running.cancel.cancel();
             let _ = running.task.await;
-            self.metrics.forget_thing(name);
             self.health.forget_thing(name);
         }
     }
