@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::alert::AlertSpec;
-use crate::alert::condition::{ConditionEngine, MAX_CONDITION_CHARS};
+use crate::alert::condition::{ConditionEngine, ConditionError};
 use crate::client::Key;
 use crate::lifecycle::LifecycleConfig;
 use crate::settings::Invalid;
@@ -474,17 +474,6 @@ fn validate_lifecycle(
             "write addresses as name@example.com".to_owned(),
         ));
     }
-    let chars = alert.when.chars().count();
-    if alert.when.trim().is_empty() || chars > MAX_CONDITION_CHARS {
-        return Err(Invalid::new(
-            "alert.when",
-            format!(
-                "the condition is {chars} characters long; it must be 1 to {} (the service's limit)",
-                MAX_CONDITION_CHARS
-            ),
-            "shorten it; `dweetpipe alert test` tries a condition on recorded dweets".to_owned(),
-        ));
-    }
     let engine = match engine {
         Some(engine) => engine,
         None => engine.insert(
@@ -493,11 +482,15 @@ fn validate_lifecycle(
         ),
     };
     engine.check(&alert.when).map_err(|error| {
-        Invalid::new(
-            "alert.when",
-            error.to_string(),
-            "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\"",
-        )
+        let fix = match error {
+            ConditionError::Empty | ConditionError::TooLong(_) => {
+                "shorten it; `dweetpipe alert test` tries a condition on recorded dweets"
+            }
+            _ => {
+                "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\""
+            }
+        };
+        Invalid::new("alert.when", error.to_string(), fix)
     })?;
     Ok(())
 }

@@ -153,6 +153,16 @@ pub enum Disconnect {
     Stopped,
 }
 
+impl Disconnect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::Closed => "closed",
+            Disconnect::Error => "error",
+            Disconnect::Stopped => "stopped",
+        }
+    }
+}
+
 /// How a stream connection attempt went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectOutcome {
@@ -160,6 +170,16 @@ pub enum ConnectOutcome {
     /// Locked, wrong key, unknown thing.
     Refused,
     Failed,
+}
+
+impl ConnectOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectOutcome::Ok => "ok",
+            ConnectOutcome::Refused => "refused",
+            ConnectOutcome::Failed => "failed",
+        }
+    }
 }
 
 /// Where a dweet entering the pipeline came from.
@@ -447,21 +467,15 @@ impl Metrics {
     }
 
     pub fn stream_connected(&self, outcome: ConnectOutcome) {
-        let label = match outcome {
-            ConnectOutcome::Ok => "ok",
-            ConnectOutcome::Refused => "refused",
-            ConnectOutcome::Failed => "failed",
-        };
-        self.stream_connects.with_label_values(&[label]).inc();
+        self.stream_connects
+            .with_label_values(&[outcome.as_str()])
+            .inc();
     }
 
     pub fn stream_disconnected(&self, reason: Disconnect) {
-        let label = match reason {
-            Disconnect::Closed => "closed",
-            Disconnect::Error => "error",
-            Disconnect::Stopped => "stopped",
-        };
-        self.stream_disconnects.with_label_values(&[label]).inc();
+        self.stream_disconnects
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     pub fn dweet_received(&self, source: DweetSource) {

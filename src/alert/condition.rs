@@ -48,8 +48,12 @@ pub enum Verdict {
 /// Why a condition could not give a verdict. None of these fails the dweet it ran on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConditionError {
-    #[error("the condition is longer than {MAX_CONDITION_CHARS} characters")]
-    TooLong,
+    #[error("the condition is empty")]
+    Empty,
+    #[error(
+        "the condition is {0} characters long; the limit is {MAX_CONDITION_CHARS} (the service's)"
+    )]
+    TooLong(usize),
     #[error("the condition does not parse: {0}")]
     Syntax(String),
     #[error("the condition threw: {0}")]
@@ -89,8 +93,13 @@ impl ConditionEngine {
         })
     }
 
-    /// Checks that `condition` is a function body the engine accepts, without running it.
+    /// Checks that `condition` is a function body the engine accepts (not empty, within the
+    /// service's length limit, parsing), without running it: the one check config files, the
+    /// CLI and the sandbox all make.
     pub fn check(&mut self, condition: &str) -> Result<(), ConditionError> {
+        if condition.trim().is_empty() {
+            return Err(ConditionError::Empty);
+        }
         self.with_fresh_context(condition, |_, _| Ok(Verdict::Quiet))
             .map(|_| ())
     }
@@ -117,8 +126,9 @@ impl ConditionEngine {
         condition: &str,
         run: impl for<'js> FnOnce(&Ctx<'js>, Function<'js>) -> Result<Verdict, ConditionError>,
     ) -> Result<Verdict, ConditionError> {
-        if condition.chars().count() > MAX_CONDITION_CHARS {
-            return Err(ConditionError::TooLong);
+        let chars = condition.chars().count();
+        if chars > MAX_CONDITION_CHARS {
+            return Err(ConditionError::TooLong(chars));
         }
         self.deadline.set(Some(Instant::now() + self.limits.time));
         let result = Context::full(&self.runtime)
@@ -317,7 +327,7 @@ mod tests {
         ));
         assert_eq!(
             engine.evaluate(&"x".repeat(MAX_CONDITION_CHARS + 1), "{}"),
-            Err(ConditionError::TooLong)
+            Err(ConditionError::TooLong(MAX_CONDITION_CHARS + 1))
         );
         // QuickJS's Function constructor splices the body into source text, so a body can
         // close the function early; what it then runs is still under the same limits.

@@ -23,16 +23,9 @@ async fn make_plan(args: &ConfigArgs) -> anyhow::Result<(Config, dweetpipe::clie
     Ok((config, client, plan))
 }
 
-/// Prints the plan; exits non-zero when a thing cannot be reconciled.
-pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
-    let (config, client, plan) = make_plan(&args).await?;
-    println!(
-        "{} against {}:",
-        config.path.display(),
-        dweetpipe::settings::redact_url(client.base_url())
-    );
-    // A big fleet's plan shows what needs attention; the quiet things are counted.
-    let list_quiet = plan.things.len() <= LIST_QUIET_UP_TO;
+/// One line per change and per problem; the things in sync or not managed too when
+/// `list_quiet`, else only their count.
+pub fn print_plan(plan: &Plan, list_quiet: bool) {
     let mut quiet = 0;
     for (thing, thing_plan) in &plan.things {
         match thing_plan {
@@ -49,6 +42,18 @@ pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
     if quiet > 0 {
         println!("  ... and {quiet} thing(s) in sync or not managed");
     }
+}
+
+/// Prints the plan; exits non-zero when a thing cannot be reconciled.
+pub async fn plan(args: ConfigArgs) -> anyhow::Result<()> {
+    let (config, client, plan) = make_plan(&args).await?;
+    println!(
+        "{} against {}:",
+        config.path.display(),
+        dweetpipe::settings::redact_url(client.base_url())
+    );
+    // A big fleet's plan shows what needs attention; the quiet things are counted.
+    print_plan(&plan, plan.things.len() <= LIST_QUIET_UP_TO);
     match plan.changes() {
         0 if plan.problems() == 0 => println!("Nothing to change."),
         0 => println!("No change apply could make."),

@@ -266,23 +266,7 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
                     let plan = dweetpipe::lifecycle::plan(&client, &config.things).await;
                     let changes = plan.changes();
                     println!("lifecycle: `run` would make {changes} change(s) at start");
-                    for (thing, thing_plan) in &plan.things {
-                        match thing_plan {
-                            dweetpipe::lifecycle::ThingPlan::Changes(actions) => {
-                                for &kind in actions {
-                                    println!(
-                                        "  {}: will {}",
-                                        thing.name,
-                                        dweetpipe::lifecycle::describe(thing, kind)
-                                    );
-                                }
-                            }
-                            dweetpipe::lifecycle::ThingPlan::Problem(why) => {
-                                println!("  {}: PROBLEM: {why}", thing.name)
-                            }
-                            _ => {}
-                        }
-                    }
+                    super::lifecycle::print_plan(&plan, false);
                     if plan.problems() > 0 {
                         problems.push(format!("{} lifecycle problem(s)", plan.problems()));
                     }

@@ -18,7 +18,7 @@
 //! sink's watermark then stays below the gap, and the next start's backfill refills it from the
 //! source when the source still has it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
@@ -52,8 +52,8 @@ struct Segment {
 }
 
 struct Queued {
+    /// Order in this process, and the batch's identity while the sink holds it.
     seq: u64,
-    id: u64,
     records: Batch,
     /// A copy is in a spool segment already.
     shadowed: bool,
@@ -66,13 +66,13 @@ struct State {
     /// Oldest first; the last one may still be open for appends.
     segments: VecDeque<Segment>,
     appending: Option<File>,
-    /// Memory batches the sink holds (taken, not yet done or given back): id → shadowed.
+    /// Memory batches the sink holds (taken, not yet done or given back): seq → shadowed.
     in_flight: Vec<(u64, Batch, bool)>,
     spool_bytes: u64,
     next_segment: u64,
     next_seq: u64,
     /// Things whose records were dropped in this run, so later ones are dropped too.
-    lost: HashMap<String, ()>,
+    lost: HashSet<String>,
     closed: bool,
 }
 
@@ -84,7 +84,7 @@ pub struct Taken {
 }
 
 enum Origin {
-    Memory { seq: u64, id: u64 },
+    Memory { seq: u64 },
     Segment(Segment),
 }
 
@@ -212,10 +212,9 @@ impl Backlog {
             && state.memory_records + batch.len() <= self.memory_max_records
         {
             state.memory_records += batch.len();
-            let (seq, id) = (state.take_seq(), state.take_seq());
+            let seq = state.take_seq();
             state.memory.push_back(Queued {
                 seq,
-                id,
                 records: batch,
                 shadowed: false,
             });
@@ -233,7 +232,7 @@ impl Backlog {
     }
 
     fn without_lost(&self, state: &State, batch: Batch) -> Batch {
-        let is_lost = |r: &Record| r.thing().is_some_and(|t| state.lost.contains_key(t));
+        let is_lost = |r: &Record| r.thing().is_some_and(|t| state.lost.contains(t));
         if state.lost.is_empty() || !batch.iter().any(is_lost) {
             return batch;
         }
@@ -246,7 +245,7 @@ impl Backlog {
     fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
         self.metrics.spool_dropped(self.sink, batch.len() as u64);
         for thing in batch.iter().filter_map(Record::thing) {
-            state.lost.insert(thing.to_owned(), ());
+            state.lost.insert(thing.to_owned());
         }
         self.health.set_sink_loss(
             self.sink,
@@ -408,14 +407,11 @@ impl Backlog {
                 state.memory_records -= queued.records.len();
                 state
                     .in_flight
-                    .push((queued.id, Arc::clone(&queued.records), queued.shadowed));
+                    .push((queued.seq, Arc::clone(&queued.records), queued.shadowed));
                 self.publish(&state);
                 return Some(Taken {
                     records: queued.records,
-                    origin: Origin::Memory {
-                        seq: queued.seq,
-                        id: queued.id,
-                    },
+                    origin: Origin::Memory { seq: queued.seq },
                 });
             }
             let segment = state.segments.pop_front()?;
@@ -476,7 +472,7 @@ impl Backlog {
     pub fn done(&self, taken: Taken) {
         let mut state = self.lock();
         match taken.origin {
-            Origin::Memory { id, .. } => state.in_flight.retain(|(held, _, _)| *held != id),
+            Origin::Memory { seq } => state.in_flight.retain(|(held, _, _)| *held != seq),
             Origin::Segment(segment) => {
                 let _ = fs::remove_file(&segment.path);
                 state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
@@ -490,17 +486,16 @@ impl Backlog {
         let mut state = self.lock();
         for batch in taken.into_iter().rev() {
             match batch.origin {
-                Origin::Memory { seq, id } => {
+                Origin::Memory { seq } => {
                     let shadowed = state
                         .in_flight
                         .iter()
-                        .find(|(held, _, _)| *held == id)
+                        .find(|(held, _, _)| *held == seq)
                         .is_some_and(|(_, _, shadowed)| *shadowed);
-                    state.in_flight.retain(|(held, _, _)| *held != id);
+                    state.in_flight.retain(|(held, _, _)| *held != seq);
                     state.memory_records += batch.records.len();
                     state.memory.push_front(Queued {
                         seq,
-                        id,
                         records: batch.records,
                         shadowed,
                     });
