@@ -805,6 +805,16 @@ listen = "127.0.0.1:9187"
         .unwrap_err();
         assert_eq!(typo.file, "the environment variable DWEETPIPE__SOURCE__ULR");
         assert!(typo.problem.contains("ulr"), "{typo}");
+        let wrong_type = apply_overrides(
+            "[parquet]\ndir = \"p\"\nmax_rows = 10\n",
+            vec![("DWEETPIPE__PARQUET__MAX_ROWS".to_owned(), "many".to_owned())],
+        )
+        .unwrap_err();
+        assert_eq!(
+            wrong_type.file,
+            "the environment variable DWEETPIPE__PARQUET__MAX_ROWS"
+        );
+        assert!(wrong_type.problem.contains("max_rows"), "{wrong_type}");
         let good = apply_overrides(
             text,
             vec![

@@ -875,6 +875,29 @@ mod tests {
     }
 
     #[test]
+    fn liveness_names_a_stuck_loop_and_a_dead_one() {
+        let health = Health::new(Duration::ZERO, Duration::ZERO);
+        assert!(health.liveness().is_ok(), "no loops yet");
+        let _beat = health.register_loop("fan-out");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            health
+                .liveness()
+                .unwrap_err()
+                .contains("the fan-out loop has not turned"),
+        );
+        let alive = Health::new(Duration::ZERO, Duration::from_secs(30));
+        let beat = alive.register_loop("Parquet sink");
+        beat.beat();
+        assert!(alive.liveness().is_ok());
+        alive.loop_failed("the subscription of t panicked".to_owned());
+        assert_eq!(
+            alive.liveness().unwrap_err(),
+            "the subscription of t panicked"
+        );
+    }
+
+    #[test]
     fn readiness_names_what_is_wrong() {
         let health = Health::new(Duration::ZERO, Duration::from_secs(30));
         assert!(health.readiness().is_ok());
