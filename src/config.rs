@@ -16,8 +16,10 @@ use serde::Deserialize;
 use crate::alert::AlertSpec;
 use crate::alert::condition::{ConditionEngine, ConditionError};
 use crate::client::Key;
+use crate::cluster::ClusterConfig;
 use crate::lifecycle::LifecycleConfig;
 use crate::settings::Invalid;
+use crate::sink::nats::NatsConfig;
 use crate::sink::parquet::ParquetConfig;
 use crate::sink::postgres::PostgresConfig;
 use crate::source::{SourceConfig, ThingConfig};
@@ -61,6 +63,8 @@ struct ConfigFile {
     postgres: Option<PostgresConfig>,
     metrics: Option<MetricsConfig>,
     lifecycle: Option<LifecycleConfig>,
+    cluster: Option<ClusterConfig>,
+    nats: Option<NatsConfig>,
     #[serde(default, deserialize_with = "crate::settings::optional_duration")]
     shutdown_timeout: Option<Duration>,
 }
@@ -89,6 +93,10 @@ pub struct Config {
     /// Set when the file has a `[lifecycle]` section or declares a lock or an alert: `run`
     /// then reconciles locks and alerts.
     pub lifecycle: Option<LifecycleConfig>,
+    /// With its address resolved and its member named: `run` joins the cluster.
+    pub cluster: Option<ClusterConfig>,
+    /// The JetStream output, with its address resolved.
+    pub nats: Option<NatsConfig>,
     pub shutdown_timeout: Duration,
 }
 
@@ -108,6 +116,8 @@ impl Config {
             postgres: None,
             metrics: None,
             lifecycle: None,
+            cluster: None,
+            nats: None,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -174,7 +184,20 @@ impl Config {
                 .resolve(&env)
                 .map_err(|e| invalid(e.within("postgres")))?;
         }
+        if let Some(cluster) = raw.cluster.as_mut() {
+            cluster
+                .resolve(&env)
+                .map_err(|e| invalid(e.within("cluster")))?;
+        }
+        if let Some(nats) = raw.nats.as_mut() {
+            let cluster_url = raw.cluster.as_ref().and_then(|c| c.nats_url.as_deref());
+            nats.resolve(&env, cluster_url)
+                .map_err(|e| invalid(e.within("nats")))?;
+        }
         check_spools(&raw).map_err(invalid)?;
+        if let Some(member) = raw.cluster.as_ref().map(|c| c.member().to_owned()) {
+            give_member_its_directories(&mut raw, member);
+        }
 
         let mut seen: HashMap<&str, usize> = HashMap::new();
         // One engine checks every condition of the file (made only if there is one).
@@ -206,6 +229,8 @@ impl Config {
             postgres: raw.postgres,
             metrics: raw.metrics,
             lifecycle,
+            cluster: raw.cluster,
+            nats: raw.nats,
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
         })
     }
@@ -395,16 +420,42 @@ impl ThingEntry {
 
 /// Sections that must not share a directory: each spool is locked by its own sink.
 fn check_spools(raw: &ConfigFile) -> Result<(), Invalid> {
-    if let (Some(parquet), Some(postgres)) = (&raw.parquet, &raw.postgres)
-        && (parquet.spool_dir() == postgres.spool_dir || parquet.dir == postgres.spool_dir)
-    {
-        return Err(Invalid::new(
-            "postgres.spool_dir",
-            format!("{} is also used by [parquet]", postgres.spool_dir.display()),
-            "give each sink a spool directory of its own",
-        ));
+    let mut taken: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(parquet) = &raw.parquet {
+        taken.push(("parquet.dir", parquet.dir.clone()));
+        taken.push(("parquet.spool_dir", parquet.spool_dir()));
+    }
+    if let Some(postgres) = &raw.postgres {
+        taken.push(("postgres.spool_dir", postgres.spool_dir.clone()));
+    }
+    if let Some(nats) = &raw.nats {
+        taken.push(("nats.spool_dir", nats.spool_dir.clone()));
+    }
+    for (index, (key, dir)) in taken.iter().enumerate() {
+        if let Some((other, _)) = taken[..index].iter().find(|(_, d)| d == dir) {
+            return Err(Invalid::new(
+                *key,
+                format!("{} is also used as {other}", dir.display()),
+                "give each sink a spool directory of its own",
+            ));
+        }
     }
     Ok(())
+}
+
+/// In a cluster each member writes Parquet files named after it and keeps its spools in a
+/// folder of its own, so members may share a dataset directory (and a working directory).
+fn give_member_its_directories(raw: &mut ConfigFile, member: String) {
+    if let Some(parquet) = raw.parquet.as_mut() {
+        parquet.spool_dir_setting = Some(parquet.spool_dir().join(&member));
+        parquet.member = Some(member.clone());
+    }
+    if let Some(postgres) = raw.postgres.as_mut() {
+        postgres.spool_dir = postgres.spool_dir.join(&member);
+    }
+    if let Some(nats) = raw.nats.as_mut() {
+        nats.spool_dir = nats.spool_dir.join(&member);
+    }
 }
 
 /// A thing's `lock`, `[thing.alert]` and `manage`, checked as the service would check them,

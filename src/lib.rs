@@ -9,9 +9,9 @@
 //! | layer | modules |
 //! |---|---|
 //! | 0: shared facts | [`protocol`] (wire facts of both ends), [`backoff`] (retry delays), [`settings`] (config units and the validation error), [`record`] (what flows to the sinks), `http_server` (the HTTP/1 accept loop) |
-//! | 1: clients and telemetry | [`client`] (the dweet.io API; listen streams yield events), [`telemetry`] (metric names, health, the endpoint) |
+//! | 1: clients and telemetry | [`client`] (the dweet.io API; listen streams yield events), [`nats`] (the NATS connection), [`telemetry`] (metric names, health, the endpoint) |
 //! | 2: pure cores | [`normalize`] (dweet → record), [`alert`] (the condition engine and `[thing.alert]`) |
-//! | 3: components | [`source`] (`[source]`, things, one subscription per thing), [`sink`] (the fan-out, backlogs and spool, Parquet, PostgreSQL), [`sandbox`] (the dweet.io-compatible server and simulator) |
+//! | 3: components | [`source`] (`[source]`, things, one subscription per thing), [`sink`] (the fan-out, backlogs and spool, Parquet, PostgreSQL, the JetStream output), [`cluster`] (membership, ownership and leader through NATS JetStream), [`sandbox`] (the dweet.io-compatible server and simulator) |
 //! | 4: features | [`lifecycle`] (locks and alerts from the file), [`import`] (JSON Lines into the sinks) |
 //! | 5: configuration | [`config`] (things.toml: read, override, validate, assemble) |
 //! | 6: wiring | [`worker`] (start, reload, shut down) |
@@ -28,6 +28,8 @@ pub mod alert;
 pub mod backoff;
 pub mod client;
 #[cfg(feature = "worker")]
+pub mod cluster;
+#[cfg(feature = "worker")]
 pub mod config;
 #[cfg(feature = "server")]
 pub(crate) mod http_server;
@@ -35,6 +37,8 @@ pub(crate) mod http_server;
 pub mod import;
 #[cfg(feature = "worker")]
 pub mod lifecycle;
+#[cfg(feature = "worker")]
+pub mod nats;
 pub mod normalize;
 pub mod protocol;
 pub mod record;

@@ -112,13 +112,18 @@ impl LoopBeat {
 pub enum SinkName {
     Parquet,
     Postgres,
+    /// The JetStream output (`[nats]`).
+    Nats,
 }
 
 impl SinkName {
+    pub const ALL: [SinkName; 3] = [SinkName::Parquet, SinkName::Postgres, SinkName::Nats];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SinkName::Parquet => "parquet",
             SinkName::Postgres => "postgres",
+            SinkName::Nats => "nats",
         }
     }
 }
@@ -228,6 +233,15 @@ pub struct Metrics {
     pub lifecycle_drift: IntGauge,
     pub lifecycle_problems: IntGauge,
     pub uptime: Gauge,
+    /// Live members of the cluster as this member sees them (0 outside a cluster).
+    pub cluster_members: IntGauge,
+    /// Things this member owns and streams.
+    pub cluster_things_owned: IntGauge,
+    /// Things this member started or stopped because ownership changed.
+    pub cluster_ownership_moves: IntCounter,
+    cluster_lease_renewals: IntCounterVec,
+    /// 1 while this member leads (reconciles locks and alerts).
+    pub cluster_leader: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -366,6 +380,29 @@ impl Metrics {
             "Things whose lock or alert could not be checked or corrected at the last lifecycle check (wrong key, server unreachable).",
         ))?;
         let uptime = Gauge::with_opts(opts("uptime_seconds", "Seconds since the worker started."))?;
+        let cluster_members = IntGauge::with_opts(opts(
+            "cluster_members",
+            "Live members of the cluster as this member sees them (0 outside a cluster, or while this member cannot renew its membership).",
+        ))?;
+        let cluster_things_owned = IntGauge::with_opts(opts(
+            "cluster_things_owned",
+            "Things this member owns and streams (every configured thing outside a cluster).",
+        ))?;
+        let cluster_ownership_moves = IntCounter::with_opts(opts(
+            "cluster_ownership_moves_total",
+            "Things this member started or stopped because the cluster's ownership changed.",
+        ))?;
+        let cluster_lease_renewals = IntCounterVec::new(
+            opts(
+                "cluster_lease_renewals_total",
+                "Membership renewals in the NATS bucket, by outcome (ok, failed).",
+            ),
+            &["outcome"],
+        )?;
+        let cluster_leader = IntGauge::with_opts(opts(
+            "cluster_leader",
+            "1 while this member leads the cluster (reconciles locks and alerts); 1 outside a cluster when it reconciles.",
+        ))?;
 
         registry.register(Box::new(build_info.clone()))?;
         registry.register(Box::new(things_configured.clone()))?;
@@ -391,6 +428,11 @@ impl Metrics {
         registry.register(Box::new(lifecycle_drift.clone()))?;
         registry.register(Box::new(lifecycle_problems.clone()))?;
         registry.register(Box::new(uptime.clone()))?;
+        registry.register(Box::new(cluster_members.clone()))?;
+        registry.register(Box::new(cluster_things_owned.clone()))?;
+        registry.register(Box::new(cluster_ownership_moves.clone()))?;
+        registry.register(Box::new(cluster_lease_renewals.clone()))?;
+        registry.register(Box::new(cluster_leader.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -411,6 +453,9 @@ impl Metrics {
         }
         for outcome in ["ok", "invalid"] {
             config_reloads.with_label_values(&[outcome]);
+        }
+        for outcome in ["ok", "failed"] {
+            cluster_lease_renewals.with_label_values(&[outcome]);
         }
         Ok(Metrics {
             registry,
@@ -438,7 +483,19 @@ impl Metrics {
             lifecycle_drift,
             lifecycle_problems,
             uptime,
+            cluster_members,
+            cluster_things_owned,
+            cluster_ownership_moves,
+            cluster_lease_renewals,
+            cluster_leader,
         })
+    }
+
+    /// One membership renewal in the cluster's bucket, made (`ok`) or failed.
+    pub fn cluster_renewal(&self, ok: bool) {
+        self.cluster_lease_renewals
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
     }
 
     /// Creates a sink's series (at zero) when the sink is configured.
@@ -613,6 +670,8 @@ pub struct Health {
     sink_losses: Mutex<BTreeMap<SinkName, String>>,
     /// Sinks that cannot make records durable now, with what is wrong.
     sink_problems: Mutex<BTreeMap<SinkName, String>>,
+    /// In a cluster: why this member cannot renew its membership (it then owns nothing).
+    cluster_problem: Mutex<Option<String>>,
     /// Every running thing: `None` while its stream is up, else since when it is down.
     streams: Mutex<HashMap<String, Option<Instant>>>,
     /// How long a thing may be down before the worker is not ready.
@@ -633,6 +692,7 @@ impl Health {
             sink_losses: Mutex::new(BTreeMap::new()),
             metrics: None,
             sink_problems: Mutex::new(BTreeMap::new()),
+            cluster_problem: Mutex::new(None),
             streams: Mutex::new(HashMap::new()),
             grace,
         }
@@ -680,6 +740,11 @@ impl Health {
     /// that it is writing again (`None`).
     pub fn set_sink_problem(&self, sink: SinkName, problem: Option<String>) {
         set_or_clear(&self.sink_problems, sink, problem);
+    }
+
+    /// In a cluster: NATS cannot be reached to renew the membership (`Some(what)`), or can.
+    pub fn set_cluster_problem(&self, problem: Option<String>) {
+        *lock(&self.cluster_problem) = problem;
     }
 
     pub fn thing_down(&self, thing: &str) {
@@ -749,11 +814,14 @@ impl Health {
     /// Ready: every sink making records durable and every thing up or within its reconnect
     /// grace. The answer names what is not ready.
     pub fn readiness(&self) -> Result<(), String> {
-        let named: Vec<String> = lock(&self.sink_problems)
+        let mut named: Vec<String> = lock(&self.sink_problems)
             .iter()
             .chain(lock(&self.sink_losses).iter())
             .map(|(sink, problem)| format!("{}: {problem}", sink.as_str()))
             .collect();
+        if let Some(problem) = lock(&self.cluster_problem).as_ref() {
+            named.push(format!("cluster: {problem}"));
+        }
         if !named.is_empty() {
             return Err(named.join("; "));
         }

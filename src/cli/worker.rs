@@ -83,6 +83,11 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
                 _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
                     ping_watchdog(&worker);
                 }
+                () = worker.cluster_turn() => {
+                    if let Err(error) = worker.rebalance().await {
+                        tracing::error!(%error, "could not follow the cluster's ownership; will retry at its next change");
+                    }
+                }
             }
         }
     }
@@ -238,6 +243,18 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
     if let Some(metrics) = &config.metrics {
         println!("metrics: http://{}/metrics", metrics.listen);
     }
+    if let Some(nats) = &config.nats {
+        println!(
+            "nats: publishing to stream {} at {}",
+            nats.stream,
+            dweetpipe::nats::redact_urls(nats.url.as_deref().unwrap_or_default())
+        );
+    }
+    if let Some(cluster) = &config.cluster
+        && !print_cluster(cluster, &config.things).await
+    {
+        problems.push("the cluster's NATS".to_owned());
+    }
     if let Some(source) = &config.source {
         let client = source.client()?;
         match probe_things(&client, &config.things).await {
@@ -289,6 +306,60 @@ pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The cluster's members, its leader and who owns what; false when NATS cannot be asked.
+async fn print_cluster(
+    cluster: &dweetpipe::cluster::ClusterConfig,
+    things: &[dweetpipe::source::ThingConfig],
+) -> bool {
+    let nats = dweetpipe::nats::redact_urls(cluster.nats_url.as_deref().unwrap_or_default());
+    println!(
+        "cluster: {} at {nats}, this member {:?}, lease {}",
+        cluster.name,
+        cluster.member(),
+        humantime::format_duration(cluster.lease)
+    );
+    let survey =
+        tokio::time::timeout(Duration::from_secs(10), dweetpipe::cluster::survey(cluster)).await;
+    let (members, leader) = match survey {
+        Ok(Ok(found)) => found,
+        Ok(Err(error)) => {
+            println!("cluster: PROBLEM: {error}");
+            return false;
+        }
+        Err(_) => {
+            println!("cluster: PROBLEM: NATS at {nats} did not answer within 10 s");
+            return false;
+        }
+    };
+    let names: Vec<&str> = members.iter().map(|m| m.member.as_str()).collect();
+    println!(
+        "cluster: {} live member(s){}; leader: {}",
+        names.len(),
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", names.join(", "))
+        },
+        leader.as_deref().unwrap_or("none")
+    );
+    let owners =
+        dweetpipe::cluster::ownership::assign(things.iter().map(|t| t.name.as_str()), &names);
+    for member in &members {
+        let owned = owners.get(member.member.as_str()).map_or(0, Vec::len);
+        println!(
+            "  {}: owns {owned} thing(s), streams or hands over {}",
+            member.member,
+            member.holding.len()
+        );
+        if things.len() <= CHECK_LIST_UP_TO
+            && let Some(list) = owners.get(member.member.as_str())
+        {
+            println!("    {}", list.join(", "));
+        }
+    }
+    true
 }
 
 /// Asks the source about every thing, a few at a time; `Err` when the source itself does not

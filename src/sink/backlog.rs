@@ -18,7 +18,7 @@
 //! sink's watermark then stays below the gap, and the next start's backfill refills it from the
 //! source when the source still has it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
@@ -74,6 +74,9 @@ struct State {
     /// Things whose records were dropped in this run, so later ones are dropped too.
     lost: HashSet<String>,
     closed: bool,
+    /// In a cluster: the newest `created` per thing made durable in this run, so a member
+    /// hands a thing over only once its sinks hold everything it emitted.
+    durable: Option<HashMap<String, i64>>,
 }
 
 /// A batch taken by the sink; hand it back to [`Backlog::done`] once durable, or to
@@ -468,9 +471,31 @@ impl Backlog {
             .collect())
     }
 
+    /// Keeps, from now on, the newest durable `created` per thing (see [`Backlog::durable`]).
+    pub fn track_durable(&self) {
+        self.lock().durable.get_or_insert_with(HashMap::new);
+    }
+
+    /// The newest `created` of `thing` made durable in this run, when tracked.
+    pub fn durable(&self, thing: &str) -> Option<i64> {
+        self.lock().durable.as_ref()?.get(thing).copied()
+    }
+
     /// Forgets a batch the sink made durable (deleting its segment).
     pub fn done(&self, taken: Taken) {
         let mut state = self.lock();
+        if let Some(durable) = state.durable.as_mut() {
+            for record in taken.records.iter() {
+                if let (Some(thing), Some(created)) = (record.thing(), record.created_ms()) {
+                    match durable.get_mut(thing) {
+                        Some(mark) => *mark = (*mark).max(created),
+                        None => {
+                            durable.insert(thing.to_owned(), created);
+                        }
+                    }
+                }
+            }
+        }
         match taken.origin {
             Origin::Memory { seq } => state.in_flight.retain(|(held, _, _)| *held != seq),
             Origin::Segment(segment) => {

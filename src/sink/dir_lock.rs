@@ -36,12 +36,21 @@ pub enum LockError {
 impl DirLock {
     /// Creates `dir` if needed and locks it, or says which process holds it.
     pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
+        Self::acquire_as(dir, None)
+    }
+
+    /// Like [`DirLock::acquire`], for one cluster member of a directory that members share
+    /// (each writes only its own files): the lock is `.dweetpipe-<member>.lock`.
+    pub fn acquire_as(dir: &Path, member: Option<&str>) -> Result<DirLock, LockError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |error| LockError::Io { path, error }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = dir.join(LOCK_FILE);
+        let path = match member {
+            Some(member) => dir.join(format!(".dweetpipe-{member}.lock")),
+            None => dir.join(LOCK_FILE),
+        };
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

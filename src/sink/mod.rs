@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! records ──▶ fan_out ──▶ Parquet's Backlog ──▶ parquet::run (its own thread)
-//!                    └──▶ PostgreSQL's Backlog ─▶ postgres::run (its own task)
+//!                    ├──▶ PostgreSQL's Backlog ─▶ postgres::run (its own task)
+//!                    └──▶ JetStream's Backlog ──▶ nats::run (its own task)
 //! ```
 //!
 //! Each sink is an independent consumer: the fan-out hands every batch to each sink's backlog
@@ -13,6 +14,7 @@
 
 pub mod backlog;
 pub mod dir_lock;
+pub mod nats;
 pub mod parquet;
 pub mod postgres;
 pub mod spool;

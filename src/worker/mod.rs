@@ -1,12 +1,14 @@
 //! The ingest worker's wiring: start the sinks' loops, the fan-out and one subscription task
-//! per configured thing; reload; shut down in order. The loops themselves live with their
-//! components (`sink::parquet::run`, `sink::postgres::run`, `subscription`).
+//! per configured thing (in a cluster, per thing this member owns); reload; follow the
+//! cluster's ownership; shut down in order. The loops themselves live with their components
+//! (`sink::parquet::run`, `sink::postgres::run`, `sink::nats::run`, `subscription`,
+//! `cluster`).
 //!
 //! ```text
 //! subscription tasks ──(bounded channel of Records)──▶ fan-out ──▶ each sink's backlog ──▶ its loop
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -18,9 +20,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
+use crate::cluster::Membership;
 use crate::config::{Config, ConfigError};
 use crate::lifecycle;
+use crate::nats::NatsError;
 use crate::record::Record;
+use crate::sink::nats::{NatsLoop, NatsSink};
 use crate::sink::parquet::{ParquetLoop, ParquetSink};
 use crate::sink::postgres::{PostgresLoop, PostgresSink};
 use crate::sink::{Backlog, SinkError};
@@ -30,6 +35,11 @@ use crate::telemetry::{self, Health, Metrics, SinkName};
 
 /// Records in flight between the subscriptions and the fan-out.
 const PIPELINE_CAPACITY: usize = 16 * 1024;
+/// Leases a new owner waits for the previous one to hand a thing over before it starts the
+/// thing anyway (the previous one's sink is failing, say).
+const HANDOVER_PATIENCE: f64 = 3.0;
+/// How often a handover in progress is looked at again.
+const HANDOVER_CHECK: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -52,6 +62,8 @@ pub enum WorkerError {
     ShutdownTimeout(Duration),
     #[error("the {0} thread could not start: {1}")]
     Thread(&'static str, std::io::Error),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
 }
 
 impl From<prometheus::Error> for WorkerError {
@@ -83,6 +95,16 @@ pub struct ReloadReport {
     pub ignored: Vec<String>,
 }
 
+/// A cluster member's side of the handover of things.
+struct ClusterState {
+    membership: Membership,
+    /// Things stopped here (another member owns them now), held until every sink made what
+    /// they emitted durable, so the new owner's backfill finds it; since when.
+    releasing: HashMap<String, Instant>,
+    /// Things owned here but still held by another member, since when.
+    waiting: HashMap<String, Instant>,
+}
+
 /// A running worker.
 pub struct WorkerHandle {
     config: Config,
@@ -101,7 +123,9 @@ pub struct WorkerHandle {
     backlogs: Vec<Arc<Backlog>>,
     parquet: Option<ParquetLoop>,
     postgres: Option<PostgresLoop>,
+    nats: Option<NatsLoop>,
     lifecycle: Option<lifecycle::Reconciler>,
+    cluster: Option<ClusterState>,
 }
 
 /// Checks that `config` can run as a worker: a source and at least one sink.
@@ -113,11 +137,11 @@ pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
             "add [source] with url = \"https://dweet.io\" (or your sandbox)",
         )
     })?;
-    if config.parquet.is_none() && config.postgres.is_none() {
+    if config.parquet.is_none() && config.postgres.is_none() && config.nats.is_none() {
         return Err(config.error(
             "parquet",
             "no sink is configured",
-            "add a [parquet] section with dir = \"data/parquet\" and/or a [postgres] section",
+            "add a [parquet] section with dir = \"data/parquet\", a [postgres] section, and/or a [nats] section",
         ));
     }
     Ok(source)
@@ -225,6 +249,46 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         }
         None => None,
     };
+    let nats = match &config.nats {
+        Some(nats_config) => {
+            metrics.declare_sink(SinkName::Nats);
+            let backlog = Arc::new(Backlog::open(
+                &nats_config.spool_dir,
+                SinkName::Nats,
+                nats_config.memory_max_rows,
+                nats_config.spool_max,
+                Arc::clone(&metrics),
+                Arc::clone(&health),
+            )?);
+            let urls = nats_config.url.clone().unwrap_or_default();
+            let client = crate::nats::connect(&urls, "dweetpipe output", false).await?;
+            let names: Vec<String> = config.things.iter().map(|t| t.name.clone()).collect();
+            let opened = tokio::time::timeout(POSTGRES_PATIENCE, async {
+                let mut sink = NatsSink::open(client.clone(), nats_config).await?;
+                let marks = sink.watermarks(&names).await?;
+                Ok::<_, NatsError>((sink, marks))
+            })
+            .await;
+            let opened = match opened {
+                Ok(Ok((sink, marks))) => {
+                    sink_marks.push(marks);
+                    Some(sink)
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => "no answer within 3 s".to_owned(),
+                    };
+                    tracing::warn!(%why, "starting without the JetStream output: its records wait in its backlog until NATS answers, and every thing backfills what the source keeps");
+                    sink_marks.push(HashMap::new());
+                    None
+                }
+            };
+            backlogs.push(Arc::clone(&backlog));
+            Some((nats_config.clone(), client, opened, backlog))
+        }
+        None => None,
+    };
     let watermarks = seed_watermarks(&sink_marks.iter().collect::<Vec<_>>());
     // "Last dweet" from what the sinks hold, so a thing silent since before this start is
     // seen as silent (and alerted on) rather than absent.
@@ -272,6 +336,41 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
             Arc::clone(&health),
         )
     });
+    let nats = nats.map(|(nats_config, client, opened, backlog)| {
+        crate::sink::nats::spawn(
+            nats_config,
+            client,
+            opened,
+            backlog,
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+        )
+    });
+    let cluster = match &config.cluster {
+        Some(cluster_config) => {
+            // A handover waits for what a thing emitted to be durable in every sink.
+            backlogs.iter().for_each(|b| b.track_durable());
+            let mut membership = Membership::join(
+                cluster_config.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&health),
+            )
+            .await?;
+            let view = membership.first_view(cluster_config.lease).await;
+            tracing::info!(
+                member = cluster_config.member(),
+                members = ?view.members,
+                connected = view.connected,
+                "joined the cluster"
+            );
+            Some(ClusterState {
+                membership,
+                releasing: HashMap::new(),
+                waiting: HashMap::new(),
+            })
+        }
+        None => None,
+    };
     let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
     let fan_out = crate::sink::spawn_fan_out(receiver, backlogs.clone(), Arc::clone(&health))
         .map_err(|e| WorkerError::Thread("fan-out", e))?;
@@ -290,17 +389,27 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         backlogs,
         parquet,
         postgres,
+        nats,
         lifecycle: None,
+        cluster,
         config: config.clone(),
     };
-    worker.reconcile_lifecycle(&config)?;
-    for thing in &config.things {
-        worker.start_thing(thing.clone(), true);
-    }
     worker
         .metrics
         .things_configured
-        .set(worker.things.len() as i64);
+        .set(config.things.len() as i64);
+    if worker.cluster.is_some() {
+        worker.rebalance().await?;
+    } else {
+        worker.reconcile_lifecycle(&config)?;
+        for thing in &config.things {
+            worker.start_thing(thing.clone(), true);
+        }
+        worker
+            .metrics
+            .cluster_things_owned
+            .set(worker.things.len() as i64);
+    }
     tracing::info!(things = worker.things.len(), url = %crate::settings::redact_url(&worker.source.url), mode = ?worker.source.mode, "worker started");
     Ok(worker)
 }
@@ -415,6 +524,12 @@ impl WorkerHandle {
         {
             report.ignored.push("metrics".to_owned());
         }
+        if config.nats != self.config.nats {
+            report.ignored.push("nats".to_owned());
+        }
+        if config.cluster != self.config.cluster {
+            report.ignored.push("cluster".to_owned());
+        }
         let source_changed = *source != *self.source;
         if source_changed {
             self.source = Arc::new(source.clone());
@@ -443,32 +558,201 @@ impl WorkerHandle {
                 Some(_) => report.unchanged += 1,
             }
         }
-        for thing in &config.things {
-            if !self.things.contains_key(&thing.name) {
-                self.start_thing(thing.clone(), false);
-                report.added.push(thing.name.clone());
+        // In a cluster, `rebalance` below starts the new things this member owns.
+        if self.cluster.is_none() {
+            for thing in &config.things {
+                if !self.things.contains_key(&thing.name) {
+                    self.start_thing(thing.clone(), false);
+                    report.added.push(thing.name.clone());
+                }
             }
+            self.metrics
+                .cluster_things_owned
+                .set(self.things.len() as i64);
         }
-        self.metrics.things_configured.set(self.things.len() as i64);
+        self.metrics
+            .things_configured
+            .set(config.things.len() as i64);
         // A new source or new lifecycle settings need a new reconciler; new things do not.
         if (source_changed || config.lifecycle != self.config.lifecycle)
             && let Some(reconciler) = self.lifecycle.take()
         {
             reconciler.stop().await;
         }
-        self.reconcile_lifecycle(&config)?;
+        // In a cluster only the leader reconciles (`rebalance` starts it there).
+        if self.cluster.is_none() || self.lifecycle.is_some() {
+            self.reconcile_lifecycle(&config)?;
+        }
         self.metrics.config_reloaded(true);
         // Sections that need a restart keep their running values.
         let parquet = self.config.parquet.clone();
         let postgres = self.config.postgres.clone();
         let metrics = self.config.metrics.clone();
+        let nats = self.config.nats.clone();
+        let cluster = self.config.cluster.clone();
         self.config = Config {
             parquet,
             postgres,
             metrics,
+            nats,
+            cluster,
             ..config
         };
+        if self.cluster.is_some() {
+            let before: BTreeSet<String> = self.things.keys().cloned().collect();
+            self.rebalance().await?;
+            report.added = self
+                .things
+                .keys()
+                .filter(|t| !before.contains(*t))
+                .cloned()
+                .collect();
+        }
         Ok(report)
+    }
+
+    /// Resolves when the cluster's view changed, or a handover in progress needs another
+    /// look; then call [`rebalance`](Self::rebalance). Never resolves outside a cluster.
+    pub async fn cluster_turn(&mut self) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return std::future::pending().await;
+        };
+        if cluster.releasing.is_empty() && cluster.waiting.is_empty() {
+            cluster.membership.changed().await;
+        } else {
+            tokio::select! {
+                () = cluster.membership.changed() => {}
+                () = tokio::time::sleep(HANDOVER_CHECK) => {}
+            }
+        }
+    }
+
+    /// Follows the cluster's ownership: stops the things another member owns now (holding
+    /// them until every sink made them durable), starts the owned things no other member
+    /// holds any more (after a lease, even if one still does), and reconciles the lifecycle
+    /// while this member leads.
+    pub async fn rebalance(&mut self) -> Result<(), WorkerError> {
+        // Taken out while the things change (they need `self`), put back before anything fails.
+        let Some(mut cluster) = self.cluster.take() else {
+            return Ok(());
+        };
+        let view = cluster.membership.view();
+        let me = cluster.membership.member().to_owned();
+        let lease = cluster.membership.lease();
+        let mut moves = 0u64;
+
+        let lost: Vec<String> = self
+            .things
+            .keys()
+            .filter(|thing| !view.owns(&me, thing))
+            .cloned()
+            .collect();
+        for thing in lost {
+            self.stop_thing(&thing).await;
+            moves += 1;
+            cluster.releasing.insert(thing, Instant::now());
+        }
+        if !cluster.releasing.is_empty()
+            && let Some(parquet) = &self.parquet
+        {
+            parquet.seal_soon();
+        }
+        cluster.releasing.retain(|thing, since| {
+            let durable = self.durable_everywhere(thing);
+            let overdue = since.elapsed() > 2 * lease;
+            if overdue && !durable {
+                tracing::warn!(%thing, "handing over a thing whose records are not all durable here yet; what is missing comes back through the new owner's backfill");
+            }
+            !(durable || overdue || view.owns(&me, thing))
+        });
+
+        let owned: Vec<ThingConfig> = self
+            .config
+            .things
+            .iter()
+            .filter(|t| view.owns(&me, &t.name) && !self.things.contains_key(&t.name))
+            .cloned()
+            .collect();
+        cluster
+            .waiting
+            .retain(|thing, _| owned.iter().any(|t| t.name == *thing));
+        let mut starting = Vec::new();
+        let mut claimed_now = false;
+        for thing in owned {
+            let since = *cluster
+                .waiting
+                .entry(thing.name.clone())
+                .or_insert_with(Instant::now);
+            // Claimed first: only a view read after the claim was published can clear it.
+            if !view.published.contains(&thing.name) {
+                claimed_now = true;
+                continue;
+            }
+            match view.held_elsewhere.get(&thing.name) {
+                Some(holder) if since.elapsed() < lease.mul_f64(HANDOVER_PATIENCE) => {
+                    tracing::debug!(thing = %thing.name, %holder, "waiting for the previous owner to hand over");
+                    continue;
+                }
+                Some(holder) => {
+                    tracing::warn!(thing = %thing.name, %holder, "the previous owner did not hand over within three leases; starting anyway")
+                }
+                None => {}
+            }
+            cluster.waiting.remove(&thing.name);
+            starting.push(thing);
+        }
+        if !starting.is_empty() {
+            // The sinks look at what other members stored before these things' records.
+            if let Some(parquet) = &self.parquet {
+                parquet.absorb_others();
+            }
+            if let Some(nats) = &self.nats {
+                nats.forget_published();
+            }
+            for thing in starting {
+                moves += 1;
+                self.start_thing(thing, false);
+            }
+        }
+        let mut holding: BTreeSet<String> = self.things.keys().cloned().collect();
+        holding.extend(cluster.releasing.keys().cloned());
+        holding.extend(cluster.waiting.keys().cloned());
+        cluster.membership.set_holding(holding, claimed_now);
+        self.cluster = Some(cluster);
+        self.metrics
+            .cluster_things_owned
+            .set(self.things.len() as i64);
+        self.metrics.cluster_ownership_moves.inc_by(moves);
+        if moves > 0 {
+            tracing::info!(
+                members = view.members.len(),
+                owned = self.things.len(),
+                moved = moves,
+                "cluster ownership changed"
+            );
+        }
+
+        if view.leader && self.lifecycle.is_none() {
+            let config = self.config.clone();
+            self.reconcile_lifecycle(&config)?;
+        } else if !view.leader
+            && let Some(reconciler) = self.lifecycle.take()
+        {
+            reconciler.stop().await;
+        }
+        Ok(())
+    }
+
+    /// Whether every sink made durable all that `thing`'s subscription emitted here.
+    fn durable_everywhere(&self, thing: &str) -> bool {
+        let emitted = self.watermarks.get(thing).map_or(NO_WATERMARK, |w| {
+            w.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        emitted == NO_WATERMARK
+            || self
+                .backlogs
+                .iter()
+                .all(|b| b.durable(thing).is_some_and(|mark| mark >= emitted))
     }
 
     /// Keeps the server's locks and alerts in step with `config` when it declares any: starts
@@ -501,7 +785,9 @@ impl WorkerHandle {
             backlogs,
             parquet,
             postgres,
+            nats,
             lifecycle,
+            cluster,
             ..
         } = self;
         if let Some(reconciler) = lifecycle {
@@ -563,8 +849,28 @@ impl WorkerHandle {
                 .await
                 .is_err()
         };
-        let (parquet_late, postgres_late) = tokio::join!(parquet_done, postgres_done);
-        timed_out |= postgres_late;
+        let nats_done = async {
+            let Some(mut nats) = nats else {
+                return false;
+            };
+            if tokio::time::timeout_at(give_up_at.into(), nats.task())
+                .await
+                .is_ok()
+            {
+                return false;
+            }
+            nats.give_up();
+            tokio::time::timeout_at(late.into(), nats.join())
+                .await
+                .is_err()
+        };
+        let (parquet_late, postgres_late, nats_late) =
+            tokio::join!(parquet_done, postgres_done, nats_done);
+        timed_out |= postgres_late || nats_late;
+        // Leaving only now: the others start this member's things once they are durable here.
+        if let Some(cluster) = cluster {
+            cluster.membership.leave().await;
+        }
         background.cancel();
         timed_out |= parquet_late?;
         if timed_out {

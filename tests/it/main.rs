@@ -6,6 +6,7 @@ mod alerts;
 mod chaos;
 mod cli;
 mod client;
+mod cluster;
 mod common;
 mod deploy;
 mod faults;

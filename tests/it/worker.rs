@@ -47,6 +47,8 @@ pub(crate) fn test_config(url: &str, things: &[String], dir: &Path) -> Config {
         postgres: None,
         metrics: None,
         lifecycle: None,
+        cluster: None,
+        nats: None,
         shutdown_timeout: Duration::from_secs(10),
     }
 }

@@ -18,7 +18,7 @@ mod batch;
 mod recovery;
 mod run;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -80,6 +80,10 @@ pub struct ParquetConfig {
         deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
+    /// In a cluster, this member's name (from `[cluster]`, not written in `[parquet]`): file
+    /// names carry it, and recovery touches only its files.
+    #[serde(skip)]
+    pub member: Option<String>,
 }
 
 fn default_rotate_after() -> Duration {
@@ -107,6 +111,7 @@ impl ParquetConfig {
             memory_max_rows: default_memory_max_rows(),
             spool_dir_setting: None,
             spool_max: default_spool_max(),
+            member: None,
         }
     }
 
@@ -182,7 +187,12 @@ pub struct ParquetSink {
     last_generation: i64,
     open: Option<Generation>,
     metrics: Arc<Metrics>,
-    /// Held while the sink exists: no other process recovers or writes this directory.
+    /// Other members' files whose watermarks are in `durable` (a shared directory).
+    absorbed: HashSet<PathBuf>,
+    /// How far back the source replays (`[source] history`), for the recovery horizon.
+    replay: Duration,
+    /// Held while the sink exists: no other process (or member) recovers or writes this
+    /// directory as this member.
     _lock: DirLock,
 }
 
@@ -202,13 +212,13 @@ impl ParquetSink {
         replay: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, Opened), SinkError> {
-        let lock = DirLock::acquire(&config.dir)?;
+        let lock = DirLock::acquire_as(&config.dir, config.member.as_deref())?;
         for dataset in Dataset::ALL {
             let dir = config.dir.join(dataset.dir_name());
             fs::create_dir_all(&dir).map_err(|e| SinkError::io(&dir, e))?;
         }
         let horizon = recovery_horizon(now_ms(), replay);
-        let recovered = recovery::recover(&config.dir, horizon)?;
+        let recovered = recovery::recover(&config.dir, horizon, config.member.as_deref())?;
         let opened = Opened {
             removed_temporary: recovered.removed_temporary,
             removed_incomplete: recovered.removed_incomplete,
@@ -225,6 +235,8 @@ impl ParquetSink {
             last_generation: recovered.newest_generation,
             open: None,
             metrics,
+            absorbed: recovered.absorbed,
+            replay,
             _lock: lock,
         };
         Ok((sink, opened))
@@ -233,6 +245,19 @@ impl ParquetSink {
     /// The newest durable `created` (ms) per thing.
     pub fn watermarks(&self) -> &HashMap<String, i64> {
         &self.durable
+    }
+
+    /// Reads the generations other members sealed into a shared directory since the last
+    /// look, so what they hold is not written again (a thing that moved here). Returns how
+    /// many files were read.
+    pub fn absorb_others(&mut self) -> Result<usize, SinkError> {
+        recovery::absorb(
+            &self.config.dir,
+            recovery_horizon(now_ms(), self.replay),
+            self.config.member.as_deref(),
+            &mut self.absorbed,
+            &mut self.durable,
+        )
     }
 
     /// Rows written into the open generation and not yet sealed.
@@ -355,6 +380,7 @@ impl ParquetSink {
         add: impl FnOnce(&mut Rows),
     ) -> Result<(), SinkError> {
         let dir = self.config.dir.clone();
+        let member = self.config.member.clone();
         let properties = self.properties.clone();
         let generation = self.generation();
         let sequence = generation.files.len();
@@ -362,7 +388,11 @@ impl ParquetSink {
         let file = match generation.files.entry((dataset, date)) {
             std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::btree_map::Entry::Vacant(entry) => entry.insert(OpenFile::create(
-                &dir, dataset, date, id, sequence, properties,
+                &dir,
+                dataset,
+                date,
+                (member.as_deref(), id, sequence),
+                properties,
             )?),
         };
         add(&mut file.rows);
@@ -465,13 +495,15 @@ impl OpenFile {
         dir: &Path,
         dataset: Dataset,
         date: NaiveDate,
-        generation: i64,
-        sequence: usize,
+        (member, generation, sequence): (Option<&str>, i64, usize),
         properties: WriterProperties,
     ) -> Result<Self, SinkError> {
         let partition = dir.join(dataset.dir_name()).join(format!("date={date}"));
         fs::create_dir_all(&partition).map_err(|e| SinkError::io(&partition, e))?;
-        let name = format!("part-{generation}-{sequence}.parquet");
+        let name = match member {
+            Some(member) => format!("part-{member}-{generation}-{sequence}.parquet"),
+            None => format!("part-{generation}-{sequence}.parquet"),
+        };
         let tmp_path = partition.join(format!(".{name}.tmp"));
         let final_path = partition.join(name);
         let file = File::create(&tmp_path).map_err(|e| SinkError::io(&tmp_path, e))?;

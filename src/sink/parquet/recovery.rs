@@ -5,8 +5,13 @@
 //! incomplete generation is recognised and removed: its rows come back through backfill. The
 //! per-thing watermarks are the maximum `created` over complete generations, read from the
 //! footers, so no separate state file can disagree with the data.
+//!
+//! In a cluster, members may share the directory: file names carry the member
+//! (`part-<member>-<generation>-<n>.parquet`), recovery removes only this member's leftovers,
+//! and the watermarks count every member's complete generations, so a thing that moved here
+//! is not written again. [`absorb`] reads the generations other members sealed since.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +28,8 @@ pub struct Recovered {
     pub newest_generation: i64,
     pub removed_temporary: usize,
     pub removed_incomplete: usize,
+    /// Other members' files already counted in `watermarks`.
+    pub absorbed: HashSet<PathBuf>,
 }
 
 struct FileFooter {
@@ -31,46 +38,90 @@ struct FileFooter {
     watermarks: HashMap<String, i64>,
 }
 
-/// Scans `dir`. Files of generations older than `horizon_ms` are taken as complete without
-/// being opened: their things' dweets are past the source's retention anyway.
-pub fn recover(dir: &Path, horizon_ms: i64) -> Result<Recovered, SinkError> {
-    let mut recovered = Recovered::default();
-    let mut by_generation: HashMap<i64, Vec<FileFooter>> = HashMap::new();
+/// A data file's name: `part-[<member>-]<generation>-<n>.parquet`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PartName<'a> {
+    pub member: Option<&'a str>,
+    pub generation: i64,
+}
+
+/// Reads a data file's name; temporary files (`.part-….parquet.tmp`) read as their final name.
+pub fn part_name(name: &str) -> Option<PartName<'_>> {
+    let name = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .unwrap_or(name);
+    let stem = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let mut parts = stem.rsplitn(3, '-');
+    let _sequence: usize = parts.next()?.parse().ok()?;
+    let generation = parts.next()?.parse().ok()?;
+    let member = parts.next();
+    Some(PartName { member, generation })
+}
+
+/// Every data and temporary file under `dir`'s datasets.
+fn files(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
+    let mut all = Vec::new();
     for dataset in Dataset::ALL {
-        let root = dir.join(dataset.dir_name());
-        for partition in read_dir(&root)? {
-            if !partition.is_dir() {
-                continue;
-            }
-            for path in read_dir(&partition)? {
-                let name = file_name(&path);
-                if name.ends_with(".tmp") {
-                    fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
-                    recovered.removed_temporary += 1;
-                    continue;
-                }
-                let Some(generation) = generation_of(&name) else {
-                    continue;
-                };
-                recovered.newest_generation = recovered.newest_generation.max(generation);
-                if generation < horizon_ms {
-                    continue;
-                }
-                match read_footer(&path, generation) {
-                    Ok(footer) => by_generation.entry(generation).or_default().push(footer),
-                    Err(reason) => {
-                        // A file whose footer cannot be read was not finalised by us.
-                        tracing::warn!(path = %path.display(), %reason, "removing an unreadable Parquet file");
-                        fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
-                        recovered.removed_incomplete += 1;
-                    }
-                }
+        for partition in read_dir(&dir.join(dataset.dir_name()))? {
+            if partition.is_dir() {
+                all.extend(read_dir(&partition)?);
             }
         }
     }
-    for (generation, files) in by_generation {
+    Ok(all)
+}
+
+/// Scans `dir` as `member` (`None` outside a cluster). Files of generations older than
+/// `horizon_ms` are taken as complete without being opened: their things' dweets are past the
+/// source's retention anyway.
+pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Recovered, SinkError> {
+    let mut recovered = Recovered::default();
+    let mut by_generation: HashMap<(Option<String>, i64), Vec<FileFooter>> = HashMap::new();
+    for path in files(dir)? {
+        let name = file_name(&path);
+        let Some(part) = part_name(&name) else {
+            continue;
+        };
+        let own = part.member == member;
+        if name.ends_with(".tmp") {
+            // Another member's temporary file is its open generation, not a leftover.
+            if own {
+                fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
+                recovered.removed_temporary += 1;
+            }
+            continue;
+        }
+        if own {
+            recovered.newest_generation = recovered.newest_generation.max(part.generation);
+        }
+        if part.generation < horizon_ms {
+            continue;
+        }
+        match read_footer(&path, part.generation) {
+            Ok(footer) => by_generation
+                .entry((part.member.map(str::to_owned), part.generation))
+                .or_default()
+                .push(footer),
+            Err(reason) if own => {
+                // A file whose footer cannot be read was not finalised by us.
+                tracing::warn!(path = %path.display(), %reason, "removing an unreadable Parquet file");
+                fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
+                recovered.removed_incomplete += 1;
+            }
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "ignoring another member's unreadable Parquet file")
+            }
+        }
+    }
+    for ((owner, generation), files) in by_generation {
+        let own = owner.as_deref() == member;
         let expected = files.iter().map(|f| f.files).max().unwrap_or(0);
         if files.len() < expected {
+            if !own {
+                // Still being sealed, or its member's next start removes it.
+                continue;
+            }
             tracing::warn!(
                 generation,
                 found = files.len(),
@@ -84,13 +135,64 @@ pub fn recover(dir: &Path, horizon_ms: i64) -> Result<Recovered, SinkError> {
             continue;
         }
         for file in files {
-            for (thing, created_ms) in file.watermarks {
-                let mark = recovered.watermarks.entry(thing).or_insert(created_ms);
-                *mark = (*mark).max(created_ms);
+            merge(&mut recovered.watermarks, file.watermarks);
+            if !own {
+                recovered.absorbed.insert(file.path);
             }
         }
     }
     Ok(recovered)
+}
+
+/// Adds the watermarks of complete generations other members sealed since the last look
+/// (those not in `absorbed`), and remembers them. Removes nothing. Returns the files read.
+pub fn absorb(
+    dir: &Path,
+    horizon_ms: i64,
+    member: Option<&str>,
+    absorbed: &mut HashSet<PathBuf>,
+    watermarks: &mut HashMap<String, i64>,
+) -> Result<usize, SinkError> {
+    let mut by_generation: HashMap<(String, i64), Vec<FileFooter>> = HashMap::new();
+    for path in files(dir)? {
+        let name = file_name(&path);
+        if name.ends_with(".tmp") || absorbed.contains(&path) {
+            continue;
+        }
+        let Some(part) = part_name(&name) else {
+            continue;
+        };
+        if part.member == member || part.generation < horizon_ms {
+            continue;
+        }
+        if let Ok(footer) = read_footer(&path, part.generation) {
+            let owner = part.member.unwrap_or_default().to_owned();
+            by_generation
+                .entry((owner, part.generation))
+                .or_default()
+                .push(footer);
+        }
+    }
+    let mut read = 0;
+    for files in by_generation.into_values() {
+        let expected = files.iter().map(|f| f.files).max().unwrap_or(0);
+        if files.len() < expected {
+            continue;
+        }
+        for file in files {
+            merge(watermarks, file.watermarks);
+            absorbed.insert(file.path);
+            read += 1;
+        }
+    }
+    Ok(read)
+}
+
+fn merge(into: &mut HashMap<String, i64>, from: HashMap<String, i64>) {
+    for (thing, created_ms) in from {
+        let mark = into.entry(thing).or_insert(created_ms);
+        *mark = (*mark).max(created_ms);
+    }
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
@@ -111,16 +213,6 @@ fn file_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-/// `part-<generation>-<seq>.parquet` → generation.
-pub fn generation_of(name: &str) -> Option<i64> {
-    name.strip_prefix("part-")?
-        .strip_suffix(".parquet")?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn read_footer(path: &Path, generation: i64) -> Result<FileFooter, String> {
@@ -164,12 +256,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generation_is_read_from_the_file_name() {
+    fn member_and_generation_are_read_from_the_file_name() {
+        let solo = PartName {
+            member: None,
+            generation: 1_700_000_000_000,
+        };
+        assert_eq!(part_name("part-1700000000000-3.parquet"), Some(solo));
         assert_eq!(
-            generation_of("part-1700000000000-3.parquet"),
-            Some(1_700_000_000_000)
+            part_name(".part-worker-a-1-0.parquet.tmp"),
+            Some(PartName {
+                member: Some("worker-a"),
+                generation: 1
+            })
         );
-        assert_eq!(generation_of(".part-1-0.parquet.tmp"), None);
-        assert_eq!(generation_of("notes.txt"), None);
+        assert_eq!(part_name("notes.txt"), None);
+        assert_eq!(part_name("part-x-y.parquet"), None);
     }
 }

@@ -27,12 +27,34 @@ pub struct ParquetLoop {
     thread: std::thread::JoinHandle<()>,
     /// Stop retrying a failing directory: what is held goes to the spool (shutdown deadline).
     give_up: Arc<AtomicBool>,
+    requests: Arc<Requests>,
+}
+
+/// What the worker asks of the loop in a cluster, taken at its next turn.
+#[derive(Default)]
+struct Requests {
+    /// Read other members' new files before writing more (a thing moved here).
+    absorb: AtomicBool,
+    /// Seal the open generation now (a thing is being handed to another member).
+    seal: AtomicBool,
 }
 
 impl ParquetLoop {
     /// Asks a loop stuck on a failing directory to spool what it holds and end.
     pub fn give_up(&self) {
         self.give_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Before its next write, the loop reads what other members sealed into a shared
+    /// directory: call it before starting a thing that moved here.
+    pub fn absorb_others(&self) {
+        self.requests.absorb.store(true, Ordering::SeqCst);
+    }
+
+    /// Seals the open generation at the next turn rather than on time: a thing handed to
+    /// another member must be durable here first.
+    pub fn seal_soon(&self) {
+        self.requests.seal.store(true, Ordering::SeqCst);
     }
 
     pub fn is_finished(&self) -> bool {
@@ -56,7 +78,9 @@ pub fn spawn(
 ) -> Result<ParquetLoop, SinkError> {
     let runtime = tokio::runtime::Handle::current();
     let give_up = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(Requests::default());
     let state = Loop {
+        requests: Arc::clone(&requests),
         beat: health.register_loop("Parquet sink"),
         sink,
         backlog,
@@ -70,7 +94,11 @@ pub fn spawn(
         .name("dweetpipe-parquet".to_owned())
         .spawn(move || state.run(&runtime))
         .map_err(|e| SinkError::io(std::path::Path::new("the Parquet sink thread"), e))?;
-    Ok(ParquetLoop { thread, give_up })
+    Ok(ParquetLoop {
+        thread,
+        give_up,
+        requests,
+    })
 }
 
 struct Loop {
@@ -83,6 +111,7 @@ struct Loop {
     give_up: Arc<AtomicBool>,
     failing_since: Option<Instant>,
     beat: LoopBeat,
+    requests: Arc<Requests>,
 }
 
 impl Loop {
@@ -100,7 +129,9 @@ impl Loop {
             };
             // While failing, seal at once: success is what ends the fault.
             let outcome = outcome.and_then(|()| {
-                if self.sink.due() || (self.failing_since.is_some() && self.sink.is_open()) {
+                let asked = self.requests.seal.swap(false, Ordering::SeqCst);
+                let failing = self.failing_since.is_some();
+                if self.sink.due() || ((failing || asked) && self.sink.is_open()) {
                     self.seal()
                 } else {
                     Ok(())
@@ -149,7 +180,17 @@ impl Loop {
         }
         let started = Instant::now();
         let mut outcome = Ok(());
+        // Taken after the request: records of a thing that moved here come after it.
+        if self.requests.absorb.swap(false, Ordering::SeqCst)
+            && let Err(error) = self.sink.absorb_others()
+        {
+            self.requests.absorb.store(true, Ordering::SeqCst);
+            outcome = Err(error);
+        }
         for batch in &taken {
+            if outcome.is_err() {
+                break;
+            }
             match self.sink.write(&batch.records) {
                 Ok(skipped) => self.metrics.duplicates_dropped.inc_by(skipped as u64),
                 Err(error) => {

@@ -1,0 +1,356 @@
+//! The JetStream output (`[nats]`): every stored dweet, with its readings, published to a
+//! JetStream stream for applications that want the fleet live.
+//!
+//! ```text
+//! subject  dweetpipe.dweets.<thing>            (bytes other than A-Z a-z 0-9 - _ as %XX)
+//! header   Nats-Msg-Id: <thing>@<created>      (JetStream drops a repeat within its window)
+//! payload  {"thing", "created", "content", "readings": {"sensor": value}}
+//! ```
+//!
+//! Exactly once per dweet, in order per thing: a thing's dweets arrive oldest first, and the
+//! sink skips any not newer than the last one the stream holds for its subject (asked of the
+//! stream once per thing, and again after the thing moved between cluster members); a repeat
+//! inside the duplicate window (a retried batch) is dropped by JetStream on its id.
+
+mod run;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use serde::{Deserialize, Serialize};
+
+pub use run::{NatsLoop, spawn};
+
+use crate::nats::{NatsError, redact_urls};
+use crate::protocol::format_created;
+use crate::record::{Normalized, Record, ms_to_datetime};
+use crate::settings::Invalid;
+
+/// Subjects of the stream: `dweetpipe.dweets.<thing>`.
+pub const SUBJECT_PREFIX: &str = "dweetpipe.dweets";
+/// The header carrying the dweet's `created` in ms, so the last one can be read back cheaply.
+const CREATED_MS_HEADER: &str = "Dweetpipe-Created-Ms";
+/// How long JetStream remembers message ids to drop repeats.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The `[nats]` section.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:4222` (several comma-separated). Default: `[cluster]`'s address.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The variable holding `url`.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// The JetStream stream, created (file storage) when missing. Default `dweetpipe-dweets`.
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Records held in memory while NATS is down, before the spool. Default 100,000.
+    #[serde(default = "default_memory_max_rows")]
+    pub memory_max_rows: usize,
+    /// Where records wait on disk while NATS is down. Default `data/nats-spool`.
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
+    #[serde(
+        default = "default_spool_max",
+        deserialize_with = "crate::settings::byte_size"
+    )]
+    pub spool_max: u64,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url.as_deref().map(redact_urls))
+            .field("url_env", &self.url_env)
+            .field("stream", &self.stream)
+            .field("memory_max_rows", &self.memory_max_rows)
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_max", &self.spool_max)
+            .finish()
+    }
+}
+
+fn default_stream() -> String {
+    "dweetpipe-dweets".to_owned()
+}
+
+fn default_memory_max_rows() -> usize {
+    100_000
+}
+
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("data/nats-spool")
+}
+
+fn default_spool_max() -> u64 {
+    1 << 30
+}
+
+impl NatsConfig {
+    /// Resolves `url_env` (or takes `cluster_url`) into `url` and checks values; keys in the
+    /// error are relative to `[nats]`.
+    pub fn resolve(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+        cluster_url: Option<&str>,
+    ) -> Result<(), Invalid> {
+        match (&self.url, &self.url_env) {
+            (Some(_), Some(_)) => {
+                return Err(Invalid::new(
+                    "url_env",
+                    "both url and url_env are set",
+                    "keep one of them",
+                ));
+            }
+            (None, Some(variable)) => match env(variable) {
+                Some(url) if !url.trim().is_empty() => self.url = Some(url),
+                _ => {
+                    return Err(Invalid::new(
+                        "url_env",
+                        format!("the environment variable {variable} is not set"),
+                        format!("export {variable}=nats://host:4222, or set url"),
+                    ));
+                }
+            },
+            (None, None) => match cluster_url {
+                Some(url) => self.url = Some(url.to_owned()),
+                None => {
+                    return Err(Invalid::new(
+                        "url",
+                        "the JetStream output has no NATS address",
+                        "set url = \"nats://127.0.0.1:4222\" (or url_env), or add a [cluster] section whose address it then uses",
+                    ));
+                }
+            },
+            (Some(_), None) => {}
+        }
+        let valid = !self.stream.is_empty()
+            && self
+                .stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            return Err(Invalid::new(
+                "stream",
+                format!("{:?} is not a usable stream name", self.stream),
+                "use letters, digits, '-' and '_'",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `thing`'s subject: bytes that NATS gives a meaning to (`.`, `*`, `>`, spaces) and any
+/// other outside `A-Z a-z 0-9 - _` are written `%XX`, so every thing has one token.
+pub fn subject_of(thing: &str) -> String {
+    let mut subject = String::with_capacity(SUBJECT_PREFIX.len() + 1 + thing.len());
+    subject.push_str(SUBJECT_PREFIX);
+    subject.push('.');
+    for byte in thing.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
+            subject.push(char::from(byte));
+        } else {
+            subject.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    subject
+}
+
+/// One published dweet, as consumers read it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Published {
+    pub thing: String,
+    pub created: String,
+    pub content: Box<serde_json::value::RawValue>,
+    pub readings: serde_json::Map<String, serde_json::Value>,
+}
+
+fn payload(dweet: &Normalized) -> Vec<u8> {
+    // The content was decoded from JSON, so it is JSON; `null` is never reached.
+    let content =
+        serde_json::value::RawValue::from_string(dweet.content.clone()).unwrap_or_default();
+    let published = Published {
+        thing: dweet.thing.clone(),
+        created: format_created(ms_to_datetime(dweet.created_ms)),
+        content,
+        readings: dweet
+            .readings
+            .iter()
+            .map(|r| (r.sensor.clone(), serde_json::Value::from(r.value)))
+            .collect(),
+    };
+    serde_json::to_vec(&published).unwrap_or_default()
+}
+
+/// A connection to the output stream, with what it holds per thing.
+pub struct NatsSink {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    urls: String,
+    /// The newest `created` the stream holds per thing (asked once per thing).
+    published: HashMap<String, i64>,
+}
+
+impl NatsSink {
+    /// Opens (creating when missing) the stream on `client`.
+    pub async fn open(
+        client: async_nats::Client,
+        config: &NatsConfig,
+    ) -> Result<NatsSink, NatsError> {
+        let urls = config.url.clone().unwrap_or_default();
+        let js = jetstream::new(client);
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                NatsError::new(&urls, format!("cannot open stream {}: {e}", config.stream))
+            })?;
+        Ok(NatsSink {
+            js,
+            stream,
+            urls,
+            published: HashMap::new(),
+        })
+    }
+
+    /// The newest `created` the stream holds for `thing`, asked of the stream the first time.
+    async fn newest(&mut self, thing: &str) -> Result<i64, NatsError> {
+        if let Some(mark) = self.published.get(thing) {
+            return Ok(*mark);
+        }
+        let mark = match self
+            .stream
+            .get_last_raw_message_by_subject(&subject_of(thing))
+            .await
+        {
+            Ok(message) => message
+                .headers
+                .get(CREATED_MS_HEADER)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(i64::MIN),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                i64::MIN
+            }
+            Err(error) => return Err(NatsError::new(&self.urls, error)),
+        };
+        self.published.insert(thing.to_owned(), mark);
+        Ok(mark)
+    }
+
+    /// Forgets what it learnt of the stream: another member may have published since (a thing
+    /// moved here).
+    pub fn forget(&mut self) {
+        self.published.clear();
+    }
+
+    /// Publishes the dweets of `records` the stream does not hold yet and waits for every
+    /// acknowledgement. Returns how many were skipped as already held.
+    pub async fn publish(&mut self, records: &[&Record]) -> Result<usize, NatsError> {
+        let mut acks = Vec::new();
+        let mut newest: HashMap<&str, i64> = HashMap::new();
+        let mut skipped = 0;
+        for record in records {
+            let Record::Dweet(dweet) = record else {
+                continue;
+            };
+            let held = match newest.get(dweet.thing.as_str()) {
+                Some(mark) => *mark,
+                None => self.newest(&dweet.thing).await?,
+            };
+            if dweet.created_ms <= held {
+                skipped += 1;
+                continue;
+            }
+            let mut headers = async_nats::HeaderMap::new();
+            let created = format_created(ms_to_datetime(dweet.created_ms));
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{}@{created}", dweet.thing).as_str(),
+            );
+            headers.insert(CREATED_MS_HEADER, dweet.created_ms.to_string().as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject_of(&dweet.thing), headers, payload(dweet).into())
+                .await
+                .map_err(|e| NatsError::new(&self.urls, e))?;
+            acks.push(ack);
+            newest.insert(&dweet.thing, dweet.created_ms);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| NatsError::new(&self.urls, e))?;
+        }
+        for (thing, mark) in newest {
+            self.published.insert(thing.to_owned(), mark);
+        }
+        Ok(skipped)
+    }
+
+    /// The newest `created` the stream holds for each of `things` (start-up watermarks).
+    pub async fn watermarks(
+        &mut self,
+        things: &[String],
+    ) -> Result<HashMap<String, i64>, NatsError> {
+        let mut marks = HashMap::new();
+        for thing in things {
+            let mark = self.newest(thing).await?;
+            if mark != i64::MIN {
+                marks.insert(thing.clone(), mark);
+            }
+        }
+        Ok(marks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Reading;
+
+    #[test]
+    fn every_thing_is_one_subject_token() {
+        assert_eq!(subject_of("S5D9-0001"), "dweetpipe.dweets.S5D9-0001");
+        assert_eq!(subject_of("a.b c>*"), "dweetpipe.dweets.a%2Eb%20c%3E%2A");
+        assert_eq!(subject_of("café"), "dweetpipe.dweets.caf%C3%A9");
+    }
+
+    #[test]
+    fn the_payload_keeps_the_content_as_it_came() {
+        let dweet = Normalized {
+            thing: "t".to_owned(),
+            created_ms: 1_795_000_000_000,
+            received_ms: 1_795_000_000_005,
+            content: r#"{"big":12345678901234567890,"t":1.5}"#.to_owned(),
+            readings: vec![Reading {
+                sensor: "t".to_owned(),
+                value: 1.5,
+            }],
+        };
+        let read: Published = serde_json::from_slice(&payload(&dweet)).unwrap();
+        assert_eq!(read.content.get(), dweet.content);
+        assert_eq!(read.created, "2026-11-18T06:13:20.000Z");
+        assert_eq!(read.readings["t"], 1.5);
+    }
+
+    #[test]
+    fn the_address_comes_from_the_cluster_or_must_be_given() {
+        let mut config: NatsConfig = toml::from_str("").unwrap();
+        assert_eq!(config.resolve(|_| None, None).unwrap_err().key, "url");
+        config.resolve(|_| None, Some("nats://h:4222")).unwrap();
+        assert_eq!(config.url.as_deref(), Some("nats://h:4222"));
+        let mut secret: NatsConfig = toml::from_str("url = \"nats://u:hunter2@h\"").unwrap();
+        secret.resolve(|_| None, None).unwrap();
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,197 @@
+//! The JetStream output's loop: connect (for as long as it takes; records wait in the
+//! backlog), open the stream, then publish what the backlog holds oldest first and tell the
+//! backlog once JetStream acknowledged every message of a batch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{NatsConfig, NatsSink};
+use crate::backoff::Backoff;
+use crate::nats::NatsError;
+use crate::record::Record;
+use crate::sink::backlog::Backlog;
+use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
+
+/// Records published per turn at most.
+const TAKE_RECORDS: usize = 4096;
+
+/// The running loop.
+pub struct NatsLoop {
+    task: JoinHandle<()>,
+    give_up: CancellationToken,
+    forget: Arc<AtomicBool>,
+}
+
+impl NatsLoop {
+    /// Stops waiting for NATS: what is left goes to the spool for the next start.
+    pub fn give_up(&self) {
+        self.give_up.cancel();
+    }
+
+    /// Before its next publish, the loop asks the stream again what it holds per thing:
+    /// call it before starting a thing that moved here.
+    pub fn forget_published(&self) {
+        self.forget.store(true, Ordering::SeqCst);
+    }
+
+    pub fn task(&mut self) -> &mut JoinHandle<()> {
+        &mut self.task
+    }
+
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the loop with a sink opened at start-up, or opens it in the background.
+pub fn spawn(
+    config: NatsConfig,
+    client: async_nats::Client,
+    opened: Option<NatsSink>,
+    backlog: Arc<Backlog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> NatsLoop {
+    let give_up = CancellationToken::new();
+    let forget = Arc::new(AtomicBool::new(false));
+    let state = Loop {
+        beat: health.register_loop("JetStream output"),
+        config,
+        client,
+        backlog,
+        metrics,
+        health,
+        give_up: give_up.clone(),
+        forget: Arc::clone(&forget),
+    };
+    let task = tokio::spawn(state.run(opened));
+    NatsLoop {
+        task,
+        give_up,
+        forget,
+    }
+}
+
+struct Loop {
+    config: NatsConfig,
+    client: async_nats::Client,
+    backlog: Arc<Backlog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    give_up: CancellationToken,
+    forget: Arc<AtomicBool>,
+    beat: LoopBeat,
+}
+
+impl Loop {
+    async fn run(self, opened: Option<NatsSink>) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut sink = opened;
+        loop {
+            self.beat.beat();
+            if sink.is_none() {
+                match NatsSink::open(self.client.clone(), &self.config).await {
+                    Ok(opened) => {
+                        self.health.set_sink_problem(SinkName::Nats, None);
+                        sink = Some(opened);
+                    }
+                    Err(error) => {
+                        if self.failed(&error, &mut backoff).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(open) = sink.as_mut() else { continue };
+            let first = tokio::select! {
+                _ = self.give_up.cancelled() => None,
+                first = self.backlog.next() => first,
+                // Idle is not stuck: turn at least every second.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            };
+            let Some(first) = first else {
+                self.backlog.spill_memory();
+                return;
+            };
+            let mut rows = first.records.len();
+            let mut taken = vec![first];
+            while rows < TAKE_RECORDS {
+                match self.backlog.try_take() {
+                    Some(more) => {
+                        rows += more.records.len();
+                        taken.push(more);
+                    }
+                    None => break,
+                }
+            }
+            if self.forget.swap(false, Ordering::SeqCst) {
+                open.forget();
+            }
+            let records: Vec<&Record> = taken.iter().flat_map(|t| t.records.iter()).collect();
+            let dweets = records
+                .iter()
+                .filter(|r| matches!(r, Record::Dweet(_)))
+                .count();
+            let published = tokio::select! {
+                _ = self.give_up.cancelled() => None,
+                published = open.publish(&records) => Some(published),
+            };
+            match published {
+                Some(Ok(skipped)) => {
+                    self.metrics.duplicates_dropped.inc_by(skipped as u64);
+                    self.metrics.rows_written(
+                        SinkName::Nats,
+                        Table::Dweets,
+                        (dweets - skipped) as u64,
+                    );
+                    taken.into_iter().for_each(|t| self.backlog.done(t));
+                    self.health.set_sink_problem(SinkName::Nats, None);
+                    backoff.reset();
+                }
+                Some(Err(error)) => {
+                    self.backlog.give_back(taken);
+                    // What it learnt may be stale after a failure.
+                    open.forget();
+                    if self.failed(&error, &mut backoff).await {
+                        return;
+                    }
+                }
+                None => {
+                    // Acknowledged ones are skipped when the rest replays.
+                    self.backlog.give_back(taken);
+                    self.backlog.spill_memory();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reports `error`, spools what waits, and backs off. Returns true when giving up.
+    async fn failed(&self, error: &NatsError, backoff: &mut Backoff) -> bool {
+        self.metrics.sink_error(SinkName::Nats);
+        self.backlog.spill_memory();
+        let (memory, spooled, _) = self.backlog.pending();
+        tracing::warn!(%error, memory, spooled, "the JetStream output cannot publish; its records wait in its backlog");
+        self.health.set_sink_problem(
+            SinkName::Nats,
+            Some(format!(
+                "cannot publish ({error}); {memory} records wait in memory and {spooled} bytes in the spool"
+            )),
+        );
+        let delay = backoff.next_delay(&mut rand::rng());
+        tokio::select! {
+            _ = self.give_up.cancelled() => true,
+            _ = self.backlog.closed() => {
+                // Shutting down while NATS is away: the spool keeps its share.
+                self.backlog.spill_memory();
+                true
+            }
+            _ = self.beat.pause_beating(delay) => false,
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! A dweetpipe cluster over a real `nats-server -js` of the test's own (free port, temporary
+//! store): several `dweetpipe run` processes share one sandbox fleet, one PostgreSQL database
+//! and one Parquet directory. Members are killed, join, leave, and NATS restarts; afterwards
+//! every sink holds each dweet the sandbox accepted exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dweetpipe::cluster::ownership;
+use dweetpipe::sandbox::SandboxHandle;
+use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
+
+use crate::common::{KEY, LOCK, OTHER_KEY, OTHER_LOCK, client_for, free_port, thing};
+use crate::postgres::{TestDatabase, assert_same, stored};
+use crate::worker::{WorkerProcess, big_sandbox, parquet_dweets, sandbox_dweets, write_config};
+
+/// A `nats-server` with JetStream, on a free port, storing into a directory of its own.
+pub(crate) struct NatsServer {
+    child: Option<std::process::Child>,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+fn nats_server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("DWEETPIPE_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let candidates = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| Path::new(dir).join("nats-server"))
+        .chain(["/usr/sbin/nats-server", "/usr/bin/nats-server"].map(PathBuf::from))
+        .collect::<Vec<_>>();
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "nats-server was not found: install Debian's package (apt-get install nats-server; \
+             .ci/run does) or set DWEETPIPE_NATS_SERVER to the binary"
+            )
+        })
+}
+
+impl NatsServer {
+    pub(crate) fn start() -> Self {
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.store.path().join("nats.log")).unwrap();
+        let child = std::process::Command::new(nats_server_binary())
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default()
+    }
+
+    /// Stops the server (SIGTERM, as a service manager would) and starts it again on the same
+    /// port and store after `down`.
+    pub(crate) fn restart(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.launch();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One `dweetpipe run` member, with its metrics port.
+struct Member {
+    name: String,
+    process: WorkerProcess,
+    metrics_port: u16,
+}
+
+impl Member {
+    fn spawn(name: &str, setup: &Setup) -> Member {
+        let metrics_port = free_port();
+        let listen = format!("127.0.0.1:{metrics_port}");
+        let env = [
+            ("TEST_DATABASE_URL", setup.db.url.as_str()),
+            ("DWEETPIPE__CLUSTER__MEMBER", name),
+            ("DWEETPIPE__METRICS__LISTEN", listen.as_str()),
+            ("NODE_KEY", KEY),
+            ("OTHER_NODE_KEY", OTHER_KEY),
+        ];
+        let process = WorkerProcess::spawn(
+            &setup.config,
+            &env,
+            setup.dir.path().join(format!("{name}.log")),
+        );
+        Member {
+            name: name.to_owned(),
+            process,
+            metrics_port,
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        match reqwest::get(&url).await {
+            Ok(answer) => answer.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The things this member runs a subscription for.
+    async fn running(&self) -> BTreeSet<String> {
+        series(&self.metrics().await, "dweetpipe_stream_up")
+            .into_iter()
+            .map(|(thing, _)| thing)
+            .collect()
+    }
+
+    async fn value(&self, name: &str) -> f64 {
+        value(&self.metrics().await, name)
+    }
+}
+
+/// `name{thing="…"} value` lines of a scrape.
+fn series(text: &str, name: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{name}{{thing=\"");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (thing, value) = rest.split_once("\"} ")?;
+            Some((thing.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every series of `name` (with any labels, or none) in a scrape.
+fn value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// What one cluster test runs against.
+struct Setup {
+    dir: tempfile::TempDir,
+    server: SandboxHandle,
+    nats: NatsServer,
+    db: TestDatabase,
+    things: Vec<String>,
+    config: PathBuf,
+    fleet: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Setup {
+    async fn new(label: &str, things: usize, extra: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let server = big_sandbox().await;
+        let nats = NatsServer::start();
+        let db = TestDatabase::create().await;
+        let prefix = format!("{}-", thing(label));
+        let names: Vec<String> = (1..=things).map(|i| thing_name(&prefix, i)).collect();
+        let entries: Vec<(&str, Option<&str>)> = names.iter().map(|t| (t.as_str(), None)).collect();
+        let config = write_config(
+            dir.path(),
+            &server.base_url(),
+            &entries,
+            &cluster_sections(
+                dir.path(),
+                &nats,
+                &extra.replace("{dir}", &dir.path().display().to_string()),
+            ),
+        );
+        let fleet_config = FleetConfig {
+            things,
+            interval: Duration::from_millis(200),
+            prefix,
+            ..FleetConfig::default()
+        };
+        let fleet = tokio::spawn({
+            let client = client_for(&server);
+            async move {
+                run_fleet(client, fleet_config, Arc::new(FleetStats::default())).await;
+            }
+        });
+        Setup {
+            dir,
+            server,
+            nats,
+            db,
+            things: names,
+            config,
+            fleet: Some(fleet),
+        }
+    }
+
+    fn parquet(&self) -> PathBuf {
+        self.dir.path().join("parquet")
+    }
+
+    async fn stop_fleet(&mut self) {
+        if let Some(fleet) = self.fleet.take() {
+            fleet.abort();
+            let _ = fleet.await;
+        }
+    }
+
+    async fn accepted(&self) -> BTreeSet<(String, i64)> {
+        sandbox_dweets(&client_for(&self.server), &self.things, None).await
+    }
+
+    /// Waits (the fleet stopped) until PostgreSQL holds every dweet the sandbox accepted.
+    async fn wait_caught_up(&self, members: &[&Member]) {
+        let expected = self.accepted().await;
+        let mut connection = self.db.connect().await;
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let rows: BTreeSet<_> = stored(&mut connection).await.into_iter().collect();
+            if rows == expected {
+                return;
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<_> = expected.difference(&rows).take(5).collect();
+                let logs: String = members.iter().map(|m| m.process.log()).collect();
+                panic!("PostgreSQL did not catch up; missing {missing:?}\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Every sink holds each accepted dweet exactly once: PostgreSQL, and the union of every
+    /// member's sealed Parquet files.
+    async fn assert_every_sink_exactly_once(&self) -> usize {
+        let expected = self.accepted().await;
+        let mut connection = self.db.connect().await;
+        assert_same(stored(&mut connection).await, &expected);
+        let in_parquet = parquet_dweets(&self.parquet());
+        let unique: BTreeSet<_> = in_parquet.iter().cloned().collect();
+        let repeated = in_parquet.len() - unique.len();
+        assert_eq!(repeated, 0, "dweets stored twice in the Parquet union");
+        let missing: Vec<_> = expected.difference(&unique).take(5).collect();
+        let extra: Vec<_> = unique.difference(&expected).take(5).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "Parquet union: missing {missing:?}, extra {extra:?}"
+        );
+        expected.len()
+    }
+}
+
+fn cluster_sections(dir: &Path, nats: &NatsServer, extra: &str) -> String {
+    format!(
+        "[postgres]\nurl_env = \"TEST_DATABASE_URL\"\nspool_dir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[cluster]\nnats_url = \"{}\"\nname = \"test\"\nlease = \"2s\"\n\n{extra}\n",
+        dir.join("pg-spool").display(),
+        nats.url()
+    )
+}
+
+/// Waits until `members` run every thing, each on exactly the member the rendezvous hash
+/// names among them; returns how long it took.
+async fn wait_owned(members: &[&Member], things: &[String], within: Duration) -> Duration {
+    let started = Instant::now();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    let expected = ownership::assign(things.iter().map(String::as_str), &names);
+    let mut seen = BTreeMap::new();
+    loop {
+        seen.clear();
+        for member in members {
+            seen.insert(member.name.clone(), member.running().await);
+        }
+        let matches = members.iter().all(|m| {
+            let wanted: BTreeSet<String> = expected
+                .get(m.name.as_str())
+                .map(|list| list.iter().map(|t| (*t).to_owned()).collect())
+                .unwrap_or_default();
+            seen.get(&m.name) == Some(&wanted)
+        });
+        if matches {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            let logs: String = members.iter().map(|m| m.process.log()).collect();
+            panic!(
+                "ownership did not settle within {within:?}: running {:?}, expected {expected:?}\n{}",
+                seen.iter()
+                    .map(|(m, s)| (m.clone(), s.len()))
+                    .collect::<Vec<_>>(),
+                &logs[logs.len().saturating_sub(20_000)..]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn stop(members: Vec<Member>) {
+    for member in &members {
+        member.process.signal("-TERM");
+    }
+    for mut member in members {
+        let log = member.process.log();
+        assert!(
+            member.process.wait().await.success(),
+            "{}: {log}",
+            member.name
+        );
+    }
+}
+
+/// Every message of the output stream: (thing, created ms) in stream order.
+async fn output_stream(nats: &NatsServer, stream: &str) -> Vec<(String, i64)> {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut handle = js.get_stream(stream).await.unwrap();
+    let last = handle.info().await.unwrap().state.last_sequence;
+    let mut read = Vec::new();
+    for sequence in 1..=last {
+        let Ok(message) = handle.get_raw_message(sequence).await else {
+            continue;
+        };
+        let published: dweetpipe::sink::nats::Published =
+            serde_json::from_slice(&message.payload).unwrap();
+        let created = dweetpipe::protocol::parse_created(&published.created)
+            .unwrap()
+            .timestamp_millis();
+        read.push((published.thing, created));
+    }
+    read
+}
+
+/// Each dweet once, in order per thing.
+fn assert_output_exactly_once_in_order(read: &[(String, i64)], expected: &BTreeSet<(String, i64)>) {
+    let unique: BTreeSet<_> = read.iter().cloned().collect();
+    assert_eq!(read.len(), unique.len(), "a dweet published twice");
+    let missing: Vec<_> = expected.difference(&unique).take(5).collect();
+    assert!(missing.is_empty(), "not published: {missing:?}");
+    let mut newest: BTreeMap<&str, i64> = BTreeMap::new();
+    for (thing, created) in read {
+        if let Some(before) = newest.insert(thing, *created) {
+            assert!(
+                before < *created,
+                "{thing}: {created} published after {before}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_member_s_things_resume_on_the_others_and_every_sink_holds_each_dweet_once() {
+    let mut setup = Setup::new(
+        "cl-kill",
+        30,
+        "[nats]\nstream = \"cluster-kill\"\nspool_dir = \"{dir}/nats-spool\"\n",
+    )
+    .await;
+    let a = Member::spawn("worker-a", &setup);
+    let b = Member::spawn("worker-b", &setup);
+    let c = Member::spawn("worker-c", &setup);
+    wait_owned(&[&a, &b, &c], &setup.things, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut b = b;
+    b.process.signal("-KILL");
+    b.process.wait().await;
+    let moved = wait_owned(&[&a, &c], &setup.things, Duration::from_secs(20)).await;
+    eprintln!(
+        "cluster: a killed member's things ran on the others {moved:?} after the kill (lease 2 s)"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    setup.stop_fleet().await;
+    setup.wait_caught_up(&[&a, &c]).await;
+    stop(vec![a, c]).await;
+
+    let stored = setup.assert_every_sink_exactly_once().await;
+    let read = output_stream(&setup.nats, "cluster-kill").await;
+    assert_output_exactly_once_in_order(&read, &setup.accepted().await);
+    eprintln!(
+        "cluster kill: {stored} dweets, each once in PostgreSQL, the Parquet union and the JetStream output"
+    );
+    setup.db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_that_joins_takes_its_share_and_gives_it_back_when_it_leaves() {
+    let mut setup = Setup::new("cl-join", 40, "").await;
+    let a = Member::spawn("worker-a", &setup);
+    let b = Member::spawn("worker-b", &setup);
+    let c = Member::spawn("worker-c", &setup);
+    wait_owned(&[&a, &b, &c], &setup.things, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let d = Member::spawn("worker-d", &setup);
+    wait_owned(&[&a, &b, &c, &d], &setup.things, Duration::from_secs(30)).await;
+    let taken = d.running().await.len();
+    assert!(
+        (4..=18).contains(&taken),
+        "about a quarter of 40 things moved to the newcomer: {taken}"
+    );
+    let moves_before = a.value("dweetpipe_cluster_ownership_moves_total").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    d.process.signal("-TERM");
+    let mut d = d;
+    assert!(d.process.wait().await.success(), "{}", d.process.log());
+    let back = wait_owned(&[&a, &b, &c], &setup.things, Duration::from_secs(20)).await;
+    eprintln!(
+        "cluster: {taken} of 40 things moved to a joining member; back {back:?} after it left"
+    );
+    assert!(a.value("dweetpipe_cluster_ownership_moves_total").await >= moves_before);
+    assert_eq!(a.value("dweetpipe_cluster_members").await, 3.0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    setup.stop_fleet().await;
+    setup.wait_caught_up(&[&a, &b, &c]).await;
+    stop(vec![a, b, c]).await;
+    let stored = setup.assert_every_sink_exactly_once().await;
+    eprintln!("cluster join/leave: {stored} dweets, each once in PostgreSQL and the Parquet union");
+    setup.db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nats_restart_loses_and_repeats_nothing() {
+    let mut setup = Setup::new(
+        "cl-nats",
+        20,
+        "[nats]\nstream = \"cluster-restart\"\nspool_dir = \"{dir}/nats-spool\"\n",
+    )
+    .await;
+    let a = Member::spawn("worker-a", &setup);
+    let b = Member::spawn("worker-b", &setup);
+    wait_owned(&[&a, &b], &setup.things, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let renewals = a.value("dweetpipe_cluster_lease_renewals_total").await;
+
+    // Shorter than the lease: the members keep their things meanwhile.
+    setup.nats.restart(Duration::from_millis(800));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_owned(&[&a, &b], &setup.things, Duration::from_secs(20)).await;
+    assert!(
+        a.value("dweetpipe_cluster_lease_renewals_total").await > renewals,
+        "renewals go on after the restart"
+    );
+    setup.stop_fleet().await;
+    setup.wait_caught_up(&[&a, &b]).await;
+    // The output's backlog drains once NATS is back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop(vec![a, b]).await;
+    let stored = setup.assert_every_sink_exactly_once().await;
+    let read = output_stream(&setup.nats, "cluster-restart").await;
+    assert_output_exactly_once_in_order(&read, &setup.accepted().await);
+    eprintln!("cluster NATS restart: {stored} dweets, each once in every sink and the output");
+    setup.db.drop_now().await;
+}
+
+/// Changes made, and leaders, over `members`.
+async fn lifecycle_state(members: &[Member]) -> (f64, f64) {
+    let mut total = 0.0;
+    let mut leaders = 0.0;
+    for member in members {
+        let text = member.metrics().await;
+        total += changes_made(&text);
+        leaders += value(&text, "dweetpipe_cluster_leader");
+    }
+    (total, leaders)
+}
+
+/// Lock and alert changes a member made successfully.
+fn changes_made(scrape: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| {
+            l.starts_with("dweetpipe_lifecycle_actions_total{") && l.contains("outcome=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_reconciles_locks_and_alerts_and_each_change_is_made_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::common::sandbox().await;
+    let nats = NatsServer::start();
+    let db = TestDatabase::create().await;
+    let first = thing("cl-life-a");
+    let second = thing("cl-life-b");
+    let mut text = format!(
+        "[source]\nurl = \"{}\"\nstart_spread = \"0s\"\n\n[lifecycle]\ninterval = \"1s\"\n\n{}",
+        server.base_url(),
+        cluster_sections(dir.path(), &nats, "")
+    );
+    for (name, lock, key_env) in [
+        (&first, LOCK, "NODE_KEY"),
+        (&second, OTHER_LOCK, "OTHER_NODE_KEY"),
+    ] {
+        text.push_str(&format!(
+            "[[thing]]\nname = \"{name}\"\nkey_env = \"{key_env}\"\nlock = \"{lock}\"\n[thing.alert]\nto = [\"ops@example.com\"]\nwhen = \"if(dweet.t > 40) return 'hot';\"\n\n"
+        ));
+    }
+    let config = dir.path().join("things.toml");
+    std::fs::write(&config, text).unwrap();
+    let setup = Setup {
+        dir,
+        server,
+        nats,
+        db,
+        things: vec![first.clone(), second.clone()],
+        config,
+        fleet: None,
+    };
+    let members: Vec<Member> = ["worker-a", "worker-b", "worker-c"]
+        .iter()
+        .map(|name| Member::spawn(name, &setup))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lifecycle_state(&members).await.0 < 4.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the lifecycle was not reconciled: {}",
+            members[0].process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Several reconcile rounds later, still the four changes, made by one leader.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (total, leaders) = lifecycle_state(&members).await;
+    assert_eq!(total, 4.0, "two locks and two alerts, each set once");
+    assert_eq!(leaders, 1.0, "one leader");
+
+    // The leader dies; another takes over and finds nothing to change.
+    let mut members = members;
+    let mut leader_index = None;
+    for (index, member) in members.iter().enumerate() {
+        if member.value("dweetpipe_cluster_leader").await == 1.0 {
+            leader_index = Some(index);
+        }
+    }
+    let mut leader = members.remove(leader_index.unwrap());
+    let made_by_leader = changes_made(&leader.metrics().await);
+    leader.process.signal("-KILL");
+    leader.process.wait().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, leaders) = lifecycle_state(&members).await;
+        if leaders == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader after the old one died"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, _) = lifecycle_state(&members).await;
+    assert_eq!(
+        after + made_by_leader,
+        4.0,
+        "the new leader made no change: the server already matched"
+    );
+    let client = client_for(&setup.server);
+    assert!(
+        client
+            .get_alert(&first, &dweetpipe::client::Key::new(KEY))
+            .await
+            .is_ok()
+    );
+    stop(members).await;
+    setup.db.drop_now().await;
+}
