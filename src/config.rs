@@ -564,6 +564,46 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_member_gets_its_own_files_and_spools_and_the_output_its_address() {
+        let config = load(
+            r#"
+[source]
+url = "http://127.0.0.1:1"
+[[thing]]
+name = "a"
+[parquet]
+dir = "shared/parquet"
+[postgres]
+url = "postgres://localhost/db"
+spool_dir = "spool/pg"
+[nats]
+[cluster]
+nats_url = "nats://10.0.0.5:4222"
+member = "worker-a"
+lease = "5s"
+"#,
+        )
+        .unwrap();
+        let parquet = config.parquet.unwrap();
+        assert_eq!(parquet.member.as_deref(), Some("worker-a"));
+        assert_eq!(
+            parquet.spool_dir(),
+            Path::new("shared/parquet-spool/worker-a")
+        );
+        assert_eq!(
+            config.postgres.unwrap().spool_dir,
+            Path::new("spool/pg/worker-a")
+        );
+        let nats = config.nats.unwrap();
+        assert_eq!(nats.url.as_deref(), Some("nats://10.0.0.5:4222"));
+        assert_eq!(nats.spool_dir, Path::new("data/nats-spool/worker-a"));
+        assert_eq!(config.cluster.unwrap().lease, Duration::from_secs(5));
+        let error = load("[nats]\nurl = \"nats://h\"\nspool_dir = \"x\"\n[postgres]\nurl = \"postgres://h/d\"\nspool_dir = \"x\"\n")
+            .unwrap_err();
+        assert_eq!(error.key, "nats.spool_dir", "{error}");
+    }
+
+    #[test]
     fn the_example_of_the_issue_loads() {
         let config = load(
             r#"
@@ -759,6 +799,8 @@ listen = "127.0.0.1:9187"
             "parquet",
             "postgres",
             "metrics",
+            "nats",
+            "cluster",
         ] {
             let mut accepted = struct_keys(section);
             // Sections are not keys: the top level's, and [thing.alert] inside [[thing]].

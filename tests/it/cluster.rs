@@ -443,6 +443,27 @@ async fn a_member_that_joins_takes_its_share_and_gives_it_back_when_it_leaves() 
     let d = Member::spawn("worker-d", &setup);
     wait_owned(&[&a, &b, &c, &d], &setup.things, Duration::from_secs(30)).await;
     let taken = d.running().await.len();
+    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_dweetpipe"))
+        .args(["check", "--config", setup.config.to_str().unwrap()])
+        .env("TEST_DATABASE_URL", &setup.db.url)
+        .env("DWEETPIPE__CLUSTER__MEMBER", "checker")
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        check.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        printed.contains("cluster: 4 live member(s) (worker-a, worker-b, worker-c, worker-d)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("  worker-d: owns {taken} thing(s)")),
+        "{printed}"
+    );
     assert!(
         (4..=18).contains(&taken),
         "about a quarter of 40 things moved to the newcomer: {taken}"
@@ -615,5 +636,73 @@ async fn only_the_leader_reconciles_locks_and_alerts_and_each_change_is_made_onc
             .is_ok()
     );
     stop(members).await;
+    setup.db.drop_now().await;
+}
+
+async fn readyz(member: &Member) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{}/readyz", member.metrics_port);
+    match reqwest::get(&url).await {
+        Ok(answer) => (
+            answer.status().as_u16(),
+            answer.text().await.unwrap_or_default(),
+        ),
+        Err(error) => (0, error.to_string()),
+    }
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_nats_a_member_owns_nothing_says_so_and_resumes_when_it_returns() {
+    let mut setup = Setup::new("cl-away", 6, "").await;
+    // NATS is away at start: the member runs, owns nothing, and /readyz says why.
+    setup.nats.stop();
+    let member = Member::spawn("worker-a", &setup);
+    wait_until(
+        "a 503 naming the cluster",
+        Duration::from_secs(20),
+        || async {
+            let (status, body) = readyz(&member).await;
+            status == 503 && body.contains("cluster: cannot renew")
+        },
+    )
+    .await;
+    assert!(member.running().await.is_empty(), "no things without NATS");
+
+    setup.nats.launch();
+    wait_owned(&[&member], &setup.things, Duration::from_secs(20)).await;
+    wait_until("ready", Duration::from_secs(20), || async {
+        readyz(&member).await.0 == 200
+    })
+    .await;
+
+    // NATS gone for longer than the lease: the member stops its things (another member would
+    // take them), then takes them back with a backfill once NATS answers.
+    setup.nats.stop();
+    wait_until("the things stopped", Duration::from_secs(20), || async {
+        member.running().await.is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    setup.nats.launch();
+    wait_owned(&[&member], &setup.things, Duration::from_secs(20)).await;
+    setup.stop_fleet().await;
+    setup.wait_caught_up(&[&member]).await;
+    stop(vec![member]).await;
+    let stored = setup.assert_every_sink_exactly_once().await;
+    eprintln!("cluster without NATS: {stored} dweets, each once after two NATS outages");
     setup.db.drop_now().await;
 }
