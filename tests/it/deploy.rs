@@ -547,3 +547,111 @@ fn dashboards_name_only_datasources_the_provisioning_defines() {
         }
     }
 }
+
+#[test]
+fn the_clustered_kubernetes_variant_validates_and_its_members_share_one_fleet() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/cluster");
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    let output = std::process::Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate is needed for this test: pip install kubernetes-validate (scripts/test installs it)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && !report.contains("ERROR"),
+        "{report}"
+    );
+    assert_eq!(report.matches(" passed ").count(), files.len(), "{report}");
+
+    let docs = k8s_manifests(dir);
+    let set = &docs["StatefulSet"]["spec"];
+    assert!(set["replicas"].as_u64().unwrap() >= 3, "several members");
+    assert_eq!(
+        set["updateStrategy"]["type"], "RollingUpdate",
+        "no Recreate gap"
+    );
+    assert_eq!(set["serviceName"], docs["Service"]["metadata"]["name"]);
+    let pod = &set["template"];
+    for (key, value) in docs["Service"]["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(
+            &pod["metadata"]["labels"][key], value,
+            "the Service selects the members"
+        );
+    }
+    let container = &pod["spec"]["containers"][0];
+    let member = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "DWEETPIPE__CLUSTER__MEMBER")
+        .expect("each member is named after its pod");
+    assert_eq!(
+        member["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        docs["PersistentVolumeClaim"]["spec"]["accessModes"][0], "ReadWriteMany",
+        "the dataset is shared"
+    );
+
+    // The ConfigMap loads as one member would load it, addresses from the Secret.
+    let things = docs["ConfigMap"]["data"]["things.toml"].as_str().unwrap();
+    let secrets = docs["Secret"]["stringData"].clone();
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(
+        file.path(),
+        things.replace("lease = ", "member = \"dweetpipe-0\"\nlease = "),
+    )
+    .unwrap();
+    let config = dweetpipe::config::Config::load_with_env(file.path(), |name| {
+        secrets[name].as_str().map(str::to_owned)
+    })
+    .unwrap();
+    assert!(dweetpipe::worker::check_runnable(&config).is_ok());
+    let cluster = config.cluster.expect("a [cluster] section");
+    assert_eq!(cluster.nats_url.as_deref(), secrets["NATS_URL"].as_str());
+    assert_eq!(
+        config.nats.unwrap().url,
+        cluster.nats_url,
+        "the output uses the cluster's NATS"
+    );
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let mount_of = |name: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let parquet = config.parquet.unwrap();
+    assert!(
+        parquet.dir.starts_with(mount_of("dataset")),
+        "Parquet on the shared volume"
+    );
+    assert!(
+        parquet.spool_dir().starts_with(mount_of("spool")),
+        "spools on the member's own volume"
+    );
+    assert!(
+        config
+            .postgres
+            .unwrap()
+            .spool_dir
+            .starts_with(mount_of("spool"))
+    );
+    assert_eq!(
+        serde_json::json!(config.metrics.unwrap().listen.port()),
+        container["ports"][0]["containerPort"]
+    );
+}
