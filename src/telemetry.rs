@@ -918,6 +918,45 @@ fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Body> {
 mod tests {
     use super::*;
 
+    /// Metric names as this file registers them (`opts("name"` and `HistogramOpts::new`).
+    fn registered_names() -> std::collections::BTreeSet<String> {
+        let code = include_str!("telemetry.rs");
+        let code = &code[..code.find("#[cfg(test)]").unwrap_or(code.len())];
+        let mut names = std::collections::BTreeSet::new();
+        for (marker, prefix) in [("opts(", "dweetpipe_"), ("HistogramOpts::new(", "")] {
+            for piece in code.split(marker).skip(1) {
+                let piece = piece.trim_start();
+                if let Some(rest) = piece.strip_prefix('"')
+                    && let Some(end) = rest.find('"')
+                {
+                    names.insert(format!("{prefix}{}", &rest[..end]));
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn the_readme_metrics_table_lists_every_metric_and_only_those() {
+        let readme = include_str!("../README.md");
+        let listed: std::collections::BTreeSet<String> = readme
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `dweetpipe_"))
+            .map(|rest| {
+                let end = rest.find(['{', '`']).unwrap_or(rest.len());
+                format!("dweetpipe_{}", &rest[..end])
+            })
+            .collect();
+        let registered = registered_names();
+        assert!(registered.len() > 25, "{registered:?}");
+        let undocumented: Vec<_> = registered.difference(&listed).collect();
+        let unknown: Vec<_> = listed.difference(&registered).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "README lacks {undocumented:?} and lists unknown {unknown:?}"
+        );
+    }
+
     #[test]
     fn names_follow_prometheus_conventions() {
         let metrics = Metrics::new().unwrap();

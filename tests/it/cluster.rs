@@ -358,23 +358,36 @@ async fn stop(members: Vec<Member>) {
     }
 }
 
-/// Every message of the output stream: (thing, created ms) in stream order.
+/// Every message of the output stream, (thing, created ms) in stream order, read with a
+/// durable pull consumer as README.md shows.
 async fn output_stream(nats: &NatsServer, stream: &str) -> Vec<(String, i64)> {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let mut handle = js.get_stream(stream).await.unwrap();
-    let last = handle.info().await.unwrap().state.last_sequence;
+    let total = handle.info().await.unwrap().state.messages;
+    let consumer = handle
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("dashboards".into()),
+            filter_subject: "dweetpipe.dweets.>".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
     let mut read = Vec::new();
-    for sequence in 1..=last {
-        let Ok(message) = handle.get_raw_message(sequence).await else {
-            continue;
-        };
+    while (read.len() as u64) < total {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("the consumer delivers every message")
+            .unwrap()
+            .unwrap();
         let published: dweetpipe::sink::nats::Published =
             serde_json::from_slice(&message.payload).unwrap();
         let created = dweetpipe::protocol::parse_created(&published.created)
             .unwrap()
             .timestamp_millis();
         read.push((published.thing, created));
+        message.ack().await.unwrap();
     }
     read
 }
