@@ -2,6 +2,8 @@
 //! and the simulator run as child processes so the worker's own memory and CPU are measured
 //! alone.
 
+mod cluster;
+
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +32,10 @@ enum BenchCommand {
     /// Catch-up after an outage: every thing has `--per-thing` dweets waiting when the worker
     /// starts; the time until all are in PostgreSQL and Parquet and every stream is live.
     Catchup(CatchupArgs),
+    /// Several members sharing one fleet through NATS JetStream: RSS and CPU per member, the
+    /// JetStream output's dweets/s, and the time from a member's kill to its things streaming
+    /// elsewhere.
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(Debug, Args)]
@@ -148,6 +154,9 @@ fn main() -> std::process::ExitCode {
     // `cargo bench` appends `--bench`; it is not ours.
     let args = std::env::args().filter(|arg| arg != "--bench");
     let harness = Harness::parse_from(args);
+    // reqwest is built without a default TLS provider; the library installs ring for its
+    // clients, and the harness's own scrapes need it too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,6 +183,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Latency(args) => latency(args).await,
         BenchCommand::Sandbox(args) => sandbox_throughput(args).await,
         BenchCommand::Catchup(args) => catchup(args).await,
+        BenchCommand::Cluster(args) => cluster::cluster(args).await,
     }
 }
 

@@ -192,6 +192,9 @@ fn host_name() -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberEntry {
     pub member: String,
+    /// This process, so two processes given the same member name find out.
+    #[serde(default)]
+    pub instance: String,
     /// Things it streams, or stopped but not yet durable in its sinks.
     #[serde(default)]
     pub holding: BTreeSet<String>,
@@ -255,6 +258,8 @@ impl Membership {
         let turn = Turns {
             hurry: Arc::clone(&hurry),
             roster: Vec::new(),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            impostor_seen: None,
             config: config.clone(),
             js: jetstream::new(client),
             store: None,
@@ -330,6 +335,10 @@ struct Turns {
     hurry: Arc<tokio::sync::Notify>,
     /// The last roster read (kept while the key is briefly missing, between two leaders).
     roster: Vec<String>,
+    /// This process's id in its entry.
+    instance: String,
+    /// When another process was last seen renewing this member's entry.
+    impostor_seen: Option<Instant>,
     js: jetstream::Context,
     store: Option<kv::Store>,
     holding: Arc<Mutex<BTreeSet<String>>>,
@@ -432,6 +441,7 @@ impl Turns {
         };
         let me = MemberEntry {
             member: self.config.member().to_owned(),
+            instance: self.instance.clone(),
             holding: self
                 .holding
                 .lock()
@@ -440,6 +450,15 @@ impl Turns {
         };
         let value = serde_json::to_vec(&me).unwrap_or_default();
         let key = format!("{MEMBER_PREFIX}{}", me.member);
+        // Since this process's last renewal, did another one write this member's entry? (Not
+        // before the first: that entry may be this member's own from before a restart.)
+        if self.renewed.is_some()
+            && let Ok(Some(value)) = store.get(&key).await
+            && let Ok(entry) = serde_json::from_slice::<MemberEntry>(&value)
+            && entry.instance != me.instance
+        {
+            self.impostor_seen = Some(Instant::now());
+        }
         match store.put(&key, value.into()).await {
             Ok(_) => {
                 self.renewed = Some(Instant::now());
@@ -535,7 +554,10 @@ impl Turns {
     /// Sends the new view (when it changed), and feeds the metrics and `/readyz`.
     fn publish(&mut self, seen: Option<(Vec<MemberEntry>, BTreeSet<String>)>) {
         let lease = self.config.lease;
-        let connected = self.renewed.is_some_and(|at| at.elapsed() < lease);
+        // Two processes renewing one member's entry would both stream its things: while
+        // another was seen within the lease, this one owns nothing.
+        let impostor = self.impostor_seen.is_some_and(|at| at.elapsed() < lease);
+        let connected = !impostor && self.renewed.is_some_and(|at| at.elapsed() < lease);
         let me = self.config.member().to_owned();
         let mut next = self.view.borrow().clone();
         next.connected = connected;
@@ -557,7 +579,15 @@ impl Turns {
                 })
                 .collect();
         }
-        if !connected {
+        if impostor {
+            next.members.clear();
+            next.published.clear();
+            next.held_elsewhere.clear();
+            self.health.set_cluster_problem(Some(format!(
+                "another process renews the member name {me:?}; this one owns no things until it stops (give each member a name of its own)"
+            )));
+            tracing::error!(member = %me, "another process uses this member name; owning no things");
+        } else if !connected {
             next.members.clear();
             next.published.clear();
             next.held_elsewhere.clear();

@@ -719,3 +719,54 @@ async fn without_nats_a_member_owns_nothing_says_so_and_resumes_when_it_returns(
     eprintln!("cluster without NATS: {stored} dweets, each once after two NATS outages");
     setup.db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_given_one_member_name_own_nothing_and_say_why() {
+    let mut setup = Setup::new("cl-twin", 4, "").await;
+    setup.stop_fleet().await;
+    // Each its own directories (else the second is refused at its directory lock): only the
+    // bucket can tell them apart.
+    let twins: Vec<Member> = ["one", "two"]
+        .iter()
+        .map(|label| {
+            let metrics_port = free_port();
+            let listen = format!("127.0.0.1:{metrics_port}");
+            let parquet = setup.dir.path().join(format!("parquet-{label}"));
+            let spool = setup.dir.path().join(format!("spool-{label}"));
+            let env = [
+                ("TEST_DATABASE_URL", setup.db.url.as_str()),
+                ("DWEETPIPE__CLUSTER__MEMBER", "twin"),
+                ("DWEETPIPE__METRICS__LISTEN", listen.as_str()),
+                ("DWEETPIPE__PARQUET__DIR", parquet.to_str().unwrap()),
+                ("DWEETPIPE__POSTGRES__SPOOL_DIR", spool.to_str().unwrap()),
+            ];
+            let process = WorkerProcess::spawn(
+                &setup.config,
+                &env,
+                setup.dir.path().join(format!("{label}.log")),
+            );
+            Member {
+                name: "twin".to_owned(),
+                process,
+                metrics_port,
+            }
+        })
+        .collect();
+    for twin in &twins {
+        wait_until(
+            "a 503 naming the clash",
+            Duration::from_secs(20),
+            || async {
+                let (status, body) = readyz(twin).await;
+                status == 503 && body.contains("another process renews the member name")
+            },
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for twin in &twins {
+        assert!(twin.running().await.is_empty(), "{}", twin.process.log());
+    }
+    stop(twins).await;
+    setup.db.drop_now().await;
+}
