@@ -215,6 +215,9 @@ pub struct View {
     pub connected: bool,
     /// Holds the leader key: reconciles locks and alerts.
     pub leader: bool,
+    /// Two turns have passed since this member joined: members started together have seen
+    /// each other (and the roster says so) before any of them claims a thing.
+    pub settled: bool,
 }
 
 impl View {
@@ -259,6 +262,7 @@ impl Membership {
             hurry: Arc::clone(&hurry),
             roster: Vec::new(),
             instance: uuid::Uuid::new_v4().simple().to_string(),
+            good_turns: 0,
             impostor_seen: None,
             config: config.clone(),
             js: jetstream::new(client),
@@ -337,6 +341,8 @@ struct Turns {
     roster: Vec<String>,
     /// This process's id in its entry.
     instance: String,
+    /// Turns that renewed the membership and read the others.
+    good_turns: u64,
     /// When another process was last seen renewing this member's entry.
     impostor_seen: Option<Instant>,
     js: jetstream::Context,
@@ -568,6 +574,8 @@ impl Turns {
         next.leader = connected && self.leader.is_some();
         if let Some((seen, published)) = seen {
             self.last_problem.clear();
+            self.good_turns += 1;
+            next.settled = self.good_turns >= 3;
             next.members = self.roster.clone();
             next.published = published;
             next.held_elsewhere = seen

@@ -666,11 +666,15 @@ impl WorkerHandle {
             !(durable || overdue || view.owns(&me, thing))
         });
 
+        // Nothing is claimed before the view settled: members started together first see
+        // each other, rather than the first one taking the whole fleet and handing it on.
         let owned: Vec<ThingConfig> = self
             .config
             .things
             .iter()
-            .filter(|t| view.owns(&me, &t.name) && !self.things.contains_key(&t.name))
+            .filter(|t| {
+                view.settled && view.owns(&me, &t.name) && !self.things.contains_key(&t.name)
+            })
             .cloned()
             .collect();
         cluster
