@@ -237,7 +237,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 async fn spawn_sandbox() -> anyhow::Result<(Child, String)> {
-    spawn_sandbox_with(&["--max-history", "10"]).await
+    spawn_sandbox_with(&["--max-history", "10", "--in-memory"]).await
 }
 
 /// [`spawn_sandbox`] with other sandbox flags.
@@ -820,11 +820,29 @@ fn print_latency(args: &LatencyArgs, mut latencies_ms: Vec<i64>) -> anyhow::Resu
 /// counts deliveries. The writers and listeners share this process (and the 2 cores) with
 /// nothing else; the sandbox is its own process.
 async fn sandbox_throughput(args: SandboxBenchArgs) -> anyhow::Result<()> {
+    let data = tempfile_dir()?.join("sandbox-data");
+    let data_arg = data.display().to_string();
+    for (mode, flags) in [
+        (
+            "durable (--data: each write committed, group commit, before it is answered)",
+            vec!["--max-history", "10", "--data", data_arg.as_str()],
+        ),
+        ("--in-memory", vec!["--max-history", "10", "--in-memory"]),
+    ] {
+        println!("sandbox {mode}:");
+        sandbox_run(&args, &flags).await?;
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(())
+}
+
+/// One sandbox with `flags`, measured as [`sandbox_throughput`] says.
+async fn sandbox_run(args: &SandboxBenchArgs, flags: &[&str]) -> anyhow::Result<()> {
     use dweetpipe::client::{Client, ListenOptions};
     use futures_util::StreamExt;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    let (mut sandbox, url) = spawn_sandbox().await?;
+    let (mut sandbox, url) = spawn_sandbox_with(flags).await?;
     let sandbox_pid = sandbox.id().context("sandbox pid")?.to_string();
     let client = Client::new(&url)?;
     let names: Vec<String> = (1..=args.things)
@@ -848,6 +866,7 @@ async fn sandbox_throughput(args: SandboxBenchArgs) -> anyhow::Result<()> {
     let accepted = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicBool::new(true));
     let mut writers = Vec::new();
+    let writer_count = args.writers;
     for writer in 0..args.writers {
         let (client, names) = (client.clone(), names.clone());
         let (accepted, running) = (Arc::clone(&accepted), Arc::clone(&running));
@@ -863,7 +882,7 @@ async fn sandbox_throughput(args: SandboxBenchArgs) -> anyhow::Result<()> {
                 {
                     accepted.fetch_add(1, Ordering::Relaxed);
                 }
-                i += args.writers;
+                i += writer_count;
             }
         }));
     }
@@ -911,7 +930,7 @@ async fn sandbox_throughput(args: SandboxBenchArgs) -> anyhow::Result<()> {
 async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
     use dweetpipe::sandbox::simulator::S5d9Board;
     let history = args.per_thing.max(10).to_string();
-    let mut flags = vec!["--max-history", history.as_str()];
+    let mut flags = vec!["--max-history", history.as_str(), "--in-memory"];
     let rate = args.rate_limit.map(|r| r.to_string());
     if let Some(rate) = &rate {
         flags.extend(["--rate-limit", rate.as_str()]);

@@ -181,6 +181,16 @@ pub enum NotificationKind {
     Closed,
 }
 
+impl NotificationKind {
+    /// `opened` or `closed`, as stored alert events and notifications say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationKind::Opened => "opened",
+            NotificationKind::Closed => "closed",
+        }
+    }
+}
+
 /// Whether an alert opens or closes on a verdict: the one rule the sandbox's alert status and
 /// `dweetpipe alert test` both follow. `None` when it stays as it was.
 pub fn transition(open: bool, verdict: &Verdict) -> Option<NotificationKind> {

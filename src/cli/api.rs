@@ -37,6 +37,30 @@ pub struct ThingArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct HistoryArgs {
+    thing: String,
+    /// A day of a locked thing's stored dweets (UTC, YYYY-MM-DD), oldest first, instead of
+    /// what the server keeps now; the key is required. The server keeps them for its stored
+    /// retention (30 days by default).
+    #[arg(long, value_name = "YYYY-MM-DD", value_parser = day)]
+    date: Option<chrono::NaiveDate>,
+    /// One hour (00-23) of --date.
+    #[arg(long, value_name = "HH", requires = "date", value_parser = clap::value_parser!(u8).range(0..24))]
+    hour: Option<u8>,
+    /// With --date: the server's CSV (thing, created, a column per content leaf) instead of
+    /// JSON Lines.
+    #[arg(long, requires = "date")]
+    csv: bool,
+    #[command(flatten)]
+    key: KeyArgs,
+}
+
+fn day(text: &str) -> Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|_| format!("{text:?} is not a day written YYYY-MM-DD (e.g. 2026-12-01)"))
+}
+
+#[derive(Debug, Args)]
 pub struct ListenArgs {
     thing: String,
     /// Stop after this many seconds, reconnecting until then. Without it, listen until
@@ -183,8 +207,34 @@ pub async fn latest(client: &Client, args: ThingArgs) -> anyhow::Result<()> {
     )
 }
 
-pub async fn history(client: &Client, args: ThingArgs) -> anyhow::Result<()> {
+pub async fn history(client: &Client, args: HistoryArgs) -> anyhow::Result<()> {
     let key = args.key.optional()?;
+    if let Some(date) = args.date {
+        let Some(key) = key else {
+            anyhow::bail!(
+                "stored dweets need the thing's key: add --key-file PATH (or --key, or DWEET_KEY)"
+            );
+        };
+        let window = dweetpipe::client::StoredWindow {
+            date,
+            hour: args.hour,
+        };
+        let mut out = std::io::stdout().lock();
+        if args.csv {
+            let csv = client
+                .get_stored_dweets_csv_for(&args.thing, &key, window)
+                .await?;
+            out.write_all(csv.as_bytes())?;
+        } else {
+            for dweet in client
+                .get_stored_dweets_for(&args.thing, &key, window)
+                .await?
+            {
+                write_line(&mut out, &dweet)?;
+            }
+        }
+        return Ok(out.flush()?);
+    }
     let dweets = client.get_dweets_for(&args.thing, key.as_ref()).await?;
     let mut out = std::io::stdout().lock();
     for dweet in &dweets {

@@ -67,8 +67,10 @@ pub enum Command {
     Latest(api::ThingArgs),
     /// Print the dweets the server keeps for a thing, one JSON line each, newest first.
     ///
-    /// The output is JSON Lines, ready for `dweetpipe import`.
-    History(api::ThingArgs),
+    /// The output is JSON Lines, ready for `dweetpipe import`. With --date, a locked thing's
+    /// stored dweets of that day instead (oldest first): dweetpipe history S5D9-63de --date
+    /// 2026-12-01 --hour 13 --csv --key-file key.txt
+    History(api::HistoryArgs),
     /// Follow a thing's new dweets, one compact JSON line each, as they arrive.
     ///
     /// Reconnects by itself when the server closes the stream; with --timeout it stops after

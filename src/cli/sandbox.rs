@@ -54,6 +54,18 @@ pub struct SandboxArgs {
     /// Close a listen stream after this long without a dweet, as the public service did.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     idle_close: Duration,
+    /// Keep the state here (sandbox.redb: histories, locks and what they are attached to,
+    /// alerts and their status, stored dweets), so a restart or a crash forgets nothing: a
+    /// write is on disk before it is answered.
+    #[arg(long, value_name = "DIR", default_value = "sandbox-data")]
+    data: PathBuf,
+    /// Keep nothing on disk: a restart starts empty (and --data is not used).
+    #[arg(long)]
+    in_memory: bool,
+    /// How long a locked thing's dweets and alert events stay retrievable by date
+    /// (/get/stored/dweets/for/THING?date=...; the public service kept 30 days).
+    #[arg(long, default_value = "30d", value_parser = super::numbers::positive_duration)]
+    stored_retention: Duration,
     #[command(flatten)]
     alerts: AlertArgs,
 }
@@ -61,9 +73,10 @@ pub struct SandboxArgs {
 /// How the sandbox evaluates alert conditions and tells recipients.
 #[derive(Debug, Args)]
 struct AlertArgs {
-    /// Append each alert that opens or closes, as one JSON line, to this file.
-    #[arg(long, value_name = "PATH", default_value = "dweetpipe-alerts.jsonl")]
-    alert_outbox: PathBuf,
+    /// Append each alert that opens or closes, as one JSON line, to this file. Default:
+    /// alerts.jsonl in the --data directory (dweetpipe-alerts.jsonl here with --in-memory).
+    #[arg(long, value_name = "PATH")]
+    alert_outbox: Option<PathBuf>,
     /// Do not write the alert outbox (alerts are still logged).
     #[arg(long, conflicts_with = "alert_outbox")]
     no_alert_outbox: bool,
@@ -92,10 +105,16 @@ struct AlertArgs {
 }
 
 impl AlertArgs {
-    fn notifiers(&self) -> anyhow::Result<Vec<Arc<dyn Notify>>> {
+    /// `data`: the data directory, or `None` in memory (the outbox's default place).
+    fn notifiers(&self, data: Option<&std::path::Path>) -> anyhow::Result<Vec<Arc<dyn Notify>>> {
         let mut notifiers: Vec<Arc<dyn Notify>> = vec![Arc::new(LogNotifier)];
         if !self.no_alert_outbox {
-            notifiers.push(Arc::new(OutboxNotifier::new(&self.alert_outbox)));
+            let outbox = match (&self.alert_outbox, data) {
+                (Some(path), _) => path.clone(),
+                (None, Some(dir)) => dir.join("alerts.jsonl"),
+                (None, None) => PathBuf::from("dweetpipe-alerts.jsonl"),
+            };
+            notifiers.push(Arc::new(OutboxNotifier::new(&outbox)));
         }
         if let Some(url) = &self.smtp_url {
             notifiers.push(Arc::new(
@@ -132,7 +151,10 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let data = (!args.in_memory).then(|| args.data.clone());
     let config = SandboxConfig {
+        data: data.clone(),
+        stored_retention: args.stored_retention,
         listen: args.listen,
         prefix: args.prefix,
         locks,
@@ -145,13 +167,13 @@ pub async fn serve(args: SandboxArgs) -> anyhow::Result<()> {
         max_content_chars: args.max_content,
         idle_close: args.idle_close,
         alert_limits: args.alerts.limits(),
-        notifiers: args.alerts.notifiers()?,
+        notifiers: args.alerts.notifiers(data.as_deref())?,
         ..SandboxConfig::default()
     };
     let lock_count = config.locks.len();
     let handle = dweetpipe::sandbox::start(config)
         .await
-        .with_context(|| format!("could not listen on {}", args.listen))?;
+        .with_context(|| format!("could not start the sandbox on {}", args.listen))?;
     println!("listening on {}", handle.base_url());
     tracing::info!(
         locks = lock_count,

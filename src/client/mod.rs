@@ -34,7 +34,7 @@ pub use decoder::{
 };
 pub use error::{Error, Result};
 pub use listen::{DweetStream, ListenEvent, ListenOptions, ListenStats};
-pub use types::{Alert, AlertStatus, Created, Dweet, Key, Recipient};
+pub use types::{Alert, AlertStatus, Created, Dweet, Key, Recipient, StoredAlert, StoredWindow};
 
 /// The public service's address, kept as the default for users of other compatible hosts.
 pub const DEFAULT_BASE_URL: &str = "https://dweet.io";
@@ -309,6 +309,79 @@ impl Client {
         let path = format!("/alert/{who}/when/{}/{}", encode(thing), encode(condition));
         let url = self.url(&path, &[], Some(key));
         self.call(self.http.get(url), "set_alert").await
+    }
+
+    /// A locked thing's stored dweets of one day (or hour), oldest first. The server keeps
+    /// them for its stored retention (the public service: 30 days).
+    pub async fn get_stored_dweets_for(
+        &self,
+        thing: &str,
+        key: &Key,
+        window: StoredWindow,
+    ) -> Result<Vec<Dweet>> {
+        let url = self.stored_url("/get/stored/dweets/for/", thing, key, window, "json");
+        self.call(self.http.get(url), "get_stored_dweets_for").await
+    }
+
+    /// Like [`Client::get_stored_dweets_for`], as the server's CSV: `thing,created,` then a
+    /// column per content leaf.
+    pub async fn get_stored_dweets_csv_for(
+        &self,
+        thing: &str,
+        key: &Key,
+        window: StoredWindow,
+    ) -> Result<String> {
+        let url = self.stored_url("/get/stored/dweets/for/", thing, key, window, "csv");
+        let (status, body) = self.send(self.http.get(url)).await?;
+        if body.first() == Some(&b'{') {
+            // A failure envelope: the error it carries (or a decode error if it is not one).
+            return parse_answer::<serde_json::Value>(status, &body, "get_stored_dweets_for")
+                .and_then(|_| {
+                    Err(Error::Decode {
+                        context: "get_stored_dweets_for",
+                        detail: "the server answered JSON where CSV was asked for".to_owned(),
+                    })
+                });
+        }
+        if !status.is_success() {
+            return Err(Error::Status {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            });
+        }
+        String::from_utf8(body.to_vec()).map_err(|_| Error::Decode {
+            context: "get_stored_dweets_for",
+            detail: "the CSV is not UTF-8".to_owned(),
+        })
+    }
+
+    /// A locked thing's alert openings and closings of one day (or hour), oldest first.
+    pub async fn get_stored_alerts_for(
+        &self,
+        thing: &str,
+        key: &Key,
+        window: StoredWindow,
+    ) -> Result<Vec<StoredAlert>> {
+        let url = self.stored_url("/get/stored/alerts/for/", thing, key, window, "json");
+        self.call(self.http.get(url), "get_stored_alerts_for").await
+    }
+
+    fn stored_url(
+        &self,
+        path: &str,
+        thing: &str,
+        key: &Key,
+        window: StoredWindow,
+        response_type: &str,
+    ) -> String {
+        let date = window.date.format("%Y-%m-%d").to_string();
+        let hour = window.hour.map(|h| format!("{h:02}"));
+        let mut query = vec![("date", date.as_str())];
+        if let Some(hour) = &hour {
+            query.push(("hour", hour.as_str()));
+        }
+        query.push(("responseType", response_type));
+        self.url_with_query(path, &[thing], &query, Some(key))
     }
 
     pub async fn get_alert(&self, thing: &str, key: &Key) -> Result<Alert> {

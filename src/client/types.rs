@@ -141,3 +141,24 @@ mod tests {
         assert_eq!(key.expose(), "hunter2");
     }
 }
+
+/// An alert's opening or closing, as `get_stored_alerts_for` answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAlert {
+    pub thing: String,
+    /// The `created` of the dweet whose verdict opened or closed the alert.
+    pub created: String,
+    /// `opened` or `closed`.
+    pub kind: String,
+    /// What the condition returned (empty on a closing).
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Which stored dweets or alert events to ask for: a UTC day, or one hour of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredWindow {
+    pub date: chrono::NaiveDate,
+    /// 0–23, or `None` for the whole day.
+    pub hour: Option<u8>,
+}

@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -37,8 +37,7 @@ const DWEETS: TableDefinition<(&str, i64), &str> = TableDefinition::new("dweets"
 const LOCKS: TableDefinition<&str, &str> = TableDefinition::new("locks");
 const ALERTS: TableDefinition<&str, &str> = TableDefinition::new("alerts");
 const STORED: TableDefinition<(i64, &str, i64), &str> = TableDefinition::new("stored");
-const ALERT_EVENTS: TableDefinition<(i64, &str, i64), &str> =
-    TableDefinition::new("alert_events");
+const ALERT_EVENTS: TableDefinition<(i64, &str, i64), &str> = TableDefinition::new("alert_events");
 
 /// The store could not be opened or written. Every message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +48,10 @@ pub enum DiskError {
     Foreign { path: PathBuf, problem: String },
     #[error("{path}: {problem}")]
     Io { path: PathBuf, problem: String },
+    #[error(
+        "{path} is in use by another sandbox process; stop it first, or give this one --data of its own"
+    )]
+    InUse { path: PathBuf },
     #[error("the sandbox's store stopped; see the log above")]
     Stopped,
 }
@@ -74,12 +77,26 @@ pub enum Change {
         stored: bool,
     },
     /// The thing's history expired.
-    ForgetHistory { thing: String },
-    Lock { lock: String, row: LockRow },
-    Alert { thing: String, json: Option<String> },
-    AlertEvent { thing: String, at_ms: i64, json: String },
+    ForgetHistory {
+        thing: String,
+    },
+    Lock {
+        lock: String,
+        row: LockRow,
+    },
+    Alert {
+        thing: String,
+        json: Option<String>,
+    },
+    AlertEvent {
+        thing: String,
+        at_ms: i64,
+        json: String,
+    },
     /// Stored dweets and alert events of days before `day` (days since the epoch) go.
-    PurgeStoredBefore { day: i64 },
+    PurgeStoredBefore {
+        day: i64,
+    },
 }
 
 /// Days since the Unix epoch of `ms`.
@@ -103,8 +120,10 @@ struct Job {
 
 /// The open store and its writer thread.
 pub struct Disk {
-    jobs: mpsc::Sender<Job>,
-    database: std::sync::Arc<Database>,
+    /// `None` once closed.
+    jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
+    database: std::sync::Mutex<Option<std::sync::Arc<Database>>>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
 }
 
@@ -119,9 +138,14 @@ impl Disk {
                     path: dir.to_path_buf(),
                     problem: e.to_string(),
                 })?;
-                let database = Database::create(&path).map_err(|e| DiskError::Foreign {
-                    path: path.clone(),
-                    problem: e.to_string(),
+                let database = Database::create(&path).map_err(|e| match e {
+                    redb::DatabaseError::DatabaseAlreadyOpen => {
+                        DiskError::InUse { path: path.clone() }
+                    }
+                    other => DiskError::Foreign {
+                        path: path.clone(),
+                        problem: other.to_string(),
+                    },
                 })?;
                 (database, path)
             }
@@ -144,18 +168,33 @@ impl Disk {
         let database = std::sync::Arc::new(database);
         let (jobs, queue) = mpsc::channel::<Job>();
         let writer = std::sync::Arc::clone(&database);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("dweetpipe-sandbox-store".to_owned())
             .spawn(move || write_forever(&writer, &queue))
             .map_err(|e| io(e.to_string()))?;
         Ok((
             Disk {
-                jobs,
-                database,
+                jobs: std::sync::Mutex::new(Some(jobs)),
+                database: std::sync::Mutex::new(Some(database)),
+                writer: std::sync::Mutex::new(Some(writer)),
                 path,
             },
             loaded,
         ))
+    }
+
+    /// Lets what is queued commit, then closes the file (another process, or a restarted
+    /// sandbox, may open it). Later commits fail.
+    pub fn close(&self) {
+        drop(lock(&self.jobs).take());
+        if let Some(writer) = lock(&self.writer).take() {
+            let _ = writer.join();
+        }
+        drop(lock(&self.database).take());
+    }
+
+    fn database(&self) -> Result<std::sync::Arc<Database>, DiskError> {
+        lock(&self.database).clone().ok_or(DiskError::Stopped)
     }
 
     pub fn path(&self) -> &Path {
@@ -168,7 +207,9 @@ impl Disk {
             return Ok(());
         }
         let (done, committed) = oneshot::channel();
-        self.jobs
+        lock(&self.jobs)
+            .as_ref()
+            .ok_or(DiskError::Stopped)?
             .send(Job { changes, done })
             .map_err(|_| DiskError::Stopped)?;
         match committed.await {
@@ -209,7 +250,7 @@ impl Disk {
             path: self.path.clone(),
             problem: e.to_string(),
         };
-        let read = self.database.begin_read().map_err(|e| io(&e))?;
+        let read = self.database()?.begin_read().map_err(|e| io(&e))?;
         let table = match read.open_table(table) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -227,15 +268,17 @@ impl Disk {
     }
 }
 
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A new file gets the format marker; an existing one must carry it.
 fn check_format(database: &Database, path: &Path) -> Result<(), DiskError> {
     let foreign = |problem: String| DiskError::Foreign {
         path: path.to_path_buf(),
         problem,
     };
-    let write = database
-        .begin_write()
-        .map_err(|e| foreign(e.to_string()))?;
+    let write = database.begin_write().map_err(|e| foreign(e.to_string()))?;
     {
         let mut meta = write.open_table(META).map_err(|e| foreign(e.to_string()))?;
         let found = meta
@@ -346,7 +389,10 @@ fn apply<'a>(database: &Database, changes: impl Iterator<Item = &'a Change>) -> 
                         .map_err(|x| e(x.into()))?;
                     if let Some(through) = evicted_through {
                         dweets
-                            .retain_in((thing.as_str(), i64::MIN)..=(thing.as_str(), *through), |_, _| false)
+                            .retain_in(
+                                (thing.as_str(), i64::MIN)..=(thing.as_str(), *through),
+                                |_, _| false,
+                            )
                             .map_err(|x| e(x.into()))?;
                     }
                     if *locked {
@@ -357,7 +403,10 @@ fn apply<'a>(database: &Database, changes: impl Iterator<Item = &'a Change>) -> 
                 }
                 Change::ForgetHistory { thing } => {
                     dweets
-                        .retain_in((thing.as_str(), i64::MIN)..=(thing.as_str(), i64::MAX), |_, _| false)
+                        .retain_in(
+                            (thing.as_str(), i64::MIN)..=(thing.as_str(), i64::MAX),
+                            |_, _| false,
+                        )
                         .map_err(|x| e(x.into()))?;
                 }
                 Change::Lock { lock, row } => {
@@ -393,4 +442,92 @@ fn apply<'a>(database: &Database, changes: impl Iterator<Item = &'a Change>) -> 
         }
     }
     write.commit().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dweet(thing: &str, created_ms: i64, stored: bool) -> Change {
+        Change::Dweet {
+            thing: thing.to_owned(),
+            created_ms,
+            json: format!("{{\"thing\":\"{thing}\",\"created_ms\":{created_ms}}}").into(),
+            evicted_through: None,
+            stored,
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_days_are_purged_whole_and_histories_are_cut_where_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(Some(dir.path())).unwrap();
+        let day_ms = 24 * 60 * 60 * 1000;
+        let day = 20_000;
+        disk.commit(vec![
+            dweet("a", day * day_ms + 5, true),
+            dweet("a", (day + 1) * day_ms + 5, true),
+            dweet("b", (day + 1) * day_ms + 6, false),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(
+            disk.stored_dweets("a", day, i64::MIN, i64::MAX)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            disk.stored_dweets("b", day + 1, i64::MIN, i64::MAX)
+                .unwrap()
+                .is_empty(),
+            "b is not locked"
+        );
+        disk.commit(vec![Change::PurgeStoredBefore { day: day + 1 }])
+            .await
+            .unwrap();
+        assert!(
+            disk.stored_dweets("a", day, i64::MIN, i64::MAX)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            disk.stored_dweets("a", day + 1, i64::MIN, i64::MAX)
+                .unwrap()
+                .len(),
+            1
+        );
+        let Change::Dweet {
+            thing,
+            created_ms,
+            json,
+            stored,
+            ..
+        } = dweet("a", (day + 1) * day_ms + 9, false)
+        else {
+            unreachable!("dweet() makes a dweet")
+        };
+        disk.commit(vec![Change::Dweet {
+            thing,
+            created_ms,
+            json,
+            evicted_through: Some((day + 1) * day_ms + 5),
+            stored,
+        }])
+        .await
+        .unwrap();
+        disk.close();
+        let (again, loaded) = Disk::open(Some(dir.path())).unwrap();
+        let a = loaded.histories.iter().find(|(t, _)| t == "a").unwrap();
+        assert_eq!(
+            a.1.iter().map(|(ms, _)| *ms).collect::<Vec<_>>(),
+            [(day + 1) * day_ms + 9]
+        );
+        let (second, _) = (Disk::open(Some(dir.path())), ());
+        assert!(
+            matches!(second, Err(DiskError::InUse { .. })),
+            "one process per file"
+        );
+        again.close();
+    }
 }

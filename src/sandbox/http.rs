@@ -15,9 +15,10 @@ use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::disk::{Change, Disk};
 use super::evaluator::{Evaluator, NoVerdict};
 use super::store::{PendingEvaluation, Store};
-use super::{Refusal, SandboxConfig, content, names};
+use super::{Refusal, SandboxConfig, content, names, stored};
 use crate::alert::condition::ConditionEngine;
 use crate::client::Recipient;
 use crate::http_server::Body;
@@ -25,6 +26,7 @@ use crate::protocol::{self, Failure, Success};
 
 pub(super) struct App {
     store: Arc<Store>,
+    disk: Arc<Disk>,
     evaluator: Evaluator,
     config: SandboxConfig,
     prefix: String,
@@ -33,6 +35,7 @@ pub(super) struct App {
 
 enum Reply {
     Json(String),
+    Csv(String),
     NoContent,
     Stream(broadcast::Receiver<Bytes>),
 }
@@ -62,6 +65,7 @@ impl Call<'_> {
 impl App {
     pub(super) fn new(
         store: Arc<Store>,
+        disk: Arc<Disk>,
         evaluator: Evaluator,
         config: SandboxConfig,
         shutdown: CancellationToken,
@@ -69,6 +73,7 @@ impl App {
         let prefix = config.prefix.trim_end_matches('/').to_owned();
         App {
             store,
+            disk,
             evaluator,
             config,
             prefix,
@@ -123,6 +128,11 @@ impl App {
         };
         match outcome {
             Ok(Reply::Json(text)) => json_response(StatusCode::OK, text, callback.as_deref()),
+            Ok(Reply::Csv(text)) => respond(
+                StatusCode::OK,
+                Some("text/csv; charset=utf-8"),
+                Full::new(Bytes::from(text)).boxed_unsync(),
+            ),
             Ok(Reply::NoContent) => {
                 respond(StatusCode::NO_CONTENT, None, Empty::new().boxed_unsync())
             }
@@ -201,14 +211,16 @@ impl App {
                 let lock = call.param("lock").ok_or_else(|| {
                     Refusal::new(400, "a lock is required: /lock/THING?lock=LOCK&key=KEY")
                 })?;
-                self.store.lock(&thing, lock, key)?;
+                let changes = self.store.lock(&thing, lock, key)?;
+                self.commit(changes).await?;
                 Ok(Reply::Json(encode(&Success::new(
                     "locking", "lock", &thing,
                 ))))
             }
             ["unlock", thing] => {
                 let thing = decode_segment(thing)?;
-                self.store.unlock(&thing, key)?;
+                let changes = self.store.unlock(&thing, key)?;
+                self.commit(changes).await?;
                 Ok(Reply::Json(encode(&Success::new(
                     "unlocking",
                     "lock",
@@ -217,7 +229,8 @@ impl App {
             }
             ["remove", "lock", lock] => {
                 let lock = decode_segment(lock)?;
-                self.store.remove_lock(&lock, key)?;
+                let changes = self.store.remove_lock(&lock, key)?;
+                self.commit(changes).await?;
                 Ok(Reply::Json(encode(&Success::new(
                     "removing", "lock", &lock,
                 ))))
@@ -226,7 +239,8 @@ impl App {
                 let recipients = parse_recipients(&decode_segment(who)?)?;
                 let thing = decode_segment(thing)?;
                 let condition = decode_condition(&condition.join("/"))?;
-                let alert = self.store.set_alert(&thing, recipients, condition, key)?;
+                let (alert, change) = self.store.set_alert(&thing, recipients, condition, key)?;
+                self.commit(vec![change]).await?;
                 Ok(Reply::Json(encode(&Success::new(
                     "alerting", "alert", &alert,
                 ))))
@@ -239,14 +253,67 @@ impl App {
             }
             ["remove", "alert", "for", thing] => {
                 let thing = decode_segment(thing)?;
-                self.store.remove_alert(&thing, key)?;
+                let change = self.store.remove_alert(&thing, key)?;
+                self.commit(vec![change]).await?;
                 let removed = serde_json::json!({ "thing": thing });
                 Ok(Reply::Json(encode(&Success::new(
                     "removing", "alert", &removed,
                 ))))
             }
+            ["get", "stored", "dweets", "for", thing] => {
+                let thing = decode_segment(thing)?;
+                self.store.check_stored_access(&thing, key)?;
+                let csv = stored::wants_csv(call.param("responseType"))?;
+                let (day, from, to) = stored::window(call.param("date"), call.param("hour"))?;
+                let dweets = self
+                    .disk
+                    .stored_dweets(&thing, day, from, to)
+                    .map_err(|e| Refusal::new(500, e.to_string()))?;
+                if csv {
+                    return Ok(Reply::Csv(stored::dweets_csv(&dweets)));
+                }
+                Ok(Reply::Json(encode(&Success::new(
+                    "getting",
+                    "dweets",
+                    &json_array(&dweets)?,
+                ))))
+            }
+            ["get", "stored", "alerts", "for", thing] => {
+                let thing = decode_segment(thing)?;
+                self.store.check_stored_access(&thing, key)?;
+                let csv = stored::wants_csv(call.param("responseType"))?;
+                let (day, from, to) = stored::window(call.param("date"), call.param("hour"))?;
+                let events: Vec<String> = self
+                    .disk
+                    .alert_events(&thing, day)
+                    .map_err(|e| Refusal::new(500, e.to_string()))?
+                    .into_iter()
+                    .filter(|event| {
+                        serde_json::from_str::<serde_json::Value>(event)
+                            .ok()
+                            .and_then(|v| v.get("at_ms")?.as_i64())
+                            .is_some_and(|at| (from..to).contains(&at))
+                    })
+                    .collect();
+                if csv {
+                    return Ok(Reply::Csv(stored::events_csv(&events)));
+                }
+                Ok(Reply::Json(encode(&Success::new(
+                    "getting",
+                    "alerts",
+                    &json_array(&events)?,
+                ))))
+            }
             _ => Err(unknown_path()),
         }
+    }
+
+    /// Commits `changes` before the answer goes out: a request answered as succeeded survives
+    /// a crash.
+    async fn commit(&self, changes: Vec<Change>) -> Result<(), Refusal> {
+        self.disk.commit(changes).await.map_err(|error| {
+            Refusal::new(500, format!("the sandbox could not store this: {error}"))
+        })
     }
 
     async fn read_content(
@@ -288,6 +355,7 @@ impl App {
             ));
         }
         let written = self.store.write(thing, content, key)?;
+        self.commit(vec![written.change]).await?;
         if let Some(evaluation) = written.evaluation {
             self.evaluate_alert(thing, evaluation).await;
         }
@@ -335,6 +403,25 @@ impl App {
         let Some(notification) = self.store.record_verdict(thing, &evaluation, &verdict) else {
             return;
         };
+        // The new status, and the opening or closing for the stored-alerts calls.
+        let event = serde_json::json!({
+            "thing": thing,
+            "created": notification.created,
+            "at_ms": evaluation.created_ms(),
+            "kind": notification.kind.as_str(),
+            "message": notification.message,
+        });
+        let changes = vec![
+            self.store.alert_change(thing),
+            Change::AlertEvent {
+                thing: thing.to_owned(),
+                at_ms: evaluation.created_ms(),
+                json: event.to_string(),
+            },
+        ];
+        if let Err(refusal) = self.commit(changes).await {
+            tracing::warn!(thing, because = %refusal.because, "an alert's status change was not stored");
+        }
         let notification = Arc::new(notification);
         for notifier in &self.config.notifiers {
             let notifier = Arc::clone(notifier);
@@ -349,19 +436,10 @@ impl App {
 
     fn read(&self, thing: &str, key: Option<&str>, limit: usize) -> Result<Reply, Refusal> {
         let kept = self.store.read(thing, key, limit)?;
-        let mut array = String::with_capacity(kept.iter().map(|j| j.len() + 1).sum::<usize>() + 2);
-        array.push('[');
-        for (i, json) in kept.iter().enumerate() {
-            if i > 0 {
-                array.push(',');
-            }
-            array.push_str(json);
-        }
-        array.push(']');
-        let with = RawValue::from_string(array)
-            .map_err(|e| Refusal::new(500, format!("could not encode the dweets: {e}")))?;
         Ok(Reply::Json(encode(&Success::new(
-            "getting", "dweets", &with,
+            "getting",
+            "dweets",
+            &json_array(&kept)?,
         ))))
     }
 }
@@ -452,6 +530,22 @@ fn is_jsonp_name(name: &str) -> bool {
 fn encode<T: Serialize>(value: &T) -> String {
     // Our own envelopes of strings, numbers and maps with string keys always serialise.
     serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Pieces of JSON already encoded, joined into one array without parsing them again.
+fn json_array<S: AsRef<str>>(items: &[S]) -> Result<Box<RawValue>, Refusal> {
+    let mut array =
+        String::with_capacity(items.iter().map(|j| j.as_ref().len() + 1).sum::<usize>() + 2);
+    array.push('[');
+    for (i, json) in items.iter().enumerate() {
+        if i > 0 {
+            array.push(',');
+        }
+        array.push_str(json.as_ref());
+    }
+    array.push(']');
+    RawValue::from_string(array)
+        .map_err(|e| Refusal::new(500, format!("could not encode the answer: {e}")))
 }
 
 fn unknown_path() -> Refusal {

@@ -3,20 +3,25 @@
 //! The public service is gone, so this server is both the reference our tests, benchmarks and
 //! demo run against, and a self-hosted replacement for boards that still dweet. It speaks the
 //! protocol of `../shared/dweet-protocol.md` byte for byte over plain HTTP (TLS belongs to a
-//! proxy in front of it), keeps everything in memory, and forgets it as the public service
-//! did: the last `max_history` dweets of a thing, for `retention` after its last dweet.
+//! proxy in front of it), and forgets as the public service did: the last `max_history`
+//! dweets of a thing, for `retention` after its last dweet. With a data directory its state
+//! survives restarts (`disk`: committed before each answer); without one it lives in memory.
 
 mod content;
+pub mod disk;
 mod evaluator;
 mod http;
+mod keys;
 mod names;
 pub mod notify;
 pub mod simulator;
 mod store;
+mod stored;
 
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +57,10 @@ pub struct SandboxConfig {
     pub alert_threads: usize,
     /// Told about every alert that opens or closes.
     pub notifiers: Vec<Arc<dyn notify::Notify>>,
+    /// Where the state is kept (`sandbox.redb`); `None` keeps it in memory only.
+    pub data: Option<PathBuf>,
+    /// How long a locked thing's dweets and alert events stay retrievable by date.
+    pub stored_retention: Duration,
 }
 
 impl Default for SandboxConfig {
@@ -69,6 +78,8 @@ impl Default for SandboxConfig {
                 .map_or(1, |n| n.get())
                 .min(4),
             notifiers: vec![Arc::new(notify::LogNotifier)],
+            data: None,
+            stored_retention: Duration::from_secs(30 * 24 * 60 * 60),
         }
     }
 }
@@ -116,6 +127,7 @@ pub struct SandboxHandle {
     prefix: String,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    disk: Arc<disk::Disk>,
 }
 
 impl SandboxHandle {
@@ -135,6 +147,9 @@ impl SandboxHandle {
         if let Err(error) = self.task.await {
             tracing::warn!(%error, "sandbox server task ended abnormally");
         }
+        // What was answered is committed already; this closes the file for the next start.
+        let disk = self.disk;
+        let _ = tokio::task::spawn_blocking(move || disk.close()).await;
     }
 
     /// Resolves when the server stops by itself (it does not, short of a panic) or is shut down.
@@ -143,8 +158,11 @@ impl SandboxHandle {
     }
 }
 
-/// Binds `config.listen` and serves in the background.
+/// Binds `config.listen`, opens the data directory (refusing a damaged or foreign store
+/// with a message naming the file), and serves in the background.
 pub async fn start(config: SandboxConfig) -> io::Result<SandboxHandle> {
+    let (disk, loaded) = disk::Disk::open(config.data.as_deref()).map_err(io::Error::other)?;
+    let disk = Arc::new(disk);
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
@@ -153,9 +171,26 @@ pub async fn start(config: SandboxConfig) -> io::Result<SandboxHandle> {
         config.limits.clone(),
         config.locks.iter().cloned(),
     ));
-    tokio::spawn(sweep_forever(Arc::clone(&store), shutdown.clone()));
+    let restored_things = loaded.histories.len();
+    let locks = store.restore(loaded);
+    disk.commit(locks).await.map_err(io::Error::other)?;
+    if config.data.is_some() {
+        tracing::info!(store = %disk.path().display(), things = restored_things, "sandbox state restored");
+    }
+    tokio::spawn(sweep_forever(
+        Arc::clone(&store),
+        Arc::clone(&disk),
+        config.stored_retention,
+        shutdown.clone(),
+    ));
     let evaluator = evaluator::Evaluator::start(config.alert_threads, config.alert_limits)?;
-    let app = Arc::new(http::App::new(store, evaluator, config, shutdown.clone()));
+    let app = Arc::new(http::App::new(
+        store,
+        Arc::clone(&disk),
+        evaluator,
+        config,
+        shutdown.clone(),
+    ));
     let handler = Arc::new(move |request| {
         let app = Arc::clone(&app);
         async move { app.handle(request).await }
@@ -171,10 +206,17 @@ pub async fn start(config: SandboxConfig) -> io::Result<SandboxHandle> {
         prefix,
         shutdown,
         task,
+        disk,
     })
 }
 
-async fn sweep_forever(store: Arc<store::Store>, shutdown: CancellationToken) {
+/// Forgets expired histories (in memory and on disk) and stored dweets past their retention.
+async fn sweep_forever(
+    store: Arc<store::Store>,
+    disk: Arc<disk::Disk>,
+    stored_retention: Duration,
+    shutdown: CancellationToken,
+) {
     let every =
         (store.limits().retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut ticks = tokio::time::interval(every);
@@ -182,9 +224,16 @@ async fn sweep_forever(store: Arc<store::Store>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {
-                let removed = store.sweep();
+                let (removed, mut changes) = store.sweep();
                 if removed > 0 {
                     tracing::debug!(removed, "forgot expired things");
+                }
+                let cutoff = chrono::Utc::now().timestamp_millis()
+                    - i64::try_from(stored_retention.as_millis()).unwrap_or(i64::MAX);
+                // Whole days: a stored day goes once all of it is past the retention.
+                changes.push(disk::Change::PurgeStoredBefore { day: disk::day_of(cutoff) });
+                if let Err(error) = disk.commit(changes).await {
+                    tracing::warn!(%error, "could not forget expired state on disk; will retry");
                 }
             }
         }

@@ -4,6 +4,9 @@
 //!
 //! Things are spread over shards, each behind its own mutex, so writers to different things
 //! rarely meet. The lock table is separate and always taken before a shard, never after.
+//!
+//! Every mutation says what changed as [`Change`]s, which the HTTP layer commits to the
+//! store on disk (`disk`) before it answers; `restore` puts what the disk held back.
 
 use std::collections::VecDeque;
 use std::collections::hash_map::{Entry, HashMap};
@@ -17,6 +20,8 @@ use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 use super::Refusal;
+use super::disk::{Change, Loaded};
+use super::keys::KeyHash;
 use super::notify::{Notification, NotificationKind};
 use crate::alert::condition::{Verdict, transition};
 use crate::client::{Alert, AlertStatus, Created, Dweet, Key, Recipient};
@@ -56,6 +61,7 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 struct Kept {
     json: Arc<str>,
+    created_ms: i64,
 }
 
 #[derive(Debug)]
@@ -85,11 +91,31 @@ pub struct PendingEvaluation {
     created: Created,
 }
 
-/// What `Store::write` did: the dweet as answered, and the alert evaluation it calls for.
+impl PendingEvaluation {
+    /// The evaluated dweet's `created`, in ms.
+    pub fn created_ms(&self) -> i64 {
+        self.created_at.timestamp_millis()
+    }
+}
+
+/// What `Store::write` did: the dweet as answered, the alert evaluation it calls for, and
+/// what to commit.
 #[derive(Debug)]
 pub struct Written {
     pub dweet: Dweet,
     pub evaluation: Option<PendingEvaluation>,
+    pub change: Change,
+}
+
+/// An alert as committed: what survives a restart (a verdict's generation and a suspension
+/// do not: the condition runs again on the next dweet).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AlertRow {
+    recipients: Vec<Recipient>,
+    condition: String,
+    status: AlertStatus,
+    /// `YYYY-MM-DD`: the UTC day `status.alerts_sent_today` counts.
+    counting_day: String,
 }
 
 #[derive(Debug, Default)]
@@ -143,7 +169,7 @@ impl TokenBucket {
 
 #[derive(Debug)]
 struct LockEntry {
-    key: Key,
+    key: KeyHash,
     thing: Option<String>,
 }
 
@@ -160,10 +186,10 @@ impl LockTable {
         let Some(lock) = self.locked_things.get(thing) else {
             return Ok(());
         };
-        let expected = self.locks.get(lock).map(|entry| entry.key.expose());
+        let entry = self.locks.get(lock);
         match key {
             None => Err(Refusal::locked()),
-            Some(key) if Some(key) == expected => Ok(()),
+            Some(key) if entry.is_some_and(|e| e.key.verify(key)) => Ok(()),
             Some(_) => Err(Refusal::wrong_key()),
         }
     }
@@ -181,10 +207,18 @@ impl LockTable {
 
     fn lock_with_key(&mut self, lock: &str, key: Option<&str>) -> Result<&mut LockEntry, Refusal> {
         let entry = self.locks.get_mut(lock).ok_or_else(Refusal::not_found)?;
-        if key != Some(entry.key.expose()) {
+        if !key.is_some_and(|key| entry.key.verify(key)) {
             return Err(Refusal::wrong_key());
         }
         Ok(entry)
+    }
+
+    fn row(&self, lock: &str) -> Option<Change> {
+        let entry = self.locks.get(lock)?;
+        Some(Change::Lock {
+            lock: lock.to_owned(),
+            row: entry.key.to_row(entry.thing.clone()),
+        })
     }
 }
 
@@ -201,7 +235,10 @@ impl Store {
         let table = LockTable {
             locks: locks
                 .into_iter()
-                .map(|(name, key)| (name, LockEntry { key, thing: None }))
+                .map(|(name, key)| {
+                    let key = KeyHash::of(key.expose());
+                    (name, LockEntry { key, thing: None })
+                })
                 .collect(),
             locked_things: HashMap::new(),
         };
@@ -216,6 +253,114 @@ impl Store {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Puts back what the disk held: histories (within retention), locks and where they are
+    /// attached (a lock also given at start keeps the key given), and alerts. Returns the
+    /// changes that bring the disk in step: every lock as it now stands.
+    pub fn restore(&self, loaded: Loaded) -> Vec<Change> {
+        let now_utc = Utc::now();
+        let now = Instant::now();
+        {
+            let mut table = self.lock_table_mut();
+            for (lock, row) in loaded.locks {
+                let Some(hash) = KeyHash::from_row(&row) else {
+                    tracing::warn!(%lock, "a stored lock is damaged; it is dropped");
+                    continue;
+                };
+                // A lock given at start keeps the key given; one only on disk comes back.
+                table.locks.entry(lock.clone()).or_insert(LockEntry {
+                    key: hash,
+                    thing: None,
+                });
+                if let Some(thing) = row.thing
+                    && !table.locked_things.contains_key(&thing)
+                {
+                    if let Some(entry) = table.locks.get_mut(&lock) {
+                        entry.thing = Some(thing.clone());
+                    }
+                    table.locked_things.insert(thing, lock);
+                }
+            }
+        }
+        for (thing, history) in loaded.histories {
+            let Some(&(newest_ms, _)) = history.last() else {
+                continue;
+            };
+            let age = (now_utc.timestamp_millis() - newest_ms).max(0) as u64;
+            let age = Duration::from_millis(age);
+            if age >= self.limits.retention {
+                continue;
+            }
+            let mut shard = self.shard(&thing);
+            let entry = shard.entry(thing.clone()).or_default();
+            let skip = history.len().saturating_sub(self.limits.max_history);
+            entry.history = history
+                .into_iter()
+                .skip(skip)
+                .map(|(created_ms, json)| Kept {
+                    json: json.into(),
+                    created_ms,
+                })
+                .collect();
+            entry.last_dweet_at = Some(now.checked_sub(age).unwrap_or(now));
+            entry.last_created = DateTime::from_timestamp_millis(newest_ms);
+        }
+        for (thing, json) in loaded.alerts {
+            let row: AlertRow = match serde_json::from_str(&json) {
+                Ok(row) => row,
+                Err(error) => {
+                    tracing::warn!(%thing, %error, "a stored alert is damaged; it is dropped");
+                    continue;
+                }
+            };
+            let record = AlertRecord {
+                recipients: row.recipients,
+                condition: row.condition.into(),
+                status: row.status,
+                generation: self
+                    .alert_generations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                evaluated_through: None,
+                counting_day: NaiveDate::parse_from_str(&row.counting_day, "%Y-%m-%d")
+                    .unwrap_or_else(|_| Utc::now().date_naive()),
+                suspended: false,
+            };
+            self.shard(&thing).entry(thing.clone()).or_default().alert = Some(record);
+        }
+        let table = self.lock_table();
+        let mut locks: Vec<&String> = table.locks.keys().collect();
+        locks.sort();
+        locks
+            .into_iter()
+            .filter_map(|lock| table.row(lock))
+            .collect()
+    }
+
+    /// The thing's alert as it now stands, to commit (its removal when it has none).
+    pub fn alert_change(&self, thing: &str) -> Change {
+        let shard = self.shard(thing);
+        let json = shard
+            .get(thing)
+            .and_then(|entry| entry.alert.as_ref())
+            .and_then(|alert| {
+                serde_json::to_string(&AlertRow {
+                    recipients: alert.recipients.clone(),
+                    condition: alert.condition.to_string(),
+                    status: alert.status.clone(),
+                    counting_day: alert.counting_day.format("%Y-%m-%d").to_string(),
+                })
+                .ok()
+            });
+        Change::Alert {
+            thing: thing.to_owned(),
+            json,
+        }
+    }
+
+    /// Whether `thing` is locked and `key` opens it (the stored-dweets calls need both).
+    pub fn check_stored_access(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+        self.lock_table().check_locked_access(thing, key)
     }
 
     fn shard(&self, thing: &str) -> MutexGuard<'_, HashMap<String, Thing>> {
@@ -242,7 +387,11 @@ impl Store {
         content: Map<String, Value>,
         key: Option<&str>,
     ) -> Result<Written, Refusal> {
-        self.lock_table().check_access(thing, key)?;
+        let locked = {
+            let table = self.lock_table();
+            table.check_access(thing, key)?;
+            table.locked_things.contains_key(thing)
+        };
         let now = Instant::now();
         let mut shard = self.shard(thing);
         let entry = shard.entry(thing.to_owned()).or_default();
@@ -286,14 +435,34 @@ impl Store {
             // An error only means every listener left since the check.
             let _ = listeners.send(Bytes::from(protocol::encode_stream_frame(&json)));
         }
-        entry.history.push_back(Kept { json });
+        entry.history.push_back(Kept {
+            json: Arc::clone(&json),
+            created_ms: created_at.timestamp_millis(),
+        });
+        let mut evicted = false;
         while entry.history.len() > self.limits.max_history {
             entry.history.pop_front();
+            evicted = true;
         }
+        // The oldest kept dweet's time, less a millisecond: everything up to it is gone.
+        let evicted_through = evicted
+            .then(|| entry.history.front().map(|kept| kept.created_ms - 1))
+            .flatten();
         entry.last_dweet_at = Some(now);
         entry.last_created = Some(created_at);
         dweet.transaction = Some(uuid::Uuid::new_v4().to_string());
-        Ok(Written { dweet, evaluation })
+        let change = Change::Dweet {
+            thing: thing.to_owned(),
+            created_ms: created_at.timestamp_millis(),
+            json,
+            evicted_through,
+            stored: locked,
+        };
+        Ok(Written {
+            dweet,
+            evaluation,
+            change,
+        })
     }
 
     /// Stops running the alert's condition (the one `evaluated` ran), until it is set anew.
@@ -427,7 +596,7 @@ impl Store {
         }
     }
 
-    pub fn lock(&self, thing: &str, lock: &str, key: Option<&str>) -> Result<(), Refusal> {
+    pub fn lock(&self, thing: &str, lock: &str, key: Option<&str>) -> Result<Vec<Change>, Refusal> {
         let mut table = self.lock_table_mut();
         if let Some(current) = table.locked_things.get(thing)
             && current != lock
@@ -439,7 +608,7 @@ impl Store {
         }
         let entry = table.lock_with_key(lock, key)?;
         match &entry.thing {
-            Some(holder) if holder == thing => return Ok(()),
+            Some(holder) if holder == thing => return Ok(Vec::new()),
             Some(_) => {
                 return Err(Refusal::new(
                     409,
@@ -451,33 +620,35 @@ impl Store {
         table
             .locked_things
             .insert(thing.to_owned(), lock.to_owned());
-        Ok(())
+        Ok(table.row(lock).into_iter().collect())
     }
 
     /// Detaches the thing's lock. Its alert goes too: an alert needs a locked thing, and once
     /// unlocked nobody could prove the right to change it.
-    pub fn unlock(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+    pub fn unlock(&self, thing: &str, key: Option<&str>) -> Result<Vec<Change>, Refusal> {
         let mut table = self.lock_table_mut();
         let Some(lock) = table.locked_things.get(thing).cloned() else {
             return Err(Refusal::new(400, "this thing is not locked"));
         };
         table.lock_with_key(&lock, key)?.thing = None;
         table.locked_things.remove(thing);
+        let row = table.row(&lock);
         drop(table);
         self.drop_alert(thing);
-        Ok(())
+        Ok(row.into_iter().chain([self.alert_change(thing)]).collect())
     }
 
-    pub fn remove_lock(&self, lock: &str, key: Option<&str>) -> Result<(), Refusal> {
+    pub fn remove_lock(&self, lock: &str, key: Option<&str>) -> Result<Vec<Change>, Refusal> {
         let mut table = self.lock_table_mut();
         let entry = table.lock_with_key(lock, key)?;
         let Some(thing) = entry.thing.take() else {
             return Err(Refusal::new(400, protocol::LOCK_NOT_IN_USE));
         };
         table.locked_things.remove(&thing);
+        let row = table.row(lock);
         drop(table);
         self.drop_alert(&thing);
-        Ok(())
+        Ok(row.into_iter().chain([self.alert_change(&thing)]).collect())
     }
 
     fn drop_alert(&self, thing: &str) {
@@ -492,7 +663,7 @@ impl Store {
         recipients: Vec<Recipient>,
         condition: String,
         key: Option<&str>,
-    ) -> Result<Alert, Refusal> {
+    ) -> Result<(Alert, Change), Refusal> {
         self.lock_table().check_locked_access(thing, key)?;
         let record = AlertRecord {
             recipients,
@@ -513,7 +684,7 @@ impl Store {
         };
         let alert = alert_view(thing, &record, false);
         self.shard(thing).entry(thing.to_owned()).or_default().alert = Some(record);
-        Ok(alert)
+        Ok((alert, self.alert_change(thing)))
     }
 
     pub fn get_alert(&self, thing: &str, key: Option<&str>) -> Result<Alert, Refusal> {
@@ -526,24 +697,32 @@ impl Store {
         Ok(alert_view(thing, record, true))
     }
 
-    pub fn remove_alert(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+    pub fn remove_alert(&self, thing: &str, key: Option<&str>) -> Result<Change, Refusal> {
         self.lock_table().check_access(thing, key)?;
         let mut shard = self.shard(thing);
         match shard.get_mut(thing).and_then(|entry| entry.alert.take()) {
-            Some(_) => Ok(()),
+            Some(_) => Ok(Change::Alert {
+                thing: thing.to_owned(),
+                json: None,
+            }),
             None => Err(Refusal::not_found()),
         }
     }
 
-    /// Forgets expired histories and entries that hold nothing; returns how many entries went.
-    pub fn sweep(&self) -> usize {
+    /// Forgets expired histories and entries that hold nothing; returns how many entries went,
+    /// and the changes that forget the histories on disk too.
+    pub fn sweep(&self) -> (usize, Vec<Change>) {
         let now = Instant::now();
         let mut removed = 0;
+        let mut changes = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, entry| {
-                if entry.expired(now, self.limits.retention) {
+            shard.retain(|thing, entry| {
+                if entry.expired(now, self.limits.retention) && !entry.history.is_empty() {
                     entry.history.clear();
+                    changes.push(Change::ForgetHistory {
+                        thing: thing.clone(),
+                    });
                 }
                 if entry
                     .listeners
@@ -557,7 +736,7 @@ impl Store {
                 keep
             });
         }
-        removed
+        (removed, changes)
     }
 
     /// Reserves a fresh name for `/dweet`, which invents one: the generator is tried until a
@@ -653,7 +832,7 @@ mod tests {
         };
         let store = Store::new(limits, []);
         store.write("t", Map::new(), None).unwrap();
-        assert_eq!(store.sweep(), 1);
+        assert_eq!(store.sweep().0, 1);
         assert!(store.read("t", None, 10).is_err());
     }
 

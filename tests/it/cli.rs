@@ -259,7 +259,14 @@ async fn listen_prints_one_json_line_per_dweet_and_stops_at_the_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sandbox_and_simulate_commands_work_together() {
     let mut sandbox = Command::new(BIN)
-        .args(["sandbox", "--listen", "127.0.0.1:0", "--max-history", "50"])
+        .args([
+            "sandbox",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-history",
+            "50",
+            "--in-memory",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)

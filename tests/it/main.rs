@@ -18,5 +18,6 @@ mod postgres;
 mod prometheus;
 mod protocol;
 mod readers;
+mod sandbox_store;
 mod security;
 mod worker;

@@ -225,6 +225,7 @@ async fn the_sandbox_takes_a_prefix_without_its_slash_a_host_name_and_counts_its
             "--prefix",
             "dweet",
             "--no-alert-outbox",
+            "--in-memory",
         ])
         .args(["--lock", &format!("{LOCK}:{KEY}")])
         .env("RUST_LOG", "info")
