@@ -35,6 +35,10 @@ pub struct DemoArgs {
     /// (named by its start time), so the summary and the suggested queries match.
     #[arg(long, value_name = "DIR", default_value = "data/demo")]
     data: PathBuf,
+    /// Keep the sandbox, its dashboard and the fleet running after --duration, until Ctrl-C,
+    /// to look at the boards in a browser.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// The figures the progress line and the summary show.
@@ -105,8 +109,17 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     let worker = worker::start(config).await?;
     let metrics = Arc::clone(worker.metrics());
     eprintln!(
-        "sandbox on {url}; {} simulated S5D9 boards for {} s",
-        args.things, args.duration
+        "sandbox on {url}; {} simulated S5D9 boards for {}",
+        args.things,
+        if args.keep {
+            "as long as you like (Ctrl-C stops them)".to_owned()
+        } else {
+            format!("{} s", args.duration)
+        }
+    );
+    eprintln!(
+        "dashboard: {url}/  (one board live: {url}/follow/{})",
+        thing_name("S5D9-", 1)
     );
     if let Some(addr) = worker.metrics_addr() {
         eprintln!(
@@ -133,14 +146,14 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     let fleet = tokio::spawn(run_fleet(client, fleet_config, Arc::clone(&fleet_stats)));
 
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.duration);
+    let deadline = (!args.keep).then(|| started + Duration::from_secs(args.duration));
     let live = std::io::stderr().is_terminal();
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
     let mut interrupted = false;
     // One listener for the whole loop, so a signal between two turns is not missed.
     let shutdown = super::shutdown_signal();
     tokio::pin!(shutdown);
-    while Instant::now() < deadline {
+    while deadline.is_none_or(|deadline| Instant::now() < deadline) {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = &mut shutdown => { interrupted = true; break }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::disk::{Change, Disk};
 use super::evaluator::{Evaluator, NoVerdict};
 use super::store::{PendingEvaluation, Store};
-use super::{Refusal, SandboxConfig, content, names, stored};
+use super::{Refusal, SandboxConfig, content, names, pages, stored};
 use crate::alert::condition::ConditionEngine;
 use crate::client::Recipient;
 use crate::http_server::Body;
@@ -36,6 +36,8 @@ pub(super) struct App {
 enum Reply {
     Json(String),
     Csv(String),
+    /// A page or asset for people, with its content type.
+    Page(&'static str, String),
     NoContent,
     Stream(broadcast::Receiver<Bytes>),
 }
@@ -46,6 +48,9 @@ struct Call<'a> {
     /// Path segments after the prefix, raw (still percent-encoded).
     segments: Vec<&'a str>,
     query: Vec<(String, String)>,
+    /// The key from the `X-Dweet-Auth` header: pages send it there, so it never appears in an
+    /// address a proxy or a browser history could keep.
+    header_key: Option<String>,
 }
 
 impl Call<'_> {
@@ -58,7 +63,7 @@ impl Call<'_> {
     }
 
     fn key(&self) -> Option<&str> {
-        self.param("key")
+        self.param("key").or(self.header_key.as_deref())
     }
 }
 
@@ -117,10 +122,17 @@ impl App {
             .and_then(|v| v.to_str().ok());
         let outcome = match self.split_path(parts.uri.path()) {
             Some(segments) => {
+                let header_key = parts
+                    .headers
+                    .get("x-dweet-auth")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_owned);
                 let call = Call {
                     method: &parts.method,
                     segments,
                     query,
+                    header_key,
                 };
                 self.route(&call, body, content_type).await
             }
@@ -128,6 +140,11 @@ impl App {
         };
         match outcome {
             Ok(Reply::Json(text)) => json_response(StatusCode::OK, text, callback.as_deref()),
+            Ok(Reply::Page(kind, text)) => respond(
+                StatusCode::OK,
+                Some(kind),
+                Full::new(Bytes::from(text)).boxed_unsync(),
+            ),
             Ok(Reply::Csv(text)) => respond(
                 StatusCode::OK,
                 Some("text/csv; charset=utf-8"),
@@ -178,6 +195,11 @@ impl App {
             .with_http_status(405));
         }
         let key = call.key();
+        if matches!(*call.method, Method::GET | Method::HEAD)
+            && let Some((kind, page)) = pages::page(&call.segments, &self.prefix)
+        {
+            return Ok(Reply::Page(kind, page));
+        }
         match call.segments.as_slice() {
             ["dweet"] => {
                 let content = self.read_content(body, content_type, call).await?;
@@ -258,6 +280,19 @@ impl App {
                 let removed = serde_json::json!({ "thing": thing });
                 Ok(Reply::Json(encode(&Success::new(
                     "removing", "alert", &removed,
+                ))))
+            }
+            ["get", "recent", "dweets"] => {
+                let limit = call
+                    .param("limit")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(100usize)
+                    .clamp(1, 1000);
+                let recent = self.store.recent(limit, RECENT_WITHIN);
+                Ok(Reply::Json(encode(&Success::new(
+                    "getting",
+                    "dweets",
+                    &json_array(&recent)?,
                 ))))
             }
             ["get", "stored", "dweets", "for", thing] => {
@@ -531,6 +566,9 @@ fn encode<T: Serialize>(value: &T) -> String {
     // Our own envelopes of strings, numbers and maps with string keys always serialise.
     serde_json::to_string(value).unwrap_or_default()
 }
+
+/// What "recently" means for the fleet page and `/see`.
+const RECENT_WITHIN: Duration = Duration::from_secs(60 * 60);
 
 /// Pieces of JSON already encoded, joined into one array without parsing them again.
 fn json_array<S: AsRef<str>>(items: &[S]) -> Result<Box<RawValue>, Refusal> {

@@ -14,6 +14,7 @@ mod http;
 mod keys;
 mod names;
 pub mod notify;
+mod pages;
 pub mod simulator;
 mod store;
 mod stored;

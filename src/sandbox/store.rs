@@ -560,6 +560,33 @@ impl Store {
             .collect())
     }
 
+    /// The newest dweet of each unlocked thing that dweeted within `within`, newest first, at
+    /// most `limit`: what the fleet page and `/see` show (locked things stay private).
+    pub fn recent(&self, limit: usize, within: Duration) -> Vec<Arc<str>> {
+        let locked: std::collections::HashSet<String> =
+            self.lock_table().locked_things.keys().cloned().collect();
+        let now = Instant::now();
+        let mut newest: Vec<(i64, Arc<str>)> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for (thing, entry) in shard.iter() {
+                if locked.contains(thing)
+                    || entry
+                        .last_dweet_at
+                        .is_none_or(|at| now.duration_since(at) > within)
+                {
+                    continue;
+                }
+                if let Some(kept) = entry.history.back() {
+                    newest.push((kept.created_ms, Arc::clone(&kept.json)));
+                }
+            }
+        }
+        newest.sort_by_key(|(created_ms, _)| std::cmp::Reverse(*created_ms));
+        newest.truncate(limit);
+        newest.into_iter().map(|(_, json)| json).collect()
+    }
+
     /// Subscribes to a thing's new dweets. Listening to a thing that has not dweeted yet is
     /// allowed: a device that is about to come online is worth waiting for.
     pub fn listen(

@@ -151,10 +151,7 @@ impl Member {
 
     async fn metrics(&self) -> String {
         let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        match reqwest::get(&url).await {
-            Ok(answer) => answer.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
+        crate::common::get_text(&url).await
     }
 
     /// The things this member runs a subscription for.
@@ -654,7 +651,7 @@ async fn only_the_leader_reconciles_locks_and_alerts_and_each_change_is_made_onc
 
 async fn readyz(member: &Member) -> (u16, String) {
     let url = format!("http://127.0.0.1:{}/readyz", member.metrics_port);
-    match reqwest::get(&url).await {
+    match crate::common::http().get(&url).send().await {
         Ok(answer) => (
             answer.status().as_u16(),
             answer.text().await.unwrap_or_default(),

@@ -138,3 +138,19 @@ pub fn assert_created_format(created: &str) {
         "{created}"
     );
 }
+
+/// A plain HTTP client for tests that talk to pages and metrics directly. reqwest is built
+/// without a default TLS provider; the library installs ring when it builds its own client,
+/// and this does the same so a test may come first.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// The body of a GET of `url` (empty when it does not answer).
+pub async fn get_text(url: &str) -> String {
+    match http().get(url).send().await {
+        Ok(answer) => answer.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}

@@ -3,6 +3,7 @@
 //! port, so they run in parallel without sharing state.
 
 mod alerts;
+mod browser;
 mod chaos;
 mod cli;
 mod client;

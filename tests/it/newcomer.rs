@@ -410,3 +410,55 @@ async fn a_key_file_wins_over_an_exported_dweet_key() {
     assert!(read.status.success(), "{}", stderr(&read));
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_prints_its_dashboard_and_with_keep_serves_it_until_ctrl_c() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = dweetpipe()
+        .args([
+            "demo",
+            "--keep",
+            "--things",
+            "3",
+            "--duration",
+            "1",
+            "--data",
+        ])
+        .arg(data.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut dashboard = None;
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+    {
+        if let Some(rest) = line.strip_prefix("dashboard: ") {
+            dashboard = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+    }
+    let dashboard = dashboard.expect("the demo prints the dashboard's URL");
+    // Past --duration: the sandbox, its pages and the fleet are still there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let page = crate::common::get_text(&dashboard).await;
+    assert!(page.contains("dweetpipe sandbox"), "{page}");
+    let first = crate::common::get_text(&format!("{dashboard}get/recent/dweets")).await;
+    assert!(first.contains("S5D9-0001"), "{first}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = crate::common::get_text(&format!("{dashboard}get/recent/dweets")).await;
+    assert_ne!(first, later, "the fleet keeps dweeting");
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "Ctrl-C ends it cleanly");
+}

@@ -217,12 +217,7 @@ async fn stored_dweets_by_day_and_hour_in_json_and_csv_and_every_failure_says_wh
             "requires a key",
         ),
     ] {
-        let text = reqwest::get(format!("{url}{path}"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = crate::common::get_text(&format!("{url}{path}")).await;
         assert!(
             text.starts_with(r#"{"this":"failed""#) && text.contains(because),
             "{path}: {text}"
