@@ -339,7 +339,7 @@ mod tests {
         };
         let read: Published = serde_json::from_slice(&payload(&dweet)).unwrap();
         assert_eq!(read.content.get(), dweet.content);
-        assert_eq!(read.created, "2026-11-18T06:13:20.000Z");
+        assert_eq!(read.created, "2026-11-18T11:06:40.000Z");
         assert_eq!(read.readings["t"], 1.5);
     }
 
