@@ -767,3 +767,67 @@ async fn two_processes_given_one_member_name_own_nothing_and_say_why() {
     stop(twins).await;
     setup.db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_with_separate_parquet_directories_together_hold_every_dweet() {
+    let mut setup = Setup::new("cl-apart", 12, "").await;
+    let spawn_apart = |name: &str| {
+        let metrics_port = free_port();
+        let listen = format!("127.0.0.1:{metrics_port}");
+        let parquet = setup.dir.path().join(format!("parquet-{name}"));
+        let env = [
+            ("TEST_DATABASE_URL", setup.db.url.as_str()),
+            ("DWEETPIPE__CLUSTER__MEMBER", name),
+            ("DWEETPIPE__METRICS__LISTEN", listen.as_str()),
+            ("DWEETPIPE__PARQUET__DIR", parquet.to_str().unwrap()),
+        ];
+        let process = WorkerProcess::spawn(
+            &setup.config,
+            &env,
+            setup.dir.path().join(format!("{name}.log")),
+        );
+        Member {
+            name: name.to_owned(),
+            process,
+            metrics_port,
+        }
+    };
+    let a = spawn_apart("worker-a");
+    let b = spawn_apart("worker-b");
+    wait_owned(&[&a, &b], &setup.things, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // b dies; a takes its things into its own directory.
+    let mut b = b;
+    b.process.signal("-KILL");
+    b.process.wait().await;
+    wait_owned(&[&a], &setup.things, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    setup.stop_fleet().await;
+    setup.wait_caught_up(&[&a]).await;
+    stop(vec![a]).await;
+
+    let expected = setup.accepted().await;
+    let mut connection = setup.db.connect().await;
+    assert_same(stored(&mut connection).await, &expected);
+    let mut union = BTreeSet::new();
+    for name in ["worker-a", "worker-b"] {
+        let rows = parquet_dweets(&setup.dir.path().join(format!("parquet-{name}")));
+        let unique: BTreeSet<_> = rows.iter().cloned().collect();
+        assert_eq!(
+            rows.len(),
+            unique.len(),
+            "{name}'s own directory holds each dweet once"
+        );
+        union.extend(unique);
+    }
+    let missing: Vec<_> = expected.difference(&union).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "every dweet is in some member's directory: missing {missing:?}"
+    );
+    eprintln!(
+        "cluster, separate directories: {} dweets, all in the union, each directory without repeats",
+        expected.len()
+    );
+    setup.db.drop_now().await;
+}
