@@ -78,6 +78,39 @@ impl Invalid {
 }
 
 /// Deserialises a human duration: "5s", "2m", "1h 30m", "250ms".
+/// An address that may hold a password, given in the file (`url_key`) or through an
+/// environment variable named in the file (`env_key`): one of the two, and a named variable
+/// must be set. Without either, `fallback` is used, or the error says `missing` (what to set).
+pub fn address(
+    (url_key, url): (&str, Option<&str>),
+    (env_key, variable): (&str, Option<&str>),
+    env: impl Fn(&str) -> Option<String>,
+    fallback: Option<&str>,
+    missing: &str,
+) -> Result<String, Invalid> {
+    match (url, variable) {
+        (Some(_), Some(_)) => Err(Invalid::new(
+            env_key,
+            format!("{url_key} and {env_key} are both set"),
+            "keep one of them",
+        )),
+        (Some(url), None) => Ok(url.to_owned()),
+        (None, Some(variable)) => env(variable)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Invalid::new(
+                    env_key,
+                    format!("the environment variable {variable} is not set (or empty)"),
+                    "export it (systemd: EnvironmentFile=, Kubernetes: a Secret)",
+                )
+            }),
+        (None, None) => fallback
+            .map(str::to_owned)
+            .ok_or_else(|| Invalid::new(url_key, "no address is given", missing)),
+    }
+}
+
 pub fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
     humantime::parse_duration(&text).map_err(|error| {

@@ -100,33 +100,13 @@ impl ClusterConfig {
     /// Reads `nats_url_env` and fills in the member's name from the host; keys in the error
     /// are relative to `[cluster]`.
     pub fn resolve(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
-        match (&self.nats_url, &self.nats_url_env) {
-            (Some(_), Some(_)) => {
-                return Err(Invalid::new(
-                    "nats_url_env",
-                    "both nats_url and nats_url_env are set",
-                    "keep one of them",
-                ));
-            }
-            (None, None) => {
-                return Err(Invalid::new(
-                    "nats_url",
-                    "the cluster has no NATS address",
-                    "set nats_url = \"nats://127.0.0.1:4222\" or nats_url_env = \"NATS_URL\"",
-                ));
-            }
-            (None, Some(variable)) => match env(variable) {
-                Some(url) if !url.trim().is_empty() => self.nats_url = Some(url),
-                _ => {
-                    return Err(Invalid::new(
-                        "nats_url_env",
-                        format!("the environment variable {variable} is not set"),
-                        format!("export {variable}=nats://host:4222, or set nats_url"),
-                    ));
-                }
-            },
-            (Some(_), None) => {}
-        }
+        self.nats_url = Some(crate::settings::address(
+            ("nats_url", self.nats_url.as_deref()),
+            ("nats_url_env", self.nats_url_env.as_deref()),
+            &env,
+            None,
+            "set nats_url = \"nats://127.0.0.1:4222\" or nats_url_env = \"NATS_URL\"",
+        )?);
         if self.member.is_none() {
             self.member = host_name().map(|h| h.replace(|c: char| !valid_char(c), "-"));
         }

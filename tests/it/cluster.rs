@@ -128,19 +128,25 @@ struct Member {
 
 impl Member {
     fn spawn(name: &str, setup: &Setup) -> Member {
+        Self::spawn_with(name, setup, "", &[])
+    }
+
+    /// A member with more environment (`extra`), logging to `<name><log_suffix>.log`.
+    fn spawn_with(name: &str, setup: &Setup, log_suffix: &str, extra: &[(&str, &str)]) -> Member {
         let metrics_port = free_port();
         let listen = format!("127.0.0.1:{metrics_port}");
-        let env = [
+        let mut env = vec![
             ("TEST_DATABASE_URL", setup.db.url.as_str()),
             ("DWEETPIPE__CLUSTER__MEMBER", name),
             ("DWEETPIPE__METRICS__LISTEN", listen.as_str()),
             ("NODE_KEY", KEY),
             ("OTHER_NODE_KEY", OTHER_KEY),
         ];
+        env.extend_from_slice(extra);
         let process = WorkerProcess::spawn(
             &setup.config,
             &env,
-            setup.dir.path().join(format!("{name}.log")),
+            setup.dir.path().join(format!("{name}{log_suffix}.log")),
         );
         Member {
             name: name.to_owned(),
@@ -726,27 +732,17 @@ async fn two_processes_given_one_member_name_own_nothing_and_say_why() {
     let twins: Vec<Member> = ["one", "two"]
         .iter()
         .map(|label| {
-            let metrics_port = free_port();
-            let listen = format!("127.0.0.1:{metrics_port}");
             let parquet = setup.dir.path().join(format!("parquet-{label}"));
             let spool = setup.dir.path().join(format!("spool-{label}"));
-            let env = [
-                ("TEST_DATABASE_URL", setup.db.url.as_str()),
-                ("DWEETPIPE__CLUSTER__MEMBER", "twin"),
-                ("DWEETPIPE__METRICS__LISTEN", listen.as_str()),
-                ("DWEETPIPE__PARQUET__DIR", parquet.to_str().unwrap()),
-                ("DWEETPIPE__POSTGRES__SPOOL_DIR", spool.to_str().unwrap()),
-            ];
-            let process = WorkerProcess::spawn(
-                &setup.config,
-                &env,
-                setup.dir.path().join(format!("{label}.log")),
-            );
-            Member {
-                name: "twin".to_owned(),
-                process,
-                metrics_port,
-            }
+            Member::spawn_with(
+                "twin",
+                &setup,
+                &format!("-{label}"),
+                &[
+                    ("DWEETPIPE__PARQUET__DIR", parquet.to_str().unwrap()),
+                    ("DWEETPIPE__POSTGRES__SPOOL_DIR", spool.to_str().unwrap()),
+                ],
+            )
         })
         .collect();
     for twin in &twins {
@@ -772,25 +768,13 @@ async fn two_processes_given_one_member_name_own_nothing_and_say_why() {
 async fn members_with_separate_parquet_directories_together_hold_every_dweet() {
     let mut setup = Setup::new("cl-apart", 12, "").await;
     let spawn_apart = |name: &str| {
-        let metrics_port = free_port();
-        let listen = format!("127.0.0.1:{metrics_port}");
         let parquet = setup.dir.path().join(format!("parquet-{name}"));
-        let env = [
-            ("TEST_DATABASE_URL", setup.db.url.as_str()),
-            ("DWEETPIPE__CLUSTER__MEMBER", name),
-            ("DWEETPIPE__METRICS__LISTEN", listen.as_str()),
-            ("DWEETPIPE__PARQUET__DIR", parquet.to_str().unwrap()),
-        ];
-        let process = WorkerProcess::spawn(
-            &setup.config,
-            &env,
-            setup.dir.path().join(format!("{name}.log")),
-        );
-        Member {
-            name: name.to_owned(),
-            process,
-            metrics_port,
-        }
+        Member::spawn_with(
+            name,
+            &setup,
+            "",
+            &[("DWEETPIPE__PARQUET__DIR", parquet.to_str().unwrap())],
+        )
     };
     let a = spawn_apart("worker-a");
     let b = spawn_apart("worker-b");

@@ -245,16 +245,15 @@ print(json.dumps(docs))
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-#[test]
-fn kubernetes_manifests_validate_and_agree_with_each_other() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s");
+/// The YAML files of `dir`, checked with `kubernetes-validate --strict` (which must pass),
+/// and its report.
+fn validate_manifests(dir: &str) -> (Vec<std::path::PathBuf>, String) {
     let files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
-    assert!(files.len() >= 6);
     let output = std::process::Command::new("kubernetes-validate")
         .arg("--strict")
         .args(&files)
@@ -269,6 +268,14 @@ fn kubernetes_manifests_validate_and_agree_with_each_other() {
         output.status.success() && !report.contains("ERROR"),
         "{report}"
     );
+    (files, report)
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_agree_with_each_other() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s");
+    let (files, report) = validate_manifests(dir);
+    assert!(files.len() >= 6);
     assert_eq!(
         report.matches(" passed ").count(),
         files.len() - 1,
@@ -551,26 +558,7 @@ fn dashboards_name_only_datasources_the_provisioning_defines() {
 #[test]
 fn the_clustered_kubernetes_variant_validates_and_its_members_share_one_fleet() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/k8s/cluster");
-    let files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    let output = std::process::Command::new("kubernetes-validate")
-        .arg("--strict")
-        .args(&files)
-        .output()
-        .expect("kubernetes-validate is needed for this test: pip install kubernetes-validate (scripts/test installs it)");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success() && !report.contains("ERROR"),
-        "{report}"
-    );
+    let (files, report) = validate_manifests(dir);
     assert_eq!(report.matches(" passed ").count(), files.len(), "{report}");
 
     let docs = k8s_manifests(dir);

@@ -5,6 +5,8 @@
 //! `{{BASE}}`. Thing names reach a page through its address and are put into the document as
 //! text by the script, never as HTML.
 
+/// The head, header and navigation every page shares; a page file is its `<main>` and script.
+const SHELL: &str = include_str!("shell.html");
 const INDEX: &str = include_str!("index.html");
 const FOLLOW: &str = include_str!("follow.html");
 const SEE: &str = include_str!("see.html");
@@ -18,11 +20,19 @@ const HTML_TYPE: &str = "text/html; charset=utf-8";
 /// The page or asset at `segments` (raw, after the prefix), with its content type.
 pub fn page(segments: &[&str], base: &str) -> Option<(&'static str, String)> {
     let fill = |text: &str| text.replace("{{BASE}}", &escape(base));
+    let html = |title: &str, heading: &str, body: &str| {
+        let page = SHELL
+            .replace("{{TITLE}}", title)
+            .replace("{{HEADING}}", heading)
+            .replace("{{BODY}}", body);
+        Some((HTML_TYPE, fill(&page)))
+    };
     match segments {
-        [] | [""] => Some((HTML_TYPE, fill(INDEX))),
-        ["follow", thing] if !thing.is_empty() => Some((HTML_TYPE, fill(FOLLOW))),
-        ["see"] => Some((HTML_TYPE, fill(SEE))),
-        ["play"] => Some((HTML_TYPE, fill(PLAY))),
+        [] | [""] => html("the fleet", "dweetpipe sandbox", INDEX),
+        // The script writes the thing's name in, as text.
+        ["follow", thing] if !thing.is_empty() => html("follow", "follow", FOLLOW),
+        ["see"] => html("recent dweets", "recent dweets", SEE),
+        ["play"] => html("API", "the API", PLAY),
         ["play", "openapi.json"] => Some(("application/json", fill(OPENAPI))),
         ["assets", "app.css"] => Some(("text/css; charset=utf-8", CSS.to_owned())),
         ["assets", "app.js"] => Some(("text/javascript; charset=utf-8", JS.to_owned())),

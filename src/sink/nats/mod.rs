@@ -100,36 +100,13 @@ impl NatsConfig {
         env: impl Fn(&str) -> Option<String>,
         cluster_url: Option<&str>,
     ) -> Result<(), Invalid> {
-        match (&self.url, &self.url_env) {
-            (Some(_), Some(_)) => {
-                return Err(Invalid::new(
-                    "url_env",
-                    "both url and url_env are set",
-                    "keep one of them",
-                ));
-            }
-            (None, Some(variable)) => match env(variable) {
-                Some(url) if !url.trim().is_empty() => self.url = Some(url),
-                _ => {
-                    return Err(Invalid::new(
-                        "url_env",
-                        format!("the environment variable {variable} is not set"),
-                        format!("export {variable}=nats://host:4222, or set url"),
-                    ));
-                }
-            },
-            (None, None) => match cluster_url {
-                Some(url) => self.url = Some(url.to_owned()),
-                None => {
-                    return Err(Invalid::new(
-                        "url",
-                        "the JetStream output has no NATS address",
-                        "set url = \"nats://127.0.0.1:4222\" (or url_env), or add a [cluster] section whose address it then uses",
-                    ));
-                }
-            },
-            (Some(_), None) => {}
-        }
+        self.url = Some(crate::settings::address(
+            ("url", self.url.as_deref()),
+            ("url_env", self.url_env.as_deref()),
+            &env,
+            cluster_url,
+            "set url = \"nats://127.0.0.1:4222\" (or url_env), or add a [cluster] section whose address it then uses",
+        )?);
         let valid = !self.stream.is_empty()
             && self
                 .stream

@@ -155,33 +155,14 @@ impl PostgresConfig {
 
     /// Resolves `url_env` into `url` and checks values; keys in the error are relative to `[postgres]`.
     pub fn resolve(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), Invalid> {
-        match (&self.url, &self.url_env) {
-            (Some(_), Some(_)) => {
-                return Err(Invalid::new(
-                    "url_env",
-                    "url and url_env are both set".to_owned(),
-                    "keep one of them".to_owned(),
-                ));
-            }
-            (None, Some(variable)) => match env(variable).filter(|v| !v.trim().is_empty()) {
-                Some(url) => self.url = Some(DatabaseUrl(url.trim().to_owned())),
-                None => {
-                    return Err(Invalid::new(
-                        "url_env",
-                        format!("the environment variable {variable} is not set (or empty)"),
-                        "export it (systemd: EnvironmentFile=, Kubernetes: a Secret)".to_owned(),
-                    ));
-                }
-            },
-            (None, None) => {
-                return Err(Invalid::new(
-                    "url",
-                    "no database is named".to_owned(),
-                    "set url = \"postgres://...\" or url_env = \"DATABASE_URL\"".to_owned(),
-                ));
-            }
-            (Some(_), None) => {}
-        }
+        let url = crate::settings::address(
+            ("url", self.url.as_ref().map(|u| u.0.as_str())),
+            ("url_env", self.url_env.as_deref()),
+            &env,
+            None,
+            "name a database: url = \"postgres://...\" or url_env = \"DATABASE_URL\"",
+        )?;
+        self.url = Some(DatabaseUrl(url));
         if let Some(url) = &self.url
             && let Err(error) = url.options()
         {
