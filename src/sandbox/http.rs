@@ -296,13 +296,10 @@ impl App {
                 ))))
             }
             ["get", "stored", "dweets", "for", thing] => {
-                let thing = decode_segment(thing)?;
-                self.store.check_stored_access(&thing, key)?;
-                let csv = stored::wants_csv(call.param("responseType"))?;
-                let (day, from, to) = stored::window(call.param("date"), call.param("hour"))?;
+                let (thing, csv, window) = self.stored_request(call, thing, key)?;
                 let dweets = self
                     .disk
-                    .stored_dweets(&thing, day, from, to)
+                    .stored_dweets(&thing, window.day, window.from_ms, window.to_ms)
                     .map_err(|e| Refusal::new(500, e.to_string()))?;
                 if csv {
                     return Ok(Reply::Csv(stored::dweets_csv(&dweets)));
@@ -314,20 +311,17 @@ impl App {
                 ))))
             }
             ["get", "stored", "alerts", "for", thing] => {
-                let thing = decode_segment(thing)?;
-                self.store.check_stored_access(&thing, key)?;
-                let csv = stored::wants_csv(call.param("responseType"))?;
-                let (day, from, to) = stored::window(call.param("date"), call.param("hour"))?;
+                let (thing, csv, window) = self.stored_request(call, thing, key)?;
                 let events: Vec<String> = self
                     .disk
-                    .alert_events(&thing, day)
+                    .alert_events(&thing, window.day)
                     .map_err(|e| Refusal::new(500, e.to_string()))?
                     .into_iter()
                     .filter(|event| {
                         serde_json::from_str::<serde_json::Value>(event)
                             .ok()
                             .and_then(|v| v.get("at_ms")?.as_i64())
-                            .is_some_and(|at| (from..to).contains(&at))
+                            .is_some_and(|at| (window.from_ms..window.to_ms).contains(&at))
                     })
                     .collect();
                 if csv {
@@ -341,6 +335,21 @@ impl App {
             }
             _ => Err(unknown_path()),
         }
+    }
+
+    /// A stored-dweets or stored-alerts request checked: the thing (locked, the key right),
+    /// whether CSV is wanted, and the day and `[from, to)` window.
+    fn stored_request(
+        &self,
+        call: &Call<'_>,
+        raw_thing: &str,
+        key: Option<&str>,
+    ) -> Result<(String, bool, stored::Window), Refusal> {
+        let thing = decode_segment(raw_thing)?;
+        self.store.check_stored_access(&thing, key)?;
+        let csv = stored::wants_csv(call.param("responseType"))?;
+        let window = stored::window(call.param("date"), call.param("hour"))?;
+        Ok((thing, csv, window))
     }
 
     /// Commits `changes` before the answer goes out: a request answered as succeeded survives

@@ -8,9 +8,16 @@ use serde_json::Value;
 
 use super::Refusal;
 
-/// The day (days since the epoch) and the `[from, to)` window in ms that `date` and `hour`
-/// name.
-pub fn window(date: Option<&str>, hour: Option<&str>) -> Result<(i64, i64, i64), Refusal> {
+/// What a request asks for: a day (days since the epoch), and `[from_ms, to_ms)` within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub day: i64,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// The window that `date` and `hour` name.
+pub fn window(date: Option<&str>, hour: Option<&str>) -> Result<Window, Refusal> {
     let date = date.ok_or_else(|| {
         Refusal::new(
             400,
@@ -41,7 +48,11 @@ pub fn window(date: Option<&str>, hour: Option<&str>) -> Result<(i64, i64, i64),
             (from, from + TimeDelta::hours(1).num_milliseconds())
         }
     };
-    Ok((super::disk::day_of(start), from, to))
+    Ok(Window {
+        day: super::disk::day_of(start),
+        from_ms: from,
+        to_ms: to,
+    })
 }
 
 /// Whether the answer is CSV (`responseType=csv`) or JSON (the default).
@@ -162,12 +173,12 @@ mod tests {
 
     #[test]
     fn a_day_and_an_hour_are_windows_and_bad_ones_say_why() {
-        let (day, from, to) = window(Some("2026-12-01"), None).unwrap();
-        assert_eq!(to - from, 24 * 3_600_000);
-        assert_eq!(day, from / 86_400_000);
-        let (_, hour_from, hour_to) = window(Some("2026-12-01"), Some("13")).unwrap();
-        assert_eq!(hour_from, from + 13 * 3_600_000);
-        assert_eq!(hour_to - hour_from, 3_600_000);
+        let day = window(Some("2026-12-01"), None).unwrap();
+        assert_eq!(day.to_ms - day.from_ms, 24 * 3_600_000);
+        assert_eq!(day.day, day.from_ms / 86_400_000);
+        let hour = window(Some("2026-12-01"), Some("13")).unwrap();
+        assert_eq!(hour.from_ms, day.from_ms + 13 * 3_600_000);
+        assert_eq!(hour.to_ms - hour.from_ms, 3_600_000);
         assert!(
             window(None, None)
                 .unwrap_err()

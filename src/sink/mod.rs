@@ -73,6 +73,13 @@ impl From<arrow::error::ArrowError> for SinkError {
     }
 }
 
+/// A sink loop that runs as a task (PostgreSQL, the JetStream output): it ends once its
+/// backlog is closed and drained, or, told to give up, spools what it holds and ends.
+pub trait TaskLoop {
+    fn task(&mut self) -> &mut tokio::task::JoinHandle<()>;
+    fn give_up(&self);
+}
+
 /// Hands every batch of `records` to each backlog until the pipeline closes, then closes the
 /// backlogs (their loops drain and end). Runs on its own thread: a push that spills fsyncs.
 pub fn spawn_fan_out(

@@ -151,6 +151,28 @@ pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
 /// then waits in its backlog, and every thing backfills all the source keeps).
 const POSTGRES_PATIENCE: Duration = Duration::from_secs(3);
 
+/// Lets a task loop drain until `give_up_at`, then tells it to give up (it spools what it
+/// holds) and waits until `late`. True when it did not end by then.
+async fn finish_task_loop(
+    task_loop: Option<impl crate::sink::TaskLoop>,
+    give_up_at: Instant,
+    late: Instant,
+) -> bool {
+    let Some(mut task_loop) = task_loop else {
+        return false;
+    };
+    if tokio::time::timeout_at(give_up_at.into(), &mut *task_loop.task())
+        .await
+        .is_ok()
+    {
+        return false;
+    }
+    task_loop.give_up();
+    tokio::time::timeout_at(late.into(), task_loop.task())
+        .await
+        .is_err()
+}
+
 /// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
 /// gets what it misses (the others drop it as already stored). A thing unknown to any sink
 /// (or a sink whose marks are not known yet) starts with none.
@@ -838,36 +860,8 @@ impl WorkerHandle {
                 Err(_) => Ok(true),
             }
         };
-        let postgres_done = async {
-            let Some(mut postgres) = postgres else {
-                return false;
-            };
-            if tokio::time::timeout_at(give_up_at.into(), postgres.task())
-                .await
-                .is_ok()
-            {
-                return false;
-            }
-            postgres.give_up();
-            tokio::time::timeout_at(late.into(), postgres.join())
-                .await
-                .is_err()
-        };
-        let nats_done = async {
-            let Some(mut nats) = nats else {
-                return false;
-            };
-            if tokio::time::timeout_at(give_up_at.into(), nats.task())
-                .await
-                .is_ok()
-            {
-                return false;
-            }
-            nats.give_up();
-            tokio::time::timeout_at(late.into(), nats.join())
-                .await
-                .is_err()
-        };
+        let postgres_done = finish_task_loop(postgres, give_up_at, late);
+        let nats_done = finish_task_loop(nats, give_up_at, late);
         let (parquet_late, postgres_late, nats_late) =
             tokio::join!(parquet_done, postgres_done, nats_done);
         timed_out |= postgres_late || nats_late;

@@ -27,23 +27,10 @@ pub struct NatsLoop {
 }
 
 impl NatsLoop {
-    /// Stops waiting for NATS: what is left goes to the spool for the next start.
-    pub fn give_up(&self) {
-        self.give_up.cancel();
-    }
-
     /// Before its next publish, the loop asks the stream again what it holds per thing:
     /// call it before starting a thing that moved here.
     pub fn forget_published(&self) {
         self.forget.store(true, Ordering::SeqCst);
-    }
-
-    pub fn task(&mut self) -> &mut JoinHandle<()> {
-        &mut self.task
-    }
-
-    pub async fn join(self) {
-        let _ = self.task.await;
     }
 }
 
@@ -193,5 +180,15 @@ impl Loop {
             }
             _ = self.beat.pause_beating(delay) => false,
         }
+    }
+}
+
+impl crate::sink::TaskLoop for NatsLoop {
+    fn task(&mut self) -> &mut JoinHandle<()> {
+        &mut self.task
+    }
+
+    fn give_up(&self) {
+        self.give_up.cancel();
     }
 }

@@ -24,26 +24,10 @@ const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
 /// The longest wait between connection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
-/// The running loop.
+/// The running loop (the worker stops it through [`crate::sink::TaskLoop`]).
 pub struct PostgresLoop {
     task: JoinHandle<()>,
     give_up: CancellationToken,
-}
-
-impl PostgresLoop {
-    /// Stops waiting for PostgreSQL: what is left goes to the spool for the next start.
-    pub fn give_up(&self) {
-        self.give_up.cancel();
-    }
-
-    /// Waits for the loop (it ends once its backlog is closed and drained, or on give up).
-    pub async fn join(self) {
-        let _ = self.task.await;
-    }
-
-    pub fn task(&mut self) -> &mut JoinHandle<()> {
-        &mut self.task
-    }
 }
 
 /// Starts the loop with a sink already connected at start-up, or connects in the background.
@@ -244,5 +228,15 @@ async fn report_stream_states(states: StreamStates, health: Arc<Health>, stop: C
         .collect();
     if let Err(error) = states.write(&stopped).await {
         tracing::debug!(%error, "could not record the stopped stream states");
+    }
+}
+
+impl crate::sink::TaskLoop for PostgresLoop {
+    fn task(&mut self) -> &mut JoinHandle<()> {
+        &mut self.task
+    }
+
+    fn give_up(&self) {
+        self.give_up.cancel();
     }
 }
