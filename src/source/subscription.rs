@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,11 @@ use crate::telemetry::{ConnectOutcome, Disconnect, DweetSource, Health, Metrics}
 
 /// No dweet emitted yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
+/// The first wait after a rate-limited history read: the public service allowed one request
+/// a second per thing, and the listen has just spent this second's.
+const RATE_LIMITED_FIRST_WAIT: Duration = Duration::from_secs(1);
+/// Past this wait the read gives up and the stream reconnects with its own backoff.
+const RATE_LIMITED_MAX_WAIT: Duration = Duration::from_secs(32);
 
 pub struct Subscription {
     pub thing: ThingConfig,
@@ -202,9 +208,26 @@ impl Subscription {
 
     /// Emits, oldest first, whatever the server keeps that is newer than the watermark.
     async fn fetch_history(&mut self, source: DweetSource) -> Result<(), Ended> {
-        let fetched = tokio::select! {
-            _ = self.cancel.cancelled() => return Err(Ended::Stopped),
-            fetched = self.client.get_dweets_for(&self.thing.name, self.thing.key.as_ref()) => fetched,
+        // A rate-limited read is retried here, with the stream kept open: reconnecting would
+        // spend the thing's next token on the listen, and the read would be refused again,
+        // for ever (one request a second per thing, as dweet.io allowed).
+        let mut wait = RATE_LIMITED_FIRST_WAIT;
+        let fetched = loop {
+            let fetched = tokio::select! {
+                _ = self.cancel.cancelled() => return Err(Ended::Stopped),
+                fetched = self.client.get_dweets_for(&self.thing.name, self.thing.key.as_ref()) => fetched,
+            };
+            match fetched {
+                Err(client::Error::RateLimited { .. }) if wait <= RATE_LIMITED_MAX_WAIT => {
+                    let jitter = wait.mul_f64(rand::rng().random_range(0.0..0.5));
+                    tracing::debug!(thing = %self.thing.name, ?wait, "history read rate-limited; retrying on the open stream");
+                    if self.pause(wait + jitter).await.is_err() {
+                        return Err(Ended::Stopped);
+                    }
+                    wait *= 2;
+                }
+                other => break other,
+            }
         };
         let mut dweets = match fetched {
             Ok(dweets) => dweets,

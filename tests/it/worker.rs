@@ -1116,3 +1116,47 @@ async fn a_reloaded_shutdown_timeout_is_the_one_shutdown_uses() {
     worker.shutdown(Duration::from_secs(5)).await.unwrap();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_source_is_caught_up_without_a_reconnect_storm() {
+    // One request a second per thing, as dweet.io allowed; each thing has history waiting.
+    let server = sandbox_with(|c| {
+        c.limits.max_history = 100_000;
+        c.limits.rate_limit = Some(1.0);
+    })
+    .await;
+    let client = client_for(&server);
+    let prefix = format!("{}-", thing("limited"));
+    let things: Vec<String> = (1..=3).map(|i| thing_name(&prefix, i)).collect();
+    for name in &things {
+        for i in 0..5 {
+            // The writes are limited too: wait for each second's token.
+            while client
+                .dweet_for(name, &json!({ "i": i }), None)
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (worker, metrics) =
+        start_worker(test_config(&server.base_url(), &things, dir.path())).await;
+    wait_for(
+        "every waiting dweet received",
+        Duration::from_secs(30),
+        || received(&metrics) >= 15.0,
+    )
+    .await;
+    wait_streams_up(&metrics, things.len()).await;
+    let attempts = metrics.value("dweetpipe_stream_connects_total", &[]);
+    assert!(
+        attempts <= 2.0 * things.len() as f64,
+        "{attempts} connection attempts for {} things: the read waits on the open stream instead of reconnecting",
+        things.len()
+    );
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    server.shutdown().await;
+}
