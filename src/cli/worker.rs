@@ -322,7 +322,7 @@ async fn print_cluster(
     );
     let survey =
         tokio::time::timeout(Duration::from_secs(10), dweetpipe::cluster::survey(cluster)).await;
-    let (members, leader) = match survey {
+    let found = match survey {
         Ok(Ok(found)) => found,
         Ok(Err(error)) => {
             println!("cluster: PROBLEM: {error}");
@@ -333,7 +333,7 @@ async fn print_cluster(
             return false;
         }
     };
-    let names: Vec<&str> = members.iter().map(|m| m.member.as_str()).collect();
+    let names: Vec<&str> = found.members.iter().map(|m| m.member.as_str()).collect();
     println!(
         "cluster: {} live member(s){}; leader: {}",
         names.len(),
@@ -342,11 +342,13 @@ async fn print_cluster(
         } else {
             format!(" ({})", names.join(", "))
         },
-        leader.as_deref().unwrap_or("none")
+        found.leader.as_deref().unwrap_or("none")
     );
+    // Over the leader's roster, as the members themselves compute it.
+    let roster: Vec<&str> = found.roster.iter().map(String::as_str).collect();
     let owners =
-        dweetpipe::cluster::ownership::assign(things.iter().map(|t| t.name.as_str()), &names);
-    for member in &members {
+        dweetpipe::cluster::ownership::assign(things.iter().map(|t| t.name.as_str()), &roster);
+    for member in &found.members {
         let owned = owners.get(member.member.as_str()).map_or(0, Vec::len);
         println!(
             "  {}: owns {owned} thing(s), streams or hands over {}",

@@ -455,27 +455,7 @@ impl Turns {
                 return Err(format!("cannot renew the membership: {error}"));
             }
         }
-        let mut members = Vec::new();
-        let mut keys = store
-            .keys()
-            .await
-            .map_err(|e| format!("cannot list the members: {e}"))?;
-        while let Some(key) = keys.next().await {
-            let Ok(key) = key else { continue };
-            if !key.starts_with(MEMBER_PREFIX) {
-                continue;
-            }
-            match store.get(&key).await {
-                Ok(Some(value)) => match serde_json::from_slice::<MemberEntry>(&value) {
-                    Ok(entry) => members.push(entry),
-                    Err(error) => {
-                        tracing::warn!(%key, %error, "ignoring an unreadable member entry")
-                    }
-                },
-                Ok(None) => {}
-                Err(error) => return Err(format!("cannot read {key}: {error}")),
-            }
-        }
+        let members = read_members(&store).await?;
         self.lead(&store).await;
         if self.leader.is_some() {
             let mut live: Vec<String> = members.iter().map(|m| m.member.clone()).collect();
@@ -488,9 +468,7 @@ impl Turns {
                 .await
                 .map_err(|e| format!("cannot write the roster: {e}"))?;
             self.roster = live;
-        } else if let Ok(Some(value)) = store.get(ROSTER_KEY).await
-            && let Ok(roster) = serde_json::from_slice::<Vec<String>>(&value)
-        {
+        } else if let Some(roster) = read_roster(&store).await {
             self.roster = roster;
         }
         Ok((members, me.holding))
@@ -601,35 +579,68 @@ impl Turns {
     }
 }
 
-/// The cluster as the bucket says now, for `dweetpipe check`: its members and leader.
-pub async fn survey(
-    config: &ClusterConfig,
-) -> Result<(Vec<MemberEntry>, Option<String>), NatsError> {
-    let urls = config.nats_url.as_deref().unwrap_or_default();
-    let fail = |problem: String| NatsError::new(urls, problem);
-    let client = connect(urls, "dweetpipe check", true).await?;
-    let js = jetstream::new(client);
-    let store = match js.get_key_value(config.bucket()).await {
-        Ok(store) => store,
-        Err(_) => return Ok((Vec::new(), None)),
-    };
+/// Every live member's entry (an unreadable one is logged and left out).
+async fn read_members(store: &kv::Store) -> Result<Vec<MemberEntry>, String> {
     let mut members = Vec::new();
-    let mut keys = store.keys().await.map_err(|e| fail(e.to_string()))?;
+    let mut keys = store
+        .keys()
+        .await
+        .map_err(|e| format!("cannot list the members: {e}"))?;
     while let Some(key) = keys.next().await {
         let Ok(key) = key else { continue };
-        if key.starts_with(MEMBER_PREFIX)
-            && let Ok(Some(value)) = store.get(&key).await
-            && let Ok(entry) = serde_json::from_slice::<MemberEntry>(&value)
-        {
-            members.push(entry);
+        if !key.starts_with(MEMBER_PREFIX) {
+            continue;
+        }
+        match store.get(&key).await {
+            Ok(Some(value)) => match serde_json::from_slice::<MemberEntry>(&value) {
+                Ok(entry) => members.push(entry),
+                Err(error) => tracing::warn!(%key, %error, "ignoring an unreadable member entry"),
+            },
+            Ok(None) => {}
+            Err(error) => return Err(format!("cannot read {key}: {error}")),
         }
     }
     members.sort_by(|a, b| a.member.cmp(&b.member));
+    Ok(members)
+}
+
+/// The roster the leader last wrote, if it is there and readable.
+async fn read_roster(store: &kv::Store) -> Option<Vec<String>> {
+    let value = store.get(ROSTER_KEY).await.ok()??;
+    serde_json::from_slice(&value).ok()
+}
+
+/// The cluster as the bucket says now, for `dweetpipe check`.
+#[derive(Debug, Default)]
+pub struct Survey {
+    pub members: Vec<MemberEntry>,
+    pub leader: Option<String>,
+    /// What ownership is computed over: the leader's roster, or the live members without one.
+    pub roster: Vec<String>,
+}
+
+pub async fn survey(config: &ClusterConfig) -> Result<Survey, NatsError> {
+    let urls = config.nats_url.as_deref().unwrap_or_default();
+    let client = connect(urls, "dweetpipe check", true).await?;
+    let js = jetstream::new(client);
+    let Ok(store) = js.get_key_value(config.bucket()).await else {
+        return Ok(Survey::default());
+    };
+    let members = read_members(&store)
+        .await
+        .map_err(|problem| NatsError::new(urls, problem))?;
     let leader = match store.get(LEADER_KEY).await {
         Ok(Some(value)) => Some(String::from_utf8_lossy(&value).into_owned()),
         _ => None,
     };
-    Ok((members, leader))
+    let roster = read_roster(&store)
+        .await
+        .unwrap_or_else(|| members.iter().map(|m| m.member.clone()).collect());
+    Ok(Survey {
+        members,
+        leader,
+        roster,
+    })
 }
 
 #[cfg(test)]

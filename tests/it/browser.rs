@@ -185,6 +185,11 @@ impl Browser {
             .unwrap_or_default()
     }
 
+    async fn assert_no_console_errors(&self) {
+        let errors = self.console_errors().await;
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+    }
+
     /// Every address the page fetched.
     async fn requested(&self) -> Vec<String> {
         self.run("return performance.getEntriesByType('resource').map((e) => e.name).concat([location.href]);")
@@ -276,8 +281,7 @@ async fn the_fleet_page_shows_every_board_and_a_new_dweet_within_two_seconds() {
         browser.load_ms().await
     );
     browser.screenshot("dashboard.png").await;
-    let errors = browser.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    browser.assert_no_console_errors().await;
     browser.quit().await;
     server.shutdown().await;
 }
@@ -332,8 +336,7 @@ async fn the_follow_page_streams_new_values_charts_them_and_shows_the_raw_dweet(
         browser.load_ms().await
     );
     browser.screenshot("follow.png").await;
-    let errors = browser.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    browser.assert_no_console_errors().await;
     browser.quit().await;
     server.shutdown().await;
 }
@@ -378,8 +381,7 @@ async fn a_locked_thing_s_page_shows_nothing_without_its_key_and_never_puts_the_
         "the key is in no address: {addresses:?}"
     );
     // Failed loads of a locked thing are answers, not errors; nothing else went wrong.
-    let errors = browser.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    browser.assert_no_console_errors().await;
     let recent = browser
         .run("return fetch(BASE + '/get/recent/dweets').then((r) => r.text());")
         .await;
@@ -410,8 +412,7 @@ async fn the_see_and_play_pages_list_dweets_and_endpoints_and_play_tries_a_call(
     browser
         .wait_for_text("\"this\":\"succeeded\"", Duration::from_secs(5))
         .await;
-    let errors = browser.console_errors().await;
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    browser.assert_no_console_errors().await;
     // The check itself sees an error when there is one.
     browser
         .run("console.error('probe-error'); return true;")

@@ -281,17 +281,12 @@ async fn the_history_cap_and_retention_hold_on_disk_too() {
     server.shutdown().await;
 }
 
-/// `dweetpipe sandbox --data DIR` as a process, with its URL.
+/// `dweetpipe sandbox --data DIR` as a process (with its default alert outbox), with its URL.
 async fn sandbox_process(data: &Path) -> (Child, String) {
     let mut child = Command::new(BIN)
-        .args([
-            "sandbox",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-alert-outbox",
-            "--data",
-        ])
+        .args(["sandbox", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
+        .args(["--lock", &format!("{LOCK}:{KEY}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -480,4 +475,40 @@ async fn history_date_prints_a_locked_thing_s_day_as_json_lines_or_csv() {
     assert!(!no_key.status.success());
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("need the thing's key"));
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_alert_outbox_is_kept_in_the_data_directory() {
+    let data = tempfile::tempdir().unwrap();
+    let (_child, url) = sandbox_process(data.path()).await;
+    let client = Client::new(&url).unwrap();
+    let name = thing("outbox");
+    client.lock(&name, LOCK, &key()).await.unwrap();
+    client
+        .set_alert(
+            &name,
+            &["ops@example.com"],
+            "if(dweet.t > 40) return 'hot';",
+            &key(),
+        )
+        .await
+        .unwrap();
+    client
+        .dweet_for(&name, &json!({ "t": 50 }), Some(&key()))
+        .await
+        .unwrap();
+    let outbox = data.path().join("alerts.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&outbox).unwrap_or_default();
+        if text.contains(&name) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        text.contains(&name) && text.contains("hot"),
+        "{}: {text:?}",
+        outbox.display()
+    );
 }

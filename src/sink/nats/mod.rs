@@ -207,21 +207,9 @@ impl NatsSink {
         if let Some(mark) = self.published.get(thing) {
             return Ok(*mark);
         }
-        let mark = match self
-            .stream
-            .get_last_raw_message_by_subject(&subject_of(thing))
+        let mark = last_created(&self.stream, thing)
             .await
-        {
-            Ok(message) => message
-                .headers
-                .get(CREATED_MS_HEADER)
-                .and_then(|v| v.as_str().parse().ok())
-                .unwrap_or(i64::MIN),
-            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                i64::MIN
-            }
-            Err(error) => return Err(NatsError::new(&self.urls, error)),
-        };
+            .map_err(|error| NatsError::new(&self.urls, error))?;
         self.published.insert(thing.to_owned(), mark);
         Ok(mark)
     }
@@ -275,18 +263,53 @@ impl NatsSink {
     }
 
     /// The newest `created` the stream holds for each of `things` (start-up watermarks).
+    /// Asked `START_QUERIES` at a time: a start with thousands of things would otherwise
+    /// spend its whole patience on round trips, one after another.
     pub async fn watermarks(
         &mut self,
         things: &[String],
     ) -> Result<HashMap<String, i64>, NatsError> {
+        use futures_util::StreamExt;
+        let stream = &self.stream;
+        let answers: Vec<(&String, Result<i64, stream::LastRawMessageError>)> =
+            futures_util::stream::iter(things)
+                .map(|thing| async move { (thing, last_created(stream, thing).await) })
+                .buffer_unordered(START_QUERIES)
+                .collect()
+                .await;
         let mut marks = HashMap::new();
-        for thing in things {
-            let mark = self.newest(thing).await?;
+        for (thing, answer) in answers {
+            let mark = answer.map_err(|error| NatsError::new(&self.urls, error))?;
+            self.published.insert(thing.clone(), mark);
             if mark != i64::MIN {
                 marks.insert(thing.clone(), mark);
             }
         }
         Ok(marks)
+    }
+}
+
+/// Things asked about at once at start-up.
+const START_QUERIES: usize = 64;
+
+/// The `created` (ms) of the last message the stream holds for `thing`, `i64::MIN` for none.
+async fn last_created(
+    stream: &stream::Stream,
+    thing: &str,
+) -> Result<i64, stream::LastRawMessageError> {
+    match stream
+        .get_last_raw_message_by_subject(&subject_of(thing))
+        .await
+    {
+        Ok(message) => Ok(message
+            .headers
+            .get(CREATED_MS_HEADER)
+            .and_then(|v| v.as_str().parse().ok())
+            .unwrap_or(i64::MIN)),
+        Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+            Ok(i64::MIN)
+        }
+        Err(error) => Err(error),
     }
 }
 
