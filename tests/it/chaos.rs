@@ -175,6 +175,27 @@ async fn wait_until_stored(
     }
 }
 
+/// Scrapes the worker's metrics through a fault lasting at least `at_least`, and
+/// until `series` is non-zero or 15 s have passed: a worker restarted just before
+/// the fault may take a while to reach it (a busy machine, a catch-up), and one
+/// scrape at the end of the window would then miss what the fault did.
+async fn watch_for_nonzero(metrics_port: u16, series: &str, at_least: Duration) -> bool {
+    let started = tokio::time::Instant::now();
+    let mut seen = false;
+    while started.elapsed() < at_least || (!seen && started.elapsed() < Duration::from_secs(15)) {
+        if let Ok(answer) = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await {
+            let text = answer.text().await.unwrap_or_default();
+            seen |= text.lines().any(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .is_some_and(|value| value.trim() != "0")
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_survives_chaos_exactly_once() {
     let seed: u64 = std::env::var("CHAOS_SEED")
@@ -274,30 +295,25 @@ async fn a_fleet_survives_chaos_exactly_once() {
             }
             Event::StopPostgres => {
                 cluster.stop();
-                tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
-                let scrape = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await;
-                if let Ok(answer) = scrape {
-                    let text = answer.text().await.unwrap_or_default();
-                    spooled |= text.lines().any(|line| {
-                        line.starts_with("dweetpipe_spool_bytes{sink=\"postgres\"} ")
-                            && !line.ends_with(" 0")
-                    });
-                }
+                let outage = Duration::from_millis(rng.random_range(1500..3000));
+                spooled |= watch_for_nonzero(
+                    metrics_port,
+                    "dweetpipe_spool_bytes{sink=\"postgres\"}",
+                    outage,
+                )
+                .await;
                 cluster.start();
             }
             Event::FillParquetDisk => {
                 if let Some(disk) = &disk {
                     let filler = disk.fill();
-                    tokio::time::sleep(Duration::from_millis(rng.random_range(1500..3000))).await;
-                    let scrape =
-                        reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await;
-                    if let Ok(answer) = scrape {
-                        let text = answer.text().await.unwrap_or_default();
-                        parquet_failed |= text.lines().any(|line| {
-                            line.starts_with("dweetpipe_sink_errors_total{sink=\"parquet\"} ")
-                                && !line.ends_with(" 0")
-                        });
-                    }
+                    let full = Duration::from_millis(rng.random_range(1500..3000));
+                    parquet_failed |= watch_for_nonzero(
+                        metrics_port,
+                        "dweetpipe_sink_errors_total{sink=\"parquet\"}",
+                        full,
+                    )
+                    .await;
                     std::fs::remove_file(filler).unwrap();
                 }
             }
