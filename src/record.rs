@@ -1,6 +1,8 @@
 //! What flows from normalisation to the sinks: a dweet's raw record with its readings, or a
 //! dead letter. Every layer below the worker can import these without going up.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -11,15 +13,16 @@ pub struct Normalized {
     /// `created`, milliseconds since the Unix epoch (UTC).
     pub created_ms: i64,
     pub received_ms: i64,
-    /// The content as compact JSON, exactly as decoded.
+    /// The content's JSON text exactly as it arrived (big integers and key order intact).
     pub content: String,
     pub readings: Vec<Reading>,
 }
 
-/// One numeric leaf; its time and thing are the dweet's.
+/// One numeric leaf; its time and thing are the dweet's. The sensor name is shared: a board
+/// sends the same names in every dweet, and normalisation hands out one copy of each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
-    pub sensor: String,
+    pub sensor: Arc<str>,
     pub value: f64,
 }
 

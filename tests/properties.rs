@@ -78,6 +78,10 @@ proptest! {
                 prop_assert!(content.is_object());
                 let numbers = count_numbers(&content);
                 prop_assert_eq!(normalized.readings.len(), numbers);
+                let mut expected = Vec::new();
+                leaves(&content, &mut String::new(), &mut expected);
+                let got: Vec<(String, u64)> = normalized.readings.iter().map(|r| (r.sensor.to_string(), r.value.to_bits())).collect();
+                prop_assert_eq!(got, expected, "each leaf by its path, with serde_json's value to the bit");
                 let back: Value = serde_json::from_str(&normalized.content).unwrap();
                 prop_assert_eq!(back, content, "the raw record is lossless");
             }
@@ -93,6 +97,33 @@ proptest! {
         if let Err(error) = dweetpipe::config::Config::load_with_env(file.path(), |_| None) {
             prop_assert!(error.to_string().contains(".toml"), "{}", error);
         }
+    }
+}
+
+/// The reference flattening: each number or boolean by its dotted path, as a `Value` reads it.
+fn leaves(value: &Value, path: &mut String, out: &mut Vec<(String, u64)>) {
+    let mut descend = |name: &str, child: &Value, path: &mut String| {
+        let parent = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(name);
+        leaves(child, path, out);
+        path.truncate(parent);
+    };
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .for_each(|(name, child)| descend(name, child, path)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .for_each(|(index, child)| descend(&index.to_string(), child, path)),
+        Value::Number(number) => {
+            out.push((path.clone(), number.as_f64().unwrap_or(f64::NAN).to_bits()))
+        }
+        Value::Bool(flag) => out.push((path.clone(), f64::from(u8::from(*flag)).to_bits())),
+        _ => {}
     }
 }
 

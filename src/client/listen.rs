@@ -6,6 +6,7 @@
 //! reconnect policy (the ingest worker, with backoff and backfill) use a single connection and
 //! reopen it themselves.
 
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, Stream, StreamExt};
+use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::decoder::{Decoded, FrameDecoder, SkippedLine};
@@ -70,8 +72,8 @@ impl ListenStats {
 
 /// What a listen stream delivers: a dweet, or a line that was not one (the stream goes on).
 #[derive(Debug, Clone, PartialEq)]
-pub enum ListenEvent {
-    Dweet(Dweet),
+pub enum ListenEvent<D = Dweet> {
+    Dweet(D),
     /// Kept for callers that store such lines as dead letters; counted in [`ListenStats`].
     Skipped(SkippedLine),
 }
@@ -81,23 +83,23 @@ pub enum ListenEvent {
 /// server refuses the stream (unknown lock key, say) or the connection fails without
 /// reconnects. Lines that are not dweets are skipped and counted; [`DweetStream::events`]
 /// yields them too.
-pub struct DweetStream {
-    inner: BoxStream<'static, Result<ListenEvent>>,
+pub struct DweetStream<D = Dweet> {
+    inner: BoxStream<'static, Result<ListenEvent<D>>>,
     stats: Arc<ListenStats>,
 }
 
-impl DweetStream {
+impl<D> DweetStream<D> {
     pub fn stats(&self) -> Arc<ListenStats> {
         Arc::clone(&self.stats)
     }
 
     /// Every event, skipped lines included; `Err` only for failures.
-    pub fn events(self) -> BoxStream<'static, Result<ListenEvent>> {
+    pub fn events(self) -> BoxStream<'static, Result<ListenEvent<D>>> {
         self.inner
     }
 }
 
-impl std::fmt::Debug for DweetStream {
+impl<D> std::fmt::Debug for DweetStream<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DweetStream")
             .field("stats", &self.stats)
@@ -105,8 +107,8 @@ impl std::fmt::Debug for DweetStream {
     }
 }
 
-impl Stream for DweetStream {
-    type Item = Result<Dweet>;
+impl<D> Stream for DweetStream<D> {
+    type Item = Result<D>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -136,7 +138,7 @@ pub(super) enum Transport {
 /// Largest finished (Content-Length) answer read on the listen path.
 const MAX_FINISHED_ANSWER: usize = 1024 * 1024;
 
-struct Listener {
+struct Listener<D> {
     http: reqwest::Client,
     transport: Transport,
     url: String,
@@ -146,17 +148,18 @@ struct Listener {
     body: Option<BoxStream<'static, Result<Bytes>>>,
     stats: Arc<ListenStats>,
     finished: bool,
+    decodes: PhantomData<fn() -> D>,
 }
 
 /// Opens the first connection before returning, so that once this resolves the server has
 /// subscribed us: a dweet sent afterwards is delivered. A refusal or a failure to connect is
 /// returned here; later connections follow `options`.
-pub(super) async fn open(
+pub(super) async fn open<D: DeserializeOwned + Send + 'static>(
     http: reqwest::Client,
     transport: Transport,
     url: String,
     options: ListenOptions,
-) -> Result<DweetStream> {
+) -> Result<DweetStream<D>> {
     let stats = Arc::new(ListenStats::default());
     let mut listener = Listener {
         http,
@@ -168,6 +171,7 @@ pub(super) async fn open(
         body: None,
         stats: Arc::clone(&stats),
         finished: false,
+        decodes: PhantomData,
     };
     listener.connect().await?;
     let inner = futures_util::stream::unfold(listener, |mut listener| async move {
@@ -178,14 +182,14 @@ pub(super) async fn open(
     Ok(DweetStream { inner, stats })
 }
 
-enum Step {
-    Yield(Result<ListenEvent>),
+enum Step<D> {
+    Yield(Result<ListenEvent<D>>),
     End,
     Continue,
 }
 
-impl Listener {
-    async fn next_item(&mut self) -> Option<Result<ListenEvent>> {
+impl<D: DeserializeOwned> Listener<D> {
+    async fn next_item(&mut self) -> Option<Result<ListenEvent<D>>> {
         loop {
             if self.finished {
                 return None;
@@ -214,8 +218,8 @@ impl Listener {
         self.time_left() == Some(Duration::ZERO)
     }
 
-    async fn step(&mut self) -> Step {
-        if let Some(event) = self.decoder.next_event() {
+    async fn step(&mut self) -> Step<D> {
+        if let Some(event) = self.decoder.next_event_as() {
             return self.on_event(event);
         }
         if self.deadline_passed() {
@@ -238,7 +242,7 @@ impl Listener {
                     Ok(None) => {
                         // The server ended the stream (idle close): normal, and a last line
                         // without a newline still counts.
-                        let last = self.decoder.finish();
+                        let last = self.decoder.finish_as();
                         let step = self.connection_lost(None);
                         match last {
                             Some(event) => self.on_event(event),
@@ -252,7 +256,7 @@ impl Listener {
         }
     }
 
-    fn on_event(&mut self, event: Decoded) -> Step {
+    fn on_event(&mut self, event: Decoded<D>) -> Step<D> {
         match event {
             Decoded::Dweet(dweet) => {
                 self.stats.dweets.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +276,7 @@ impl Listener {
     }
 
     /// The connection is gone; with reconnects on, the next step opens a new one.
-    fn connection_lost(&mut self, error: Option<Error>) -> Step {
+    fn connection_lost(&mut self, error: Option<Error>) -> Step<D> {
         self.body = None;
         self.decoder.reset();
         match error {
@@ -286,7 +290,7 @@ impl Listener {
     }
 
     /// Opens the next connection after a pause; only reached with reconnects on.
-    async fn reconnect(&mut self) -> Step {
+    async fn reconnect(&mut self) -> Step<D> {
         let pause = self
             .time_left()
             .map_or(self.options.reconnect_delay, |left| {

@@ -34,7 +34,9 @@ pub use decoder::{
 };
 pub use error::{Error, Result};
 pub use listen::{DweetStream, ListenEvent, ListenOptions, ListenStats};
-pub use types::{Alert, AlertStatus, Created, Dweet, Key, Recipient, StoredAlert, StoredWindow};
+pub use types::{
+    Alert, AlertStatus, Created, Dweet, Key, RawDweet, Recipient, StoredAlert, StoredWindow,
+};
 
 /// The public service's address, kept as the default for users of other compatible hosts.
 pub const DEFAULT_BASE_URL: &str = "https://dweet.io";
@@ -254,6 +256,16 @@ impl Client {
         self.call(self.http.get(url), "get_dweets_for").await
     }
 
+    /// [`Client::get_dweets_for`] with each content kept as the JSON text the server sent.
+    pub async fn get_raw_dweets_for(
+        &self,
+        thing: &str,
+        key: Option<&Key>,
+    ) -> Result<Vec<RawDweet>> {
+        let url = self.url("/get/dweets/for/", &[thing], key);
+        self.call(self.http.get(url), "get_dweets_for").await
+    }
+
     /// Opens the real-time stream of `thing`'s new dweets. It resolves once the server has
     /// subscribed us (a dweet sent afterwards is delivered), or with the error that refused
     /// the stream. See [`ListenOptions`] for reconnects and the idle timeout.
@@ -263,6 +275,26 @@ impl Client {
         key: Option<&Key>,
         options: ListenOptions,
     ) -> Result<DweetStream> {
+        self.listen_as(thing, key, options).await
+    }
+
+    /// [`Client::listen_for_dweets_from`] with each content kept as the JSON text the server
+    /// sent: the ingest path, which parses content once for its readings.
+    pub async fn listen_for_raw_dweets_from(
+        &self,
+        thing: &str,
+        key: Option<&Key>,
+        options: ListenOptions,
+    ) -> Result<DweetStream<RawDweet>> {
+        self.listen_as(thing, key, options).await
+    }
+
+    async fn listen_as<D: DeserializeOwned + Send + 'static>(
+        &self,
+        thing: &str,
+        key: Option<&Key>,
+        options: ListenOptions,
+    ) -> Result<DweetStream<D>> {
         let url = self.url("/listen/for/dweets/from/", &[thing], key);
         listen::open(
             self.http.clone(),

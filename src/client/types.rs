@@ -8,6 +8,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::protocol;
 
@@ -21,6 +22,16 @@ pub struct Dweet {
     pub content: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transaction: Option<String>,
+}
+
+/// A dweet whose content stays the JSON text it arrived as: what the ingest path decodes.
+/// Content is then parsed once, for its readings, and never re-serialised, so big integers,
+/// key order and every byte of it reach the sinks as sent. A `transaction` is ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RawDweet {
+    pub thing: String,
+    pub created: Created,
+    pub content: Box<RawValue>,
 }
 
 /// A dweet's `created` timestamp, kept as the exact string the server sent so it round-trips

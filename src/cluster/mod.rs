@@ -582,15 +582,20 @@ impl Turns {
 /// Every live member's entry (an unreadable one is logged and left out).
 async fn read_members(store: &kv::Store) -> Result<Vec<MemberEntry>, String> {
     let mut members = Vec::new();
-    let mut keys = store
+    let mut listed = store
         .keys()
         .await
         .map_err(|e| format!("cannot list the members: {e}"))?;
-    while let Some(key) = keys.next().await {
-        let Ok(key) = key else { continue };
-        if !key.starts_with(MEMBER_PREFIX) {
-            continue;
+    // A key renewed while the listing runs can be listed twice: read each once.
+    let mut keys = std::collections::BTreeSet::new();
+    while let Some(key) = listed.next().await {
+        if let Ok(key) = key
+            && key.starts_with(MEMBER_PREFIX)
+        {
+            keys.insert(key);
         }
+    }
+    for key in keys {
         match store.get(&key).await {
             Ok(Some(value)) => match serde_json::from_slice::<MemberEntry>(&value) {
                 Ok(entry) => members.push(entry),

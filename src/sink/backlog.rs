@@ -584,7 +584,7 @@ mod tests {
                         received_ms: created_ms,
                         content: "{}".to_owned(),
                         readings: vec![Reading {
-                            sensor: "v".to_owned(),
+                            sensor: "v".into(),
                             value: 1.0,
                         }],
                     })

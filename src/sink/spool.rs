@@ -224,7 +224,10 @@ impl SpoolRecord<'_> {
                 for _ in 0..count {
                     let sensor = input.string()?;
                     let value = f64::from_le_bytes(input.take(8)?.try_into().ok()?);
-                    readings.push(Reading { sensor, value });
+                    readings.push(Reading {
+                        sensor: sensor.into(),
+                        value,
+                    });
                 }
                 Record::Dweet(Normalized {
                     thing,
@@ -322,11 +325,11 @@ mod tests {
             content: format!(r#"{{"n":{created_ms},"é":"ü"}}"#),
             readings: vec![
                 Reading {
-                    sensor: "n".to_owned(),
+                    sensor: "n".into(),
                     value: created_ms as f64,
                 },
                 Reading {
-                    sensor: "x.y".to_owned(),
+                    sensor: "x.y".into(),
                     value: -0.1,
                 },
             ],

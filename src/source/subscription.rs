@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SourceConfig, SourceMode, ThingConfig};
 use crate::backoff::Backoff;
-use crate::client::{self, Client, Dweet, ListenEvent, ListenOptions};
-use crate::normalize;
+use crate::client::{self, Client, ListenEvent, ListenOptions, RawDweet};
+use crate::normalize::{self, Normalizer};
 use crate::record::{Record, now_ms};
 use crate::telemetry::{ConnectOutcome, Disconnect, DweetSource, Health, Metrics};
 
@@ -41,6 +41,8 @@ pub struct Subscription {
     pub watermark: Arc<AtomicI64>,
     pub cancel: CancellationToken,
     pub start_delay: Duration,
+    /// This thing's normaliser: it shares sensor names from one dweet to the next.
+    pub normalizer: Normalizer,
 }
 
 /// Why one connection (or poll loop) ended.
@@ -136,7 +138,7 @@ impl Subscription {
         };
         let opened = tokio::select! {
             _ = self.cancel.cancelled() => return Ended::Stopped,
-            opened = self.client.listen_for_dweets_from(&self.thing.name, self.thing.key.as_ref(), options) => opened,
+            opened = self.client.listen_for_raw_dweets_from(&self.thing.name, self.thing.key.as_ref(), options) => opened,
         };
         let mut stream = match opened {
             Ok(stream) => stream.events(),
@@ -215,7 +217,7 @@ impl Subscription {
         let fetched = loop {
             let fetched = tokio::select! {
                 _ = self.cancel.cancelled() => return Err(Ended::Stopped),
-                fetched = self.client.get_dweets_for(&self.thing.name, self.thing.key.as_ref()) => fetched,
+                fetched = self.client.get_raw_dweets_for(&self.thing.name, self.thing.key.as_ref()) => fetched,
             };
             match fetched {
                 Err(client::Error::RateLimited { .. }) if wait <= RATE_LIMITED_MAX_WAIT => {
@@ -247,7 +249,7 @@ impl Subscription {
 
     /// Normalises and sends one dweet unless it is not newer than the watermark. Returns
     /// false when the pipeline is gone.
-    async fn emit(&mut self, dweet: Dweet, source: DweetSource) -> bool {
+    async fn emit(&mut self, dweet: RawDweet, source: DweetSource) -> bool {
         let received_ms = now_ms();
         let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
         if let Some(created_ms) = created_ms {
@@ -263,7 +265,7 @@ impl Subscription {
             }
         }
         self.metrics.dweet_received(source);
-        let record = normalize::normalize_parsed(&dweet, created_ms, received_ms);
+        let record = self.normalizer.normalize(dweet, created_ms, received_ms);
         if matches!(record, Record::DeadLetter(_)) {
             self.metrics.dead_letters.inc();
         }

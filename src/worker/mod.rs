@@ -24,6 +24,7 @@ use crate::cluster::Membership;
 use crate::config::{Config, ConfigError};
 use crate::lifecycle;
 use crate::nats::NatsError;
+use crate::normalize::Normalizer;
 use crate::record::Record;
 use crate::sink::nats::{NatsLoop, NatsSink};
 use crate::sink::parquet::{ParquetLoop, ParquetSink};
@@ -492,6 +493,7 @@ impl WorkerHandle {
             watermark,
             cancel: cancel.clone(),
             start_delay,
+            normalizer: Normalizer::default(),
         };
         let health = Arc::clone(&self.health);
         let name = thing.name.clone();

@@ -159,7 +159,7 @@ fn payload(dweet: &Normalized) -> Vec<u8> {
         readings: dweet
             .readings
             .iter()
-            .map(|r| (r.sensor.clone(), serde_json::Value::from(r.value)))
+            .map(|r| (r.sensor.to_string(), serde_json::Value::from(r.value)))
             .collect(),
     };
     serde_json::to_vec(&published).unwrap_or_default()
@@ -333,7 +333,7 @@ mod tests {
             received_ms: 1_795_000_000_005,
             content: r#"{"big":12345678901234567890,"t":1.5}"#.to_owned(),
             readings: vec![Reading {
-                sensor: "t".to_owned(),
+                sensor: "t".into(),
                 value: 1.5,
             }],
         };

@@ -76,7 +76,7 @@ mod tests {
             received_ms: 1_395_225_526_020,
             content: "{\"s\":\"x\\\\y\\n\"}".to_owned(),
             readings: vec![Reading {
-                sensor: "v".to_owned(),
+                sensor: "v".into(),
                 value: 0.1,
             }],
         });

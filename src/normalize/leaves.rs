@@ -1,0 +1,278 @@
+//! The numeric leaves of a content's JSON text, found in one pass without building a tree.
+//!
+//! This is the ingest path's hot loop, so it is a small scanner rather than a serde visitor:
+//! the text comes from a `RawValue`, which serde_json has already validated, and the scanner
+//! only has to find values, name them by their dotted path and parse numbers the way
+//! serde_json does (integers exactly, floats correctly rounded). It never trusts that
+//! validation for memory safety: anything unexpected ends the walk with an error.
+
+use std::sync::Arc;
+
+use super::{MAX_DEPTH, MAX_READINGS};
+use crate::record::Reading;
+
+/// The readings of the JSON object `text`, in document order, and whether every sensor name
+/// was reused from `known` (the previous dweet's names, reused where the same path comes at
+/// the same place). `path` is scratch space and starts empty.
+pub(super) fn walk(
+    text: &str,
+    known: &[Arc<str>],
+    path: &mut String,
+) -> Result<(Vec<Reading>, bool), String> {
+    walk_or_stop(text, known, path).map_err(|stop| stop.reason())
+}
+
+/// Why a walk stopped. Small and `Copy`, so the scanner's many returns stay cheap; the text
+/// is written once, for the dead letter.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    NotJson { at: usize },
+    TooDeep,
+    TooMany,
+}
+
+impl Stop {
+    fn reason(self) -> String {
+        match self {
+            Stop::NotJson { at } => format!("the content is not valid JSON at byte {at}"),
+            Stop::TooDeep => format!("the content nests deeper than {MAX_DEPTH} levels"),
+            Stop::TooMany => format!("the content has more than {MAX_READINGS} numeric values"),
+        }
+    }
+}
+
+fn walk_or_stop(
+    text: &str,
+    known: &[Arc<str>],
+    path: &mut String,
+) -> Result<(Vec<Reading>, bool), Stop> {
+    let mut scanner = Scanner {
+        json: text,
+        text: text.as_bytes(),
+        at: 0,
+        path,
+        readings: Vec::with_capacity(known.len()),
+        known,
+        all_known: true,
+    };
+    scanner.value(0)?;
+    Ok((scanner.readings, scanner.all_known))
+}
+
+struct Scanner<'t, 'p, 'k> {
+    json: &'t str,
+    text: &'t [u8],
+    at: usize,
+    path: &'p mut String,
+    readings: Vec<Reading>,
+    known: &'k [Arc<str>],
+    all_known: bool,
+}
+
+impl Scanner<'_, '_, '_> {
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.at).copied()
+    }
+
+    fn skip_space(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn broken(&self) -> Stop {
+        Stop::NotJson { at: self.at }
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), Stop> {
+        self.skip_space();
+        if self.peek() != Some(byte) {
+            return Err(self.broken());
+        }
+        self.at += 1;
+        Ok(())
+    }
+
+    /// One value at `depth` (the content object itself is depth 0).
+    fn value(&mut self, depth: usize) -> Result<(), Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop::TooDeep);
+        }
+        self.skip_space();
+        match self.peek() {
+            Some(b'{') => self.object(depth),
+            Some(b'[') => self.array(depth),
+            Some(b'"') => self.string().map(|_| ()),
+            Some(b't') => self.literal(b"true", Some(1.0)),
+            Some(b'f') => self.literal(b"false", Some(0.0)),
+            Some(b'n') => self.literal(b"null", None),
+            Some(b'-' | b'0'..=b'9') => {
+                let number = self.number()?;
+                self.reading(number)
+            }
+            _ => Err(self.broken()),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8], number: Option<f64>) -> Result<(), Stop> {
+        if !self.text[self.at..].starts_with(word) {
+            return Err(self.broken());
+        }
+        self.at += word.len();
+        number.map_or(Ok(()), |number| self.reading(number))
+    }
+
+    fn object(&mut self, depth: usize) -> Result<(), Stop> {
+        self.at += 1;
+        self.skip_space();
+        if self.peek() == Some(b'}') {
+            self.at += 1;
+            return Ok(());
+        }
+        let parent = self.path.len();
+        loop {
+            self.skip_space();
+            let (key, escaped) = self.string()?;
+            if !self.path.is_empty() {
+                self.path.push('.');
+            }
+            // The quotes are ASCII, so the text between them is whole characters.
+            let name = self.json.get(key.0..key.1).ok_or_else(|| self.broken())?;
+            if escaped {
+                let quoted = self.json.get(key.0 - 1..key.1 + 1).unwrap_or_default();
+                let name: String = serde_json::from_str(quoted).map_err(|_| self.broken())?;
+                self.path.push_str(&name);
+            } else {
+                self.path.push_str(name);
+            }
+            self.expect(b':')?;
+            self.value(depth + 1)?;
+            self.path.truncate(parent);
+            self.skip_space();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.broken()),
+            }
+        }
+    }
+
+    fn array(&mut self, depth: usize) -> Result<(), Stop> {
+        self.at += 1;
+        self.skip_space();
+        if self.peek() == Some(b']') {
+            self.at += 1;
+            return Ok(());
+        }
+        let parent = self.path.len();
+        let mut index = 0usize;
+        loop {
+            if !self.path.is_empty() {
+                self.path.push('.');
+            }
+            self.path.push_str(itoa(index, &mut [0; 20]));
+            self.value(depth + 1)?;
+            self.path.truncate(parent);
+            self.skip_space();
+            match self.peek() {
+                Some(b',') => self.at += 1,
+                Some(b']') => {
+                    self.at += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.broken()),
+            }
+            index += 1;
+        }
+    }
+
+    /// Skips a string; returns the byte range of its text between the quotes and whether
+    /// that text holds escapes. Names and string values are short, so a plain loop beats a
+    /// vectorised search here.
+    fn string(&mut self) -> Result<((usize, usize), bool), Stop> {
+        if self.peek() != Some(b'"') {
+            return Err(self.broken());
+        }
+        let start = self.at + 1;
+        let mut at = start;
+        let mut escaped = false;
+        loop {
+            match self.text.get(at) {
+                Some(b'"') => {
+                    self.at = at + 1;
+                    return Ok(((start, at), escaped));
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    at += 2;
+                }
+                Some(_) => at += 1,
+                None => return Err(self.broken()),
+            }
+        }
+    }
+
+    /// A number as serde_json reads it: integers that fit 64 bits exactly (then rounded to
+    /// the nearest double), everything else correctly rounded from its decimal text.
+    fn number(&mut self) -> Result<f64, Stop> {
+        let start = self.at;
+        while let Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') = self.peek() {
+            self.at += 1;
+        }
+        let text = &self.text[start..self.at];
+        let (negative, digits) = match text.split_first() {
+            Some((b'-', digits)) => (true, digits),
+            _ => (false, text),
+        };
+        if !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit) {
+            let magnitude = digits
+                .iter()
+                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            // serde_json reads "-0" as the integer 0, so it is +0.0, not -0.0.
+            return Ok(match (negative, magnitude) {
+                (_, 0) => 0.0,
+                (true, m) => -(m as f64),
+                (false, m) => m as f64,
+            });
+        }
+        self.json
+            .get(start..self.at)
+            .and_then(|text| text.parse::<f64>().ok())
+            .ok_or_else(|| self.broken())
+    }
+
+    fn reading(&mut self, value: f64) -> Result<(), Stop> {
+        if !value.is_finite() {
+            return Ok(());
+        }
+        if self.readings.len() >= MAX_READINGS {
+            return Err(Stop::TooMany);
+        }
+        let sensor = match self.known.get(self.readings.len()) {
+            Some(known) if **known == **self.path => Arc::clone(known),
+            _ => {
+                self.all_known = false;
+                Arc::from(self.path.as_str())
+            }
+        };
+        self.readings.push(Reading { sensor, value });
+        Ok(())
+    }
+}
+
+/// `n` in decimal, written into `buffer`.
+fn itoa(mut n: usize, buffer: &mut [u8; 20]) -> &str {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buffer[at..]).unwrap_or("0")
+}
