@@ -645,6 +645,36 @@ mod tests {
     }
 
     #[test]
+    fn unique_text_columns_carry_no_dictionary_or_statistics_and_the_rest_do() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, _) = open(dir.path());
+        sink.write(&[dweet("a", 1_795_000_000_000), dweet("b", 1_795_000_000_001)])
+            .unwrap();
+        sink.close().unwrap();
+        let dweets = finalised(dir.path())
+            .into_iter()
+            .find(|path| path.to_string_lossy().contains("/dweets/"))
+            .expect("a dweets file");
+        let reader = SerializedFileReader::new(std::fs::File::open(dweets).unwrap()).unwrap();
+        let group = reader.metadata().row_group(0);
+        for column in group.columns() {
+            let name = column.column_path().string();
+            let unique = batch::UNIQUE_TEXT_COLUMNS.contains(&name.as_str());
+            assert_eq!(
+                column.dictionary_page_offset().is_none(),
+                unique,
+                "{name}: a dictionary only where values repeat"
+            );
+            assert_eq!(
+                column.statistics().is_none(),
+                unique,
+                "{name}: statistics only where a reader can prune with them"
+            );
+        }
+    }
+
+    #[test]
     fn a_crash_mid_seal_is_undone_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let base = 1_795_000_000_000;
