@@ -148,14 +148,8 @@ impl Scanner<'_, '_, '_> {
             self.expect(b':')?;
             self.value(depth + 1)?;
             self.path.truncate(parent);
-            self.skip_space();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b'}') => {
-                    self.at += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.broken()),
+            if !self.another(b'}')? {
+                return Ok(());
             }
         }
     }
@@ -176,16 +170,27 @@ impl Scanner<'_, '_, '_> {
             self.path.push_str(itoa(index, &mut [0; 20]));
             self.value(depth + 1)?;
             self.path.truncate(parent);
-            self.skip_space();
-            match self.peek() {
-                Some(b',') => self.at += 1,
-                Some(b']') => {
-                    self.at += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.broken()),
+            if !self.another(b']')? {
+                return Ok(());
             }
             index += 1;
+        }
+    }
+
+    /// After a member of an object or array: `true` past a comma (another member follows),
+    /// `false` past the `close` that ends it.
+    fn another(&mut self, close: u8) -> Result<bool, Stop> {
+        self.skip_space();
+        match self.peek() {
+            Some(b',') => {
+                self.at += 1;
+                Ok(true)
+            }
+            Some(byte) if byte == close => {
+                self.at += 1;
+                Ok(false)
+            }
+            _ => Err(self.broken()),
         }
     }
 
