@@ -123,10 +123,7 @@ impl Scanner<'_, '_, '_> {
     }
 
     fn object(&mut self, depth: usize) -> Result<(), Stop> {
-        self.at += 1;
-        self.skip_space();
-        if self.peek() == Some(b'}') {
-            self.at += 1;
+        if self.empty(b'}') {
             return Ok(());
         }
         let parent = self.path.len();
@@ -155,10 +152,7 @@ impl Scanner<'_, '_, '_> {
     }
 
     fn array(&mut self, depth: usize) -> Result<(), Stop> {
-        self.at += 1;
-        self.skip_space();
-        if self.peek() == Some(b']') {
-            self.at += 1;
+        if self.empty(b']') {
             return Ok(());
         }
         let parent = self.path.len();
@@ -175,6 +169,17 @@ impl Scanner<'_, '_, '_> {
             }
             index += 1;
         }
+    }
+
+    /// Steps past an object's or array's opening; `true` when `close` follows at once.
+    fn empty(&mut self, close: u8) -> bool {
+        self.at += 1;
+        self.skip_space();
+        let empty = self.peek() == Some(close);
+        if empty {
+            self.at += 1;
+        }
+        empty
     }
 
     /// After a member of an object or array: `true` past a comma (another member follows),
