@@ -89,6 +89,19 @@ fn bench_pipeline(c: &mut Criterion) {
 
 criterion_group!(benches, bench_pipeline);
 
+/// The size of the files under `dir`, recursively.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => bytes_under(&entry.path()),
+            _ => entry.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
 fn main() {
     if std::env::args().any(|arg| arg == "--once") {
         let bytes = stream_bytes();
@@ -96,7 +109,11 @@ fn main() {
         let start = std::time::Instant::now();
         let dweets = run_pipeline(&bytes, dir.path());
         assert_eq!(dweets, DWEETS);
-        println!("pipeline --once: {dweets} dweets in {:?}", start.elapsed());
+        let elapsed = start.elapsed();
+        println!(
+            "pipeline --once: {dweets} dweets in {elapsed:?}; Parquet {:.1} bytes per dweet",
+            bytes_under(dir.path()) as f64 / dweets as f64
+        );
         return;
     }
     benches();

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::io::BufRead;
 
-use crate::client::Dweet;
-use crate::normalize;
+use crate::client::RawDweet;
+use crate::normalize::Normalizer;
 use crate::record::{DeadLetter, Record};
 use crate::sink::SinkError;
 use crate::sink::parquet::ParquetSink;
@@ -48,7 +48,7 @@ pub async fn write_to_sinks(
 /// What the input files held.
 #[derive(Debug, Default)]
 pub struct Imported {
-    by_thing: HashMap<String, Vec<Dweet>>,
+    by_thing: HashMap<String, Vec<RawDweet>>,
     dead_letters: Vec<Record>,
     pub lines: u64,
     pub dweets: u64,
@@ -70,7 +70,7 @@ impl Imported {
                 continue;
             }
             self.lines += 1;
-            match serde_json::from_str::<Dweet>(text) {
+            match serde_json::from_str::<RawDweet>(text) {
                 Ok(dweet) => {
                     self.dweets += 1;
                     self.by_thing
@@ -91,35 +91,42 @@ impl Imported {
         Ok(())
     }
 
-    /// Every record to write, each thing's oldest first, repeats removed; returns them with
-    /// the number of repeats.
+    /// Every record to write, repeats removed, in time order across the things (each
+    /// thing's oldest first; at equal times, things by name): the order a fleet's rows
+    /// arrive in live, which PostgreSQL's time-led key appends fastest, and which puts every
+    /// thing in every batch so sessions share the work evenly. Returns them with the number
+    /// of repeats.
     pub fn into_records(self, received_ms: i64) -> (Vec<Record>, u64) {
         let mut records = self.dead_letters;
         let (things, repeats) = sorted_by_thing(self.by_thing);
         for (_, dweets) in things {
-            records.extend(
-                dweets
-                    .iter()
-                    .map(|dweet| normalize::normalize(dweet, received_ms)),
-            );
+            let mut normalizer = Normalizer::default();
+            records.extend(dweets.into_iter().map(|dweet| {
+                let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
+                normalizer.normalize(dweet, created_ms, received_ms)
+            }));
         }
+        // Stable: each thing keeps its order, and letters without a time stay first.
+        records.sort_by_key(Record::created_ms);
         (records, repeats)
     }
 
     /// Each thing's dweets, oldest first, repeats removed, things by name; with the lines that
     /// were not dweets, as dead letters.
-    pub fn into_dweets(self) -> (Vec<(String, Vec<Dweet>)>, Vec<Record>) {
+    pub fn into_dweets(self) -> (Vec<(String, Vec<RawDweet>)>, Vec<Record>) {
         let (things, _) = sorted_by_thing(self.by_thing);
         (things, self.dead_letters)
     }
 }
 
-fn sorted_by_thing(by_thing: HashMap<String, Vec<Dweet>>) -> (Vec<(String, Vec<Dweet>)>, u64) {
+fn sorted_by_thing(
+    by_thing: HashMap<String, Vec<RawDweet>>,
+) -> (Vec<(String, Vec<RawDweet>)>, u64) {
     let mut repeats = 0;
     let mut things: Vec<_> = by_thing.into_iter().collect();
     things.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, dweets) in &mut things {
-        dweets.sort_by_key(|dweet| dweet.created.to_datetime());
+        dweets.sort_by_cached_key(|dweet| dweet.created.to_datetime());
         let before = dweets.len();
         dweets.dedup_by(|later, earlier| later.created == earlier.created);
         repeats += (before - dweets.len()) as u64;
@@ -144,10 +151,12 @@ mod tests {
             "\n",
             r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
             "\n",
+            r#"{"thing":"a","created":"2026-01-01T00:00:03.000Z","content":{"v":3}}"#,
+            "\n",
         );
         let mut imported = Imported::default();
         imported.read("history.jsonl", input.as_bytes(), 9).unwrap();
-        assert_eq!((imported.lines, imported.dweets), (5, 4));
+        assert_eq!((imported.lines, imported.dweets), (6, 5));
         let (records, repeats) = imported.into_records(9);
         assert_eq!(repeats, 1);
         let Record::DeadLetter(letter) = &records[0] else {
@@ -167,6 +176,10 @@ mod tests {
                 Record::DeadLetter(_) => ("dead", 0),
             })
             .collect();
-        assert_eq!(order, vec![("a", 1000), ("b", 1000), ("b", 2000)]);
+        // Time order across things, each thing oldest first, ties by thing.
+        assert_eq!(
+            order,
+            vec![("a", 1000), ("b", 1000), ("b", 2000), ("a", 3000)]
+        );
     }
 }

@@ -61,31 +61,46 @@ fn value(scrape: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Things owned and streams up, summed over `members`.
-async fn totals(members: &[Member]) -> (f64, f64) {
-    let mut owned = 0.0;
-    let mut up = 0.0;
+/// Things owned and streams up, per member.
+async fn counts(members: &[Member]) -> Vec<(f64, f64)> {
+    let mut counts = Vec::new();
     for member in members {
         let scrape = member.scrape().await;
-        owned += value(&scrape, "dweetpipe_cluster_things_owned");
-        up += value(&scrape, "dweetpipe_stream_up");
+        counts.push((
+            value(&scrape, "dweetpipe_cluster_things_owned"),
+            value(&scrape, "dweetpipe_stream_up"),
+        ));
     }
-    (owned, up)
+    counts
 }
 
+/// Waits until every thing is owned once and streaming; every 10 s it prints what each
+/// member says, so a stall shows where it is.
 async fn wait_all_streaming(
     members: &[Member],
     things: usize,
     within: Duration,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
+    let mut next_report = Duration::from_secs(10);
     loop {
-        let (owned, up) = totals(members).await;
+        let counts = counts(members).await;
+        let owned: f64 = counts.iter().map(|c| c.0).sum();
+        let up: f64 = counts.iter().map(|c| c.1).sum();
         if owned as usize == things && up as usize == things {
             return Ok(started.elapsed());
         }
+        let each = counts
+            .iter()
+            .map(|(owned, up)| format!("{owned} owned/{up} up"))
+            .collect::<Vec<_>>()
+            .join(", ");
         if started.elapsed() > within {
-            bail!("after {within:?}: {owned} of {things} things owned, {up} streams up");
+            bail!("after {within:?}: {owned} of {things} things owned, {up} streams up ({each})");
+        }
+        if started.elapsed() >= next_report {
+            eprintln!("cluster bench: {:.0?}: {each}", started.elapsed());
+            next_report += Duration::from_secs(10);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -154,9 +169,14 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
             .arg(&config)
             .env("DWEETPIPE__CLUSTER__MEMBER", format!("member-{index}"))
             .env("DWEETPIPE__METRICS__LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                "warn,dweetpipe::cluster=info,dweetpipe::worker=info",
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(
+                dir.join(format!("member-{index}.log")),
+            )?)
             .kill_on_drop(true)
             .spawn()
             .context("starting a member")?;
@@ -169,7 +189,9 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
         "cluster bench: waiting for {} streams over {} members",
         args.things, args.members
     );
-    let up = wait_all_streaming(&members, args.things, Duration::from_secs(300)).await?;
+    let up = wait_all_streaming(&members, args.things, Duration::from_secs(300))
+        .await
+        .with_context(|| format!("the members' logs are kept in {}", dir.display()))?;
     eprintln!("cluster bench: all streaming after {up:?}; measuring idle, then at load");
     let usage = |members: &[Member]| -> anyhow::Result<Vec<Usage>> {
         members.iter().map(|m| usage_of(&m.pid())).collect()
@@ -196,7 +218,9 @@ pub async fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     victim.child.start_kill()?;
     let _ = victim.child.wait().await;
     eprintln!("cluster bench: killed member-0; waiting for its things on the others");
-    let moved = wait_all_streaming(&members, args.things, Duration::from_secs(300)).await?;
+    let moved = wait_all_streaming(&members, args.things, Duration::from_secs(300))
+        .await
+        .with_context(|| format!("the members' logs are kept in {}", dir.display()))?;
     let _ = simulator.kill().await;
     for member in &mut members {
         let _ = member.child.start_kill();

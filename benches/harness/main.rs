@@ -578,40 +578,88 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         bail!("only {stored} of {} dweets were stored", args.dweets);
     }
 
-    // The reference: the same rows, pre-normalised, loaded with psql \copy.
-    let copy_dweets = work.join("dweets.copy");
-    let copy_readings = work.join("readings.copy");
+    // The reference: the same rows, pre-normalised, loaded with psql \copy; then the same
+    // split by thing into two halves loaded by two psql at once (PostgreSQL's own ceiling
+    // for two sessions on this machine).
+    let things: Vec<&str> = {
+        let mut things: Vec<&str> = records.iter().filter_map(Record::thing).collect();
+        things.sort_unstable();
+        things.dedup();
+        things
+    };
+    let half_of = |record: &Record| {
+        record
+            .thing()
+            .and_then(|t| things.binary_search(&t).ok())
+            .map_or(0, |index| index % 2)
+    };
+    let files = |name: &str| work.join(name);
     {
-        let mut dweets_out = std::io::BufWriter::new(std::fs::File::create(&copy_dweets)?);
-        let mut readings_out = std::io::BufWriter::new(std::fs::File::create(&copy_readings)?);
+        let mut outputs = Vec::new();
+        for name in [
+            "dweets.copy",
+            "readings.copy",
+            "dweets.0",
+            "readings.0",
+            "dweets.1",
+            "readings.1",
+        ] {
+            outputs.push(std::io::BufWriter::new(std::fs::File::create(files(name))?));
+        }
         for batch in records.chunks(10_000) {
-            let rows = dweetpipe::sink::postgres::copy_rows(
-                batch.iter().filter(|r| matches!(r, Record::Dweet(_))),
-            );
-            std::io::Write::write_all(&mut dweets_out, rows.dweets.as_bytes())?;
-            std::io::Write::write_all(&mut readings_out, rows.readings.as_bytes())?;
+            let dweets = batch.iter().filter(|r| matches!(r, Record::Dweet(_)));
+            let rows = dweetpipe::sink::postgres::copy_rows(dweets.clone());
+            std::io::Write::write_all(&mut outputs[0], rows.dweets.as_bytes())?;
+            std::io::Write::write_all(&mut outputs[1], rows.readings.as_bytes())?;
+            for half in 0..2 {
+                let rows = dweetpipe::sink::postgres::copy_rows(
+                    dweets.clone().filter(|r| half_of(r) == half),
+                );
+                std::io::Write::write_all(&mut outputs[2 + 2 * half], rows.dweets.as_bytes())?;
+                std::io::Write::write_all(&mut outputs[3 + 2 * half], rows.readings.as_bytes())?;
+            }
+        }
+        for mut output in outputs {
+            std::io::Write::flush(&mut output)?;
         }
     }
+    let psql_copy = |dweets: &str, readings: &str| {
+        let mut command = tokio::process::Command::new("psql");
+        command
+            .arg(&scratch.url)
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+            .arg(format!(
+                "\\copy dweets (thing, created, received_at, content) FROM '{}'",
+                files(dweets).display()
+            ))
+            .args(["-c"])
+            .arg(format!(
+                "\\copy readings (time, thing, sensor, value) FROM '{}'",
+                files(readings).display()
+            ));
+        command
+    };
     truncate(&scratch.url).await?;
     let started = Instant::now();
-    let status = tokio::process::Command::new("psql")
-        .arg(&scratch.url)
-        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
-        .arg(format!(
-            "\\copy dweets (thing, created, received_at, content) FROM '{}'",
-            copy_dweets.display()
-        ))
-        .args(["-c"])
-        .arg(format!(
-            "\\copy readings (time, thing, sensor, value) FROM '{}'",
-            copy_readings.display()
-        ))
+    let status = psql_copy("dweets.copy", "readings.copy")
         .status()
         .await
         .context("running psql (apt-get install postgresql-client)")?;
     let reference = started.elapsed();
     if !status.success() {
         bail!("psql \\copy failed");
+    }
+    truncate(&scratch.url).await?;
+    let started = Instant::now();
+    let (first, second) = tokio::join!(
+        psql_copy("dweets.0", "readings.0").status(),
+        psql_copy("dweets.1", "readings.1").status()
+    );
+    let two_sessions = started.elapsed();
+    if !(first?.success() && second?.success())
+        || count_dweets(&scratch.url).await? as usize != args.dweets
+    {
+        bail!("two psql \\copy sessions failed");
     }
 
     // A dweepy user's pipeline: json.loads, flatten in Python, psycopg batched INSERTs.
@@ -661,8 +709,14 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         rate(reference)
     );
     println!(
-        "  ratio (target >= 0.8)                               {:>8.2}",
-        rate(ours) / rate(reference)
+        "  two psql \\copy at once, the rows split by thing     {:>8.1} s  {:>8.0} dweets/s",
+        two_sessions.as_secs_f64(),
+        rate(two_sessions)
+    );
+    println!(
+        "  ratio to one psql (target >= 1.5)                   {:>8.2}   (two psql: {:.2})",
+        rate(ours) / rate(reference),
+        rate(two_sessions) / rate(reference)
     );
     match python {
         Ok(elapsed) => {

@@ -202,19 +202,22 @@ fn classify_line<D: DeserializeOwned>(line: &[u8], literal: &mut Vec<u8>) -> Opt
             },
             None => SkipReason::NotJson,
         },
-        b'{' => match decode_object(line) {
-            Ok(event) => return Some(event),
-            Err(reason) => reason,
+        b'{' => match std::str::from_utf8(line).map(decode_object) {
+            Ok(Ok(event)) => return Some(event),
+            Ok(Err(reason)) => reason,
+            Err(_) => SkipReason::NotJson,
         },
         _ => SkipReason::NotJson,
     };
     Some(skipped(reason, line))
 }
 
-fn decode_object<D: DeserializeOwned>(json: &[u8]) -> Result<Decoded<D>, SkipReason> {
-    match serde_json::from_slice::<D>(json) {
+/// Decodes a JSON object; from `&str`, so serde_json does not check the UTF-8 again in
+/// every string it reads.
+fn decode_object<D: DeserializeOwned>(json: &str) -> Result<Decoded<D>, SkipReason> {
+    match serde_json::from_str::<D>(json) {
         Ok(dweet) => Ok(Decoded::Dweet(dweet)),
-        Err(dweet_error) => match serde_json::from_slice::<FailureLine>(json) {
+        Err(dweet_error) => match serde_json::from_str::<FailureLine>(json) {
             Ok(failure) if failure.this == "failed" => Ok(Decoded::Failure {
                 code: failure.with,
                 because: failure.because,
@@ -259,7 +262,7 @@ fn first_special(bytes: &[u8]) -> Option<usize> {
 /// The text of the JSON string literal that is the whole of `line`, unescaped into `out`;
 /// `None` when `line` is not exactly one valid literal. This is the stream's hot path: it
 /// copies runs between escapes and allocates nothing once `out` has grown to a frame's size.
-fn unescape_literal<'o>(line: &[u8], out: &'o mut Vec<u8>) -> Option<&'o [u8]> {
+fn unescape_literal<'o>(line: &[u8], out: &'o mut Vec<u8>) -> Option<&'o str> {
     let body = line.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
     out.clear();
     out.reserve(body.len());
@@ -300,8 +303,7 @@ fn unescape_literal<'o>(line: &[u8], out: &'o mut Vec<u8>) -> Option<&'o [u8]> {
         }
     }
     out.extend_from_slice(rest);
-    std::str::from_utf8(out).ok()?;
-    Some(out)
+    std::str::from_utf8(out).ok()
 }
 
 /// The four hex digits of a `\u` escape, and what follows them.
@@ -351,7 +353,7 @@ mod tests {
         fn the_literal_unescaper_agrees_with_serde_json(text in ".{0,40}") {
             let literal = serde_json::to_string(&text).unwrap();
             let mut out = Vec::new();
-            proptest::prop_assert_eq!(unescape_literal(literal.as_bytes(), &mut out), Some(text.as_bytes()));
+            proptest::prop_assert_eq!(unescape_literal(literal.as_bytes(), &mut out), Some(text.as_str()));
         }
 
         #[test]
@@ -363,7 +365,7 @@ mod tests {
             line.extend(&body);
             line.push(b'"');
             let mut out = Vec::new();
-            let ours = unescape_literal(&line, &mut out).map(<[u8]>::to_vec);
+            let ours = unescape_literal(&line, &mut out).map(|text| text.as_bytes().to_vec());
             let theirs = serde_json::from_slice::<String>(&line).ok().map(String::into_bytes);
             proptest::prop_assert_eq!(ours, theirs);
         }

@@ -113,7 +113,7 @@ pub(crate) fn assert_same(stored: Vec<(String, i64)>, expected: &BTreeSet<(Strin
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_creates_the_schema_once() {
     let db = TestDatabase::create().await;
-    for expected in ["2 migration(s) applied now", "0 migration(s) applied now"] {
+    for expected in ["3 migration(s) applied now", "0 migration(s) applied now"] {
         let output = Command::new(BIN)
             .args(["migrate", "--database-url", &db.url])
             .output()
@@ -142,6 +142,37 @@ async fn migrate_creates_the_schema_once() {
     ] {
         assert!(tables.iter().any(|t| t == table), "{table} in {tables:?}");
     }
+    // The README's table of the schema names each key as PostgreSQL has it.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for table in ["dweets", "readings"] {
+        let key: String = sqlx::query_scalar(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1",
+        )
+        .bind(format!("{table}_pkey"))
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{table}` |")))
+            .unwrap_or_else(|| panic!("README.md has no row for {table}"));
+        let columns = key.trim_start_matches("PRIMARY KEY ").replace('"', "");
+        assert!(
+            row.contains(&format!("primary key `{columns}`")),
+            "README says {row:?}; PostgreSQL has {key:?}"
+        );
+    }
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = 'readings'")
+            .fetch_all(&mut connection)
+            .await
+            .unwrap();
+    assert_eq!(
+        indexes,
+        ["readings_pkey"],
+        "readings has its key and no other index"
+    );
     let bad = Command::new(BIN)
         .args([
             "migrate",
@@ -813,24 +844,29 @@ async fn copy_and_insert_batches_store_the_same_rows() {
         let mut board = S5d9Board::new(7);
         (0..400)
             .map(|i| {
+                let mut content = board.next_payload();
+                // Values whose text and binary forms are easy to get wrong.
+                content["edge"] =
+                    serde_json::json!([-0.0, 1e308, 5e-324, 0.1, -123456789012345678i64]);
+                content["note"] = serde_json::json!("tab\there, a \\ and \u{e9}");
                 let dweet = Dweet {
                     thing: thing.to_owned(),
                     created: Created::from_datetime(ms_to_datetime(1_795_000_000_000 + i * 1000)),
-                    content: board.next_payload(),
+                    content,
                     transaction: None,
                 };
                 normalize(&dweet, 1_795_000_500_000)
             })
             .collect()
     };
-    let (bulk, small) = (records("bulk"), records("small"));
-    sink.write(bulk.iter()).await; // 5,200 readings: COPY
+    let (bulk, small) = (records("bulk\t\\\u{e9}"), records("small\t\\\u{e9}"));
+    sink.write(bulk.iter()).await; // 7,200 readings: COPY
     for batch in small.chunks(20) {
-        sink.write(batch.iter()).await; // 260 readings each: INSERT
+        sink.write(batch.iter()).await; // 360 readings each: INSERT
     }
     let written =
         |table: &str| metrics.value("dweetpipe_sink_rows_written_total", &[("table", table)]);
-    assert_eq!((written("dweets"), written("readings")), (800.0, 10_400.0));
+    assert_eq!((written("dweets"), written("readings")), (800.0, 14_400.0));
     sink.write(bulk.iter().chain(small.iter())).await; // all older than the watermarks
     assert_eq!(written("dweets"), 800.0, "nothing is stored twice");
 
@@ -843,9 +879,35 @@ async fn copy_and_insert_batches_store_the_same_rows() {
         )
         .bind(thing)
     };
-    let bulk_rows = per_thing("bulk").fetch_all(&mut connection).await.unwrap();
-    let small_rows = per_thing("small").fetch_all(&mut connection).await.unwrap();
-    assert_eq!(bulk_rows.len(), 10_400 / 2);
+    let bulk_rows = per_thing("bulk\t\\\u{e9}")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    let small_rows = per_thing("small\t\\\u{e9}")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(bulk_rows.len(), 14_400 / 2);
+    let edge: Vec<f64> = bulk_rows[..18]
+        .iter()
+        .filter(|row| row.2.starts_with("edge."))
+        .map(|row| row.3)
+        .collect();
+    let Record::Dweet(first) = &bulk[0] else {
+        panic!("{:?}", bulk[0])
+    };
+    let sent: Vec<u64> = first
+        .readings
+        .iter()
+        .filter(|r| r.sensor.starts_with("edge."))
+        .map(|r| r.value.to_bits())
+        .collect();
+    assert_eq!(sent.len(), 5);
+    assert_eq!(
+        edge.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        sent,
+        "doubles are stored bit for bit"
+    );
     assert_eq!(bulk_rows, small_rows, "both paths store identical rows");
     drop(connection);
     db.drop_now().await;

@@ -16,6 +16,19 @@ use crate::telemetry::Table;
 /// Text columns whose every row differs: a dweet's content and a dead letter's payload.
 pub const UNIQUE_TEXT_COLUMNS: [&str; 2] = ["content", "payload"];
 
+/// Columns whose values rarely repeat within a file: times (a reading's repeats only across
+/// one dweet's sensors) and measured values.
+pub const SELDOM_REPEATED_COLUMNS: [&str; 4] = ["time", "created", "received_at", "value"];
+
+/// Columns that are timestamps in every dataset that has them (not `created`: a dead
+/// letter keeps it as the text it came as). One set of writer properties serves all
+/// datasets, and an integer encoding on a text column makes the writer refuse to start.
+pub const TIME_COLUMNS: [&str; 2] = ["time", "received_at"];
+
+/// Columns whose minimum and maximum never let a reader skip anything: every file and page
+/// holds each board's whole set of sensors, interleaved.
+pub const UNPRUNABLE_COLUMNS: [&str; 1] = ["sensor"];
+
 /// The datasets under `[parquet] dir`, each its own folder of `date=YYYY-MM-DD/` partitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Dataset {

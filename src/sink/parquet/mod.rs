@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
@@ -264,6 +264,21 @@ impl ParquetSink {
             properties = properties
                 .set_column_dictionary_enabled(column.clone(), false)
                 .set_column_statistics_enabled(column, EnabledStatistics::None);
+        }
+        // A dictionary of times or measured values grows with the file and gets hashed on
+        // every row for almost no saving; their statistics stay: readers prune by time.
+        for column in batch::SELDOM_REPEATED_COLUMNS {
+            properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), false);
+        }
+        // A time repeats for each reading of a dweet and then grows a little: deltas store
+        // that in a few bits a row.
+        for column in batch::TIME_COLUMNS {
+            properties = properties
+                .set_column_encoding(ColumnPath::from(column), Encoding::DELTA_BINARY_PACKED);
+        }
+        for column in batch::UNPRUNABLE_COLUMNS {
+            properties = properties
+                .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
         }
         let properties = properties.build();
         let sink = ParquetSink {
@@ -645,30 +660,49 @@ mod tests {
     }
 
     #[test]
-    fn unique_text_columns_carry_no_dictionary_or_statistics_and_the_rest_do() {
+    fn dictionaries_and_statistics_only_where_they_pay() {
         use parquet::file::reader::{FileReader, SerializedFileReader};
         let dir = tempfile::tempdir().unwrap();
         let (mut sink, _) = open(dir.path());
         sink.write(&[dweet("a", 1_795_000_000_000), dweet("b", 1_795_000_000_001)])
             .unwrap();
         sink.close().unwrap();
-        let dweets = finalised(dir.path())
-            .into_iter()
-            .find(|path| path.to_string_lossy().contains("/dweets/"))
-            .expect("a dweets file");
-        let reader = SerializedFileReader::new(std::fs::File::open(dweets).unwrap()).unwrap();
-        let group = reader.metadata().row_group(0);
-        for column in group.columns() {
+        let files = finalised(dir.path());
+        let file_of = |dataset: &str| {
+            files
+                .iter()
+                .find(|path| path.to_string_lossy().contains(&format!("/{dataset}/")))
+                .unwrap_or_else(|| panic!("a {dataset} file"))
+                .clone()
+        };
+        let mut columns = Vec::new();
+        for dataset in ["dweets", "readings"] {
+            let reader =
+                SerializedFileReader::new(std::fs::File::open(file_of(dataset)).unwrap()).unwrap();
+            columns.extend(reader.metadata().row_group(0).columns().iter().cloned());
+        }
+        assert_eq!(columns.len(), 8);
+        for column in &columns {
             let name = column.column_path().string();
             let unique = batch::UNIQUE_TEXT_COLUMNS.contains(&name.as_str());
+            let seldom_repeated = batch::SELDOM_REPEATED_COLUMNS.contains(&name.as_str());
             assert_eq!(
                 column.dictionary_page_offset().is_none(),
-                unique,
+                unique || seldom_repeated,
                 "{name}: a dictionary only where values repeat"
             );
+            if batch::TIME_COLUMNS.contains(&name.as_str()) {
+                assert!(
+                    column
+                        .encodings()
+                        .any(|e| e == Encoding::DELTA_BINARY_PACKED),
+                    "{name}: times as deltas"
+                );
+            }
+            let unprunable = batch::UNPRUNABLE_COLUMNS.contains(&name.as_str());
             assert_eq!(
                 column.statistics().is_none(),
-                unique,
+                unique || unprunable,
                 "{name}: statistics only where a reader can prune with them"
             );
         }

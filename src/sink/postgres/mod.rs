@@ -31,6 +31,7 @@ use crate::backoff::Backoff;
 use crate::record::{DeadLetter, Record};
 use crate::settings::Invalid;
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
+use copy::BinaryRows;
 pub use copy::CopyRows;
 
 /// The schema, embedded so the binary migrates without the source tree.
@@ -45,10 +46,15 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "dead letter key",
         include_str!("../../../migrations/0002_dead_letter_key.sql"),
     ),
+    (
+        3,
+        "readings key led by time",
+        include_str!("../../../migrations/0003_readings_time_key.sql"),
+    ),
 ];
 
-/// The COPY text of the dweets among `records`, as the sink sends it (the import benchmark
-/// loads the same bytes with `psql \copy` for comparison). Dead letters take an INSERT.
+/// The dweets among `records` as COPY text, for `psql \copy` (the import benchmark's
+/// reference loads the rows the sink writes this way).
 pub fn copy_rows<'a>(records: impl IntoIterator<Item = &'a Record>) -> CopyRows {
     let mut rows = CopyRows::default();
     for record in records {
@@ -369,7 +375,6 @@ type Marks = HashMap<String, i64>;
 pub struct PostgresSink {
     url: DatabaseUrl,
     pool: PgPool,
-    shard_hasher: std::hash::RandomState,
     /// Newest committed `created` (ms) per thing, from `things`.
     watermarks: HashMap<String, i64>,
     metrics: Arc<Metrics>,
@@ -428,7 +433,6 @@ impl PostgresSink {
         Ok(PostgresSink {
             url: url.clone(),
             pool,
-            shard_hasher: std::hash::RandomState::new(),
             watermarks,
             metrics,
             health: None,
@@ -479,9 +483,7 @@ impl PostgresSink {
         }
         // PostgreSQL is the bottleneck and two COPY sessions beat one; each thing's rows and
         // watermark stay in one transaction, so a crash still leaves whole things' batches.
-        let (even, odd): (Vec<&Record>, Vec<&Record>) = fresh
-            .iter()
-            .partition(|r| r.thing().is_none_or(|t| self.shard_of(t) == 0));
+        let (even, odd) = split_by_thing(&fresh);
         let mut odd_marks = Marks::new();
         tokio::join!(
             self.write_all(&even, false, &mut marks),
@@ -491,11 +493,6 @@ impl PostgresSink {
             let mark = self.watermarks.entry(thing).or_insert(created);
             *mark = (*mark).max(created);
         }
-    }
-
-    fn shard_of(&self, thing: &str) -> u64 {
-        use std::hash::BuildHasher;
-        self.shard_hasher.hash_one(thing) % 2
     }
 
     async fn write_all(&self, records: &[&Record], start_tolerant: bool, marks: &mut Marks) {
@@ -628,13 +625,20 @@ impl PostgresSink {
             if tolerant || insert::readings_in(records) < insert::COPY_FROM_READINGS {
                 insert::insert(&mut tx, records, tolerant).await?
             } else {
-                let rows = copy_rows(records.iter().copied());
+                let mut rows = BinaryRows::default();
+                for record in records {
+                    if let Record::Dweet(dweet) = record {
+                        rows.push_dweet(dweet);
+                    }
+                }
+                let rows = rows.finish();
                 (
                     copy_into(
                         &mut tx,
                         "dweets",
                         "thing, created, received_at, content",
                         &rows.dweets,
+                        rows.dweet_count,
                     )
                     .await?,
                     copy_into(
@@ -642,6 +646,7 @@ impl PostgresSink {
                         "readings",
                         "time, thing, sensor, value",
                         &rows.readings,
+                        rows.reading_count,
                     )
                     .await?,
                     // Letters may repeat whatever the watermark says (they have no order of
@@ -690,26 +695,99 @@ impl PostgresSink {
     }
 }
 
-/// COPY `data` (COPY text rows) into `table`; returns the rows added.
+/// Splits `records` in two halves as even in rows as whole things allow (the largest things
+/// first, each to the lighter half), keeping each half in its order. A thing's records never
+/// straddle the halves: its watermark commits with them. Records of no thing go to the first.
+fn split_by_thing<'a>(records: &[&'a Record]) -> (Vec<&'a Record>, Vec<&'a Record>) {
+    let mut sizes: HashMap<&str, usize> = HashMap::new();
+    for record in records {
+        *sizes.entry(record.thing().unwrap_or_default()).or_default() += 1;
+    }
+    let mut by_size: Vec<(&str, usize)> = sizes.into_iter().collect();
+    by_size.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut loads = [0usize; 2];
+    let mut second_half = std::collections::HashSet::new();
+    for (thing, size) in by_size {
+        let lighter = usize::from(loads[1] < loads[0] && !thing.is_empty());
+        loads[lighter] += size;
+        if lighter == 1 {
+            second_half.insert(thing);
+        }
+    }
+    records
+        .iter()
+        .partition(|r| !second_half.contains(r.thing().unwrap_or_default()))
+}
+
+/// COPY `rows` rows (a binary COPY stream) into `table`; returns the rows added.
 async fn copy_into(
     connection: &mut PgConnection,
     table: &'static str,
     columns: &'static str,
-    data: &str,
+    data: &[u8],
+    rows: usize,
 ) -> Result<u64, sqlx::Error> {
-    if data.is_empty() {
+    if rows == 0 {
         return Ok(0);
     }
     let mut copy = connection
-        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .copy_in_raw(&format!(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+        ))
         .await?;
-    copy.send(data.as_bytes()).await?;
+    copy.send(data).await?;
     copy.finish().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dweet(thing: &str, created_ms: i64) -> Record {
+        Record::Dweet(crate::record::Normalized {
+            thing: thing.to_owned(),
+            created_ms,
+            received_ms: created_ms,
+            content: "{}".to_owned(),
+            readings: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn things_split_into_even_halves_whole_and_in_order() {
+        // 20 things of 100 records each, interleaved as a batch arrives, and one outsized.
+        let mut records: Vec<Record> = (0..2000)
+            .map(|i| dweet(&format!("t{}", i % 20), i64::from(i)))
+            .collect();
+        records.extend((0..500).map(|i| dweet("big", i)));
+        let refs: Vec<&Record> = records.iter().collect();
+        let (first, second) = split_by_thing(&refs);
+        assert_eq!(first.len() + second.len(), 2500);
+        assert!(
+            first.len().abs_diff(second.len()) <= 100,
+            "{} / {}",
+            first.len(),
+            second.len()
+        );
+        let things = |half: &[&Record]| -> std::collections::BTreeSet<String> {
+            half.iter()
+                .filter_map(|r| r.thing())
+                .map(str::to_owned)
+                .collect()
+        };
+        assert!(things(&first).is_disjoint(&things(&second)));
+        for half in [&first, &second] {
+            for pair in half.windows(2) {
+                if pair[0].thing() == pair[1].thing() {
+                    assert!(pair[0].created_ms() < pair[1].created_ms());
+                }
+            }
+        }
+        // One thing alone stays whole.
+        let lone: Vec<&Record> = records[2000..].iter().collect();
+        let (first, second) = split_by_thing(&lone);
+        assert_eq!((first.len(), second.len()), (500, 0));
+    }
 
     #[test]
     fn the_url_never_prints() {
