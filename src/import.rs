@@ -102,7 +102,7 @@ impl Imported {
         for (_, dweets) in things {
             let mut normalizer = Normalizer::default();
             records.extend(dweets.into_iter().map(|dweet| {
-                let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
+                let created_ms = dweet.created.to_ms();
                 normalizer.normalize(dweet, created_ms, received_ms)
             }));
         }

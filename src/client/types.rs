@@ -58,6 +58,11 @@ impl Created {
     pub fn to_datetime(&self) -> Option<DateTime<Utc>> {
         protocol::parse_created(&self.0)
     }
+
+    /// Milliseconds since the Unix epoch, as records carry it.
+    pub fn to_ms(&self) -> Option<i64> {
+        self.to_datetime().map(|at| at.timestamp_millis())
+    }
 }
 
 impl fmt::Display for Created {

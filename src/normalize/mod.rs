@@ -25,7 +25,7 @@ pub const MAX_READINGS: usize = 10_000;
 /// Normalises one dweet received at `received_ms`. For a stream of dweets, a [`Normalizer`]
 /// per thing shares sensor names between them.
 pub fn normalize(dweet: &Dweet, received_ms: i64) -> Record {
-    let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
+    let created_ms = dweet.created.to_ms();
     let content = serde_json::value::to_raw_value(&dweet.content)
         .unwrap_or_else(|_| RawValue::NULL.to_owned());
     let raw = RawDweet {

@@ -251,7 +251,7 @@ impl Subscription {
     /// false when the pipeline is gone.
     async fn emit(&mut self, dweet: RawDweet, source: DweetSource) -> bool {
         let received_ms = now_ms();
-        let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
+        let created_ms = dweet.created.to_ms();
         if let Some(created_ms) = created_ms {
             if created_ms <= self.watermark.load(Ordering::Relaxed) {
                 self.metrics.duplicates_dropped.inc();
