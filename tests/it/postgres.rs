@@ -828,36 +828,16 @@ async fn a_postgresql_restart_mid_stream_loses_nothing_and_parquet_keeps_going()
 /// the same rows, and writing them again (older than the watermark) adds nothing.
 #[tokio::test]
 async fn copy_and_insert_batches_store_the_same_rows() {
-    use dweetpipe::client::{Created, Dweet};
-    use dweetpipe::normalize::normalize;
-    use dweetpipe::record::{Record, ms_to_datetime};
-    use dweetpipe::sandbox::simulator::S5d9Board;
-    use dweetpipe::sink::postgres::PostgresSink;
+    use dweetpipe::record::Record;
 
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(dweetpipe::telemetry::Metrics::new().unwrap());
-    let mut sink =
-        PostgresSink::connect(&db.sink_config(), metrics.clone(), Duration::from_secs(10))
-            .await
-            .unwrap();
-    let records = |thing: &str| -> Vec<Record> {
-        let mut board = S5d9Board::new(7);
-        (0..400)
-            .map(|i| {
-                let mut content = board.next_payload();
-                // Values whose text and binary forms are easy to get wrong.
-                content["edge"] =
-                    serde_json::json!([-0.0, 1e308, 5e-324, 0.1, -123456789012345678i64]);
-                content["note"] = serde_json::json!("tab\there, a \\ and \u{e9}");
-                let dweet = Dweet {
-                    thing: thing.to_owned(),
-                    created: Created::from_datetime(ms_to_datetime(1_795_000_000_000 + i * 1000)),
-                    content,
-                    transaction: None,
-                };
-                normalize(&dweet, 1_795_000_500_000)
-            })
-            .collect()
+    let (mut sink, metrics) = sink_for(&db).await;
+    let records = |thing: &str| {
+        s5d9_records(thing, 7, |_, content| {
+            // Values whose text and binary forms are easy to get wrong.
+            content["edge"] = serde_json::json!([-0.0, 1e308, 5e-324, 0.1, -123456789012345678i64]);
+            content["note"] = serde_json::json!("tab\there, a \\ and \u{e9}");
+        })
     };
     let (bulk, small) = (records("bulk\t\\\u{e9}"), records("small\t\\\u{e9}"));
     sink.write(bulk.iter()).await; // 7,200 readings: COPY
@@ -911,4 +891,92 @@ async fn copy_and_insert_batches_store_the_same_rows() {
     assert_eq!(bulk_rows, small_rows, "both paths store identical rows");
     drop(connection);
     db.drop_now().await;
+}
+
+/// A dweet PostgreSQL refuses inside a bulk batch (binary COPY): the batch is bisected, that
+/// dweet becomes a dead letter with the reason, and every other row is stored once.
+#[tokio::test]
+async fn a_refused_dweet_in_a_bulk_batch_is_quarantined_and_the_rest_stored() {
+    let db = TestDatabase::create().await;
+    let (mut sink, metrics) = sink_for(&db).await;
+    let records = s5d9_records("bulk-refused", 3, |i, content| {
+        if i == 123 {
+            // jsonb cannot hold \u0000 (SQLSTATE 22P05), in COPY's binary form as in text.
+            content["note"] = serde_json::json!("nul\u{0}inside");
+        }
+    });
+    sink.write(records.iter()).await; // 5,200 readings: binary COPY
+    let written =
+        |table: &str| metrics.value("dweetpipe_sink_rows_written_total", &[("table", table)]);
+    assert_eq!(written("dweets"), 399.0);
+    assert_eq!(written("dead_letters"), 1.0);
+    let mut connection = db.connect().await;
+    let created: Vec<i64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM created) * 1000)::bigint FROM dweets ORDER BY created",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    let expected: Vec<i64> = (0..400)
+        .filter(|i| *i != 123)
+        .map(|i| 1_795_000_000_000 + i * 1000)
+        .collect();
+    assert_eq!(created, expected, "every other dweet, once");
+    let readings: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(readings, 399 * 13);
+    let (payload, reason): (String, String) =
+        sqlx::query_as("SELECT payload, reason FROM dead_letters")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+    assert!(payload.contains("nul"), "the payload is kept: {payload}");
+    assert!(reason.contains("PostgreSQL refused"), "{reason}");
+    drop(connection);
+    db.drop_now().await;
+}
+
+/// A sink written to directly (no worker), with its metrics.
+async fn sink_for(
+    db: &TestDatabase,
+) -> (
+    dweetpipe::sink::postgres::PostgresSink,
+    std::sync::Arc<dweetpipe::telemetry::Metrics>,
+) {
+    let metrics = std::sync::Arc::new(dweetpipe::telemetry::Metrics::new().unwrap());
+    let sink = dweetpipe::sink::postgres::PostgresSink::connect(
+        &db.sink_config(),
+        metrics.clone(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    (sink, metrics)
+}
+
+/// 400 S5D9 dweets of `thing`, a second apart, normalised; `edit` may change the content of
+/// the i-th.
+fn s5d9_records(
+    thing: &str,
+    seed: u64,
+    edit: impl Fn(i64, &mut serde_json::Value),
+) -> Vec<dweetpipe::record::Record> {
+    use dweetpipe::client::{Created, Dweet};
+    use dweetpipe::record::ms_to_datetime;
+    let mut board = dweetpipe::sandbox::simulator::S5d9Board::new(seed);
+    (0..400)
+        .map(|i| {
+            let mut content = board.next_payload();
+            edit(i, &mut content);
+            let dweet = Dweet {
+                thing: thing.to_owned(),
+                created: Created::from_datetime(ms_to_datetime(1_795_000_000_000 + i * 1000)),
+                content,
+                transaction: None,
+            };
+            dweetpipe::normalize::normalize(&dweet, 1_795_000_500_000)
+        })
+        .collect()
 }
