@@ -68,6 +68,14 @@ impl Record {
             Record::DeadLetter(letter) => letter.received_ms,
         }
     }
+
+    /// The dweet, when this record is one.
+    pub fn as_dweet(&self) -> Option<&Normalized> {
+        match self {
+            Record::Dweet(dweet) => Some(dweet),
+            Record::DeadLetter(_) => None,
+        }
+    }
 }
 
 pub fn now_ms() -> i64 {

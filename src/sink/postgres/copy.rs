@@ -64,8 +64,15 @@ impl Default for BinaryRows {
 }
 
 impl BinaryRows {
+    /// The finished streams of `dweets`.
+    pub fn of<'a>(dweets: impl IntoIterator<Item = &'a Normalized>) -> Self {
+        let mut rows = BinaryRows::default();
+        dweets.into_iter().for_each(|dweet| rows.push_dweet(dweet));
+        rows.finish()
+    }
+
     /// `thing, created, received_at, content` and `time, thing, sensor, value`.
-    pub fn push_dweet(&mut self, dweet: &Normalized) {
+    fn push_dweet(&mut self, dweet: &Normalized) {
         let created = binary_timestamp(dweet.created_ms);
         let out = &mut self.dweets;
         out.extend_from_slice(&4i16.to_be_bytes());
@@ -88,7 +95,7 @@ impl BinaryRows {
     }
 
     /// The two streams, each ended by its trailer.
-    pub fn finish(mut self) -> Self {
+    fn finish(mut self) -> Self {
         self.dweets.extend_from_slice(BINARY_TRAILER);
         self.readings.extend_from_slice(BINARY_TRAILER);
         self
@@ -169,8 +176,7 @@ mod tests {
 
     #[test]
     fn binary_rows_follow_the_copy_binary_layout() {
-        let mut rows = BinaryRows::default();
-        rows.push_dweet(&Normalized {
+        let rows = BinaryRows::of(&[Normalized {
             thing: "t".to_owned(),
             // 2000-01-01T00:00:01.5Z: 1.5 s after PostgreSQL's epoch.
             created_ms: POSTGRES_EPOCH_MS + 1500,
@@ -180,8 +186,7 @@ mod tests {
                 sensor: "v".into(),
                 value: -0.0,
             }],
-        });
-        let rows = rows.finish();
+        }]);
         assert_eq!((rows.dweet_count, rows.reading_count), (1, 1));
         let header = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
         let mut dweet = header.to_vec();

@@ -57,11 +57,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 /// reference loads the rows the sink writes this way).
 pub fn copy_rows<'a>(records: impl IntoIterator<Item = &'a Record>) -> CopyRows {
     let mut rows = CopyRows::default();
-    for record in records {
-        if let Record::Dweet(dweet) = record {
-            rows.push_dweet(dweet);
-        }
-    }
+    records
+        .into_iter()
+        .filter_map(Record::as_dweet)
+        .for_each(|dweet| rows.push_dweet(dweet));
     rows
 }
 
@@ -625,13 +624,7 @@ impl PostgresSink {
             if tolerant || insert::readings_in(records) < insert::COPY_FROM_READINGS {
                 insert::insert(&mut tx, records, tolerant).await?
             } else {
-                let mut rows = BinaryRows::default();
-                for record in records {
-                    if let Record::Dweet(dweet) = record {
-                        rows.push_dweet(dweet);
-                    }
-                }
-                let rows = rows.finish();
+                let rows = BinaryRows::of(records.iter().filter_map(|r| r.as_dweet()));
                 (
                     copy_into(
                         &mut tx,
