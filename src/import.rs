@@ -20,18 +20,20 @@ use crate::sink::postgres::PostgresSink;
 /// a bulk load; a crash mid-way is harmless (rerun it: what is stored is skipped).
 pub const BATCH: usize = 50_000;
 
-/// Writes `records` (from [`Imported::into_records`]) to the sinks, batch by batch; `progress`
-/// is told how many are done after each batch.
+/// Writes `records` (from [`Imported::into_records`]) to the sinks, batch by batch, then
+/// brings PostgreSQL's rollups up to date; `progress` is told how many are done after each
+/// batch. Returns how many records Parquet skipped as already stored.
 pub async fn write_to_sinks(
     records: &[Record],
     mut parquet: Option<&mut ParquetSink>,
     mut postgres: Option<&mut PostgresSink>,
     mut progress: impl FnMut(usize),
-) -> Result<(), SinkError> {
+) -> Result<usize, ImportError> {
     let mut done = 0;
+    let mut parquet_skipped = 0;
     for batch in records.chunks(BATCH) {
         if let Some(sink) = parquet.as_deref_mut() {
-            sink.write(batch)?;
+            parquet_skipped += sink.write(batch)?;
         }
         if let Some(sink) = postgres.as_deref_mut() {
             sink.write(batch).await;
@@ -39,10 +41,22 @@ pub async fn write_to_sinks(
         done += batch.len();
         progress(done);
     }
-    match parquet {
-        Some(sink) => sink.close(),
-        None => Ok(()),
+    if let Some(sink) = postgres {
+        sink.history().refresh_rollups().await?;
     }
+    if let Some(sink) = parquet {
+        sink.close()?;
+    }
+    Ok(parquet_skipped)
+}
+
+/// An import could not finish; what was written stays (rerun it: what is stored is skipped).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("refreshing the rollups: {0}")]
+    Postgres(#[from] crate::sink::postgres::PostgresError),
 }
 
 /// What the input files held.

@@ -225,6 +225,7 @@ pub struct Metrics {
     sink_write_duration: HistogramVec,
     sink_buffer_rows: IntGaugeVec,
     parquet_files_finalized: IntCounterVec,
+    retention_partitions_dropped: IntCounterVec,
     config_reloads: IntCounterVec,
     spool_bytes: IntGaugeVec,
     spool_dropped: IntCounterVec,
@@ -339,6 +340,13 @@ impl Metrics {
             ),
             &["dataset"],
         )?;
+        let retention_partitions_dropped = IntCounterVec::new(
+            opts(
+                "retention_partitions_dropped_total",
+                "PostgreSQL partitions dropped by retention, by table they belonged to.",
+            ),
+            &["table"],
+        )?;
         let config_reloads = IntCounterVec::new(
             opts(
                 "config_reloads_total",
@@ -420,6 +428,7 @@ impl Metrics {
         registry.register(Box::new(sink_write_duration.clone()))?;
         registry.register(Box::new(sink_buffer_rows.clone()))?;
         registry.register(Box::new(parquet_files_finalized.clone()))?;
+        registry.register(Box::new(retention_partitions_dropped.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(spool_bytes.clone()))?;
         registry.register(Box::new(spool_dropped.clone()))?;
@@ -475,6 +484,7 @@ impl Metrics {
             sink_write_duration,
             sink_buffer_rows,
             parquet_files_finalized,
+            retention_partitions_dropped,
             config_reloads,
             spool_bytes,
             spool_dropped,
@@ -571,6 +581,13 @@ impl Metrics {
     pub fn parquet_file_sealed(&self, dataset: Table) {
         self.parquet_files_finalized
             .with_label_values(&[dataset.as_str()])
+            .inc();
+    }
+
+    /// A partition of `table` (`readings`, `readings_1m`, …) went by retention.
+    pub fn retention_dropped(&self, table: &str) {
+        self.retention_partitions_dropped
+            .with_label_values(&[table])
             .inc();
     }
 

@@ -512,9 +512,11 @@ impl ScratchDatabase {
 async fn truncate(url: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut connection = sqlx::PgConnection::connect(url).await?;
-    sqlx::query("TRUNCATE dweets, readings, dead_letters, things")
-        .execute(&mut connection)
-        .await?;
+    sqlx::query(
+        "TRUNCATE dweets, readings, readings_1m, readings_1h, rollup_pending, dead_letters, things",
+    )
+    .execute(&mut connection)
+    .await?;
     sqlx::query("CHECKPOINT")
         .execute(&mut connection)
         .await

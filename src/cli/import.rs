@@ -85,16 +85,17 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     };
     let live = std::io::stderr().is_terminal();
     let total = records.len();
-    dweetpipe::import::write_to_sinks(&records, parquet.as_mut(), postgres.as_mut(), |done| {
-        if live {
-            eprint!(
-                "\rimported {done}/{total} records ({:.0}%)",
-                100.0 * done as f64 / total.max(1) as f64
-            );
-            let _ = std::io::stderr().flush();
-        }
-    })
-    .await?;
+    let parquet_skipped =
+        dweetpipe::import::write_to_sinks(&records, parquet.as_mut(), postgres.as_mut(), |done| {
+            if live {
+                eprint!(
+                    "\rimported {done}/{total} records ({:.0}%)",
+                    100.0 * done as f64 / total.max(1) as f64
+                );
+                let _ = std::io::stderr().flush();
+            }
+        })
+        .await?;
     if live {
         eprintln!();
     }
@@ -108,20 +109,28 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         "import: {lines} lines, {dweets} dweets ({repeats} repeated in the input), {dead_letters} unusable (dead letters), in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // Per sink, what it stored: PostgreSQL may refuse a dweet Parquet keeps (a \u0000 that
-    // jsonb cannot hold), and then holds it as one more dead letter.
-    for (present, label, sink) in [
-        (parquet.is_some(), "Parquet", "parquet"),
-        (postgres.is_some(), "PostgreSQL", "postgres"),
-    ] {
-        if present {
-            println!(
-                "  {label}: {} dweets, {} readings and {} dead letters written (what was already stored is skipped)",
-                rows(sink, "dweets"),
-                rows(sink, "readings"),
-                rows(sink, "dead_letters")
-            );
-        }
+    // Per sink, what it stored and what it skipped: PostgreSQL may refuse a dweet Parquet
+    // keeps (a \u0000 that jsonb cannot hold), and then holds it as one more dead letter.
+    let written = |sink: &str| {
+        format!(
+            "{} dweets, {} readings and {} dead letters written",
+            rows(sink, "dweets"),
+            rows(sink, "readings"),
+            rows(sink, "dead_letters")
+        )
+    };
+    if parquet.is_some() {
+        println!(
+            "  Parquet: {}; {parquet_skipped} already stored, skipped",
+            written("parquet")
+        );
+    }
+    if let Some(sink) = &postgres {
+        println!(
+            "  PostgreSQL: {}; those already stored skipped; {} older than [postgres] retention skipped",
+            written("postgres"),
+            sink.past_retention()
+        );
     }
     Ok(())
 }

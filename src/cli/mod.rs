@@ -7,6 +7,7 @@ mod demo;
 mod import;
 mod lifecycle;
 mod numbers;
+mod prune;
 mod sandbox;
 mod systemd;
 mod worker;
@@ -126,6 +127,13 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Create or upgrade the PostgreSQL schema (`run` does it at start too).
     Migrate(worker::MigrateArgs),
+    /// Apply the things file's retention once: drop whole partitions older than it.
+    ///
+    /// `[postgres] retention` bounds the raw tables (dweets, readings), `rollup_retention` the
+    /// rollups (readings_1m, readings_1h); a partition goes once its newest possible row is
+    /// older than that. Nothing is DELETEd. `run` does the same at start and hourly (in a
+    /// cluster, the leader alone). Prints each partition dropped.
+    Prune(worker::ConfigArgs),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -243,6 +251,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => lifecycle::plan(args).await,
         Command::Apply(args) => lifecycle::apply(args).await,
         Command::Migrate(args) => worker::migrate(args).await,
+        Command::Prune(args) => prune::run(args).await,
         Command::Import(args) => import::run(args).await,
     }
 }

@@ -357,6 +357,8 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
             backlog,
             Arc::clone(&metrics),
             Arc::clone(&health),
+            // In a cluster the leader applies retention; `rebalance` hands it the duty.
+            config.cluster.is_none(),
         )
     });
     let nats = nats.map(|(nats_config, client, opened, backlog)| {
@@ -760,6 +762,9 @@ impl WorkerHandle {
             );
         }
 
+        if let Some(postgres) = &self.postgres {
+            postgres.set_retention_duty(view.leader);
+        }
         if view.leader && self.lifecycle.is_none() {
             let config = self.config.clone();
             self.reconcile_lifecycle(&config)?;

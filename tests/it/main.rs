@@ -11,6 +11,8 @@ mod cluster;
 mod common;
 mod deploy;
 mod faults;
+mod grafana;
+mod history;
 mod hostile;
 mod lifecycle;
 mod listen;

@@ -113,7 +113,7 @@ pub(crate) fn assert_same(stored: Vec<(String, i64)>, expected: &BTreeSet<(Strin
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_creates_the_schema_once() {
     let db = TestDatabase::create().await;
-    for expected in ["3 migration(s) applied now", "0 migration(s) applied now"] {
+    for expected in ["4 migration(s) applied now", "0 migration(s) applied now"] {
         let output = Command::new(BIN)
             .args(["migrate", "--database-url", &db.url])
             .output()
@@ -243,6 +243,7 @@ async fn a_fleet_lands_in_postgres_exactly_once_with_a_wide_view() {
         watermarks, 5,
         "each thing's watermark is its newest stored dweet"
     );
+    crate::history::assert_rollups_exact(&mut connection).await;
     assert_eq!(
         metrics.value(
             "dweetpipe_sink_rows_written_total",
@@ -311,6 +312,7 @@ async fn restarts_and_backfill_overlap_add_no_duplicate_rows() {
         stored(&mut connection).await,
         &sandbox_dweets(&client, &things, None).await,
     );
+    crate::history::assert_rollups_exact(&mut connection).await;
     drop(connection);
     db.drop_now().await;
     server.shutdown().await;
@@ -527,13 +529,26 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
     import(vec![&older]).await;
     let again = import(vec![&newer, &older, &with_bad]).await;
     assert!(
-        again.contains("PostgreSQL: 0 dweets"),
+        again.contains("PostgreSQL: 0 dweets") && again.contains("Parquet: 0 dweets"),
         "a second import writes nothing new: {again}"
+    );
+    assert!(
+        again.contains("31 already stored, skipped"),
+        "Parquet says what it skipped: {again}"
     );
 
     let mut connection = db.connect().await;
     let expected = sandbox_dweets(&client, &[a.clone(), b.clone()], None).await;
     assert_same(stored(&mut connection).await, &expected);
+    crate::history::assert_rollups_exact(&mut connection).await;
+    // Older history imported after newer is in Parquet too, once (with the NUL dweet that
+    // only PostgreSQL refused).
+    let mut in_parquet = expected.clone();
+    in_parquet.insert((b.clone(), 1_795_996_800_000));
+    assert_same(
+        crate::worker::parquet_dweets(&dir.path().join("parquet")),
+        &in_parquet,
+    );
     let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM dead_letters")
         .fetch_all(&mut connection)
         .await

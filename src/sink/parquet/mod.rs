@@ -15,6 +15,7 @@
 //! dweet is in the output exactly once.
 
 mod batch;
+mod held;
 mod recovery;
 mod run;
 
@@ -220,10 +221,16 @@ pub struct ParquetSink {
     absorbed: HashSet<PathBuf>,
     /// How far back the source replays (`[source] history`), for the recovery horizon.
     replay: Duration,
+    /// (thing, created) of the dweets stored on a few dates, read when a dweet older than its
+    /// board's watermark arrives (older history imported after newer).
+    held_on: HashMap<NaiveDate, HashSet<(String, i64)>>,
     /// Held while the sink exists: no other process (or member) recovers or writes this
     /// directory as this member.
     _lock: DirLock,
 }
+
+/// Dates whose dweets `held_on` keeps at once: an import goes date by date.
+const HELD_DATES: usize = 3;
 
 /// What recovery did at start-up, for the log and for `check`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -290,6 +297,7 @@ impl ParquetSink {
             metrics,
             absorbed: recovered.absorbed,
             replay,
+            held_on: HashMap::new(),
             _lock: lock,
         };
         Ok((sink, opened))
@@ -337,11 +345,16 @@ impl ParquetSink {
         for record in records {
             match record {
                 Record::Dweet(dweet) => {
-                    if self.holds(&dweet.thing, dweet.created_ms) {
+                    let date = ms_to_datetime(dweet.created_ms).date_naive();
+                    if self.holds(&dweet.thing, dweet.created_ms)
+                        && self.stored_on(date, &dweet.thing, dweet.created_ms)?
+                    {
                         skipped += 1;
                         continue;
                     }
-                    let date = ms_to_datetime(dweet.created_ms).date_naive();
+                    if let Some(held) = self.held_on.get_mut(&date) {
+                        held.insert((dweet.thing.clone(), dweet.created_ms));
+                    }
                     let generation = self.generation();
                     raise_mark(&mut generation.watermarks, &dweet.thing, dweet.created_ms);
                     generation.count(Dataset::Dweets, 1);
@@ -372,6 +385,29 @@ impl ParquetSink {
         Ok(skipped)
     }
 
+    /// Whether the dweet `(thing, created_ms)`, at or below the board's watermark, is stored
+    /// on `date`. The first question about a date seals the open generation (so the files
+    /// hold everything written) and reads the date's dweets.
+    fn stored_on(
+        &mut self,
+        date: NaiveDate,
+        thing: &str,
+        created_ms: i64,
+    ) -> Result<bool, SinkError> {
+        if !self.held_on.contains_key(&date) {
+            self.seal()?;
+            if self.held_on.len() >= HELD_DATES {
+                self.held_on.clear();
+            }
+            let held = held::dweets_on(&self.config.dir, date)?;
+            self.held_on.insert(date, held);
+        }
+        Ok(self
+            .held_on
+            .get(&date)
+            .is_some_and(|held| held.contains(&(thing.to_owned(), created_ms))))
+    }
+
     /// The open generation is `rotate_after` old or holds `max_rows` rows: time to seal.
     pub fn due(&self) -> bool {
         self.open.as_ref().is_some_and(|g| {
@@ -394,6 +430,7 @@ impl ParquetSink {
     /// Drops the open generation after a failed write: its temporary files are removed and
     /// nothing of it counts as held, so its records can be written again.
     pub fn abandon(&mut self) {
+        self.held_on.clear();
         if let Some(generation) = self.open.take() {
             for file in generation.files.into_values() {
                 let _ = fs::remove_file(&file.tmp_path);
@@ -432,8 +469,17 @@ impl ParquetSink {
     }
 
     /// Footers, fsync, rename, fsync the folders: the generation becomes durable. On error the
-    /// generation's temporary files are removed (their rows are not counted as durable).
+    /// generation's temporary files are removed (their rows are not counted as durable), and
+    /// so is what `held_on` learnt from it.
     fn seal(&mut self) -> Result<(), SinkError> {
+        let sealed = self.seal_open();
+        if sealed.is_err() {
+            self.held_on.clear();
+        }
+        sealed
+    }
+
+    fn seal_open(&mut self) -> Result<(), SinkError> {
         let Some(generation) = self.open.take() else {
             return Ok(());
         };

@@ -12,8 +12,12 @@
 
 mod copy;
 mod insert;
+pub mod partitions;
+pub mod retention;
+pub mod rollup;
 mod run;
 
+pub use partitions::Partitions;
 pub use run::{PostgresLoop, spawn};
 
 use std::borrow::Cow;
@@ -50,6 +54,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "readings key led by time",
         include_str!("../../../migrations/0003_readings_time_key.sql"),
+    ),
+    (
+        4,
+        "partitions and rollups",
+        include_str!("../../../migrations/0004_partitions_and_rollups.sql"),
     ),
 ];
 
@@ -127,6 +136,24 @@ pub struct PostgresConfig {
         deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
+    /// How much time one partition of the history tables spans (UTC-aligned). Default "1d".
+    #[serde(
+        default = "default_partition",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub partition: Duration,
+    /// Raw rows (`dweets`, `readings`) older than this go, a whole partition at a time.
+    /// Default: kept for ever.
+    #[serde(default, deserialize_with = "crate::settings::optional_duration")]
+    pub retention: Option<Duration>,
+    /// The same for the rollups (`readings_1m`, `readings_1h`), which may outlive the raw
+    /// rows. Default: kept for ever.
+    #[serde(default, deserialize_with = "crate::settings::optional_duration")]
+    pub rollup_retention: Option<Duration>,
+}
+
+fn default_partition() -> Duration {
+    Duration::from_secs(24 * 60 * 60)
 }
 
 fn default_memory_max_rows() -> usize {
@@ -155,6 +182,9 @@ impl PostgresConfig {
             memory_max_rows: default_memory_max_rows(),
             spool_dir: default_spool_dir(),
             spool_max: default_spool_max(),
+            partition: default_partition(),
+            retention: None,
+            rollup_retention: None,
         }
     }
 
@@ -191,8 +221,42 @@ impl PostgresConfig {
                 "delete the line; max_rows still bounds each statement".to_owned(),
             ));
         }
+        validate_partition(self.partition)?;
+        for (key, retention) in [
+            ("retention", self.retention),
+            ("rollup_retention", self.rollup_retention),
+        ] {
+            if retention.is_some_and(|kept| kept < Duration::from_secs(60 * 60)) {
+                return Err(Invalid::new(
+                    key,
+                    "must be at least 1h",
+                    "give how long to keep, like \"90d\"; leave it out to keep everything",
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// `partition` is whole hours, from 1h to 31d: a partition is a table, and retention drops
+/// whole ones.
+fn validate_partition(partition: Duration) -> Result<(), Invalid> {
+    const HOUR: u64 = 60 * 60;
+    let seconds = partition.as_secs();
+    if partition.subsec_nanos() != 0
+        || !seconds.is_multiple_of(HOUR)
+        || !(HOUR..=31 * 24 * HOUR).contains(&seconds)
+    {
+        return Err(Invalid::new(
+            "partition",
+            format!(
+                "{} is not a whole number of hours from 1h to 31d",
+                humantime::format_duration(partition)
+            ),
+            "size it so the newest partition and its indexes fit in memory: \"1d\" (the default) for most fleets, \"1h\" for thousands of boards a second",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,12 +303,18 @@ fn database_message(error: &sqlx::Error) -> String {
 
 /// Applies the embedded migrations (idempotent); returns how many were newly applied.
 pub async fn migrate(url: &DatabaseUrl) -> Result<usize, PostgresError> {
+    migrate_to(url, schema_version()).await
+}
+
+/// Applies the embedded migrations up to `version` and no further: what an older release
+/// left behind, for testing the migrations that follow.
+pub async fn migrate_to(url: &DatabaseUrl, version: i64) -> Result<usize, PostgresError> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(url.options()?)
         .await
         .map_err(|e| PostgresError::database(&e, url))?;
-    let applied = migrate_pool(&pool, url).await;
+    let applied = migrate_pool(&pool, url, version).await;
     pool.close().await;
     applied
 }
@@ -280,10 +350,15 @@ pub fn schema_version() -> i64 {
 
 /// [`migrate`] over a pool (a pool, not a connection: the future stays `Send`, so a spawned
 /// task can run it).
-async fn migrate_pool(pool: &PgPool, url: &DatabaseUrl) -> Result<usize, PostgresError> {
+async fn migrate_pool(
+    pool: &PgPool,
+    url: &DatabaseUrl,
+    up_to: i64,
+) -> Result<usize, PostgresError> {
     let migrator = Migrator::with_migrations(
         MIGRATIONS
             .iter()
+            .filter(|(version, _, _)| *version <= up_to)
             .map(|(version, description, sql)| {
                 Migration::new(
                     *version,
@@ -332,6 +407,8 @@ fn classify(error: &sqlx::Error) -> Failure {
     };
     match code.as_ref() {
         "23505" => Failure::Conflict,
+        // No partition for a row: one this process counted on was dropped; it is made again.
+        "23514" if error.to_string().contains("no partition") => Failure::Retry,
         code if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") => {
             Failure::Data
         }
@@ -380,6 +457,42 @@ pub struct PostgresSink {
     /// Told while writes fail and retry (the worker's readiness and liveness); none for
     /// one-shot imports.
     health: Option<(Arc<Health>, LoopBeat)>,
+    partitions: Arc<Partitions>,
+    /// `[postgres] retention`: older dweets are not stored.
+    retention: Option<Duration>,
+    past_retention: u64,
+}
+
+/// The history upkeep of one database: rollup refreshes and retention.
+#[derive(Clone)]
+pub struct History {
+    pool: PgPool,
+    url: DatabaseUrl,
+    partitions: Arc<Partitions>,
+}
+
+impl History {
+    /// Recomputes the rollup buckets that commits noted; see [`rollup`].
+    pub async fn refresh_rollups(&self) -> Result<usize, PostgresError> {
+        rollup::refresh_all(&self.pool, &self.partitions)
+            .await
+            .map_err(|e| PostgresError::database(&e, &self.url))
+    }
+
+    /// Drops the partitions wholly older than the retention settings; see [`retention`].
+    pub async fn prune(
+        &self,
+        config: &PostgresConfig,
+        now_ms: i64,
+    ) -> Result<Vec<retention::Dropped>, PostgresError> {
+        let dropped = retention::prune(&self.pool, config, now_ms)
+            .await
+            .map_err(|e| PostgresError::database(&e, &self.url))?;
+        if !dropped.is_empty() {
+            self.partitions.forget();
+        }
+        Ok(dropped)
+    }
 }
 
 impl PostgresSink {
@@ -389,14 +502,10 @@ impl PostgresSink {
         metrics: Arc<Metrics>,
         patience: Duration,
     ) -> Result<Self, PostgresError> {
-        let url = config
-            .url
-            .clone()
-            .ok_or_else(|| PostgresError::Url("no database URL".to_owned()))?;
         let deadline = Instant::now() + patience;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            match Self::try_connect(&url, Arc::clone(&metrics)).await {
+            match Self::try_connect(config, Arc::clone(&metrics)).await {
                 Ok(sink) => return Ok(sink),
                 Err(error) if Instant::now() < deadline => {
                     tracing::warn!(%error, "PostgreSQL is not ready; retrying");
@@ -410,16 +519,20 @@ impl PostgresSink {
 
     /// One attempt: connect, migrate, load the watermarks.
     pub async fn try_connect(
-        url: &DatabaseUrl,
+        config: &PostgresConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PostgresError> {
+        let url = config
+            .url
+            .as_ref()
+            .ok_or_else(|| PostgresError::Url("no database URL".to_owned()))?;
         let pool = PgPoolOptions::new()
             .max_connections(3)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(url.options()?)
             .await
             .map_err(|e| PostgresError::database(&e, url))?;
-        migrate_pool(&pool, url).await?;
+        migrate_pool(&pool, url, schema_version()).await?;
         let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> =
             sqlx::query_as("SELECT thing, last_created FROM things WHERE last_created IS NOT NULL")
                 .fetch_all(&pool)
@@ -435,7 +548,24 @@ impl PostgresSink {
             watermarks,
             metrics,
             health: None,
+            partitions: Arc::new(Partitions::new(config.partition)),
+            retention: config.retention,
+            past_retention: 0,
         })
+    }
+
+    /// The rollups' refresher and retention, sharing this sink's pool and partitions.
+    pub fn history(&self) -> History {
+        History {
+            pool: self.pool.clone(),
+            url: self.url.clone(),
+            partitions: Arc::clone(&self.partitions),
+        }
+    }
+
+    /// Dweets skipped because they were older than `[postgres] retention`.
+    pub fn past_retention(&self) -> u64 {
+        self.past_retention
     }
 
     /// Reports write trouble to `health` while it lasts, and beats `beat` while it retries.
@@ -474,8 +604,22 @@ impl PostgresSink {
     /// conflict-tolerant path, so nothing already stored is duplicated and nothing missing is
     /// skipped.
     pub async fn write<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) {
-        let (fresh, old): (Vec<&Record>, Vec<&Record>) =
-            records.into_iter().partition(|r| self.is_new(r));
+        let kept_from = self.retention.map(|kept| {
+            crate::record::now_ms() - i64::try_from(kept.as_millis()).unwrap_or(i64::MAX)
+        });
+        let mut past_retention = 0;
+        let (fresh, old): (Vec<&Record>, Vec<&Record>) = records
+            .into_iter()
+            .filter(|r| {
+                let past = r
+                    .as_dweet()
+                    .zip(kept_from)
+                    .is_some_and(|(dweet, from)| dweet.created_ms < from);
+                past_retention += u64::from(past);
+                !past
+            })
+            .partition(|r| self.is_new(r));
+        self.past_retention += past_retention;
         let mut marks = Marks::new();
         if !old.is_empty() {
             self.write_all(&old, true, &mut marks).await;
@@ -535,6 +679,7 @@ impl PostgresSink {
                     pending.push(first);
                 }
                 Failure::Retry => {
+                    self.partitions.forget();
                     // Only failed attempts count as sink errors: a conflict or a bisection
                     // step is the write path working as designed.
                     self.metrics.sink_error(SinkName::Postgres);
@@ -619,7 +764,15 @@ impl PostgresSink {
                 mark.1 = mark.1.max(record.received_ms());
             }
         }
+        for parent in ["dweets", "readings"] {
+            let times = records
+                .iter()
+                .filter_map(|r| r.as_dweet())
+                .map(|d| d.created_ms);
+            self.partitions.ensure(&self.pool, parent, times).await?;
+        }
         let mut tx = self.pool.begin().await?;
+        rollup::note(&mut tx, records).await?;
         let (dweets, readings, dead_letters) =
             if tolerant || insert::readings_in(records) < insert::COPY_FROM_READINGS {
                 insert::insert(&mut tx, records, tolerant).await?

@@ -8,19 +8,25 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{PostgresConfig, PostgresError, PostgresSink, StreamStates};
+use super::{History, PostgresConfig, PostgresError, PostgresSink, StreamStates};
 use crate::backoff::Backoff;
-use crate::record::Record;
+use crate::record::{Record, now_ms};
 use crate::sink::backlog::Backlog;
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 
 /// How often changed stream states are written to `things.stream_state`.
 const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
+/// How often the rollups are refreshed when no commit of this worker asks for it.
+const ROLLUP_REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// How often retention is applied (and at start).
+const RETENTION_EVERY: Duration = Duration::from_secs(60 * 60);
 /// The longest wait between connection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
@@ -28,6 +34,14 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 pub struct PostgresLoop {
     task: JoinHandle<()>,
     give_up: CancellationToken,
+    retention_duty: Arc<AtomicBool>,
+}
+
+impl PostgresLoop {
+    /// Whether this process applies retention (in a cluster, the leader alone does).
+    pub fn set_retention_duty(&self, duty: bool) {
+        self.retention_duty.store(duty, Ordering::Relaxed);
+    }
 }
 
 /// Starts the loop with a sink already connected at start-up, or connects in the background.
@@ -37,26 +51,32 @@ pub fn spawn(
     backlog: Arc<Backlog>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    retention_duty: bool,
 ) -> PostgresLoop {
     let give_up = CancellationToken::new();
+    let retention_duty = Arc::new(AtomicBool::new(retention_duty));
     let task = tokio::spawn(run(
         config,
         connected,
         backlog,
-        metrics,
-        health,
+        (metrics, health),
         give_up.clone(),
+        Arc::clone(&retention_duty),
     ));
-    PostgresLoop { task, give_up }
+    PostgresLoop {
+        task,
+        give_up,
+        retention_duty,
+    }
 }
 
 async fn run(
     config: PostgresConfig,
     connected: Option<PostgresSink>,
     backlog: Arc<Backlog>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    (metrics, health): (Arc<Metrics>, Arc<Health>),
     give_up: CancellationToken,
+    retention_duty: Arc<AtomicBool>,
 ) {
     let beat = health.register_loop("PostgreSQL sink");
     let sink = match connected {
@@ -79,9 +99,73 @@ async fn run(
         Arc::clone(&health),
         reporter_stop.clone(),
     ));
-    write_backlog(&mut sink, &backlog, config.max_rows, &give_up, &beat).await;
+    let committed = Arc::new(Notify::new());
+    let refresher_stop = CancellationToken::new();
+    let refresher = tokio::spawn(keep_history(
+        Upkeep {
+            history: sink.history(),
+            config: config.clone(),
+            metrics: Arc::clone(&metrics),
+            retention_duty,
+        },
+        Arc::clone(&committed),
+        refresher_stop.clone(),
+    ));
+    write_backlog(
+        &mut sink,
+        &backlog,
+        config.max_rows,
+        (&give_up, &committed),
+        &beat,
+    )
+    .await;
     reporter_stop.cancel();
+    refresher_stop.cancel();
     let _ = reporter.await;
+    let _ = refresher.await;
+}
+
+/// What the history upkeep needs.
+struct Upkeep {
+    history: History,
+    config: PostgresConfig,
+    metrics: Arc<Metrics>,
+    retention_duty: Arc<AtomicBool>,
+}
+
+/// Keeps the rollups current: recomputes the buckets commits noted, right after each commit
+/// (and every few seconds, for whatever another writer of the database noted), and once more
+/// at shutdown. A failed refresh leaves its notes for the next. Applies retention at start
+/// and hourly while this process has the duty.
+async fn keep_history(upkeep: Upkeep, committed: Arc<Notify>, stop: CancellationToken) {
+    let mut pruned_at: Option<Instant> = None;
+    loop {
+        let retention_due = pruned_at.is_none_or(|at| at.elapsed() >= RETENTION_EVERY);
+        if retention_due && upkeep.retention_duty.load(Ordering::Relaxed) {
+            match upkeep.history.prune(&upkeep.config, now_ms()).await {
+                Ok(dropped) => {
+                    for partition in dropped {
+                        upkeep.metrics.retention_dropped(&partition.parent);
+                    }
+                    pruned_at = Some(Instant::now());
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not apply retention; will retry");
+                }
+            }
+        }
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = committed.notified() => false,
+            _ = tokio::time::sleep(ROLLUP_REFRESH_EVERY) => false,
+        };
+        if let Err(error) = upkeep.history.refresh_rollups().await {
+            tracing::debug!(%error, "could not refresh the rollups; will retry");
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 /// Connects until it works or `give_up`; reports what is wrong to the log and `/readyz`.
@@ -93,7 +177,7 @@ async fn connect(
     give_up: &CancellationToken,
     beat: &LoopBeat,
 ) -> Option<PostgresSink> {
-    let url = config.url.clone()?;
+    config.url.as_ref()?;
     let mut backoff = Backoff::new(Duration::from_millis(200), RECONNECT_MAX);
     let mut last_problem = String::new();
     loop {
@@ -102,7 +186,7 @@ async fn connect(
         let attempt = tokio::select! {
             _ = give_up.cancelled() => return None,
             _ = backlog.closed() => return None,
-            attempt = PostgresSink::try_connect(&url, Arc::clone(metrics)) => attempt,
+            attempt = PostgresSink::try_connect(config, Arc::clone(metrics)) => attempt,
         };
         let error = match attempt {
             Ok(sink) => {
@@ -150,7 +234,7 @@ async fn write_backlog(
     sink: &mut PostgresSink,
     backlog: &Backlog,
     max_rows: usize,
-    give_up: &CancellationToken,
+    (give_up, committed): (&CancellationToken, &Notify),
     beat: &LoopBeat,
 ) {
     loop {
@@ -186,7 +270,10 @@ async fn write_backlog(
             }
         };
         tokio::select! {
-            () = write => taken.into_iter().for_each(|t| backlog.done(t)),
+            () = write => {
+                taken.into_iter().for_each(|t| backlog.done(t));
+                committed.notify_one();
+            }
             _ = give_up.cancelled() => {
                 // What did commit is skipped as already stored when it replays.
                 backlog.give_back(taken);

@@ -1,0 +1,181 @@
+//! The rollups `readings_1m` and `readings_1h`: count, sum, minimum and maximum per board,
+//! sensor and bucket, so long ranges and fleet averages read a row per bucket instead of
+//! every reading.
+//!
+//! Exact by construction: each write notes the (thing, minute) buckets it touched in
+//! `rollup_pending`, in its own transaction, and [`refresh`] recomputes those whole buckets
+//! from the committed raw rows (and the hours from the minutes), then clears the notes in the
+//! same transaction. A late dweet (backfill, import) marks its old bucket; a repeated dweet
+//! adds no raw row, so recomputing changes nothing. Refreshes take one advisory lock, so two
+//! writers of the same database (an import beside a worker, cluster members) never interleave
+//! a recomputation.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+
+use super::partitions::Partitions;
+use crate::record::{Record, ms_to_datetime};
+
+pub const MINUTE_MS: i64 = 60 * 1000;
+pub const HOUR_MS: i64 = 60 * MINUTE_MS;
+/// Buckets recomputed per refresh transaction.
+const REFRESH_BUCKETS: i64 = 5000;
+const LOCK_KEY: i64 = 0x6477_6565_7470_0002;
+
+/// The distinct (thing, bucket start) pairs among `items`, buckets `width_ms` wide.
+pub fn buckets<'a>(
+    items: impl IntoIterator<Item = (&'a str, i64)>,
+    width_ms: i64,
+) -> Vec<(&'a str, i64)> {
+    let mut seen = HashSet::new();
+    items
+        .into_iter()
+        .map(|(thing, ms)| (thing, ms.div_euclid(width_ms) * width_ms))
+        .filter(|pair| seen.insert(*pair))
+        .collect()
+}
+
+/// Notes the minutes the dweets with readings among `records` fall in, inside the
+/// transaction that stores them.
+pub async fn note(connection: &mut PgConnection, records: &[&Record]) -> Result<(), sqlx::Error> {
+    let touched = buckets(
+        records
+            .iter()
+            .filter_map(|r| r.as_dweet())
+            .filter(|d| !d.readings.is_empty())
+            .map(|d| (d.thing.as_str(), d.created_ms)),
+        MINUTE_MS,
+    );
+    if touched.is_empty() {
+        return Ok(());
+    }
+    let (things, starts) = columns(&touched);
+    sqlx::query(
+        "INSERT INTO rollup_pending (thing, bucket)
+         SELECT * FROM unnest($1::text[], $2::timestamptz[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(&things)
+    .bind(&starts)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+fn columns<'a>(pairs: &[(&'a str, i64)]) -> (Vec<&'a str>, Vec<DateTime<Utc>>) {
+    pairs
+        .iter()
+        .map(|(thing, ms)| (*thing, ms_to_datetime(*ms)))
+        .unzip()
+}
+
+/// Recomputes up to [`REFRESH_BUCKETS`] noted minutes and their hours; returns how many
+/// minutes it recomputed (0: the rollups are current).
+pub async fn refresh(pool: &PgPool, partitions: &Partitions) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let pending: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT thing, (extract(epoch FROM bucket) * 1000)::bigint
+           FROM rollup_pending ORDER BY bucket LIMIT $1",
+    )
+    .bind(REFRESH_BUCKETS)
+    .fetch_all(&mut *tx)
+    .await?;
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let minutes: Vec<(&str, i64)> = pending.iter().map(|(t, ms)| (t.as_str(), *ms)).collect();
+    let hours = buckets(minutes.iter().copied(), HOUR_MS);
+    partitions
+        .ensure(pool, "readings_1m", minutes.iter().map(|(_, ms)| *ms))
+        .await?;
+    partitions
+        .ensure(pool, "readings_1h", hours.iter().map(|(_, ms)| *ms))
+        .await?;
+    let (things, starts) = columns(&minutes);
+    sqlx::query(
+        "INSERT INTO readings_1m (bucket, thing, sensor, n, sum, min, max)
+         SELECT p.bucket, r.thing, r.sensor, count(*), sum(r.value), min(r.value), max(r.value)
+           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket)
+           JOIN readings r ON r.thing = p.thing
+                          AND r.time >= p.bucket AND r.time < p.bucket + interval '1 minute'
+          GROUP BY 1, 2, 3
+         ON CONFLICT (thing, bucket, sensor) DO UPDATE
+            SET n = EXCLUDED.n, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max",
+    )
+    .bind(&things)
+    .bind(&starts)
+    .execute(&mut *tx)
+    .await?;
+    let (hour_things, hour_starts) = columns(&hours);
+    sqlx::query(
+        "INSERT INTO readings_1h (bucket, thing, sensor, n, sum, min, max)
+         SELECT p.bucket, m.thing, m.sensor, sum(m.n), sum(m.sum), min(m.min), max(m.max)
+           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket)
+           JOIN readings_1m m ON m.thing = p.thing
+                             AND m.bucket >= p.bucket AND m.bucket < p.bucket + interval '1 hour'
+          GROUP BY 1, 2, 3
+         ON CONFLICT (thing, bucket, sensor) DO UPDATE
+            SET n = EXCLUDED.n, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max",
+    )
+    .bind(&hour_things)
+    .bind(&hour_starts)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM rollup_pending p USING unnest($1::text[], $2::timestamptz[]) AS d(thing, bucket)
+          WHERE p.thing = d.thing AND p.bucket = d.bucket",
+    )
+    .bind(&things)
+    .bind(&starts)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(pending.len())
+}
+
+/// Refreshes until nothing is pending (an import's last step); returns the minutes recomputed.
+pub async fn refresh_all(pool: &PgPool, partitions: &Partitions) -> Result<usize, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        match refresh(pool, partitions).await? {
+            0 => return Ok(total),
+            done => total += done,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_distinct_per_thing_and_aligned() {
+        let at = |m: i64, s: i64| m * MINUTE_MS + s * 1000;
+        let items = [
+            ("a", at(10, 0)),
+            ("a", at(10, 59)),
+            ("b", at(10, 30)),
+            ("a", at(11, 0)),
+            ("a", -1),
+        ];
+        assert_eq!(
+            buckets(items, MINUTE_MS),
+            vec![
+                ("a", at(10, 0)),
+                ("b", at(10, 0)),
+                ("a", at(11, 0)),
+                ("a", -MINUTE_MS)
+            ]
+        );
+        assert_eq!(
+            buckets(items, HOUR_MS).len(),
+            3,
+            "a and b at hour 0, a before 1970"
+        );
+    }
+}

@@ -1,0 +1,566 @@
+//! History at scale in PostgreSQL: the partitioned tables, migration 4 on a database the
+//! previous release filled, the rollups' exactness, and retention.
+
+use std::time::Duration;
+
+use dweetpipe::record::{Normalized, Reading, Record, now_ms};
+use dweetpipe::sink::postgres::{DatabaseUrl, PostgresSink};
+use dweetpipe::telemetry::Metrics;
+use sqlx::PgConnection;
+use tokio::process::Command;
+
+use crate::postgres::TestDatabase;
+
+const BIN: &str = env!("CARGO_BIN_EXE_dweetpipe");
+const MINUTE: i64 = 60_000;
+const DAY: i64 = 24 * 60 * MINUTE;
+
+/// Rows of each rollup that disagree with the raw readings (count, min and max exactly, the
+/// sum to floating-point rounding), and how many buckets each holds.
+pub(crate) async fn rollup_mismatches(connection: &mut PgConnection) -> [(i64, i64); 2] {
+    let mut out = [(0, 0); 2];
+    for (slot, (table, unit)) in [("readings_1m", "minute"), ("readings_1h", "hour")]
+        .into_iter()
+        .enumerate()
+    {
+        let query = format!(
+            "WITH raw AS (
+                SELECT date_trunc('{unit}', time, 'UTC') AS bucket, thing, sensor,
+                       count(*) AS n, sum(value) AS s, min(value) AS lo, max(value) AS hi
+                  FROM readings GROUP BY 1, 2, 3)
+             SELECT count(*) FILTER (WHERE r.n IS DISTINCT FROM m.n
+                                        OR r.lo IS DISTINCT FROM m.min
+                                        OR r.hi IS DISTINCT FROM m.max
+                                        OR m.sum IS NULL OR r.s IS NULL
+                                        OR abs(r.s - m.sum) > 1e-9 * greatest(1, abs(r.s))),
+                    count(m.bucket)
+               FROM raw r FULL JOIN {table} m USING (bucket, thing, sensor)"
+        );
+        out[slot] = sqlx::query_as(sqlx::AssertSqlSafe(query))
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+    }
+    out
+}
+
+/// Asserts both rollups agree with the raw rows and hold something.
+pub(crate) async fn assert_rollups_exact(connection: &mut PgConnection) {
+    let [(minute_bad, minutes), (hour_bad, hours)] = rollup_mismatches(connection).await;
+    assert_eq!(
+        (minute_bad, hour_bad),
+        (0, 0),
+        "rollups agree with readings ({minutes} minute and {hours} hour buckets)"
+    );
+    assert!(minutes > 0 && hours > 0, "the rollups hold buckets");
+}
+
+fn dweet(thing: &str, created_ms: i64, value: f64) -> Record {
+    Record::Dweet(Normalized {
+        thing: thing.to_owned(),
+        created_ms,
+        received_ms: created_ms,
+        content: format!(r#"{{"t":{value},"h":{}}}"#, value * 2.0),
+        readings: vec![
+            Reading {
+                sensor: "t".into(),
+                value,
+            },
+            Reading {
+                sensor: "h".into(),
+                value: value * 2.0,
+            },
+        ],
+    })
+}
+
+async fn count(connection: &mut PgConnection, query: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_owned()))
+        .fetch_one(connection)
+        .await
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_3_database_is_partitioned_in_place_and_keeps_every_row() {
+    let db = TestDatabase::create().await;
+    let url = DatabaseUrl::new(db.url.clone());
+    // What the previous release left: schema 3, filled over three days by its sink.
+    assert_eq!(
+        dweetpipe::sink::postgres::migrate_to(&url, 3)
+            .await
+            .unwrap(),
+        3
+    );
+    let mut connection = db.connect().await;
+    sqlx::raw_sql(
+        "INSERT INTO dweets (thing, created, received_at, content)
+         SELECT 'board-' || (g % 4), now() - g * interval '1 minute', now(), jsonb_build_object('t', g)
+           FROM generate_series(1, 3 * 1440) g;
+         INSERT INTO readings (time, thing, sensor, value)
+         SELECT created, thing, s, (content->>'t')::float8 + length(s) FROM dweets, unnest(ARRAY['t', 'hum']) s;
+         INSERT INTO things (thing, last_created) SELECT thing, max(created) FROM dweets GROUP BY thing;",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+
+    let output = Command::new(BIN)
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1 migration(s) applied now"));
+
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dweets").await,
+        3 * 1440
+    );
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM readings").await,
+        2 * 3 * 1440
+    );
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM pg_class WHERE relname IN ('dweets', 'readings', 'readings_1m', 'readings_1h') AND relkind = 'p'"
+        )
+        .await,
+        4,
+        "every history table is partitioned"
+    );
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid IN ('readings_legacy'::regclass, 'dweets_legacy'::regclass)"
+        )
+        .await,
+        2,
+        "the old tables are the first partitions, not copies"
+    );
+    assert_rollups_exact(&mut connection).await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM s5d9_readings").await,
+        3 * 1440,
+        "the wide view reads the new table"
+    );
+
+    // The sink goes on: a dweet of tomorrow gets a partition of its own, one inside the old
+    // range lands in the legacy partition, a repeat changes nothing.
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let tomorrow = now_ms() + DAY;
+    let old = now_ms() - 2 * DAY + 30_000;
+    let records = [dweet("board-0", tomorrow, 1.0), dweet("board-9", old, 2.0)];
+    sink.write(&records).await;
+    sink.write(&records).await;
+    sink.history().refresh_rollups().await.unwrap();
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dweets").await,
+        3 * 1440 + 2
+    );
+    let legacy_holds: i64 = count(
+        &mut connection,
+        "SELECT count(*) FROM readings_legacy WHERE thing = 'board-9'",
+    )
+    .await;
+    assert_eq!(legacy_holds, 2, "an old dweet goes where its time belongs");
+    assert!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM dweetpipe_partitions WHERE parent = 'readings' AND from_time > now()"
+        )
+        .await
+            == 1,
+        "tomorrow's partition was made"
+    );
+    assert_rollups_exact(&mut connection).await;
+    drop(connection);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollups_agree_with_the_raw_rows_after_bulk_live_late_and_repeated_writes() {
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let start = (now_ms() / DAY - 3) * DAY;
+    // Bulk: three boards, a dweet a minute each over three days (COPY-sized batches).
+    let bulk: Vec<Record> = (0..3 * 4320)
+        .map(|i| {
+            dweet(
+                &format!("b{}", i % 3),
+                start + (i / 3) * MINUTE,
+                (i % 97) as f64,
+            )
+        })
+        .collect();
+    for chunk in bulk.chunks(5000) {
+        sink.write(chunk).await;
+    }
+    // Live: one dweet at a time, newer than everything.
+    for i in 0..20 {
+        sink.write(&[dweet("b0", start + 3 * DAY + i * 7_000, -(i as f64))])
+            .await;
+    }
+    // Late: between stored dweets (an import of older history) and repeats of stored ones.
+    let late: Vec<Record> = (0..50)
+        .map(|i| dweet("b1", start + i * 20_000 + 10_000, 1000.0 + i as f64))
+        .chain(bulk[..30].iter().cloned())
+        .collect();
+    sink.write(&late).await;
+    sink.history().refresh_rollups().await.unwrap();
+
+    let mut connection = db.connect().await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dweets").await,
+        3 * 4320 + 20 + 50
+    );
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM rollup_pending").await,
+        0,
+        "every noted bucket was recomputed"
+    );
+    assert!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM dweetpipe_partitions WHERE parent = 'readings'"
+        )
+        .await
+            >= 4,
+        "a partition per day"
+    );
+    assert_rollups_exact(&mut connection).await;
+    let late_bucket: (i64, f64) = sqlx::query_as(
+        "SELECT n, max FROM readings_1m WHERE thing = 'b1' AND sensor = 't' ORDER BY bucket LIMIT 1",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(
+        late_bucket.0, 4,
+        "1 bulk and 3 late dweets in the first minute"
+    );
+    assert!(late_bucket.1 >= 1000.0, "the late values are in the bucket");
+    drop(connection);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_drops_whole_old_partitions_and_keeps_the_rest() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("things.toml");
+    let write_config = |retention: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[postgres]\nurl_env = \"PRUNE_DB\"\nspool_dir = \"{}\"\n{retention}",
+                dir.path().join("spool").display()
+            ),
+        )
+        .unwrap();
+    };
+    let prune = || {
+        let mut command = Command::new(BIN);
+        command
+            .args(["prune", "--config", config.to_str().unwrap()])
+            .env("PRUNE_DB", &db.url);
+        async move { command.output().await.unwrap() }
+    };
+    write_config("");
+    let refused = prune().await;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no retention is configured"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Five days of one board, a dweet an hour.
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let today = now_ms() / DAY * DAY;
+    let records: Vec<Record> = (0..5 * 24)
+        .map(|h| dweet("old-board", today - 4 * DAY + h * 60 * MINUTE, h as f64))
+        .collect();
+    sink.write(&records).await;
+    sink.history().refresh_rollups().await.unwrap();
+    drop(sink);
+
+    // Raw rows for two days (today and yesterday survive), the rollups for ever.
+    write_config("retention = \"2d\"\n");
+    let output = prune().await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("prune: 4 partition(s) dropped"),
+        "the two days wholly older than 2d × (dweets, readings): {stdout}"
+    );
+    let mut connection = db.connect().await;
+    let kept_from: i64 = count(
+        &mut connection,
+        "SELECT (extract(epoch FROM min(created)) * 1000)::bigint FROM dweets",
+    )
+    .await;
+    assert!(
+        kept_from == today - 2 * DAY,
+        "whole days went, the partly old one stayed whole"
+    );
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dweets").await,
+        3 * 24,
+        "the three newest days are whole"
+    );
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT sum(n)::bigint FROM readings_1h WHERE sensor = 't'"
+        )
+        .await,
+        5 * 24,
+        "the rollups outlive the raw rows"
+    );
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM dweetpipe_partitions d LEFT JOIN pg_class c ON c.relname = d.name WHERE c.oid IS NULL"
+        )
+        .await,
+        0,
+        "the catalog lists only tables that exist"
+    );
+    let again = prune().await;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("prune: 0 partition(s) dropped"));
+
+    // The importer of old history is told what retention skipped.
+    let history = dir.path().join("old.jsonl");
+    std::fs::write(
+        &history,
+        format!(
+            "{{\"thing\":\"old-board\",\"created\":\"{}\",\"content\":{{\"t\":1}}}}\n{{\"thing\":\"old-board\",\"created\":\"{}\",\"content\":{{\"t\":2}}}}\n",
+            dweetpipe::protocol::format_created(dweetpipe::record::ms_to_datetime(today - 10 * DAY)),
+            dweetpipe::protocol::format_created(dweetpipe::record::ms_to_datetime(now_ms() - 60_000)),
+        ),
+    )
+    .unwrap();
+    let import = Command::new(BIN)
+        .args(["import", "--config", config.to_str().unwrap()])
+        .arg(&history)
+        .env("PRUNE_DB", &db.url)
+        .output()
+        .await
+        .unwrap();
+    let summary = String::from_utf8_lossy(&import.stdout);
+    assert!(
+        summary.contains("PostgreSQL: 1 dweets")
+            && summary.contains("1 older than [postgres] retention skipped"),
+        "{summary}{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    drop(connection);
+    db.drop_now().await;
+}
+
+/// Rows of a panel query: (time in epoch seconds, series, value).
+async fn panel_rows(connection: &mut PgConnection, sql: &str) -> Vec<(f64, String, f64)> {
+    let wrapped = format!(
+        "SELECT \"time\"::float8, metric::text, value::float8 FROM (\n{sql}\n) AS panel ORDER BY 2, 1"
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(wrapped))
+        .fetch_all(connection)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{sql}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_sensor_panel_downsamples_and_matches_the_raw_rows() {
+    use crate::grafana::Query;
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Two boards, a dweet every 5 minutes for 35 days, with every sensor the panels show.
+    let sensors = [
+        "sensors.TemperatureC",
+        "sensors.Humidity",
+        "sensors.Pressure",
+        "sensors.AccelX",
+        "sensors.AccelY",
+        "sensors.AccelZ",
+        "sensors.MagX",
+        "sensors.MagY",
+        "sensors.MagZ",
+        "sensors.SoundLevel",
+    ];
+    let things = vec!["S5D9-0001".to_owned(), "S5D9-0002".to_owned()];
+    let now = now_ms() / MINUTE * MINUTE;
+    let records: Vec<Record> = (0..35 * 288)
+        .flat_map(|step: i64| {
+            let created = now - 35 * DAY + step * 5 * MINUTE;
+            things.iter().enumerate().map(move |(board, thing)| {
+                Record::Dweet(Normalized {
+                    thing: thing.clone(),
+                    created_ms: created,
+                    received_ms: created,
+                    content: "{}".to_owned(),
+                    readings: sensors
+                        .iter()
+                        .enumerate()
+                        .map(|(i, sensor)| Reading {
+                            sensor: (*sensor).into(),
+                            value: ((step * 7 + i as i64 * 13 + board as i64) % 101) as f64 / 3.0,
+                        })
+                        .collect(),
+                })
+            })
+        })
+        .collect();
+    for chunk in records.chunks(5000) {
+        sink.write(chunk).await;
+    }
+    sink.history().refresh_rollups().await.unwrap();
+    let mut connection = db.connect().await;
+    sqlx::raw_sql("VACUUM ANALYZE")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/dashboards/s5d9-sensors.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 7, "six sensor panels and the fleet's");
+    let to = now / (60 * MINUTE) * (60 * MINUTE);
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap();
+        let sql = panel["targets"][0]["rawSql"].as_str().unwrap();
+        assert!(
+            sql.contains("$__timeGroupAlias(time, $__interval)")
+                || sql.contains("$__timeGroupAlias(bucket, $__interval)"),
+            "{title} groups by Grafana's interval"
+        );
+        let min_interval = panel["interval"].as_str().map_or(0, |text| {
+            humantime::parse_duration(text).unwrap().as_millis() as i64
+        });
+        for range in [60 * MINUTE, DAY, 7 * DAY, 30 * DAY] {
+            let from = to - range;
+            let interval_ms = Query::interval_for(from, to, 1000, min_interval);
+            let query = Query {
+                from_ms: from,
+                to_ms: to,
+                interval_ms,
+                things: &things,
+            };
+            let shown = panel_rows(&mut connection, &query.expand(sql)).await;
+            // The same grouping over the raw rows: the raw branch forced, or for the fleet
+            // panel (rollup only) its average written against `readings`.
+            let reference_sql = if sql.contains("FROM readings\n") {
+                sql.replace("$__interval_ms", "1")
+            } else {
+                "SELECT $__timeGroupAlias(time, $__interval), 'fleet' AS metric, avg(value) AS value
+                 FROM readings WHERE $__timeFilter(time) AND sensor = 'sensors.TemperatureC'
+                 GROUP BY 1, 2"
+                    .to_owned()
+            };
+            let reference = panel_rows(&mut connection, &query.expand(&reference_sql)).await;
+            let mut series: std::collections::BTreeMap<&str, Vec<(f64, f64)>> = Default::default();
+            for (time, metric, value) in &shown {
+                series.entry(metric).or_default().push((*time, *value));
+            }
+            assert!(!series.is_empty(), "{title} over {range} ms shows data");
+            for (metric, points) in &series {
+                assert!(
+                    points.len() <= 1500,
+                    "{title} over {range} ms: {metric} has {} points",
+                    points.len()
+                );
+                let expected: std::collections::BTreeMap<i64, f64> = reference
+                    .iter()
+                    .filter(|(_, m, _)| m == metric)
+                    .map(|(t, _, v)| (*t as i64, *v))
+                    .collect();
+                // The edges may hold part of a bucket: compare the inside.
+                for (time, value) in &points[1..points.len().saturating_sub(1)] {
+                    let raw = expected
+                        .get(&(*time as i64))
+                        .unwrap_or_else(|| panic!("{title}: no raw rows at {time}"));
+                    assert!(
+                        (value - raw).abs() <= 1e-9 * raw.abs().max(1.0),
+                        "{title} over {range} ms, {metric} at {time}: {value} shown, {raw} in the raw rows"
+                    );
+                }
+            }
+        }
+    }
+    drop(connection);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_worker_applies_retention_at_start() {
+    let db = TestDatabase::create().await;
+    let server = crate::worker::big_sandbox().await;
+    let dir = tempfile::tempdir().unwrap();
+    let today = now_ms() / DAY * DAY;
+    {
+        let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+        let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let records: Vec<Record> = (0..5)
+            .map(|day| dweet("kept-board", today - day * DAY + MINUTE, day as f64))
+            .collect();
+        sink.write(&records).await;
+    }
+    let things = vec![crate::common::thing("retention")];
+    let mut config = crate::worker::test_config(&server.base_url(), &things, dir.path());
+    config.parquet = None;
+    config.postgres = Some(dweetpipe::sink::postgres::PostgresConfig {
+        // A whole number of partitions: what goes does not depend on the time of day.
+        retention: Some(Duration::from_secs(2 * 24 * 60 * 60)),
+        ..db.sink_config()
+    });
+    let (worker, metrics) = crate::worker::start_worker(config).await;
+    let dropped = |table: &str| {
+        metrics.value(
+            "dweetpipe_retention_partitions_dropped_total",
+            &[("table", table)],
+        )
+    };
+    crate::worker::wait_for("retention at start", Duration::from_secs(20), || {
+        dropped("readings") == 2.0 && dropped("dweets") == 2.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    let mut connection = db.connect().await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dweets").await,
+        3,
+        "the three newest days stay; the two older went whole"
+    );
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
