@@ -97,35 +97,9 @@ pub async fn refresh(pool: &PgPool, partitions: &Partitions) -> Result<usize, sq
         .ensure(pool, "readings_1h", hours.iter().map(|(_, ms)| *ms))
         .await?;
     let (things, starts) = columns(&minutes);
-    sqlx::query(
-        "INSERT INTO readings_1m (bucket, thing, sensor, n, sum, min, max)
-         SELECT p.bucket, r.thing, r.sensor, count(*), sum(r.value), min(r.value), max(r.value)
-           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket)
-           JOIN readings r ON r.thing = p.thing
-                          AND r.time >= p.bucket AND r.time < p.bucket + interval '1 minute'
-          GROUP BY 1, 2, 3
-         ON CONFLICT (thing, bucket, sensor) DO UPDATE
-            SET n = EXCLUDED.n, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max",
-    )
-    .bind(&things)
-    .bind(&starts)
-    .execute(&mut *tx)
-    .await?;
+    recompute(&mut tx, MINUTES_FROM_READINGS, (&things, &starts)).await?;
     let (hour_things, hour_starts) = columns(&hours);
-    sqlx::query(
-        "INSERT INTO readings_1h (bucket, thing, sensor, n, sum, min, max)
-         SELECT p.bucket, m.thing, m.sensor, sum(m.n), sum(m.sum), min(m.min), max(m.max)
-           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket)
-           JOIN readings_1m m ON m.thing = p.thing
-                             AND m.bucket >= p.bucket AND m.bucket < p.bucket + interval '1 hour'
-          GROUP BY 1, 2, 3
-         ON CONFLICT (thing, bucket, sensor) DO UPDATE
-            SET n = EXCLUDED.n, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max",
-    )
-    .bind(&hour_things)
-    .bind(&hour_starts)
-    .execute(&mut *tx)
-    .await?;
+    recompute(&mut tx, HOURS_FROM_MINUTES, (&hour_things, &hour_starts)).await?;
     sqlx::query(
         "DELETE FROM rollup_pending p USING unnest($1::text[], $2::timestamptz[]) AS d(thing, bucket)
           WHERE p.thing = d.thing AND p.bucket = d.bucket",
@@ -136,6 +110,55 @@ pub async fn refresh(pool: &PgPool, partitions: &Partitions) -> Result<usize, sq
     .await?;
     tx.commit().await?;
     Ok(pending.len())
+}
+
+/// How a rollup's buckets come from the rows below them: (rollup, source, its time column,
+/// the bucket width, the aggregates in `n, sum, min, max` order).
+type Recipe = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+const MINUTES_FROM_READINGS: Recipe = (
+    "readings_1m",
+    "readings",
+    "time",
+    "1 minute",
+    "count(*), sum(r.value), min(r.value), max(r.value)",
+);
+const HOURS_FROM_MINUTES: Recipe = (
+    "readings_1h",
+    "readings_1m",
+    "bucket",
+    "1 hour",
+    "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
+);
+
+/// Recomputes the whole buckets `(things[i], starts[i])` of a rollup from its source.
+async fn recompute(
+    connection: &mut PgConnection,
+    (rollup, source, time, width, aggregates): Recipe,
+    (things, starts): (&[&str], &[DateTime<Utc>]),
+) -> Result<(), sqlx::Error> {
+    let statement = format!(
+        "INSERT INTO {rollup} (bucket, thing, sensor, n, sum, min, max)
+         SELECT p.bucket, r.thing, r.sensor, {aggregates}
+           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket)
+           JOIN {source} r ON r.thing = p.thing
+                          AND r.{time} >= p.bucket AND r.{time} < p.bucket + interval '{width}'
+          GROUP BY 1, 2, 3
+         ON CONFLICT (thing, bucket, sensor) DO UPDATE
+            SET n = EXCLUDED.n, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(things)
+        .bind(starts)
+        .execute(connection)
+        .await?;
+    Ok(())
 }
 
 /// Refreshes until nothing is pending (an import's last step); returns the minutes recomputed.
