@@ -226,6 +226,8 @@ pub struct Metrics {
     sink_buffer_rows: IntGaugeVec,
     parquet_files_finalized: IntCounterVec,
     retention_partitions_dropped: IntCounterVec,
+    parquet_dates_compacted: IntCounterVec,
+    parquet_dates_retired: IntCounterVec,
     config_reloads: IntCounterVec,
     spool_bytes: IntGaugeVec,
     spool_dropped: IntCounterVec,
@@ -347,6 +349,20 @@ impl Metrics {
             ),
             &["table"],
         )?;
+        let parquet_dates_compacted = IntCounterVec::new(
+            opts(
+                "parquet_dates_compacted_total",
+                "Closed dates rewritten into one sorted file, by dataset.",
+            ),
+            &["dataset"],
+        )?;
+        let parquet_dates_retired = IntCounterVec::new(
+            opts(
+                "parquet_dates_retired_total",
+                "Dates removed by [parquet] retention, by dataset.",
+            ),
+            &["dataset"],
+        )?;
         let config_reloads = IntCounterVec::new(
             opts(
                 "config_reloads_total",
@@ -429,6 +445,8 @@ impl Metrics {
         registry.register(Box::new(sink_buffer_rows.clone()))?;
         registry.register(Box::new(parquet_files_finalized.clone()))?;
         registry.register(Box::new(retention_partitions_dropped.clone()))?;
+        registry.register(Box::new(parquet_dates_compacted.clone()))?;
+        registry.register(Box::new(parquet_dates_retired.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(spool_bytes.clone()))?;
         registry.register(Box::new(spool_dropped.clone()))?;
@@ -485,6 +503,8 @@ impl Metrics {
             sink_buffer_rows,
             parquet_files_finalized,
             retention_partitions_dropped,
+            parquet_dates_compacted,
+            parquet_dates_retired,
             config_reloads,
             spool_bytes,
             spool_dropped,
@@ -588,6 +608,18 @@ impl Metrics {
     pub fn retention_dropped(&self, table: &str) {
         self.retention_partitions_dropped
             .with_label_values(&[table])
+            .inc();
+    }
+
+    pub fn parquet_date_compacted(&self, dataset: Table) {
+        self.parquet_dates_compacted
+            .with_label_values(&[dataset.as_str()])
+            .inc();
+    }
+
+    pub fn parquet_date_retired(&self, dataset: Table) {
+        self.parquet_dates_retired
+            .with_label_values(&[dataset.as_str()])
             .inc();
     }
 

@@ -119,10 +119,11 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             rows(sink, "dead_letters")
         )
     };
-    if parquet.is_some() {
+    if let Some(sink) = &parquet {
         println!(
-            "  Parquet: {}; {parquet_skipped} already stored, skipped",
-            written("parquet")
+            "  Parquet: {}; {parquet_skipped} already stored, skipped; {} older than [parquet] retention skipped",
+            written("parquet"),
+            sink.past_retention()
         );
     }
     if let Some(sink) = &postgres {

@@ -127,13 +127,20 @@ pub enum Command {
     Import(import::ImportArgs),
     /// Create or upgrade the PostgreSQL schema (`run` does it at start too).
     Migrate(worker::MigrateArgs),
-    /// Apply the things file's retention once: drop whole partitions older than it.
+    /// Apply the things file's retention once: drop whole partitions and dates older than it.
     ///
     /// `[postgres] retention` bounds the raw tables (dweets, readings), `rollup_retention` the
     /// rollups (readings_1m, readings_1h); a partition goes once its newest possible row is
-    /// older than that. Nothing is DELETEd. `run` does the same at start and hourly (in a
-    /// cluster, the leader alone). Prints each partition dropped.
+    /// older than that. Nothing is DELETEd. `[parquet] retention` removes whole date folders.
+    /// `run` does the same by itself (in a cluster, the leader alone). Prints what went.
     Prune(worker::ConfigArgs),
+    /// Rewrite closed Parquet dates into one file per dataset, sorted by board and time.
+    ///
+    /// A date is compacted once it ended `[parquet] compact_after` ago (default 1h); readers
+    /// then skip the row groups of other boards. Crash-safe at every step: the next start
+    /// finishes or undoes it. `run` does it by itself (in a cluster, the leader alone); this
+    /// needs the directory, so stop the worker first.
+    Compact(worker::ConfigArgs),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -251,7 +258,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => lifecycle::plan(args).await,
         Command::Apply(args) => lifecycle::apply(args).await,
         Command::Migrate(args) => worker::migrate(args).await,
-        Command::Prune(args) => prune::run(args).await,
+        Command::Prune(args) => prune::prune(args).await,
+        Command::Compact(args) => prune::compact(args).await,
         Command::Import(args) => import::run(args).await,
     }
 }
@@ -266,24 +274,58 @@ pub fn default_log_filter(command: &Command) -> &'static str {
 
 /// Resolves on SIGINT or SIGTERM, the signals a terminal, systemd and Kubernetes send.
 pub async fn shutdown_signal() {
+    ShutdownSignal::listen().recv().await
+}
+
+/// SIGTERM and SIGINT, listened for from the moment it is made: one that arrives before
+/// [`ShutdownSignal::recv`] is awaited (during a long start, a migration) is kept for it
+/// instead of killing the process.
+pub struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            ShutdownSignal {
+                terminate: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        ShutdownSignal {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Waits for the next one.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.terminate.is_none() && self.interrupt.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                () = next(&mut self.terminate) => {}
+                () = next(&mut self.interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -49,21 +49,22 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let started = std::time::Instant::now();
+    // One listener for the whole run, from before the start: a SIGTERM during a long start
+    // (a migration) shuts down in order once the start is done, and none between two turns
+    // is missed.
+    let mut shutdown = super::ShutdownSignal::listen();
     let mut worker = worker::start(config).await?;
     if let Some(addr) = worker.metrics_addr() {
         tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
     }
     let mut hangups = hangup_signals()?;
-    // One listener for the whole run, so a signal between two turns is not missed.
-    let shutdown = super::shutdown_signal();
-    tokio::pin!(shutdown);
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     // READY once every thing has subscribed (or its first attempt failed); the watchdog is
     // fed meanwhile, since start-up is not a hang.
     let mut interrupted = false;
     loop {
         tokio::select! {
-            _ = &mut shutdown => { interrupted = true; break }
+            () = shutdown.recv() => { interrupted = true; break }
             () = worker.subscribed() => break,
             _ = async { watchdog.as_mut()?.tick().await; Some(()) }, if watchdog.is_some() => {
                 ping_watchdog(&worker);
@@ -74,7 +75,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         notify_systemd(&ready_status(&worker));
         loop {
             tokio::select! {
-                _ = &mut shutdown => break,
+                () = shutdown.recv() => break,
                 _ = hangups.recv() => {
                     notify_systemd("RELOADING=1");
                     reload(&mut worker, &args.config).await;

@@ -345,8 +345,9 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         Some((sink, backlog)) => Some(crate::sink::parquet::spawn(
             sink,
             backlog,
-            Arc::clone(&metrics),
-            Arc::clone(&health),
+            (Arc::clone(&metrics), Arc::clone(&health)),
+            // In a cluster the leader compacts and prunes; `rebalance` hands it the duty.
+            config.cluster.is_none(),
         )?),
         None => None,
     };
@@ -764,6 +765,9 @@ impl WorkerHandle {
 
         if let Some(postgres) = &self.postgres {
             postgres.set_retention_duty(view.leader);
+        }
+        if let Some(parquet) = &self.parquet {
+            parquet.set_housekeeping_duty(view.leader);
         }
         if view.leader && self.lifecycle.is_none() {
             let config = self.config.clone();

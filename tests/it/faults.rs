@@ -669,3 +669,24 @@ async fn bad_dweets_across_a_sigkill_are_dead_letters_once_in_both_sinks() {
     db.drop_now().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigterm_during_the_start_shuts_down_in_order() {
+    // PostgreSQL down: the start waits for it a few seconds, and the SIGTERM comes meanwhile.
+    let cluster = PrivateCluster::create();
+    cluster.stop();
+    let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    let setup = Setup::new("term-at-start", 1);
+    let parquet = setup.path("parquet");
+    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 0);
+    let worker = setup.spawn(&config, "worker.log");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let summary = stop(worker).await;
+    assert!(summary.contains("run: "), "the summary is printed: {summary}");
+    let log = std::fs::read_to_string(setup.path("worker.log")).unwrap();
+    assert!(
+        log.contains("stopped cleanly"),
+        "a signal during the start is kept for the end of it:\n{log}"
+    );
+    server.shutdown().await;
+}

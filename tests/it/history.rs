@@ -564,3 +564,166 @@ async fn a_running_worker_applies_retention_at_start() {
     db.drop_now().await;
     server.shutdown().await;
 }
+
+/// JSON Lines of `things` × `count` dweets, one every `every_ms`, from `start_ms`.
+fn history_file(path: &std::path::Path, things: &[&str], start_ms: i64, every_ms: i64, count: i64) {
+    let mut text = String::new();
+    for i in 0..count {
+        for thing in things {
+            let created = dweetpipe::protocol::format_created(dweetpipe::record::ms_to_datetime(
+                start_ms + i * every_ms,
+            ));
+            text.push_str(&format!(
+                "{{\"thing\":\"{thing}\",\"created\":\"{created}\",\"content\":{{\"t\":{i}}}}}\n"
+            ));
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn files_of(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_parquet_dates_are_compacted_by_hand_and_by_run_and_old_ones_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("parquet");
+    let config = dir.path().join("things.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[parquet]\ndir = \"{}\"\ncompact_after = \"1s\"\nretention = \"3d\"\n",
+            parquet.display()
+        ),
+    )
+    .unwrap();
+    let today = now_ms() / DAY * DAY;
+    let run = |verb: &'static str, file: Option<&std::path::Path>| {
+        let mut command = Command::new(BIN);
+        command.args([verb, "--config", config.to_str().unwrap()]);
+        if let Some(file) = file {
+            command.arg(file);
+        }
+        async move {
+            let output = command.output().await.unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(output.status.success(), "{verb}: {text}");
+            text
+        }
+    };
+    // Two imports of 2 days ago (two generations) and one of 5 days ago.
+    let older = dir.path().join("older.jsonl");
+    history_file(&older, &["b1", "b2"], today - 2 * DAY, 60_000, 30);
+    let newer = dir.path().join("newer.jsonl");
+    history_file(
+        &newer,
+        &["b1", "b2"],
+        today - 2 * DAY + 40 * 60_000,
+        60_000,
+        30,
+    );
+    let ancient = dir.path().join("ancient.jsonl");
+    history_file(&ancient, &["b1"], today - 5 * DAY, 60_000, 10);
+    let summary = run("import", Some(&newer)).await;
+    run("import", Some(&older)).await;
+    assert!(summary.contains("Parquet: 60 dweets"), "{summary}");
+    let skipped = run("import", Some(&ancient)).await;
+    assert!(
+        skipped.contains("10 older than [parquet] retention skipped"),
+        "{skipped}"
+    );
+    let two_days_ago = dweetpipe::record::ms_to_datetime(today - 2 * DAY).date_naive();
+    let date_dir = |dataset: &str| parquet.join(dataset).join(format!("date={two_days_ago}"));
+    assert_eq!(
+        files_of(&date_dir("dweets")).len(),
+        2,
+        "one file per import"
+    );
+    let before = crate::worker::parquet_dweets(&parquet);
+    assert_eq!(before.len(), 120);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let compacted = run("compact", None).await;
+    assert!(
+        compacted.contains(&format!(
+            "compacted dweets/date={two_days_ago}: 2 files -> 1, 120 rows"
+        )),
+        "{compacted}"
+    );
+    assert_eq!(files_of(&date_dir("dweets")).len(), 1);
+    let mut after = crate::worker::parquet_dweets(&parquet);
+    let mut sorted_before = before.clone();
+    sorted_before.sort();
+    assert_eq!(
+        after,
+        {
+            let mut by_board = sorted_before.clone();
+            by_board.sort();
+            by_board
+        },
+        "the same dweets, now in board and time order"
+    );
+    after.sort();
+    assert_eq!(after, sorted_before);
+
+    // A late import into the compacted date: the worker compacts it again by itself.
+    let late = dir.path().join("late.jsonl");
+    history_file(&late, &["b3"], today - 2 * DAY + 5_000, 60_000, 5);
+    run("import", Some(&late)).await;
+    assert_eq!(files_of(&date_dir("dweets")).len(), 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let server = crate::worker::big_sandbox().await;
+    let mut worker_config = crate::worker::test_config(
+        &server.base_url(),
+        &[crate::common::thing("compact")],
+        dir.path(),
+    );
+    let mut parquet_config = worker_config.parquet.take().unwrap();
+    parquet_config.dir = parquet.clone();
+    parquet_config.compact_after = Duration::from_secs(1);
+    worker_config.parquet = Some(parquet_config);
+    let (worker, metrics) = crate::worker::start_worker(worker_config).await;
+    crate::worker::wait_for("a compaction by run", Duration::from_secs(20), || {
+        metrics.value(
+            "dweetpipe_parquet_dates_compacted_total",
+            &[("dataset", "dweets")],
+        ) >= 1.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    server.shutdown().await;
+    assert_eq!(files_of(&date_dir("dweets")).len(), 1);
+    assert_eq!(crate::worker::parquet_dweets(&parquet).len(), 125);
+
+    // Retention removes whole dates: with 1d, the date of 2 days ago goes.
+    std::fs::write(
+        &config,
+        format!(
+            "[parquet]\ndir = \"{}\"\nretention = \"1d\"\n",
+            parquet.display()
+        ),
+    )
+    .unwrap();
+    let pruned = run("prune", None).await;
+    assert!(
+        pruned.contains(&format!("removed dweets/date={two_days_ago}")),
+        "{pruned}"
+    );
+    assert!(!date_dir("dweets").exists() && !date_dir("readings").exists());
+    assert!(crate::worker::parquet_dweets(&parquet).is_empty());
+}

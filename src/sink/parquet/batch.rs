@@ -51,6 +51,15 @@ impl Dataset {
         }
     }
 
+    /// The column that says when a row happened: compaction sorts by it within a board.
+    pub fn time_column(self) -> &'static str {
+        match self {
+            Dataset::Readings => "time",
+            Dataset::Dweets => "created",
+            Dataset::DeadLetters => "received_at",
+        }
+    }
+
     /// The metrics' name for this dataset.
     pub fn table(self) -> Table {
         match self {

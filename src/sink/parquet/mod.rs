@@ -15,6 +15,7 @@
 //! dweet is in the output exactly once.
 
 mod batch;
+pub mod compact;
 mod held;
 mod recovery;
 mod run;
@@ -82,10 +83,24 @@ pub struct ParquetConfig {
         deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
+    /// A date is compacted (rewritten into one file per dataset, sorted by board and time)
+    /// this long after it ends. Default "1h".
+    #[serde(
+        default = "default_compact_after",
+        deserialize_with = "crate::settings::duration"
+    )]
+    pub compact_after: Duration,
+    /// Dates older than this are removed, a whole date at a time. Default: kept for ever.
+    #[serde(default, deserialize_with = "crate::settings::optional_duration")]
+    pub retention: Option<Duration>,
     /// In a cluster, this member's name (from `[cluster]`, not written in `[parquet]`): file
     /// names carry it, and recovery touches only its files.
     #[serde(skip)]
     pub member: Option<String>,
+}
+
+fn default_compact_after() -> Duration {
+    Duration::from_secs(60 * 60)
 }
 
 fn default_rotate_after() -> Duration {
@@ -113,6 +128,8 @@ impl ParquetConfig {
             memory_max_rows: default_memory_max_rows(),
             spool_dir_setting: None,
             spool_max: default_spool_max(),
+            compact_after: default_compact_after(),
+            retention: None,
             member: None,
         }
     }
@@ -142,6 +159,16 @@ impl ParquetConfig {
                 "give the spool its own directory, ideally on another filesystem",
             ));
         }
+        if self
+            .retention
+            .is_some_and(|kept| kept < Duration::from_secs(24 * 60 * 60))
+        {
+            return Err(Invalid::new(
+                "retention",
+                "must be at least 1d: dates go whole",
+                "give how long to keep, like \"90d\"; leave it out to keep everything",
+            ));
+        }
         if self.rotate_after < Duration::from_millis(100)
             || self.rotate_after > Duration::from_secs(24 * 60 * 60)
         {
@@ -153,6 +180,11 @@ impl ParquetConfig {
         }
         Ok(())
     }
+}
+
+/// The oldest `created` (ms) kept `kept` before `now_ms`.
+fn retention_cutoff(now_ms: i64, kept: Duration) -> i64 {
+    now_ms.saturating_sub(i64::try_from(kept.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The oldest generation (ms) whose footers recovery reads, `now_ms` being now: what the
@@ -224,6 +256,8 @@ pub struct ParquetSink {
     /// (thing, created) of the dweets stored on a few dates, read when a dweet older than its
     /// board's watermark arrives (older history imported after newer).
     held_on: HashMap<NaiveDate, HashSet<(String, i64)>>,
+    /// Dweets not written because they are older than `[parquet] retention`.
+    past_retention: u64,
     /// Held while the sink exists: no other process (or member) recovers or writes this
     /// directory as this member.
     _lock: DirLock,
@@ -298,6 +332,7 @@ impl ParquetSink {
             absorbed: recovered.absorbed,
             replay,
             held_on: HashMap::new(),
+            past_retention: 0,
             _lock: lock,
         };
         Ok((sink, opened))
@@ -342,9 +377,17 @@ impl ParquetSink {
     /// error the caller must [`abandon`](Self::abandon) the generation and retry its records.
     pub fn write(&mut self, records: &[Record]) -> Result<usize, SinkError> {
         let mut skipped = 0;
+        let kept_from = self
+            .config
+            .retention
+            .map(|kept| retention_cutoff(now_ms(), kept));
         for record in records {
             match record {
                 Record::Dweet(dweet) => {
+                    if kept_from.is_some_and(|from| dweet.created_ms < from) {
+                        self.past_retention += 1;
+                        continue;
+                    }
                     let date = ms_to_datetime(dweet.created_ms).date_naive();
                     if self.holds(&dweet.thing, dweet.created_ms)
                         && self.stored_on(date, &dweet.thing, dweet.created_ms)?
@@ -406,6 +449,33 @@ impl ParquetSink {
             .held_on
             .get(&date)
             .is_some_and(|held| held.contains(&(thing.to_owned(), created_ms))))
+    }
+
+    /// Dweets not written because they were older than `[parquet] retention`.
+    pub fn past_retention(&self) -> u64 {
+        self.past_retention
+    }
+
+    /// Compacts the dates closed `compact_after` before `now_ms` (see [`compact`]).
+    pub fn compact(&mut self, now_ms: i64) -> Result<Vec<compact::Compacted>, SinkError> {
+        compact::compact_closed(
+            &self.config.dir,
+            now_ms,
+            self.config.compact_after,
+            &self.properties,
+            None,
+        )
+    }
+
+    /// Removes the dates wholly older than `[parquet] retention` (none without it).
+    pub fn retire_old_dates(&mut self, now_ms: i64) -> Result<Vec<compact::Retired>, SinkError> {
+        match self.config.retention {
+            Some(kept) => {
+                self.held_on.clear();
+                compact::retire_before(&self.config.dir, retention_cutoff(now_ms, kept), None)
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The open generation is `rotate_after` old or holds `max_rows` rows: time to seal.

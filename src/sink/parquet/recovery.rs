@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
 use super::batch::Dataset;
+use super::compact;
 use super::{META_FILES, META_GENERATION, META_WATERMARKS};
 use crate::sink::SinkError;
 
@@ -59,12 +60,29 @@ pub fn part_name(name: &str) -> Option<PartName<'_>> {
     Some(PartName { member, generation })
 }
 
-/// Every data and temporary file under `dir`'s datasets.
+/// How many files of each (member, generation) compaction or retention removed.
+fn retired_by_generation(dir: &Path) -> Result<HashMap<(Option<String>, i64), usize>, SinkError> {
+    let mut gone = HashMap::new();
+    for name in compact::retired_names(dir)? {
+        if let Some(part) = part_name(&name) {
+            *gone
+                .entry((part.member.map(str::to_owned), part.generation))
+                .or_default() += 1;
+        }
+    }
+    Ok(gone)
+}
+
+/// Every data and temporary file under `dir`'s datasets (hidden folders, a retention's
+/// leftovers, left out).
 fn files(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
     let mut all = Vec::new();
     for dataset in Dataset::ALL {
         for partition in read_dir(&dir.join(dataset.dir_name()))? {
-            if partition.is_dir() {
+            let hidden = partition
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            if partition.is_dir() && !hidden {
                 all.extend(read_dir(&partition)?);
             }
         }
@@ -77,9 +95,21 @@ fn files(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
 /// source's retention anyway.
 pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Recovered, SinkError> {
     let mut recovered = Recovered::default();
+    recovered.removed_temporary += compact::finish_interrupted(dir)?;
+    let retired = retired_by_generation(dir)?;
     let mut by_generation: HashMap<(Option<String>, i64), Vec<FileFooter>> = HashMap::new();
     for path in files(dir)? {
         let name = file_name(&path);
+        if compact::compacted_generation(&name).is_some_and(|newest| newest >= horizon_ms) {
+            merge(
+                &mut recovered.watermarks,
+                compact::footer_watermarks(&path)?,
+            );
+            if !name.starts_with('.') {
+                recovered.absorbed.insert(path);
+            }
+            continue;
+        }
         let Some(part) = part_name(&name) else {
             continue;
         };
@@ -117,7 +147,11 @@ pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Reco
     for ((owner, generation), files) in by_generation {
         let own = owner.as_deref() == member;
         let expected = files.iter().map(|f| f.files).max().unwrap_or(0);
-        if files.len() < expected {
+        let gone = retired
+            .get(&(owner.clone(), generation))
+            .copied()
+            .unwrap_or(0);
+        if files.len() + gone < expected {
             if !own {
                 // Still being sealed, or its member's next start removes it.
                 continue;
@@ -153,10 +187,18 @@ pub fn absorb(
     absorbed: &mut HashSet<PathBuf>,
     watermarks: &mut HashMap<String, i64>,
 ) -> Result<usize, SinkError> {
+    let retired = retired_by_generation(dir)?;
     let mut by_generation: HashMap<(String, i64), Vec<FileFooter>> = HashMap::new();
+    let mut read = 0;
     for path in files(dir)? {
         let name = file_name(&path);
         if name.ends_with(".tmp") || absorbed.contains(&path) {
+            continue;
+        }
+        if compact::compacted_generation(&name).is_some_and(|newest| newest >= horizon_ms) {
+            merge(watermarks, compact::footer_watermarks(&path)?);
+            absorbed.insert(path);
+            read += 1;
             continue;
         }
         let Some(part) = part_name(&name) else {
@@ -173,10 +215,13 @@ pub fn absorb(
                 .push(footer);
         }
     }
-    let mut read = 0;
-    for files in by_generation.into_values() {
+    for ((owner, generation), files) in by_generation {
         let expected = files.iter().map(|f| f.files).max().unwrap_or(0);
-        if files.len() < expected {
+        let gone = retired
+            .get(&(Some(owner).filter(|o| !o.is_empty()), generation))
+            .copied()
+            .unwrap_or(0);
+        if files.len() + gone < expected {
             continue;
         }
         for file in files {

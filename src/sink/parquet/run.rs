@@ -19,6 +19,8 @@ use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, fault_point};
 
 /// How often the loop wakes to seal on time when nothing arrives.
 const TICK: Duration = Duration::from_millis(200);
+/// How often closed dates are looked at for compaction and retention (and at start).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10 * 60);
 /// Records taken into the open generation per turn.
 const TAKE_RECORDS: usize = 8 * 1024;
 
@@ -37,6 +39,8 @@ struct Requests {
     absorb: AtomicBool,
     /// Seal the open generation now (a thing is being handed to another member).
     seal: AtomicBool,
+    /// Compaction and retention are this process's to run (in a cluster, the leader's).
+    housekeeping: AtomicBool,
 }
 
 impl ParquetLoop {
@@ -57,6 +61,12 @@ impl ParquetLoop {
         self.requests.seal.store(true, Ordering::SeqCst);
     }
 
+    /// Whether this process compacts closed dates and applies retention (in a cluster, the
+    /// leader alone does).
+    pub fn set_housekeeping_duty(&self, duty: bool) {
+        self.requests.housekeeping.store(duty, Ordering::SeqCst);
+    }
+
     pub fn is_finished(&self) -> bool {
         self.thread.is_finished()
     }
@@ -73,12 +83,13 @@ impl ParquetLoop {
 pub fn spawn(
     sink: ParquetSink,
     backlog: Arc<Backlog>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    (metrics, health): (Arc<Metrics>, Arc<Health>),
+    housekeeping: bool,
 ) -> Result<ParquetLoop, SinkError> {
     let runtime = tokio::runtime::Handle::current();
     let give_up = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(Requests::default());
+    requests.housekeeping.store(housekeeping, Ordering::SeqCst);
     let state = Loop {
         requests: Arc::clone(&requests),
         beat: health.register_loop("Parquet sink"),
@@ -89,6 +100,7 @@ pub fn spawn(
         held: Vec::new(),
         give_up: Arc::clone(&give_up),
         failing_since: None,
+        housekept_at: None,
     };
     let thread = std::thread::Builder::new()
         .name("dweetpipe-parquet".to_owned())
@@ -112,6 +124,7 @@ struct Loop {
     failing_since: Option<Instant>,
     beat: LoopBeat,
     requests: Arc<Requests>,
+    housekept_at: Option<Instant>,
 }
 
 impl Loop {
@@ -157,6 +170,7 @@ impl Loop {
                 // Out of time: seal what is open below; what waits stays in the spool.
                 break;
             }
+            self.keep_house();
         }
         // Closed and drained (or out of time): seal what is open; if that fails, keep it in
         // the spool, with whatever still waits in memory.
@@ -164,6 +178,39 @@ impl Loop {
             self.failed(&error);
         }
         self.backlog.spill_memory();
+    }
+
+    /// Compacts closed dates and applies retention, at start and every
+    /// [`HOUSEKEEPING_EVERY`], while this process has the duty and the sink is healthy. A
+    /// failure is logged and tried again next time: both are safe to interrupt.
+    fn keep_house(&mut self) {
+        let due = self
+            .housekept_at
+            .is_none_or(|at| at.elapsed() >= HOUSEKEEPING_EVERY);
+        if !due
+            || self.failing_since.is_some()
+            || !self.requests.housekeeping.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        self.housekept_at = Some(Instant::now());
+        let now = crate::record::now_ms();
+        match self.sink.retire_old_dates(now) {
+            Ok(retired) => {
+                for date in retired {
+                    self.metrics.parquet_date_retired(date.dataset.table());
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not apply Parquet retention; will retry"),
+        }
+        match self.sink.compact(now) {
+            Ok(compacted) => {
+                for date in compacted {
+                    self.metrics.parquet_date_compacted(date.dataset.table());
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not compact a closed date; will retry"),
+        }
     }
 
     fn take_and_write(&mut self, first: Taken) -> Result<(), SinkError> {

@@ -1,0 +1,697 @@
+//! Closed dates laid out for reading, and old dates removed: compaction and retention of the
+//! Parquet dataset.
+//!
+//! A live worker seals a generation every few minutes, so a date ends as hundreds of small
+//! files with every board's rows interleaved: a reader opens them all and can skip nothing.
+//! Compaction rewrites a closed date's files of one dataset into one file sorted by
+//! `(thing, time)`, in row groups small enough that one board's rows fall in a few of them,
+//! with `thing` statistics on, so readers skip the other boards' row groups.
+//!
+//! Both are rewrites, made crash-safe by their order (each step has a test):
+//! 1. the new file is written under a hidden temporary name and fsynced;
+//! 2. the names of the files it replaces are appended to the retired ledger and fsynced;
+//! 3. it is renamed into place (its footer lists what it replaces) and the folder fsynced;
+//! 4. the replaced files are removed.
+//!
+//! A crash before 3 leaves the old files (the temporary one is removed at start); after 3,
+//! the next start removes whatever the new file replaces that still exists. The ledger lets
+//! recovery tell a generation whose files were compacted or retired from one a crash cut
+//! short. Retention appends a date's names to the ledger, renames the folder to a hidden name
+//! (readers stop seeing it at once) and removes it.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use chrono::NaiveDate;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::schema::types::ColumnPath;
+
+use super::META_WATERMARKS;
+use super::batch::Dataset;
+use super::recovery::part_name;
+use crate::sink::SinkError;
+
+/// The footer key listing the files a compacted file replaces (JSON array of names).
+pub const META_REPLACES: &str = "dweetpipe.replaces";
+/// Names of data files removed by compaction or retention, one a line.
+pub const LEDGER: &str = ".dweetpipe-retired";
+const COMPACTED: &str = "compacted-";
+/// Row groups per compacted file, about: one board's rows then span a few of them.
+const ROW_GROUPS: usize = 64;
+const MIN_GROUP_ROWS: usize = 2048;
+
+/// A compaction step, for the crash tests: stop right after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    Written,
+    Retired,
+    Renamed,
+    RemovedOne,
+}
+
+/// One dataset of one date compacted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    pub dataset: Dataset,
+    pub date: NaiveDate,
+    pub files_before: usize,
+    pub rows: usize,
+}
+
+/// One dataset's date removed by retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    pub dataset: Dataset,
+    pub date: NaiveDate,
+    pub files: usize,
+}
+
+/// The newest generation a compacted file holds rows of, from its name.
+pub fn compacted_generation(name: &str) -> Option<i64> {
+    name.strip_prefix(COMPACTED)?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
+}
+
+/// The ms at which `date` ends (UTC).
+fn date_end_ms(date: NaiveDate) -> i64 {
+    date.succ_opt()
+        .and_then(|next| next.and_hms_opt(0, 0, 0))
+        .map_or(i64::MAX, |end| end.and_utc().timestamp_millis())
+}
+
+/// The `date=` folders of a dataset, with their dates (hidden ones left out).
+fn dates(dir: &Path, dataset: Dataset) -> Result<Vec<(NaiveDate, PathBuf)>, SinkError> {
+    let root = dir.join(dataset.dir_name());
+    let entries = match fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SinkError::io(&root, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| SinkError::io(&root, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(date) = name
+            .strip_prefix("date=")
+            .and_then(|d| d.parse::<NaiveDate>().ok())
+        {
+            out.push((date, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn names_in(folder: &Path) -> Result<Vec<String>, SinkError> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(folder).map_err(|e| SinkError::io(folder, e))? {
+        let entry = entry.map_err(|e| SinkError::io(folder, e))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SinkError::io(dir, e))
+}
+
+/// The names the ledger lists.
+pub fn retired_names(dir: &Path) -> Result<HashSet<String>, SinkError> {
+    let path = dir.join(LEDGER);
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(e) => Err(SinkError::io(&path, e)),
+    }
+}
+
+fn retire(dir: &Path, names: &[String]) -> Result<(), SinkError> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let path = dir.join(LEDGER);
+    let mut ledger = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| SinkError::io(&path, e))?;
+    let mut text = names.join("\n");
+    text.push('\n');
+    ledger
+        .write_all(text.as_bytes())
+        .and_then(|()| ledger.sync_all())
+        .map_err(|e| SinkError::io(&path, e))?;
+    sync_dir(dir)
+}
+
+/// The key-value pairs of a file's footer.
+fn footer(path: &Path) -> Result<HashMap<String, String>, SinkError> {
+    let file = File::open(path).map_err(|e| SinkError::io(path, e))?;
+    let reader = SerializedFileReader::new(file)?;
+    Ok(reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|pairs| {
+            pairs
+                .iter()
+                .filter_map(|kv| Some((kv.key.clone(), kv.value.clone()?)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The per-thing watermarks a data file's footer carries.
+pub fn footer_watermarks(path: &Path) -> Result<HashMap<String, i64>, SinkError> {
+    Ok(footer(path)?
+        .get(META_WATERMARKS)
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default())
+}
+
+/// Finishes or undoes what a crash interrupted: removes temporary compacted files and hidden
+/// retired folders, and the files a compacted file replaces that are still there. Returns
+/// how many files it removed.
+pub fn finish_interrupted(dir: &Path) -> Result<usize, SinkError> {
+    let mut removed = 0;
+    for dataset in Dataset::ALL {
+        let root = dir.join(dataset.dir_name());
+        if let Ok(entries) = fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".retired-") {
+                    let path = entry.path();
+                    fs::remove_dir_all(&path).map_err(|e| SinkError::io(&path, e))?;
+                    removed += 1;
+                }
+            }
+        }
+        for (_, folder) in dates(dir, dataset)? {
+            let names = names_in(&folder)?;
+            let parts = names.iter().any(|n| part_name(n).is_some());
+            for name in &names {
+                if name.starts_with(&format!(".{COMPACTED}")) {
+                    let path = folder.join(name);
+                    fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
+                    removed += 1;
+                } else if parts && compacted_generation(name).is_some() {
+                    let replaced: Vec<String> = footer(&folder.join(name))?
+                        .get(META_REPLACES)
+                        .and_then(|json| serde_json::from_str(json).ok())
+                        .unwrap_or_default();
+                    for old in replaced.iter().filter(|old| *old != name) {
+                        match fs::remove_file(folder.join(old)) {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(SinkError::io(&folder.join(old), e)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Compacts every dataset's dates that closed `grace` before `now_ms`, taking only files of
+/// generations at least `grace` old (so nothing being sealed). `stop_after` is for the
+/// crash tests.
+pub fn compact_closed(
+    dir: &Path,
+    now_ms: i64,
+    grace: Duration,
+    properties: &WriterProperties,
+    stop_after: Option<Step>,
+) -> Result<Vec<Compacted>, SinkError> {
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let settled = now_ms.saturating_sub(grace_ms);
+    let mut done = Vec::new();
+    for dataset in Dataset::ALL {
+        for (date, folder) in dates(dir, dataset)? {
+            if date_end_ms(date) > settled {
+                continue;
+            }
+            let names = names_in(&folder)?;
+            let parts: Vec<&String> = names
+                .iter()
+                .filter(|n| !n.starts_with('.'))
+                .filter(|n| part_name(n).is_some_and(|p| p.generation <= settled))
+                .collect();
+            if parts.is_empty() {
+                continue;
+            }
+            let inputs: Vec<&String> = names
+                .iter()
+                .filter(|n| compacted_generation(n).is_some())
+                .chain(parts.iter().copied())
+                .collect();
+            let newest = inputs
+                .iter()
+                .filter_map(|n| {
+                    part_name(n)
+                        .map(|p| p.generation)
+                        .or(compacted_generation(n))
+                })
+                .max()
+                .unwrap_or(0);
+            let rows = compact_one(
+                (dir, &folder, dataset),
+                &inputs,
+                newest,
+                properties,
+                stop_after,
+            )?;
+            tracing::info!(dataset = dataset.dir_name(), %date, files = inputs.len(), rows, "compacted a closed date");
+            done.push(Compacted {
+                dataset,
+                date,
+                files_before: inputs.len(),
+                rows,
+            });
+            if stop_after.is_some() {
+                return Ok(done);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Rewrites `inputs` (names in `folder`) as one sorted file; returns its rows.
+fn compact_one(
+    (dir, folder, dataset): (&Path, &Path, Dataset),
+    inputs: &[&String],
+    newest: i64,
+    properties: &WriterProperties,
+    stop_after: Option<Step>,
+) -> Result<usize, SinkError> {
+    let schema = dataset.schema();
+    let mut batches = Vec::new();
+    let mut watermarks: HashMap<String, i64> = HashMap::new();
+    for name in inputs {
+        let path = folder.join(name);
+        for (thing, mark) in footer_watermarks(&path)? {
+            let entry = watermarks.entry(thing).or_insert(mark);
+            *entry = (*entry).max(mark);
+        }
+        let file = File::open(&path).map_err(|e| SinkError::io(&path, e))?;
+        for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
+            let batch = batch.map_err(SinkError::Arrow)?;
+            // The file's own schema may carry metadata ours lacks: keep the columns.
+            batches.push(
+                RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec())
+                    .map_err(SinkError::Arrow)?,
+            );
+        }
+    }
+    let all = concat_batches(&schema, &batches).map_err(SinkError::Arrow)?;
+    drop(batches);
+    let sort_by = ["thing", dataset.time_column()];
+    let columns: Vec<SortColumn> = sort_by
+        .iter()
+        .filter_map(|name| all.column_by_name(name))
+        .map(|values| SortColumn {
+            values: Arc::clone(values),
+            options: None,
+        })
+        .collect();
+    let sorted = if all.num_rows() > 1 {
+        let order = lexsort_to_indices(&columns, None).map_err(SinkError::Arrow)?;
+        take_record_batch(&all, &order).map_err(SinkError::Arrow)?
+    } else {
+        all
+    };
+    drop(columns);
+    let rows = sorted.num_rows();
+    let group = (rows / ROW_GROUPS).max(MIN_GROUP_ROWS);
+    let properties = properties
+        .clone()
+        .into_builder()
+        .set_max_row_group_row_count(Some(group))
+        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page)
+        .build();
+    let name = format!("{COMPACTED}{newest}.parquet");
+    let tmp = folder.join(format!(".{name}.tmp"));
+    let replaced: Vec<&String> = inputs.to_vec();
+    {
+        let file = File::create(&tmp).map_err(|e| SinkError::io(&tmp, e))?;
+        let mut writer = ArrowWriter::try_new(file, schema, Some(properties))?;
+        writer.write(&sorted)?;
+        writer.append_key_value_metadata(KeyValue::new(
+            META_REPLACES.to_owned(),
+            serde_json::to_string(&replaced).unwrap_or_default(),
+        ));
+        writer.append_key_value_metadata(KeyValue::new(
+            META_WATERMARKS.to_owned(),
+            serde_json::to_string(&watermarks).unwrap_or_default(),
+        ));
+        writer.finish()?;
+        writer
+            .inner()
+            .sync_all()
+            .map_err(|e| SinkError::io(&tmp, e))?;
+    }
+    if stop_after == Some(Step::Written) {
+        return Ok(rows);
+    }
+    let retiring: Vec<String> = inputs
+        .iter()
+        .filter(|n| part_name(n).is_some())
+        .map(|n| (*n).clone())
+        .collect();
+    retire(dir, &retiring)?;
+    if stop_after == Some(Step::Retired) {
+        return Ok(rows);
+    }
+    let target = folder.join(&name);
+    fs::rename(&tmp, &target).map_err(|e| SinkError::io(&target, e))?;
+    sync_dir(folder)?;
+    if stop_after == Some(Step::Renamed) {
+        return Ok(rows);
+    }
+    for old in inputs.iter().filter(|old| ***old != name) {
+        let path = folder.join(old);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SinkError::io(&path, e)),
+        }
+        if stop_after == Some(Step::RemovedOne) {
+            return Ok(rows);
+        }
+    }
+    sync_dir(folder)?;
+    Ok(rows)
+}
+
+/// Removes every dataset's dates that ended at or before `cutoff_ms`. `stop_after` (the
+/// number of steps: 1 ledger, 2 hidden) is for the crash tests.
+pub fn retire_before(
+    dir: &Path,
+    cutoff_ms: i64,
+    stop_after: Option<u8>,
+) -> Result<Vec<Retired>, SinkError> {
+    let mut retired = Vec::new();
+    for dataset in Dataset::ALL {
+        let root = dir.join(dataset.dir_name());
+        for (date, folder) in dates(dir, dataset)? {
+            if date_end_ms(date) > cutoff_ms {
+                continue;
+            }
+            let names = names_in(&folder)?;
+            let parts: Vec<String> = names
+                .iter()
+                .filter(|n| part_name(n).is_some() && !n.ends_with(".tmp"))
+                .cloned()
+                .collect();
+            retire(dir, &parts)?;
+            if stop_after == Some(1) {
+                return Ok(retired);
+            }
+            let hidden = root.join(format!(".retired-date={date}"));
+            fs::rename(&folder, &hidden).map_err(|e| SinkError::io(&folder, e))?;
+            sync_dir(&root)?;
+            if stop_after == Some(2) {
+                return Ok(retired);
+            }
+            fs::remove_dir_all(&hidden).map_err(|e| SinkError::io(&hidden, e))?;
+            tracing::info!(dataset = dataset.dir_name(), %date, files = names.len(), "retention removed a date");
+            retired.push(Retired {
+                dataset,
+                date,
+                files: names.len(),
+            });
+        }
+    }
+    Ok(retired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Normalized, Reading, Record};
+    use crate::sink::parquet::{ParquetConfig, ParquetSink};
+    use crate::telemetry::Metrics;
+
+    const DAY: i64 = 24 * 60 * 60 * 1000;
+    /// 2026-12-03T00:00:00Z
+    const DEC3: i64 = 1_796_256_000_000;
+    const NOW: i64 = DEC3 + 12 * 60 * 60 * 1000;
+
+    fn dweet(thing: &str, created_ms: i64) -> Record {
+        Record::Dweet(Normalized {
+            thing: thing.to_owned(),
+            created_ms,
+            received_ms: created_ms,
+            content: "{}".to_owned(),
+            readings: vec![Reading {
+                sensor: "t".into(),
+                value: created_ms as f64,
+            }],
+        })
+    }
+
+    fn open(dir: &Path) -> ParquetSink {
+        ParquetSink::open(
+            ParquetConfig::new(dir),
+            Duration::MAX,
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap()
+        .0
+    }
+
+    /// Three generations over 2026-11-30, 12-01 and today: the last spans an old date and
+    /// today, so removing its old files must not make it look cut short.
+    fn fill(dir: &Path) -> Vec<(String, i64)> {
+        let mut sink = open(dir);
+        let mut expected = Vec::new();
+        let batches = [
+            vec![("a", DEC3 - 3 * DAY + 10), ("b", DEC3 - 3 * DAY + 20)],
+            vec![("a", DEC3 - 3 * DAY + 30), ("a", DEC3 - 2 * DAY + 5)],
+            vec![
+                ("c", DEC3 - 3 * DAY + 1),
+                ("b", DEC3 - 2 * DAY + 7),
+                ("b", DEC3 + 9),
+            ],
+        ];
+        for batch in batches {
+            let records: Vec<Record> = batch.iter().map(|(t, ms)| dweet(t, *ms)).collect();
+            sink.write(&records).unwrap();
+            sink.close().unwrap();
+            expected.extend(batch.iter().map(|(t, ms)| ((*t).to_owned(), *ms)));
+            // Generations are named by the ms they open at: keep them apart.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        expected.sort();
+        expected
+    }
+
+    /// Every dweet row in the dataset's visible files, sorted.
+    fn union(dir: &Path) -> Vec<(String, i64)> {
+        let mut rows = Vec::new();
+        for (date, _) in dates(dir, Dataset::Dweets).unwrap() {
+            rows.extend(crate::sink::parquet::held::dweets_on(dir, date).unwrap());
+        }
+        // A set cannot show a repeat: count files' rows too.
+        let mut counted = 0;
+        for (_, folder) in dates(dir, Dataset::Dweets).unwrap() {
+            for name in names_in(&folder).unwrap() {
+                if name.ends_with(".parquet") && !name.starts_with('.') {
+                    let file = File::open(folder.join(&name)).unwrap();
+                    let reader = SerializedFileReader::new(file).unwrap();
+                    counted += reader.metadata().file_metadata().num_rows() as usize;
+                }
+            }
+        }
+        assert_eq!(counted, rows.len(), "no dweet is in two files");
+        rows.sort();
+        rows
+    }
+
+    fn files_per_closed_date(dir: &Path) -> Vec<usize> {
+        let mut counts = Vec::new();
+        for dataset in Dataset::ALL {
+            for (date, folder) in dates(dir, dataset).unwrap() {
+                if date_end_ms(date) <= NOW - DAY {
+                    counts.push(
+                        names_in(&folder)
+                            .unwrap()
+                            .iter()
+                            .filter(|n| !n.starts_with('.'))
+                            .count(),
+                    );
+                }
+            }
+        }
+        counts
+    }
+
+    fn properties() -> WriterProperties {
+        WriterProperties::builder().build()
+    }
+
+    #[test]
+    fn a_kill_at_any_compaction_step_leaves_every_dweet_once() {
+        for stop in [
+            Some(Step::Written),
+            Some(Step::Retired),
+            Some(Step::Renamed),
+            Some(Step::RemovedOne),
+            None,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let expected = fill(dir.path());
+            let marks = open(dir.path()).watermarks().clone();
+            // The generations were written just now: settle them by compacting "later".
+            let later = crate::record::now_ms() + 2 * 60 * 60 * 1000;
+            let done = compact_closed(
+                dir.path(),
+                later,
+                Duration::from_secs(3600),
+                &properties(),
+                stop,
+            )
+            .unwrap();
+            assert!(!done.is_empty(), "{stop:?}: something to compact");
+            // The process dies here; the next start recovers.
+            let sink = open(dir.path());
+            assert_eq!(union(dir.path()), expected, "{stop:?}: after the restart");
+            assert_eq!(sink.watermarks(), &marks, "{stop:?}: the watermarks hold");
+            drop(sink);
+            compact_closed(
+                dir.path(),
+                later,
+                Duration::from_secs(3600),
+                &properties(),
+                None,
+            )
+            .unwrap();
+            let (sink, opened) = ParquetSink::open(
+                ParquetConfig::new(dir.path()),
+                Duration::MAX,
+                Arc::new(Metrics::new().unwrap()),
+            )
+            .unwrap();
+            assert_eq!(
+                opened.removed_incomplete, 0,
+                "{stop:?}: nothing looks cut short"
+            );
+            assert_eq!(union(dir.path()), expected, "{stop:?}: finished");
+            assert_eq!(sink.watermarks(), &marks, "{stop:?}");
+            let counts = files_per_closed_date(dir.path());
+            assert!(
+                counts.iter().all(|n| *n == 1),
+                "{stop:?}: one file per dataset and closed date: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_kill_at_any_retention_step_removes_whole_dates_only() {
+        for stop in [Some(1), Some(2), None] {
+            let dir = tempfile::tempdir().unwrap();
+            let expected = fill(dir.path());
+            let marks = open(dir.path()).watermarks().clone();
+            let cutoff = DEC3 - 2 * DAY; // the end of 2026-11-30
+            retire_before(dir.path(), cutoff, stop).unwrap();
+            let sink = open(dir.path());
+            let kept: Vec<(String, i64)> = expected
+                .iter()
+                .filter(|(_, ms)| *ms >= cutoff)
+                .cloned()
+                .collect();
+            let seen = union(dir.path());
+            // Each dataset's date goes whole; a kill may come between two of them.
+            assert!(
+                seen == kept || (stop.is_some() && seen == expected),
+                "{stop:?}: {seen:?}"
+            );
+            assert_eq!(
+                sink.watermarks(),
+                &marks,
+                "{stop:?}: the newer dates' generations stay whole"
+            );
+            drop(sink);
+            retire_before(dir.path(), cutoff, None).unwrap();
+            let (_, opened) = ParquetSink::open(
+                ParquetConfig::new(dir.path()),
+                Duration::MAX,
+                Arc::new(Metrics::new().unwrap()),
+            )
+            .unwrap();
+            assert_eq!(opened.removed_incomplete, 0, "{stop:?}");
+            assert_eq!(union(dir.path()), kept, "{stop:?}: finished");
+        }
+    }
+
+    #[test]
+    fn a_compacted_date_lets_a_reader_skip_other_boards() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(dir.path());
+        let start = DEC3 - 2 * DAY;
+        for minute in (0..1440).step_by(2) {
+            let records: Vec<Record> = (0..200)
+                .map(|board| dweet(&format!("S5D9-{board:04}"), start + minute * 60_000 + board))
+                .collect();
+            sink.write(&records).unwrap();
+            if minute % 240 == 0 {
+                sink.close().unwrap();
+            }
+        }
+        sink.close().unwrap();
+        drop(sink);
+        let later = crate::record::now_ms() + 2 * 60 * 60 * 1000;
+        compact_closed(
+            dir.path(),
+            later,
+            Duration::from_secs(3600),
+            &properties(),
+            None,
+        )
+        .unwrap();
+        for dataset in [Dataset::Readings, Dataset::Dweets] {
+            let folder = dir.path().join(dataset.dir_name()).join("date=2026-12-01");
+            let names = names_in(&folder).unwrap();
+            assert_eq!(names.len(), 1, "{names:?}");
+            let reader =
+                SerializedFileReader::new(File::open(folder.join(&names[0])).unwrap()).unwrap();
+            let groups = reader.metadata().row_groups();
+            let thing = groups[0]
+                .columns()
+                .iter()
+                .position(|c| c.column_path().string() == "thing")
+                .unwrap();
+            let admitting = groups
+                .iter()
+                .filter(|group| match group.column(thing).statistics() {
+                    Some(parquet::file::statistics::Statistics::ByteArray(stats)) => {
+                        let board = b"S5D9-0077".as_slice();
+                        stats.min_opt().is_none_or(|min| min.data() <= board)
+                            && stats.max_opt().is_none_or(|max| max.data() >= board)
+                    }
+                    _ => true,
+                })
+                .count();
+            assert!(
+                admitting * 10 <= groups.len(),
+                "{dataset:?}: {admitting} of {} row groups admit one board",
+                groups.len()
+            );
+        }
+    }
+}
