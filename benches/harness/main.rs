@@ -3,6 +3,7 @@
 //! alone.
 
 mod cluster;
+mod history;
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -36,6 +37,10 @@ enum BenchCommand {
     /// JetStream output's dweets/s, and the time from a member's kill to its things streaming
     /// elsewhere.
     Cluster(cluster::ClusterArgs),
+    /// Reading history at two fleet sizes: buffers and time of the documented queries and the
+    /// dashboard panels, bytes per dweet in each sink, the rollups' cost, compaction and
+    /// retention.
+    History(history::HistoryArgs),
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +189,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Sandbox(args) => sandbox_throughput(args).await,
         BenchCommand::Catchup(args) => catchup(args).await,
         BenchCommand::Cluster(args) => cluster::cluster(args).await,
+        BenchCommand::History(args) => history::history(args).await,
     }
 }
 
@@ -474,8 +480,13 @@ struct ScratchDatabase {
 
 impl ScratchDatabase {
     async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        Self::create_labelled(admin_url, "").await
+    }
+
+    /// A scratch database whose name also carries `label` (several in one run).
+    async fn create_labelled(admin_url: &str, label: &str) -> anyhow::Result<Self> {
         use sqlx::Connection;
-        let name = format!("dweetpipe_bench_{}", std::process::id());
+        let name = format!("dweetpipe_bench_{}{label}", std::process::id());
         let mut admin = sqlx::PgConnection::connect(admin_url)
             .await
             .context("connecting with --database-url")?;

@@ -143,7 +143,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         odd_every: Some(25),
         ..FleetConfig::default()
     };
-    let fleet = tokio::spawn(run_fleet(client, fleet_config, Arc::clone(&fleet_stats)));
+    let mut fleet = tokio::spawn(run_fleet(client, fleet_config, Arc::clone(&fleet_stats)));
 
     let started = Instant::now();
     let deadline = (!args.keep).then(|| started + Duration::from_secs(args.duration));
@@ -174,7 +174,14 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     if live {
         eprintln!();
     }
-    fleet.abort();
+    // Boards finish the dweet they are sending, so the count of what was sent is whole.
+    fleet_stats.stop();
+    if tokio::time::timeout(Duration::from_secs(10), &mut fleet)
+        .await
+        .is_err()
+    {
+        fleet.abort();
+    }
     // The last dweets are in flight; give the streams a moment to deliver them.
     if !interrupted {
         let sent = fleet_stats.sent() as f64;

@@ -164,9 +164,17 @@ impl Default for FleetConfig {
 pub struct FleetStats {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
+    /// Set by [`FleetStats::stop`]: boards finish the dweet in flight and stop.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl FleetStats {
+    /// Asks every board to stop after the dweet it is sending, so `sent` counts every dweet
+    /// the server took (aborting the fleet would lose the count of those in flight).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
@@ -194,6 +202,9 @@ pub async fn run_fleet(client: Client, config: FleetConfig, stats: Arc<FleetStat
             let mut sent = 0u64;
             while config.count.is_none_or(|count| sent < count) {
                 ticks.tick().await;
+                if stats.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
                 sent += 1;
                 let odd = config
                     .odd_every

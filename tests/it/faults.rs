@@ -682,7 +682,10 @@ async fn a_sigterm_during_the_start_shuts_down_in_order() {
     let worker = setup.spawn(&config, "worker.log");
     tokio::time::sleep(Duration::from_millis(700)).await;
     let summary = stop(worker).await;
-    assert!(summary.contains("run: "), "the summary is printed: {summary}");
+    assert!(
+        summary.contains("run: "),
+        "the summary is printed: {summary}"
+    );
     let log = std::fs::read_to_string(setup.path("worker.log")).unwrap();
     assert!(
         log.contains("stopped cleanly"),
