@@ -127,14 +127,14 @@ const MINUTES_FROM_READINGS: Recipe = (
     "readings",
     "time",
     "1 minute",
-    "count(*), sum(r.value), min(r.value), max(r.value)",
+    "count(*) AS n, sum(r.value) AS sum, min(r.value) AS min, max(r.value) AS max",
 );
 const HOURS_FROM_MINUTES: Recipe = (
     "readings_1h",
     "readings_1m",
     "bucket",
     "1 hour",
-    "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
+    "sum(r.n) AS n, sum(r.sum) AS sum, min(r.min) AS min, max(r.max) AS max",
 );
 
 /// Recomputes the whole buckets `(things[i], starts[i])` of a rollup from its source.
@@ -143,13 +143,17 @@ async fn recompute(
     (rollup, source, time, width, aggregates): Recipe,
     (things, starts): (&[&str], &[DateTime<Utc>]),
 ) -> Result<(), sqlx::Error> {
+    // LATERAL: one index range per bucket, whatever the planner guesses of the arrays'
+    // length (a hash join over the whole source took 300 ms for a live batch of 50 boards).
     let statement = format!(
         "INSERT INTO {rollup} (bucket, thing, sensor, n, sum, min, max)
-         SELECT p.bucket, r.thing, r.sensor, {aggregates}
-           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket)
-           JOIN {source} r ON r.thing = p.thing
-                          AND r.{time} >= p.bucket AND r.{time} < p.bucket + interval '{width}'
-          GROUP BY 1, 2, 3
+         SELECT p.bucket, p.thing, a.sensor, a.n, a.sum, a.min, a.max
+           FROM unnest($1::text[], $2::timestamptz[]) AS p(thing, bucket),
+                LATERAL (SELECT r.sensor, {aggregates}
+                           FROM {source} r
+                          WHERE r.thing = p.thing
+                            AND r.{time} >= p.bucket AND r.{time} < p.bucket + interval '{width}'
+                          GROUP BY r.sensor) a
          ON CONFLICT (thing, bucket, sensor) DO UPDATE
             SET n = EXCLUDED.n, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max"
     );
