@@ -184,9 +184,9 @@ async fn one_fleet(boards: usize, args: &HistoryArgs) -> anyhow::Result<()> {
                 .to_owned(),
         ),
         (
-            "the fleet's hourly average over a day (readings_1m)",
+            "the fleet's hourly average over a day (readings_1h)",
             format!(
-                "SELECT date_trunc('hour', bucket), sum(sum) / sum(n) FROM readings_1m
+                "SELECT bucket, sum(sum) / sum(n) FROM readings_1h
                  WHERE sensor = 'sensors.TemperatureC' AND bucket >= {} AND bucket < {}
                  GROUP BY 1 ORDER BY 1",
                 literal(yesterday),
