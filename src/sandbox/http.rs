@@ -54,12 +54,15 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// A named parameter; an empty one (`hour=`) is absent, as dweet.io treated it: clients
+    /// send every optional parameter, filled or not.
     fn param(&self, name: &str) -> Option<&str> {
         self.query
             .iter()
             .rev()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
     }
 
     fn key(&self) -> Option<&str> {

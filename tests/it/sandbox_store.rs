@@ -179,6 +179,18 @@ async fn stored_dweets_by_day_and_hour_in_json_and_csv_and_every_failure_says_wh
         "quoted as CSV wants: {csv}"
     );
     assert!(lines[2].ends_with(",2,,true"), "{csv}");
+    // A client that sends every optional parameter, empty ones too, is answered as if they
+    // were absent (dweet.io did so).
+    let all_params = crate::common::get_text(&format!(
+        "{}/get/stored/dweets/for/{locked}?date={}&hour=&responseType=&key={KEY}",
+        server.base_url(),
+        created.date_naive().format("%Y-%m-%d")
+    ))
+    .await;
+    assert!(
+        all_params.starts_with(r#"{"this":"succeeded""#) && all_params.contains("\"note\""),
+        "{all_params}"
+    );
 
     // The failures, each with its reason.
     let url = server.base_url();
