@@ -194,12 +194,18 @@ impl LockTable {
         }
     }
 
-    /// Like `check_access`, for calls that only make sense on a locked thing.
-    fn check_locked_access(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
+    /// Like `check_access`, for calls that only make sense on a locked thing; `needing` says
+    /// which (the refusal names it).
+    fn check_locked_access(
+        &self,
+        thing: &str,
+        key: Option<&str>,
+        needing: &str,
+    ) -> Result<(), Refusal> {
         if !self.locked_things.contains_key(thing) {
             return Err(Refusal::new(
                 400,
-                "this thing is not locked; alerts need a locked thing and its key",
+                format!("this thing is not locked; {needing} need a locked thing and its key"),
             ));
         }
         self.check_access(thing, key)
@@ -360,7 +366,8 @@ impl Store {
 
     /// Whether `thing` is locked and `key` opens it (the stored-dweets calls need both).
     pub fn check_stored_access(&self, thing: &str, key: Option<&str>) -> Result<(), Refusal> {
-        self.lock_table().check_locked_access(thing, key)
+        self.lock_table()
+            .check_locked_access(thing, key, "stored dweets and alert events")
     }
 
     fn shard(&self, thing: &str) -> MutexGuard<'_, HashMap<String, Thing>> {
@@ -691,7 +698,8 @@ impl Store {
         condition: String,
         key: Option<&str>,
     ) -> Result<(Alert, Change), Refusal> {
-        self.lock_table().check_locked_access(thing, key)?;
+        self.lock_table()
+            .check_locked_access(thing, key, "alerts")?;
         let record = AlertRecord {
             recipients,
             condition: condition.into(),

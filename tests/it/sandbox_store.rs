@@ -206,7 +206,7 @@ async fn stored_dweets_by_day_and_hour_in_json_and_csv_and_every_failure_says_wh
         ),
         (
             format!("/get/stored/dweets/for/{unlocked}?date={day}&key={KEY}"),
-            "not locked",
+            "not locked; stored dweets and alert events need a locked thing",
         ),
         (
             format!("/get/stored/dweets/for/{locked}?key={KEY}"),
