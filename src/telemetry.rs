@@ -425,7 +425,7 @@ impl Metrics {
         )?;
         let cluster_leader = IntGauge::with_opts(opts(
             "cluster_leader",
-            "1 while this member leads the cluster (reconciles locks and alerts); 1 outside a cluster when it reconciles.",
+            "1 while this member leads the cluster (reconciles locks and alerts, applies retention, compacts Parquet); always 1 outside a cluster.",
         ))?;
 
         registry.register(Box::new(build_info.clone()))?;

@@ -427,6 +427,8 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     if worker.cluster.is_some() {
         worker.rebalance().await?;
     } else {
+        // A process of its own has every duty a cluster gives its leader.
+        worker.metrics.cluster_leader.set(1);
         worker.reconcile_lifecycle(&config)?;
         for thing in &config.things {
             worker.start_thing(thing.clone(), true);

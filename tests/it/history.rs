@@ -553,6 +553,11 @@ async fn a_running_worker_applies_retention_at_start() {
         dropped("readings") == 2.0 && dropped("dweets") == 2.0
     })
     .await;
+    assert_eq!(
+        metrics.value("dweetpipe_cluster_leader", &[]),
+        1.0,
+        "a process of its own has the leader's duties, and says so"
+    );
     worker.shutdown(Duration::from_secs(10)).await.unwrap();
     let mut connection = db.connect().await;
     assert_eq!(
