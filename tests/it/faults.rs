@@ -296,6 +296,13 @@ async fn postgresql_down_at_start_ingestion_goes_on_and_it_catches_up_when_it_an
             > 0.0,
         "past the memory bound, PostgreSQL's share is spooled"
     );
+    assert!(
+        setup
+            .metric("dweetpipe_sink_errors_total{sink=\"postgres\"}")
+            .await
+            > 0.0,
+        "an outage that began before the worker counts as sink errors, so the alert fires"
+    );
 
     cluster.start();
     wait_postgres(&cluster.url(), &first, &worker).await;

@@ -199,6 +199,9 @@ async fn connect(
             }
             Err(error) => error,
         };
+        // Unreachable is a failed write for whoever alerts on sink errors, also when the
+        // outage began before this worker did.
+        metrics.sink_error(SinkName::Postgres);
         let text = error.to_string();
         if text != last_problem {
             if error.is_transient() {
