@@ -466,13 +466,7 @@ mod tests {
     }
 
     fn open(dir: &Path) -> ParquetSink {
-        ParquetSink::open(
-            ParquetConfig::new(dir),
-            Duration::MAX,
-            Arc::new(Metrics::new().unwrap()),
-        )
-        .unwrap()
-        .0
+        reopen(dir).0
     }
 
     /// Three generations over 2026-11-30, 12-01 and today: the last spans an old date and
@@ -545,6 +539,22 @@ mod tests {
         WriterProperties::builder().build()
     }
 
+    /// Compacts as a run two hours from now would (the fresh generations settled).
+    fn compact_later(dir: &Path, stop: Option<Step>) -> Vec<Compacted> {
+        let later = crate::record::now_ms() + 2 * 60 * 60 * 1000;
+        compact_closed(dir, later, Duration::from_secs(3600), &properties(), stop).unwrap()
+    }
+
+    /// Opens the sink (its recovery runs) and says what recovery removed.
+    fn reopen(dir: &Path) -> (ParquetSink, crate::sink::parquet::Opened) {
+        ParquetSink::open(
+            ParquetConfig::new(dir),
+            Duration::MAX,
+            Arc::new(Metrics::new().unwrap()),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_kill_at_any_compaction_step_leaves_every_dweet_once() {
         for stop in [
@@ -557,36 +567,15 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let expected = fill(dir.path());
             let marks = open(dir.path()).watermarks().clone();
-            // The generations were written just now: settle them by compacting "later".
-            let later = crate::record::now_ms() + 2 * 60 * 60 * 1000;
-            let done = compact_closed(
-                dir.path(),
-                later,
-                Duration::from_secs(3600),
-                &properties(),
-                stop,
-            )
-            .unwrap();
+            let done = compact_later(dir.path(), stop);
             assert!(!done.is_empty(), "{stop:?}: something to compact");
             // The process dies here; the next start recovers.
             let sink = open(dir.path());
             assert_eq!(union(dir.path()), expected, "{stop:?}: after the restart");
             assert_eq!(sink.watermarks(), &marks, "{stop:?}: the watermarks hold");
             drop(sink);
-            compact_closed(
-                dir.path(),
-                later,
-                Duration::from_secs(3600),
-                &properties(),
-                None,
-            )
-            .unwrap();
-            let (sink, opened) = ParquetSink::open(
-                ParquetConfig::new(dir.path()),
-                Duration::MAX,
-                Arc::new(Metrics::new().unwrap()),
-            )
-            .unwrap();
+            compact_later(dir.path(), None);
+            let (sink, opened) = reopen(dir.path());
             assert_eq!(
                 opened.removed_incomplete, 0,
                 "{stop:?}: nothing looks cut short"
@@ -628,12 +617,7 @@ mod tests {
             );
             drop(sink);
             retire_before(dir.path(), cutoff, None).unwrap();
-            let (_, opened) = ParquetSink::open(
-                ParquetConfig::new(dir.path()),
-                Duration::MAX,
-                Arc::new(Metrics::new().unwrap()),
-            )
-            .unwrap();
+            let (_, opened) = reopen(dir.path());
             assert_eq!(opened.removed_incomplete, 0, "{stop:?}");
             assert_eq!(union(dir.path()), kept, "{stop:?}: finished");
         }
@@ -655,15 +639,7 @@ mod tests {
         }
         sink.close().unwrap();
         drop(sink);
-        let later = crate::record::now_ms() + 2 * 60 * 60 * 1000;
-        compact_closed(
-            dir.path(),
-            later,
-            Duration::from_secs(3600),
-            &properties(),
-            None,
-        )
-        .unwrap();
+        compact_later(dir.path(), None);
         for dataset in [Dataset::Readings, Dataset::Dweets] {
             let folder = dir.path().join(dataset.dir_name()).join("date=2026-12-01");
             let names = names_in(&folder).unwrap();
