@@ -501,8 +501,12 @@ async fn every_sensor_panel_downsamples_and_matches_the_raw_rows() {
                     .filter(|(_, m, _)| m == metric)
                     .map(|(t, _, v)| (*t as i64, *v))
                     .collect();
-                // The edges may hold part of a bucket: compare the inside.
-                for (time, value) in &points[1..points.len().saturating_sub(1)] {
+                // The edges may hold part of a bucket: compare the inside (a short range at
+                // the top of the hour may show one or two points, all edge).
+                let inside = points
+                    .get(1..points.len().saturating_sub(1))
+                    .unwrap_or_default();
+                for (time, value) in inside {
                     let raw = expected
                         .get(&(*time as i64))
                         .unwrap_or_else(|| panic!("{title}: no raw rows at {time}"));
