@@ -395,7 +395,10 @@ impl ParquetSink {
                         skipped += 1;
                         continue;
                     }
-                    if let Some(held) = self.held_on.get_mut(&date) {
+                    // Only while older history is being checked: no lookup on the live path.
+                    if !self.held_on.is_empty()
+                        && let Some(held) = self.held_on.get_mut(&date)
+                    {
                         held.insert((dweet.thing.clone(), dweet.created_ms));
                     }
                     let generation = self.generation();
