@@ -82,6 +82,23 @@ pub fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
+/// The ms `span` before `ms` (retention cut-offs, grace periods, horizons), saturating.
+pub fn ms_before(ms: i64, span: std::time::Duration) -> i64 {
+    ms.saturating_sub(i64::try_from(span.as_millis()).unwrap_or(i64::MAX))
+}
+
 pub fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_before_a_moment_saturates() {
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(ms_before(10 * 86_400_000, day), 9 * 86_400_000);
+        assert!(ms_before(0, std::time::Duration::MAX) <= i64::MIN + 1);
+    }
 }

@@ -736,3 +736,46 @@ async fn closed_parquet_dates_are_compacted_by_hand_and_by_run_and_old_ones_prun
     assert!(!date_dir("dweets").exists() && !date_dir("readings").exists());
     assert!(crate::worker::parquet_dweets(&parquet).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_dropped_under_a_running_sink_is_made_again_not_dead_lettered() {
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let day = (now_ms() / DAY - 1) * DAY;
+    sink.write(&[dweet("gone-board", day + MINUTE, 1.0)]).await;
+    // Another process (a retention elsewhere) drops the day this sink knows exists.
+    let mut connection = db.connect().await;
+    let partitions: Vec<(String, String)> = sqlx::query_as(
+        "SELECT parent, name FROM dweetpipe_partitions WHERE parent IN ('dweets', 'readings')",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(partitions.len(), 2);
+    for (parent, name) in &partitions {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {parent} DETACH PARTITION {name}; DROP TABLE {name};
+             DELETE FROM dweetpipe_partitions WHERE name = '{name}'"
+        )))
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    }
+    sink.write(&[dweet("gone-board", day + 2 * MINUTE, 2.0)])
+        .await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dweets").await,
+        1,
+        "the later dweet is stored in a partition made again"
+    );
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM dead_letters").await,
+        0,
+        "a missing partition is not the dweet's fault"
+    );
+    drop(connection);
+    db.drop_now().await;
+}

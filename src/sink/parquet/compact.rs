@@ -238,8 +238,7 @@ pub fn compact_closed(
     properties: &WriterProperties,
     stop_after: Option<Step>,
 ) -> Result<Vec<Compacted>, SinkError> {
-    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
-    let settled = now_ms.saturating_sub(grace_ms);
+    let settled = crate::record::ms_before(now_ms, grace);
     let mut done = Vec::new();
     for dataset in Dataset::ALL {
         for (date, folder) in dates(dir, dataset)? {

@@ -39,7 +39,7 @@ use batch::Rows;
 pub use run::{ParquetLoop, spawn};
 
 use super::{DirLock, SinkError};
-use crate::record::{Record, ms_to_datetime, now_ms};
+use crate::record::{Record, ms_before, ms_to_datetime, now_ms};
 use crate::settings::Invalid;
 use crate::telemetry::{Metrics, SinkName};
 
@@ -182,16 +182,10 @@ impl ParquetConfig {
     }
 }
 
-/// The oldest `created` (ms) kept `kept` before `now_ms`.
-fn retention_cutoff(now_ms: i64, kept: Duration) -> i64 {
-    now_ms.saturating_sub(i64::try_from(kept.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The oldest generation (ms) whose footers recovery reads, `now_ms` being now: what the
 /// source can still replay, and a margin.
 fn recovery_horizon(now_ms: i64, replay: Duration) -> i64 {
-    let reach = replay.saturating_add(RECOVERY_MARGIN);
-    now_ms.saturating_sub(i64::try_from(reach.as_millis()).unwrap_or(i64::MAX))
+    ms_before(now_ms, replay.saturating_add(RECOVERY_MARGIN))
 }
 
 /// One file of the open generation.
@@ -377,10 +371,7 @@ impl ParquetSink {
     /// error the caller must [`abandon`](Self::abandon) the generation and retry its records.
     pub fn write(&mut self, records: &[Record]) -> Result<usize, SinkError> {
         let mut skipped = 0;
-        let kept_from = self
-            .config
-            .retention
-            .map(|kept| retention_cutoff(now_ms(), kept));
+        let kept_from = self.config.retention.map(|kept| ms_before(now_ms(), kept));
         for record in records {
             match record {
                 Record::Dweet(dweet) => {
@@ -475,7 +466,7 @@ impl ParquetSink {
         match self.config.retention {
             Some(kept) => {
                 self.held_on.clear();
-                compact::retire_before(&self.config.dir, retention_cutoff(now_ms, kept), None)
+                compact::retire_before(&self.config.dir, ms_before(now_ms, kept), None)
             }
             None => Ok(Vec::new()),
         }

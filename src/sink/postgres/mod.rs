@@ -604,9 +604,9 @@ impl PostgresSink {
     /// conflict-tolerant path, so nothing already stored is duplicated and nothing missing is
     /// skipped.
     pub async fn write<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) {
-        let kept_from = self.retention.map(|kept| {
-            crate::record::now_ms() - i64::try_from(kept.as_millis()).unwrap_or(i64::MAX)
-        });
+        let kept_from = self
+            .retention
+            .map(|kept| crate::record::ms_before(crate::record::now_ms(), kept));
         let mut past_retention = 0;
         let (fresh, old): (Vec<&Record>, Vec<&Record>) = records
             .into_iter()

@@ -22,11 +22,6 @@ pub struct Dropped {
 const RAW: [&str; 2] = ["dweets", "readings"];
 const ROLLUPS: [&str; 2] = ["readings_1m", "readings_1h"];
 
-/// The cut-off (ms) for data kept `kept` before `now_ms`.
-fn cutoff(now_ms: i64, kept: std::time::Duration) -> i64 {
-    now_ms.saturating_sub(i64::try_from(kept.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Drops every partition that ends at or before its table's cut-off; returns them.
 pub async fn prune(
     pool: &PgPool,
@@ -36,7 +31,7 @@ pub async fn prune(
     let mut dropped = Vec::new();
     for (parents, kept) in [(RAW, config.retention), (ROLLUPS, config.rollup_retention)] {
         let Some(kept) = kept else { continue };
-        let cut = cutoff(now_ms, kept);
+        let cut = crate::record::ms_before(now_ms, kept);
         for parent in parents {
             let old: Vec<(String, String)> = sqlx::query_as(
                 "SELECT name, to_char(to_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
@@ -95,16 +90,4 @@ async fn drop_partition(pool: &PgPool, parent: &str, name: &str) -> Result<(), s
         .execute(pool)
         .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cutoff_is_now_less_what_is_kept() {
-        let day = std::time::Duration::from_secs(86_400);
-        assert_eq!(cutoff(10 * 86_400_000, day), 9 * 86_400_000);
-        assert!(cutoff(0, std::time::Duration::MAX) <= i64::MIN + 1);
-    }
 }
