@@ -20,20 +20,29 @@ use crate::sink::postgres::PostgresSink;
 /// a bulk load; a crash mid-way is harmless (rerun it: what is stored is skipped).
 pub const BATCH: usize = 50_000;
 
+/// What [`write_to_sinks`] did besides writing.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Records Parquet skipped as already stored.
+    pub parquet_skipped: usize,
+    /// Closed readings partitions re-keyed by board (the import filled them by time).
+    pub partitions_arranged: Vec<String>,
+}
+
 /// Writes `records` (from [`Imported::into_records`]) to the sinks, batch by batch, then
-/// brings PostgreSQL's rollups up to date; `progress` is told how many are done after each
-/// batch. Returns how many records Parquet skipped as already stored.
+/// brings PostgreSQL's rollups up to date and re-keys the partitions that closed for reading;
+/// `progress` is told how many are done after each batch.
 pub async fn write_to_sinks(
     records: &[Record],
     mut parquet: Option<&mut ParquetSink>,
     mut postgres: Option<&mut PostgresSink>,
     mut progress: impl FnMut(usize),
-) -> Result<usize, ImportError> {
+) -> Result<Written, ImportError> {
     let mut done = 0;
-    let mut parquet_skipped = 0;
+    let mut written = Written::default();
     for batch in records.chunks(BATCH) {
         if let Some(sink) = parquet.as_deref_mut() {
-            parquet_skipped += sink.write(batch)?;
+            written.parquet_skipped += sink.write(batch)?;
         }
         if let Some(sink) = postgres.as_deref_mut() {
             sink.write(batch).await;
@@ -43,11 +52,12 @@ pub async fn write_to_sinks(
     }
     if let Some(sink) = postgres {
         sink.history().refresh_rollups().await?;
+        written.partitions_arranged = sink.history().arrange(crate::record::now_ms()).await?;
     }
     if let Some(sink) = parquet {
         sink.close()?;
     }
-    Ok(parquet_skipped)
+    Ok(written)
 }
 
 /// An import could not finish; what was written stays (rerun it: what is stored is skipped).
@@ -55,7 +65,7 @@ pub async fn write_to_sinks(
 pub enum ImportError {
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("refreshing the rollups: {0}")]
+    #[error("refreshing the rollups or re-keying closed partitions: {0}")]
     Postgres(#[from] crate::sink::postgres::PostgresError),
 }
 

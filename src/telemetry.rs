@@ -226,6 +226,7 @@ pub struct Metrics {
     sink_buffer_rows: IntGaugeVec,
     parquet_files_finalized: IntCounterVec,
     retention_partitions_dropped: IntCounterVec,
+    partitions_arranged: IntCounter,
     parquet_dates_compacted: IntCounterVec,
     parquet_dates_retired: IntCounterVec,
     config_reloads: IntCounterVec,
@@ -349,6 +350,10 @@ impl Metrics {
             ),
             &["table"],
         )?;
+        let partitions_arranged = IntCounter::with_opts(opts(
+            "partitions_arranged_total",
+            "Closed readings partitions re-keyed by board for reading.",
+        ))?;
         let parquet_dates_compacted = IntCounterVec::new(
             opts(
                 "parquet_dates_compacted_total",
@@ -445,6 +450,7 @@ impl Metrics {
         registry.register(Box::new(sink_buffer_rows.clone()))?;
         registry.register(Box::new(parquet_files_finalized.clone()))?;
         registry.register(Box::new(retention_partitions_dropped.clone()))?;
+        registry.register(Box::new(partitions_arranged.clone()))?;
         registry.register(Box::new(parquet_dates_compacted.clone()))?;
         registry.register(Box::new(parquet_dates_retired.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
@@ -503,6 +509,7 @@ impl Metrics {
             sink_buffer_rows,
             parquet_files_finalized,
             retention_partitions_dropped,
+            partitions_arranged,
             parquet_dates_compacted,
             parquet_dates_retired,
             config_reloads,
@@ -609,6 +616,10 @@ impl Metrics {
         self.retention_partitions_dropped
             .with_label_values(&[table])
             .inc();
+    }
+
+    pub fn partition_arranged(&self) {
+        self.partitions_arranged.inc();
     }
 
     pub fn parquet_date_compacted(&self, dataset: Table) {

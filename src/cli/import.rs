@@ -85,7 +85,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     };
     let live = std::io::stderr().is_terminal();
     let total = records.len();
-    let parquet_skipped =
+    let written =
         dweetpipe::import::write_to_sinks(&records, parquet.as_mut(), postgres.as_mut(), |done| {
             if live {
                 eprint!(
@@ -111,7 +111,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     );
     // Per sink, what it stored and what it skipped: PostgreSQL may refuse a dweet Parquet
     // keeps (a \u0000 that jsonb cannot hold), and then holds it as one more dead letter.
-    let written = |sink: &str| {
+    let stored = |sink: &str| {
         format!(
             "{} dweets, {} readings and {} dead letters written",
             rows(sink, "dweets"),
@@ -121,16 +121,18 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     };
     if let Some(sink) = &parquet {
         println!(
-            "  Parquet: {}; {parquet_skipped} already stored, skipped; {} older than [parquet] retention skipped",
-            written("parquet"),
+            "  Parquet: {}; {} already stored, skipped; {} older than [parquet] retention skipped",
+            stored("parquet"),
+            written.parquet_skipped,
             sink.past_retention()
         );
     }
     if let Some(sink) = &postgres {
         println!(
-            "  PostgreSQL: {}; those already stored skipped; {} older than [postgres] retention skipped",
-            written("postgres"),
-            sink.past_retention()
+            "  PostgreSQL: {}; those already stored skipped; {} older than [postgres] retention skipped; {} closed partition(s) re-keyed by board for reading",
+            stored("postgres"),
+            sink.past_retention(),
+            written.partitions_arranged.len()
         );
     }
     Ok(())

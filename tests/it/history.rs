@@ -115,7 +115,12 @@ async fn a_schema_3_database_is_partitioned_in_place_and_keeps_every_row() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("1 migration(s) applied now"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("2 migration(s) applied now"));
+    assert_eq!(
+        index_keys(&mut connection, "readings_legacy").await,
+        ["readings_legacy_by_board"],
+        "the old rows are closed: keyed by board for reading"
+    );
 
     assert_eq!(
         count(&mut connection, "SELECT count(*) FROM dweets").await,
@@ -181,6 +186,17 @@ async fn a_schema_3_database_is_partitioned_in_place_and_keeps_every_row() {
             == 1,
         "tomorrow's partition was made"
     );
+    let tomorrow_partition: String = sqlx::query_scalar(
+        "SELECT name FROM dweetpipe_partitions WHERE parent = 'readings' AND from_time > now()",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(
+        index_keys(&mut connection, &tomorrow_partition).await,
+        [format!("{tomorrow_partition}_by_time")],
+        "an open partition is keyed by time for writing"
+    );
     assert_rollups_exact(&mut connection).await;
     drop(connection);
     db.drop_now().await;
@@ -212,6 +228,11 @@ async fn rollups_agree_with_the_raw_rows_after_bulk_live_late_and_repeated_write
         sink.write(&[dweet("b0", start + 3 * DAY + i * 7_000, -(i as f64))])
             .await;
     }
+    // The closed days are re-keyed by board, so the late dweets below land in partitions of
+    // both keys, and the rollups read both.
+    sink.history().refresh_rollups().await.unwrap();
+    let arranged = sink.history().arrange(now_ms()).await.unwrap();
+    assert!(arranged.len() >= 2, "{arranged:?}");
     // Late: between stored dweets (an import of older history) and repeats of stored ones.
     let late: Vec<Record> = (0..50)
         .map(|i| dweet("b1", start + i * 20_000 + 10_000, 1000.0 + i as f64))
@@ -252,6 +273,184 @@ async fn rollups_agree_with_the_raw_rows_after_bulk_live_late_and_repeated_write
     );
     assert!(late_bucket.1 >= 1000.0, "the late values are in the bucket");
     drop(connection);
+    db.drop_now().await;
+}
+
+/// The unique indexes of a table, by name, valid ones only.
+async fn index_keys(connection: &mut PgConnection, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indisvalid ORDER BY 1",
+    )
+    .bind(table)
+    .fetch_all(connection)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_readings_partitions_are_rekeyed_by_board_and_each_step_can_be_repeated() {
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let today = now_ms() / DAY * DAY;
+    // Three boards, a dweet every ten minutes, from four days ago to today's first minute.
+    let records: Vec<Record> = (0..3 * 4 * 144 + 3)
+        .map(|i| {
+            dweet(
+                &format!("b{}", i % 3),
+                today - 4 * DAY + (i / 3) * 10 * MINUTE,
+                i as f64,
+            )
+        })
+        .collect();
+    sink.write(&records).await;
+    let mut connection = db.connect().await;
+    let partition = |ms: i64| dweetpipe::sink::postgres::partitions::partition_name("readings", ms);
+    let (oldest, second, today_partition) = (
+        partition(today - 4 * DAY),
+        partition(today - 3 * DAY),
+        partition(today),
+    );
+    for name in [&oldest, &second, &today_partition] {
+        assert_eq!(
+            index_keys(&mut connection, name).await,
+            [format!("{name}_by_time")],
+            "written by time"
+        );
+    }
+
+    // What a crash leaves. The oldest: a board-led build cancelled half-way (an invalid
+    // index), as CREATE INDEX CONCURRENTLY leaves it when interrupted while it waits for a
+    // writer. The second: both keys, marked arranged, the time-led key not yet dropped.
+    let mut writer = db.connect().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; DELETE FROM {oldest} WHERE false; SELECT 1"
+    )))
+    .execute(&mut writer)
+    .await
+    .unwrap();
+    let mut builder = db.connect().await;
+    let builder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut builder)
+        .await
+        .unwrap();
+    let build = tokio::spawn(async move {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE UNIQUE INDEX CONCURRENTLY {oldest}_by_board ON {oldest} (thing, time, sensor) INCLUDE (value)",
+            oldest = partition(today - 4 * DAY)
+        )))
+        .execute(&mut builder)
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count(
+        &mut connection,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {builder_pid} AND wait_event_type = 'Lock'"
+        ),
+    )
+    .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never waited on the writer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("SELECT pg_cancel_backend($1)")
+        .bind(builder_pid)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    assert!(build.await.unwrap().is_err(), "the build was cancelled");
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let invalid = count(
+        &mut connection,
+        &format!(
+            "SELECT count(*) FROM pg_index WHERE indexrelid = '{oldest}_by_board'::regclass AND NOT indisvalid"
+        ),
+    )
+    .await;
+    assert_eq!(invalid, 1, "the cancelled build left an invalid index");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE UNIQUE INDEX {second}_by_board ON {second} (thing, time, sensor) INCLUDE (value);
+         UPDATE dweetpipe_partitions SET arranged = true WHERE name = '{second}'"
+    )))
+    .execute(&mut connection)
+    .await
+    .unwrap();
+
+    let arranged = sink.history().arrange(now_ms()).await.unwrap();
+    assert!(
+        arranged.contains(&oldest) && arranged.contains(&second),
+        "both interrupted partitions are finished: {arranged:?}"
+    );
+    assert!(!arranged.contains(&today_partition), "today is open");
+    for name in [&oldest, &second] {
+        assert_eq!(
+            index_keys(&mut connection, name).await,
+            [format!("{name}_by_board")],
+            "keyed by board, the time-led key gone"
+        );
+    }
+    assert_eq!(
+        index_keys(&mut connection, &today_partition).await,
+        [format!("{today_partition}_by_time")]
+    );
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM dweetpipe_partitions WHERE parent = 'readings' AND arranged AND to_time > now()"
+        )
+        .await,
+        0,
+        "the catalog marks the closed ones only"
+    );
+    assert!(
+        sink.history().arrange(now_ms()).await.unwrap().is_empty(),
+        "a second run has nothing to do"
+    );
+
+    // One board's day is read through the board-led key.
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN SELECT time, value FROM readings
+          WHERE thing = 'b1' AND sensor = 't'
+            AND time >= '{}' AND time < '{}'",
+        chrono::DateTime::from_timestamp_millis(today - 4 * DAY).unwrap(),
+        chrono::DateTime::from_timestamp_millis(today - 3 * DAY).unwrap()
+    )))
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter()
+            .any(|line| line.contains(&format!("{oldest}_by_board"))),
+        "{plan:#?}"
+    );
+
+    // Repeats are refused by either key; a late dweet goes in.
+    let stored = count(&mut connection, "SELECT count(*) FROM readings").await;
+    sink.write(&records).await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM readings").await,
+        stored
+    );
+    sink.write(&[dweet("b1", today - 4 * DAY + 5 * MINUTE, -1.0)])
+        .await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM readings").await,
+        stored + 2
+    );
+    sink.history().refresh_rollups().await.unwrap();
+    assert_rollups_exact(&mut connection).await;
+    drop((connection, writer));
     db.drop_now().await;
 }
 
@@ -553,9 +752,16 @@ async fn a_running_worker_applies_retention_at_start() {
             &[("table", table)],
         )
     };
-    crate::worker::wait_for("retention at start", Duration::from_secs(20), || {
-        dropped("readings") == 2.0 && dropped("dweets") == 2.0
-    })
+    // The day before yesterday has closed whatever the time of day: it is re-keyed by board.
+    crate::worker::wait_for(
+        "retention and re-keying at start",
+        Duration::from_secs(20),
+        || {
+            dropped("readings") == 2.0
+                && dropped("dweets") == 2.0
+                && metrics.value("dweetpipe_partitions_arranged_total", &[]) >= 1.0
+        },
+    )
     .await;
     assert_eq!(
         metrics.value("dweetpipe_cluster_leader", &[]),

@@ -10,6 +10,7 @@
 //! forever; data errors are narrowed down by bisection and only the offending dweets go to
 //! `dead_letters`.
 
+pub mod arrange;
 mod copy;
 mod insert;
 pub mod partitions;
@@ -59,6 +60,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "partitions and rollups",
         include_str!("../../../migrations/0004_partitions_and_rollups.sql"),
+    ),
+    (
+        5,
+        "readings arranged when closed",
+        include_str!("../../../migrations/0005_readings_arranged_when_closed.sql"),
     ),
 ];
 
@@ -475,6 +481,13 @@ impl History {
     /// Recomputes the rollup buckets that commits noted; see [`rollup`].
     pub async fn refresh_rollups(&self) -> Result<usize, PostgresError> {
         rollup::refresh_all(&self.pool, &self.partitions)
+            .await
+            .map_err(|e| PostgresError::database(&e, &self.url))
+    }
+
+    /// Re-keys the readings partitions that closed for reading by board; see [`arrange`].
+    pub async fn arrange(&self, now_ms: i64) -> Result<Vec<String>, PostgresError> {
+        arrange::arrange_closed(&self.pool, now_ms)
             .await
             .map_err(|e| PostgresError::database(&e, &self.url))
     }

@@ -71,7 +71,7 @@ pub fn span_for(ms: i64, length_ms: i64, existing: &[Span]) -> Option<Span> {
 
 /// Whether one of `spans` (sorted, not overlapping) holds `ms`: a binary search, so a batch
 /// costs the same after a year of daily partitions as on the first day.
-fn covers(spans: &[Span], ms: i64) -> bool {
+pub fn covers(spans: &[Span], ms: i64) -> bool {
     let after = spans.partition_point(|span| span.to_ms <= ms);
     spans.get(after).is_some_and(|span| span.contains(ms))
 }
@@ -179,12 +179,17 @@ impl Partitions {
                 bound(span.from_ms, "MINVALUE"),
                 bound(span.to_ms, "MAXVALUE"),
             );
-            let statements = [
-                format!("CREATE TABLE IF NOT EXISTS {name} (LIKE {parent} INCLUDING ALL)"),
-                format!(
-                    "ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM ({from}) TO ({to})"
-                ),
-            ];
+            let mut statements = vec![format!(
+                "CREATE TABLE IF NOT EXISTS {name} (LIKE {parent} INCLUDING ALL)"
+            )];
+            if parent == "readings" {
+                // The parent has no key to copy: each partition is keyed for writing until it
+                // closes (see `arrange`).
+                statements.push(super::arrange::create_time_key(&name));
+            }
+            statements.push(format!(
+                "ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM ({from}) TO ({to})"
+            ));
             for statement in statements {
                 sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
                     .execute(&mut *tx)
@@ -213,11 +218,21 @@ pub async fn existing(
     connection: &mut PgConnection,
     parent: &str,
 ) -> Result<Vec<Span>, sqlx::Error> {
-    let rows: Vec<(f64, f64)> = sqlx::query_as(
+    existing_where(connection, parent, "true").await
+}
+
+/// Those of `parent`'s partitions whose catalog row meets `condition` (SQL, on the catalog's
+/// columns).
+pub async fn existing_where(
+    connection: &mut PgConnection,
+    parent: &str,
+    condition: &'static str,
+) -> Result<Vec<Span>, sqlx::Error> {
+    let rows: Vec<(f64, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT extract(epoch FROM from_time)::double precision * 1000,
                 extract(epoch FROM to_time)::double precision * 1000
-           FROM dweetpipe_partitions WHERE parent = $1",
-    )
+           FROM dweetpipe_partitions WHERE parent = $1 AND ({condition})"
+    )))
     .bind(parent)
     .fetch_all(connection)
     .await?;

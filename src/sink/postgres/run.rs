@@ -25,8 +25,10 @@ use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
 /// How often the rollups are refreshed when no commit of this worker asks for it.
 const ROLLUP_REFRESH_EVERY: Duration = Duration::from_secs(5);
-/// How often retention is applied (and at start).
+/// How often retention is applied and closed partitions re-keyed (and at start).
 const RETENTION_EVERY: Duration = Duration::from_secs(60 * 60);
+/// How often the partitions' upkeep looks whether it is due and this process has the duty.
+const DUTY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// The longest wait between connection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
@@ -100,16 +102,20 @@ async fn run(
         reporter_stop.clone(),
     ));
     let committed = Arc::new(Notify::new());
-    let refresher_stop = CancellationToken::new();
-    let refresher = tokio::spawn(keep_history(
+    let upkeep_stop = CancellationToken::new();
+    let refresher = tokio::spawn(keep_rollups(
+        sink.history(),
+        Arc::clone(&committed),
+        upkeep_stop.clone(),
+    ));
+    let tender = tokio::spawn(keep_partitions(
         Upkeep {
             history: sink.history(),
             config: config.clone(),
             metrics: Arc::clone(&metrics),
             retention_duty,
         },
-        Arc::clone(&committed),
-        refresher_stop.clone(),
+        upkeep_stop.clone(),
     ));
     write_backlog(
         &mut sink,
@@ -120,12 +126,13 @@ async fn run(
     )
     .await;
     reporter_stop.cancel();
-    refresher_stop.cancel();
+    upkeep_stop.cancel();
     let _ = reporter.await;
     let _ = refresher.await;
+    let _ = tender.await;
 }
 
-/// What the history upkeep needs.
+/// What the partitions' upkeep needs.
 struct Upkeep {
     history: History,
     config: PostgresConfig,
@@ -135,37 +142,74 @@ struct Upkeep {
 
 /// Keeps the rollups current: recomputes the buckets commits noted, right after each commit
 /// (and every few seconds, for whatever another writer of the database noted), and once more
-/// at shutdown. A failed refresh leaves its notes for the next. Applies retention at start
-/// and hourly while this process has the duty.
-async fn keep_history(upkeep: Upkeep, committed: Arc<Notify>, stop: CancellationToken) {
-    let mut pruned_at: Option<Instant> = None;
+/// at shutdown. A failed refresh leaves its notes for the next.
+async fn keep_rollups(history: History, committed: Arc<Notify>, stop: CancellationToken) {
     loop {
-        let retention_due = pruned_at.is_none_or(|at| at.elapsed() >= RETENTION_EVERY);
-        if retention_due && upkeep.retention_duty.load(Ordering::Relaxed) {
-            match upkeep.history.prune(&upkeep.config, now_ms()).await {
-                Ok(dropped) => {
-                    for partition in dropped {
-                        upkeep.metrics.retention_dropped(&partition.parent);
-                    }
-                    pruned_at = Some(Instant::now());
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "could not apply retention; will retry");
-                }
-            }
-        }
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
             _ = committed.notified() => false,
             _ = tokio::time::sleep(ROLLUP_REFRESH_EVERY) => false,
         };
-        if let Err(error) = upkeep.history.refresh_rollups().await {
+        if let Err(error) = history.refresh_rollups().await {
             tracing::debug!(%error, "could not refresh the rollups; will retry");
         }
         if stopping {
             return;
         }
     }
+}
+
+/// Applies retention, then re-keys the readings partitions that closed, at start and hourly
+/// while this process has the duty (in a cluster, the leader). A task of its own: re-keying
+/// a big partition takes minutes, and the rollups must not wait on it. Shutdown stops it
+/// mid-step; every step is safe to repeat, so the next start finishes it.
+async fn keep_partitions(upkeep: Upkeep, stop: CancellationToken) {
+    let mut tended_at: Option<Instant> = None;
+    loop {
+        let due = tended_at.is_none_or(|at| at.elapsed() >= RETENTION_EVERY);
+        if due && upkeep.retention_duty.load(Ordering::Relaxed) {
+            let finished = tokio::select! {
+                _ = stop.cancelled() => return,
+                finished = tend_partitions(&upkeep) => finished,
+            };
+            if finished {
+                tended_at = Some(Instant::now());
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(DUTY_CHECK_EVERY) => {}
+        }
+    }
+}
+
+/// One round of retention and re-keying; whether both went through.
+async fn tend_partitions(upkeep: &Upkeep) -> bool {
+    let pruned = match upkeep.history.prune(&upkeep.config, now_ms()).await {
+        Ok(dropped) => {
+            for partition in dropped {
+                upkeep.metrics.retention_dropped(&partition.parent);
+            }
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not apply retention; will retry");
+            false
+        }
+    };
+    let arranged = match upkeep.history.arrange(now_ms()).await {
+        Ok(partitions) => {
+            partitions
+                .iter()
+                .for_each(|_| upkeep.metrics.partition_arranged());
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not re-key the closed partitions by board; will retry");
+            false
+        }
+    };
+    pruned && arranged
 }
 
 /// Connects until it works or `give_up`; reports what is wrong to the log and `/readyz`.
