@@ -41,6 +41,8 @@ pub mod lifecycle;
 pub mod nats;
 pub mod normalize;
 pub mod protocol;
+#[cfg(feature = "worker")]
+pub mod query;
 pub mod record;
 #[cfg(feature = "sandbox")]
 pub mod sandbox;

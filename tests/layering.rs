@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("cluster", 3),
     ("lifecycle", 4),
     ("import", 4),
+    ("query", 4),
     ("config", 5),
     ("worker", 6),
 ];

@@ -142,15 +142,20 @@ async fn one_fleet(boards: usize, args: &HistoryArgs) -> anyhow::Result<()> {
     let refreshing = Instant::now();
     let refreshed = postgres.history().refresh_rollups().await?;
     let refresh = refreshing.elapsed();
+    let arranging = Instant::now();
+    let arranged = postgres.history().arrange(now_ms()).await?;
+    let arrange = arranging.elapsed();
     let mut connection = sqlx::PgConnection::connect(&scratch.url).await?;
     sqlx::raw_sql("VACUUM ANALYZE")
         .execute(&mut connection)
         .await?;
     println!(
-        "== {boards} boards × {} days, a dweet a minute: {dweets} dweets loaded in {:.1} s; rollups of {refreshed} minutes refreshed in {:.1} s",
+        "== {boards} boards × {} days, a dweet a minute: {dweets} dweets loaded in {:.1} s; rollups of {refreshed} minutes refreshed in {:.1} s; {} closed readings partitions re-keyed by board in {:.1} s",
         args.days,
         loaded.as_secs_f64(),
-        refresh.as_secs_f64()
+        refresh.as_secs_f64(),
+        arranged.len(),
+        arrange.as_secs_f64()
     );
 
     let yesterday = start + (args.days - 1) * DAY;
@@ -266,6 +271,32 @@ async fn one_fleet(boards: usize, args: &HistoryArgs) -> anyhow::Result<()> {
         raw_bytes / dweets as i64,
         rollup_bytes / dweets as i64
     );
+    // Where the raw bytes go, for the closed days (the open partition is empty here).
+    let parts: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT parent, sum(pg_relation_size(relid))::bigint,
+                sum(pg_table_size(relid) - pg_relation_size(relid))::bigint,
+                sum(pg_indexes_size(relid))::bigint
+           FROM (SELECT 'dweets' AS parent, relid FROM pg_partition_tree('dweets') WHERE isleaf
+                 UNION ALL
+                 SELECT 'readings', relid FROM pg_partition_tree('readings') WHERE isleaf) p
+          GROUP BY parent ORDER BY parent",
+    )
+    .fetch_all(&mut connection)
+    .await?;
+    let readings_per_dweet: f64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM readings)::float8 / greatest((SELECT count(*) FROM dweets), 1)",
+    )
+    .fetch_one(&mut connection)
+    .await?;
+    for (parent, heap, toast_and_maps, indexes) in parts {
+        println!(
+            "    {parent}: {} table + {} TOAST and maps + {} index bytes per dweet",
+            heap / dweets as i64,
+            toast_and_maps / dweets as i64,
+            indexes / dweets as i64
+        );
+    }
+    println!("    ({readings_per_dweet:.1} readings rows per dweet)");
     println!(
         "  Parquet bytes per dweet: {} as written ({files_before} readings files), {} compacted",
         bytes_before / dweets as u64,
@@ -277,6 +308,7 @@ async fn one_fleet(boards: usize, args: &HistoryArgs) -> anyhow::Result<()> {
         compaction.as_secs_f64(),
         row_groups_admitting(&parquet_dir, yesterday)?
     );
+    query_beside_duckdb(&parquet_dir, yesterday)?;
 
     // The rollups' cost per live batch: a dweet from every board, as the live stream commits.
     let mut writes = Vec::new();
@@ -388,4 +420,65 @@ fn row_groups_admitting(dir: &std::path::Path, day_ms: i64) -> anyhow::Result<St
     Ok(format!(
         "{files} file(s), {admitting} of {total} row groups admit one board"
     ))
+}
+
+/// One board's day per minute from the compacted dataset: `dweetpipe query`'s reader against
+/// DuckDB's `read_parquet` over the same files, same run (best of five each; DuckDB's time is
+/// measured inside Python, so its start-up is not counted).
+fn query_beside_duckdb(dir: &std::path::Path, day_ms: i64) -> anyhow::Result<()> {
+    use dweetpipe::query::{Aggregate, Pattern, Query, Shape};
+    let query = Query {
+        things: vec![Pattern::new(BOARD)],
+        sensors: vec![Pattern::new("sensors.TemperatureC")],
+        from_ms: day_ms,
+        to_ms: day_ms + DAY,
+        shape: Shape::Every {
+            every_ms: MINUTE,
+            aggregates: vec![Aggregate::Avg],
+        },
+    };
+    let mut best = f64::MAX;
+    let mut answer = None;
+    for _ in 0..5 {
+        let started = Instant::now();
+        answer = Some(dweetpipe::query::run(dir, &query)?);
+        best = best.min(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let answer = answer.ok_or_else(|| anyhow::anyhow!("no answer"))?;
+    println!(
+        "  dweetpipe query, one board's day per minute: {} rows in {best:.1} ms; {} of {} row groups read",
+        answer.rows.len(),
+        answer.explain.row_groups_read,
+        answer.explain.row_groups()
+    );
+    let python = std::env::var("DWEETPIPE_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let script = format!(
+        "import duckdb, time\n\
+         con = duckdb.connect()\n\
+         sql = \"SELECT time_bucket(INTERVAL 1 minute, time) AS m, avg(value) FROM read_parquet('{}/readings/**/*.parquet', hive_partitioning = true) WHERE thing = '{BOARD}' AND sensor = 'sensors.TemperatureC' AND time >= epoch_ms({day_ms}) AND time < epoch_ms({}) GROUP BY 1\"\n\
+         best = 1e9\n\
+         for _ in range(5):\n\
+         \x20   t = time.perf_counter(); rows = con.execute(sql).fetchall(); best = min(best, time.perf_counter() - t)\n\
+         print(len(rows), round(best * 1000, 1))\n",
+        dir.display(),
+        day_ms + DAY
+    );
+    match std::process::Command::new(&python)
+        .args(["-c", &script])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut words = text.split_whitespace();
+            println!(
+                "  DuckDB read_parquet, the same: {} rows in {} ms",
+                words.next().unwrap_or("?"),
+                words.next().unwrap_or("?")
+            );
+        }
+        _ => println!(
+            "  DuckDB read_parquet: skipped (needs {python} with duckdb: pip install duckdb, or set DWEETPIPE_PYTHON)"
+        ),
+    }
+    Ok(())
 }

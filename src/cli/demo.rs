@@ -225,7 +225,20 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     let dir = args.data.display();
-    println!("query it with DuckDB:");
+    // The first line works on a fresh machine: the binary that just ran is all it needs.
+    let this = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            std::env::current_dir()
+                .ok()
+                .map(|cwd| relative_to(&exe, &cwd))
+        })
+        .unwrap_or_else(|| "dweetpipe".to_owned());
+    println!(
+        "read it back (one board's temperature per minute over the run):\n  {this} query {} --dir {dir} --sensor sensors.TemperatureC --every 1m --since 1h",
+        thing_name("S5D9-", 1)
+    );
+    println!("query it with DuckDB (pip install duckdb-cli):");
     println!(
         "  duckdb -c \"SELECT thing, sensor, round(avg(value), 2) AS avg FROM read_parquet('{dir}/readings/**/*.parquet', hive_partitioning = true) WHERE sensor = 'sensors.TemperatureC' GROUP BY ALL ORDER BY thing\""
     );
@@ -235,9 +248,17 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             "  SELECT thing, round(avg(temperature_c)::numeric, 2) FROM s5d9_readings GROUP BY thing ORDER BY thing;"
         );
     }
-    println!("or with pyarrow:");
+    println!("or with pyarrow (pip install pyarrow):");
     println!(
         "  python3 -c \"import pyarrow.dataset as ds; t = ds.dataset('{dir}/readings', format='parquet', partitioning='hive').to_table(); print(t.num_rows, t.schema)\""
     );
     Ok(())
+}
+
+/// `path` relative to `base` when it lies inside it (`target/release/dweetpipe`), else whole.
+fn relative_to(path: &std::path::Path, base: &std::path::Path) -> String {
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }

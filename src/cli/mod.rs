@@ -8,6 +8,7 @@ mod import;
 mod lifecycle;
 mod numbers;
 mod prune;
+mod query;
 mod sandbox;
 mod systemd;
 mod worker;
@@ -141,6 +142,15 @@ pub enum Command {
     /// finishes or undoes it. `run` does it by itself (in a cluster, the leader alone); this
     /// needs the directory, so stop the worker first.
     Compact(worker::ConfigArgs),
+    /// Read the Parquet dataset back: a board's readings, per-minute averages, the newest
+    /// values. Needs nothing else installed.
+    ///
+    /// Reads only sealed files, so it runs beside a worker that is writing and compacting,
+    /// and skips the date folders and row groups (by their statistics) that cannot hold what
+    /// is asked: one board's day of a compacted dataset reads a few row groups. --explain
+    /// says how many it read and skipped. A board or sensor that matches nothing is an error
+    /// listing those that exist.
+    Query(query::QueryArgs),
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell
@@ -260,6 +270,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(args) => worker::migrate(args).await,
         Command::Prune(args) => prune::prune(args).await,
         Command::Compact(args) => prune::compact(args).await,
+        Command::Query(args) => query::query(args),
         Command::Import(args) => import::run(args).await,
     }
 }

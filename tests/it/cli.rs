@@ -446,6 +446,29 @@ async fn demo_runs_on_loopback_and_every_dweet_sent_is_stored() {
         run_dir(data.path()).join("readings").is_dir(),
         "Parquet partitions written"
     );
+    // The first way it offers to read the data back needs nothing else installed: run it.
+    let offered = summary
+        .lines()
+        .skip_while(|line| !line.starts_with("read it back"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("a query line: {summary}"));
+    let words: Vec<&str> = offered.split_whitespace().collect();
+    assert_eq!(words.get(1), Some(&"query"), "{offered}");
+    let output = std::process::Command::new(words[0])
+        .args(&words[1..])
+        .args(["--format", "csv"])
+        .output()
+        .unwrap();
+    let rows = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{offered}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        rows.lines().count() >= 2 && rows.contains("S5D9-0001,sensors.TemperatureC,"),
+        "the board's temperature per minute: {rows}"
+    );
     // A second run writes a folder of its own: its summary and queries are its own.
     let second = demo(data.path(), None).await;
     let folders = std::fs::read_dir(data.path()).unwrap().count();

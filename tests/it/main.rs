@@ -20,6 +20,7 @@ mod newcomer;
 mod postgres;
 mod prometheus;
 mod protocol;
+mod query;
 mod readers;
 mod sandbox_store;
 mod security;
