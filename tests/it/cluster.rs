@@ -815,3 +815,172 @@ async fn members_with_separate_parquet_directories_together_hold_every_dweet() {
     );
     setup.db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_compacts_and_prunes_a_shared_dataset_and_each_dweet_stays_once() {
+    const DAY: i64 = 24 * 60 * 60 * 1000;
+    let mut setup = Setup::new("cl-house", 6, "").await;
+    // Older history of two other boards, in the shared directory and in PostgreSQL: five days
+    // ago (past the retention) and two days ago (closed: to compact), in two imports, so the
+    // older date holds two files.
+    let today = dweetpipe::record::now_ms() / DAY * DAY;
+    let old_boards = [thing("cl-house-old1"), thing("cl-house-old2")];
+    let line = |board: &str, ms: i64| {
+        let created = dweetpipe::protocol::format_created(dweetpipe::record::ms_to_datetime(ms));
+        format!("{{\"thing\":\"{board}\",\"created\":\"{created}\",\"content\":{{\"t\":{ms}}}}}\n")
+    };
+    let mut kept = BTreeSet::new();
+    for (file, days_ago, minutes) in [("first.jsonl", 5, 0..30), ("second.jsonl", 2, 30..60)] {
+        let mut text = String::new();
+        for board in &old_boards {
+            for minute in minutes.clone() {
+                for day in [days_ago, 2] {
+                    let ms = today - day * DAY + minute * 60_000;
+                    text.push_str(&line(board, ms));
+                    if day == 2 {
+                        kept.insert((board.clone(), ms));
+                    }
+                }
+            }
+        }
+        let path = setup.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let config = setup.dir.path().join("import.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[parquet]\ndir = \"{}\"\n[postgres]\nurl = \"{}\"\n",
+                setup.parquet().display(),
+                setup.db.url
+            ),
+        )
+        .unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_dweetpipe"))
+            .args([
+                "import",
+                "--config",
+                config.to_str().unwrap(),
+                path.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let upkeep = [
+        ("DWEETPIPE__PARQUET__COMPACT_AFTER", "0s"),
+        ("DWEETPIPE__PARQUET__RETENTION", "4d"),
+        ("DWEETPIPE__POSTGRES__RETENTION", "4d"),
+    ];
+    let members: Vec<Member> = ["worker-a", "worker-b", "worker-c"]
+        .iter()
+        .map(|name| Member::spawn_with(name, &setup, "", &upkeep))
+        .collect();
+    wait_owned(
+        &members.iter().collect::<Vec<_>>(),
+        &setup.things,
+        Duration::from_secs(30),
+    )
+    .await;
+    let duties = [
+        "dweetpipe_parquet_dates_compacted_total",
+        "dweetpipe_parquet_dates_retired_total",
+        "dweetpipe_retention_partitions_dropped_total",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let doers = loop {
+        let mut doers = Vec::new();
+        for member in &members {
+            let scrape = member.metrics().await;
+            let done: Vec<f64> = duties.iter().map(|d| value(&scrape, d)).collect();
+            if done.iter().any(|n| *n > 0.0) {
+                doers.push((member, done, value(&scrape, "dweetpipe_cluster_leader")));
+            }
+        }
+        if doers
+            .iter()
+            .any(|(_, done, _)| done.iter().all(|n| *n > 0.0))
+        {
+            break doers;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no member compacted, retired and pruned: {}",
+            members[0].process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(doers.len(), 1, "one member keeps the shared history");
+    assert_eq!(doers[0].2, 1.0, "and it is the leader");
+
+    // The live dweets went on meanwhile; every sink holds each once.
+    setup.stop_fleet().await;
+    let expected = setup.accepted().await;
+    let mut connection = setup.db.connect().await;
+    let live = |rows: Vec<(String, i64)>| -> Vec<(String, i64)> {
+        rows.into_iter()
+            .filter(|(thing, _)| setup.things.contains(thing))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while live(stored(&mut connection).await)
+        .into_iter()
+        .collect::<BTreeSet<_>>()
+        != expected
+    {
+        assert!(Instant::now() < deadline, "PostgreSQL did not catch up");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop(members).await;
+    let old_in_postgres: BTreeSet<_> = stored(&mut connection)
+        .await
+        .into_iter()
+        .filter(|(thing, _)| old_boards.contains(thing))
+        .collect();
+    assert_eq!(
+        old_in_postgres, kept,
+        "PostgreSQL: the old day went, the closed day stayed"
+    );
+    let union = parquet_dweets(&setup.parquet());
+    let unique: BTreeSet<_> = union.iter().cloned().collect();
+    assert_eq!(
+        union.len(),
+        unique.len(),
+        "no dweet twice in the Parquet union"
+    );
+    let old_in_parquet: BTreeSet<_> = unique
+        .iter()
+        .filter(|(thing, _)| old_boards.contains(thing))
+        .cloned()
+        .collect();
+    assert_eq!(
+        old_in_parquet, kept,
+        "Parquet: the old date went, the closed one stayed"
+    );
+    let live_in_parquet: BTreeSet<_> = unique
+        .into_iter()
+        .filter(|(thing, _)| setup.things.contains(thing))
+        .collect();
+    assert_eq!(live_in_parquet, expected, "Parquet: every live dweet once");
+    let closed = chrono::DateTime::from_timestamp_millis(today - 2 * DAY)
+        .unwrap()
+        .date_naive();
+    for dataset in ["readings", "dweets"] {
+        let folder = setup.parquet().join(dataset).join(format!("date={closed}"));
+        let files: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        assert_eq!(
+            files.len(),
+            1,
+            "{dataset} of {closed} compacted into one: {files:?}"
+        );
+    }
+    setup.db.drop_now().await;
+}
