@@ -135,3 +135,109 @@ fn the_checker_sees_groups_and_paths() {
         .collect();
     assert_eq!(found, expected);
 }
+
+/// The sibling modules of `src/cli/` a file's code names as `super::NAME`.
+fn cli_references(code: &str, siblings: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("super::") {
+        rest = &rest[at + "super::".len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if siblings.contains(&name) {
+            found.insert(name);
+        }
+    }
+    found
+}
+
+/// A cycle in `graph` as its modules in order, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+/// The command line's verbs are peers over the shared helpers in `cli/mod.rs`: one may use
+/// another (`demo` uses `api`), but never in a circle, which would make neither readable
+/// alone (`lifecycle` took `ConfigArgs` from `worker`, which printed through `lifecycle`).
+#[test]
+fn the_command_line_modules_form_no_cycle() {
+    let cli = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cli");
+    let files: Vec<_> = std::fs::read_dir(&cli)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    let siblings: BTreeSet<String> = files
+        .iter()
+        .filter_map(|p| p.file_stem()?.to_str().map(str::to_owned))
+        .filter(|name| name != "mod")
+        .collect();
+    let mut graph = BTreeMap::new();
+    for path in &files {
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if name == "mod" {
+            continue;
+        }
+        let text = std::fs::read_to_string(path).unwrap();
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let mut uses = cli_references(code, &siblings);
+        uses.remove(&name);
+        graph.insert(name, uses);
+    }
+    assert!(graph.len() >= 10, "read src/cli/: {graph:?}");
+    assert_eq!(
+        find_cycle(&graph),
+        None,
+        "src/cli/ modules use each other in a circle"
+    );
+}
+
+#[test]
+fn the_cycle_finder_finds_the_old_one() {
+    let graph: BTreeMap<String, BTreeSet<String>> = [
+        ("lifecycle", vec!["worker"]),
+        ("worker", vec!["lifecycle", "systemd"]),
+        ("systemd", vec![]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.into_iter().map(String::from).collect()))
+    .collect();
+    assert_eq!(
+        find_cycle(&graph),
+        Some(vec![
+            "lifecycle".to_owned(),
+            "worker".to_owned(),
+            "lifecycle".to_owned()
+        ])
+    );
+}

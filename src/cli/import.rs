@@ -19,7 +19,7 @@ use dweetpipe::telemetry::Metrics;
 pub struct ImportArgs {
     /// Only the sink sections ([parquet], [postgres]) of the things file are used.
     #[command(flatten)]
-    config: super::worker::ConfigArgs,
+    config: super::ConfigArgs,
     /// JSON Lines files of dweets (`dweetpipe history` output); `-` reads stdin.
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,

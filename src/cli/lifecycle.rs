@@ -5,7 +5,7 @@ use anyhow::{Context, bail};
 use dweetpipe::config::Config;
 use dweetpipe::lifecycle::{self, Plan, ThingPlan, describe};
 
-use super::worker::ConfigArgs;
+use super::ConfigArgs;
 
 /// Up to this many things, `plan` lists the ones in sync or not managed too.
 const LIST_QUIET_UP_TO: usize = 50;

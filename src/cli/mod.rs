@@ -13,7 +13,7 @@ mod sandbox;
 mod systemd;
 mod worker;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -103,9 +103,9 @@ pub enum Command {
     /// every [lifecycle] interval. SIGTERM/SIGINT: stop, make what the sinks hold durable or
     /// spool it (within shutdown_timeout), and print a summary. SIGHUP: reload the file
     /// (validated first).
-    Run(worker::ConfigArgs),
+    Run(ConfigArgs),
     /// Validate a things file and say what `run` would do, and whether the source answers.
-    Check(worker::ConfigArgs),
+    Check(ConfigArgs),
     /// Show what `apply` would change so the server's locks and alerts match the things file.
     ///
     /// Reads each managed thing's state (is it locked, does our key open it, which alert it
@@ -114,13 +114,13 @@ pub enum Command {
     /// (a key alone is for reading); in it, no `lock` means unlocked and no [thing.alert] means
     /// no alert. Other things are never touched. Exits non-zero when a thing cannot be
     /// reconciled (wrong key).
-    Plan(worker::ConfigArgs),
+    Plan(ConfigArgs),
     /// Make the server's locks and alerts match the things file, and print what was done.
     ///
     /// Idempotent: a second apply finds nothing to do. Exits non-zero if a change failed,
     /// with the server's reason. `run` does the same at start, on SIGHUP and every
     /// [lifecycle] interval.
-    Apply(worker::ConfigArgs),
+    Apply(ConfigArgs),
     /// Load dweets from JSON Lines files (`history` output; `-` for stdin) into the sinks.
     ///
     /// Needs only the sink sections of the things file. Each thing's dweets are sorted and
@@ -134,14 +134,14 @@ pub enum Command {
     /// rollups (readings_1m, readings_1h); a partition goes once its newest possible row is
     /// older than that. Nothing is DELETEd. `[parquet] retention` removes whole date folders.
     /// `run` does the same by itself (in a cluster, the leader alone). Prints what went.
-    Prune(worker::ConfigArgs),
+    Prune(ConfigArgs),
     /// Rewrite closed Parquet dates into one file per dataset, sorted by board and time.
     ///
     /// A date is compacted once it ended `[parquet] compact_after` ago (default 1h); readers
     /// then skip the row groups of other boards. Crash-safe at every step: the next start
     /// finishes or undoes it. `run` does it by itself (in a cluster, the leader alone); this
     /// needs the directory, so stop the worker first.
-    Compact(worker::ConfigArgs),
+    Compact(ConfigArgs),
     /// Read the Parquet dataset back: a board's readings, per-minute averages, the newest
     /// values. Needs nothing else installed.
     ///
@@ -151,6 +151,26 @@ pub enum Command {
     /// says how many it read and skipped. A board or sensor that matches nothing is an error
     /// listing those that exist.
     Query(query::QueryArgs),
+}
+
+/// The things file, for the verbs that read one.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The things file (TOML). `DWEETPIPE__SECTION__KEY` variables override its values.
+    #[arg(
+        long,
+        short,
+        env = "DWEETPIPE_CONFIG",
+        default_value = "things.toml",
+        value_name = "PATH"
+    )]
+    config: PathBuf,
+}
+
+impl ConfigArgs {
+    pub fn path(&self) -> &Path {
+        &self.config
+    }
 }
 
 /// Where a lock's master key comes from. The environment or a file keeps it out of shell

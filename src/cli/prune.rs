@@ -30,7 +30,7 @@ fn open_parquet(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Optio
     }
 }
 
-pub async fn prune(args: super::worker::ConfigArgs) -> anyhow::Result<()> {
+pub async fn prune(args: super::ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(args.path())?;
     let postgres = config
         .postgres
@@ -76,7 +76,7 @@ pub async fn prune(args: super::worker::ConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn compact(args: super::worker::ConfigArgs) -> anyhow::Result<()> {
+pub async fn compact(args: super::ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(args.path())?;
     let metrics = Arc::new(Metrics::new()?);
     let Some(mut sink) = open_parquet(&config, &metrics)? else {

@@ -1,6 +1,6 @@
 //! `dweetpipe run` and `dweetpipe check`: the ingest worker and its dry run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,25 +11,6 @@ use dweetpipe::sink::postgres::{self, DatabaseUrl};
 use dweetpipe::worker;
 
 use super::systemd;
-
-#[derive(Debug, Args)]
-pub struct ConfigArgs {
-    /// The things file (TOML). `DWEETPIPE__SECTION__KEY` variables override its values.
-    #[arg(
-        long,
-        short,
-        env = "DWEETPIPE_CONFIG",
-        default_value = "things.toml",
-        value_name = "PATH"
-    )]
-    config: PathBuf,
-}
-
-impl ConfigArgs {
-    pub fn path(&self) -> &Path {
-        &self.config
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -46,7 +27,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the worker until SIGTERM or SIGINT; SIGHUP reloads the file.
-pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
+pub async fn run(args: super::ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let started = std::time::Instant::now();
     // One listener for the whole run, from before the start: a SIGTERM during a long start
@@ -201,7 +182,7 @@ const CHECK_CONCURRENCY: usize = 8;
 /// Up to this many things, `check` prints a line for each.
 const CHECK_LIST_UP_TO: usize = 50;
 
-pub async fn check(args: ConfigArgs) -> anyhow::Result<()> {
+pub async fn check(args: super::ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     println!("{}: valid", config.path.display());
     let mut problems = Vec::new();
