@@ -52,8 +52,9 @@ impl MetricsConfig {
     }
 }
 
-/// Blocks this thread for good when `DWEETPIPE_FAULT_STALL` names `point`: the fault the
-/// health tests use to show that a stuck loop is reported. Costs one variable read per call.
+/// Blocks this thread for good when `DWEETPIPE_FAULT_STALL` names `point`: an operator's fire
+/// drill for the watchdog and liveness probe (README, "systemd"), and what the health tests
+/// use to show that a stuck loop is reported. Costs one variable read per call.
 pub fn fault_point(point: &str) {
     if std::env::var("DWEETPIPE_FAULT_STALL").is_ok_and(|stalled| stalled == point) {
         tracing::warn!(
