@@ -307,9 +307,17 @@ fn apply_overrides(
             let entry = table
                 .entry(section.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table = entry
-                .as_table_mut()
-                .ok_or_else(|| refused(name, format!("`{section}` is not a section")))?;
+            let is_list = entry.is_array();
+            table = entry.as_table_mut().ok_or_else(|| {
+                if is_list {
+                    refused(
+                        name,
+                        format!("`[[{section}]]` is a list of entries, which variables cannot reach; change it in the file (a thing's key comes from its key_env or key_file)"),
+                    )
+                } else {
+                    refused(name, format!("`{section}` is not a section"))
+                }
+            })?;
         }
         let key = path.last().cloned().unwrap_or_default();
         let typed = override_value(table.get(&key), value);
@@ -922,6 +930,16 @@ listen = "127.0.0.1:9187"
         .unwrap();
         assert_eq!(good.source.unwrap().url, "http://10.0.0.1:80");
         assert_eq!(good.parquet.unwrap().max_rows, 5000);
+        let thing = apply_overrides(
+            "[[thing]]\nname = \"a\"\n",
+            vec![("DWEETPIPE__THING__NAME".to_owned(), "b".to_owned())],
+        )
+        .unwrap_err();
+        assert!(
+            thing.problem.contains("`[[thing]]` is a list")
+                && thing.problem.contains("in the file"),
+            "{thing}"
+        );
     }
 
     #[test]

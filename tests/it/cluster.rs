@@ -531,6 +531,14 @@ async fn a_nats_restart_loses_and_repeats_nothing() {
     setup.wait_caught_up(&[&a, &b]).await;
     // The output's backlog drains once NATS is back.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let publishes = value(
+        &a.metrics().await,
+        "dweetpipe_sink_write_duration_seconds_count{sink=\"nats\"}",
+    );
+    assert!(
+        publishes > 0.0,
+        "the output's publishes are timed like every sink's writes"
+    );
     stop(vec![a, b]).await;
     let stored = setup.assert_every_sink_exactly_once().await;
     let read = output_stream(&setup.nats, "cluster-restart").await;

@@ -124,10 +124,16 @@ impl Loop {
                 .iter()
                 .filter(|r| matches!(r, Record::Dweet(_)))
                 .count();
+            let started = std::time::Instant::now();
             let published = tokio::select! {
                 _ = self.give_up.cancelled() => None,
                 published = open.publish(&records) => Some(published),
             };
+            if published.is_some() {
+                self.metrics
+                    .sink_write_duration(SinkName::Nats)
+                    .observe(started.elapsed().as_secs_f64());
+            }
             match published {
                 Some(Ok(skipped)) => {
                     self.metrics.duplicates_dropped.inc_by(skipped as u64);

@@ -590,7 +590,6 @@ impl ParquetSink {
             {
                 dirs.push(parent);
             }
-            self.metrics.parquet_file_sealed(file.dataset.table());
         }
         for dir in dirs {
             if let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
@@ -599,6 +598,10 @@ impl ParquetSink {
                 }
                 return Err(SinkError::io(dir, error));
             }
+        }
+        // Counted once their folders are synced: only then are the files in place for good.
+        for file in &finished {
+            self.metrics.parquet_file_sealed(file.dataset.table());
         }
         for (thing, created_ms) in generation.watermarks {
             let mark = self.durable.entry(thing).or_insert(created_ms);

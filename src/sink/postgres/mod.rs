@@ -785,7 +785,6 @@ impl PostgresSink {
             self.partitions.ensure(&self.pool, parent, times).await?;
         }
         let mut tx = self.pool.begin().await?;
-        rollup::note(&mut tx, records).await?;
         let (dweets, readings, dead_letters) =
             if tolerant || insert::readings_in(records) < insert::COPY_FROM_READINGS {
                 insert::insert(&mut tx, records, tolerant).await?
@@ -828,19 +827,25 @@ impl PostgresSink {
                 .iter()
                 .map(|t| crate::record::ms_to_datetime(marks[t].1))
                 .collect();
-            sqlx::query(
-                "INSERT INTO things (thing, last_created, last_received_at, updated_at)
+            let (noted_things, noted_buckets) = rollup::to_note(records);
+            let statement = format!(
+                "WITH {}
+                 INSERT INTO things (thing, last_created, last_received_at, updated_at)
                  SELECT * , now() FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])
                  ON CONFLICT (thing) DO UPDATE SET
                    last_created = GREATEST(things.last_created, EXCLUDED.last_created),
                    last_received_at = GREATEST(things.last_received_at, EXCLUDED.last_received_at),
                    updated_at = now()",
-            )
-            .bind(&things)
-            .bind(&created)
-            .bind(&received)
-            .execute(&mut *tx)
-            .await?;
+                rollup::NOTE_BUCKETS
+            );
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .bind(&things)
+                .bind(&created)
+                .bind(&received)
+                .bind(&noted_things)
+                .bind(&noted_buckets)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         for (thing, (created, _)) in marks {

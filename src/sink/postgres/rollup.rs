@@ -3,7 +3,7 @@
 //! every reading.
 //!
 //! Exact by construction: each write notes the (thing, minute) buckets it touched in
-//! `rollup_pending`, in its own transaction, and [`refresh`] recomputes those whole buckets
+//! `rollup_pending`, in its own transaction (see [`NOTE_BUCKETS`]), and [`refresh`] recomputes those whole buckets
 //! from the committed raw rows (and the hours from the minutes), then clears the notes in the
 //! same transaction. A late dweet (backfill, import) marks its old bucket; a repeated dweet
 //! adds no raw row, so recomputing changes nothing. Refreshes take one advisory lock, so two
@@ -37,9 +37,9 @@ pub fn buckets<'a>(
         .collect()
 }
 
-/// Notes the minutes the dweets with readings among `records` fall in, inside the
-/// transaction that stores them.
-pub async fn note(connection: &mut PgConnection, records: &[&Record]) -> Result<(), sqlx::Error> {
+/// The minutes the dweets with readings among `records` fall in, as the columns of
+/// [`NOTE_BUCKETS`]: noted inside the transaction that stores them.
+pub fn to_note<'a>(records: &[&'a Record]) -> (Vec<&'a str>, Vec<DateTime<Utc>>) {
     let touched = buckets(
         records
             .iter()
@@ -48,20 +48,15 @@ pub async fn note(connection: &mut PgConnection, records: &[&Record]) -> Result<
             .map(|d| (d.thing.as_str(), d.created_ms)),
         MINUTE_MS,
     );
-    if touched.is_empty() {
-        return Ok(());
-    }
-    let (things, starts) = columns(&touched);
-    sqlx::query(
-        "INSERT INTO rollup_pending (thing, bucket)
-         SELECT * FROM unnest($1::text[], $2::timestamptz[]) ON CONFLICT DO NOTHING",
-    )
-    .bind(&things)
-    .bind(&starts)
-    .execute(connection)
-    .await?;
-    Ok(())
+    columns(&touched)
 }
+
+/// A common table expression noting `(thing, bucket)` pairs, bound as `$4` (things) and `$5`
+/// (bucket starts), in `rollup_pending`. The sink puts it in front of its watermark statement,
+/// so noting costs no round trip of its own.
+pub const NOTE_BUCKETS: &str = "noted AS (
+    INSERT INTO rollup_pending (thing, bucket)
+    SELECT * FROM unnest($4::text[], $5::timestamptz[]) ON CONFLICT DO NOTHING)";
 
 fn columns<'a>(pairs: &[(&'a str, i64)]) -> (Vec<&'a str>, Vec<DateTime<Utc>>) {
     pairs

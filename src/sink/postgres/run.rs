@@ -25,6 +25,9 @@ use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 const STREAM_STATE_EVERY: Duration = Duration::from_secs(2);
 /// How often the rollups are refreshed when no commit of this worker asks for it.
 const ROLLUP_REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// The least time between two refreshes: the notes of the commits meanwhile are recomputed
+/// together.
+const ROLLUP_REFRESH_GAP: Duration = Duration::from_secs(2);
 /// How often retention is applied and closed partitions re-keyed (and at start).
 const RETENTION_EVERY: Duration = Duration::from_secs(60 * 60);
 /// How often the partitions' upkeep looks whether it is due and this process has the duty.
@@ -140,9 +143,14 @@ struct Upkeep {
     retention_duty: Arc<AtomicBool>,
 }
 
-/// Keeps the rollups current: recomputes the buckets commits noted, right after each commit
-/// (and every few seconds, for whatever another writer of the database noted), and once more
-/// at shutdown. A failed refresh leaves its notes for the next.
+/// Keeps the rollups current: recomputes the buckets commits noted, after a commit but at
+/// most once per [`ROLLUP_REFRESH_GAP`] (and every few seconds, for whatever another writer
+/// of the database noted), and once more at shutdown. A failed refresh leaves its notes for
+/// the next.
+///
+/// The gap matters in a catch-up: every batch adds boards to the same minutes, and each
+/// refresh recomputes a touched minute whole, so refreshing after every commit re-reads those
+/// minutes once per batch, on the cores the writes need.
 async fn keep_rollups(history: History, committed: Arc<Notify>, stop: CancellationToken) {
     loop {
         let stopping = tokio::select! {
@@ -150,6 +158,11 @@ async fn keep_rollups(history: History, committed: Arc<Notify>, stop: Cancellati
             _ = committed.notified() => false,
             _ = tokio::time::sleep(ROLLUP_REFRESH_EVERY) => false,
         };
+        let stopping = stopping
+            || tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(ROLLUP_REFRESH_GAP) => false,
+            };
         if let Err(error) = history.refresh_rollups().await {
             tracing::debug!(%error, "could not refresh the rollups; will retry");
         }
