@@ -313,13 +313,6 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         None => None,
     };
     let watermarks = seed_watermarks(&sink_marks.iter().collect::<Vec<_>>());
-    // "Last dweet" from what the sinks hold, so a thing silent since before this start is
-    // seen as silent (and alerted on) rather than absent.
-    for thing in &config.things {
-        if let Some(newest) = sink_marks.iter().filter_map(|m| m.get(&thing.name)).max() {
-            metrics.set_last_dweet(&thing.name, *newest);
-        }
-    }
 
     let metrics_addr = match &config.metrics {
         Some(metrics_config) => {
@@ -481,6 +474,13 @@ impl WorkerHandle {
                 .entry(thing.name.clone())
                 .or_insert_with(|| Arc::new(AtomicI64::new(NO_WATERMARK))),
         );
+        // "Last dweet" from what the sinks hold, so a thing silent since before it started
+        // here is seen as silent (and alerted on) rather than absent. Only where it runs: a
+        // member exports no series of a thing another member streams (stop_thing drops them).
+        let stored = watermark.load(std::sync::atomic::Ordering::SeqCst);
+        if stored != NO_WATERMARK {
+            self.metrics.set_last_dweet(&thing.name, stored);
+        }
         let start_delay = if spread && !self.source.start_spread.is_zero() {
             self.source
                 .start_spread

@@ -992,3 +992,77 @@ async fn only_the_leader_compacts_and_prunes_a_shared_dataset_and_each_dweet_sta
     }
     setup.db.drop_now().await;
 }
+
+/// The things a member exports per-thing series for that it does not stream.
+async fn series_not_owned(member: &Member) -> BTreeSet<String> {
+    let scrape = member.metrics().await;
+    let running = member.running().await;
+    [
+        "dweetpipe_last_dweet_timestamp_seconds",
+        "dweetpipe_stream_up",
+    ]
+    .iter()
+    .flat_map(|name| series(&scrape, name))
+    .map(|(thing, _)| thing)
+    .filter(|thing| !running.contains(thing))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_member_exports_series_of_things_it_does_not_own_after_restarts_and_a_handover() {
+    let mut setup = Setup::new("cl-series", 24, "").await;
+    let names = ["worker-a", "worker-b", "worker-c"];
+    let first: Vec<Member> = names.iter().map(|n| Member::spawn(n, &setup)).collect();
+    wait_owned(
+        &first.iter().collect::<Vec<_>>(),
+        &setup.things,
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop(first).await;
+    // Restarted on filled sinks: each starts knowing every thing's newest stored dweet.
+    let members: Vec<Member> = names
+        .iter()
+        .map(|n| Member::spawn_with(n, &setup, "-again", &[]))
+        .collect();
+    let all: Vec<&Member> = members.iter().collect();
+    wait_owned(&all, &setup.things, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for member in &members {
+        assert_eq!(
+            series_not_owned(member).await,
+            BTreeSet::new(),
+            "{} after the restart",
+            member.name
+        );
+        assert!(
+            !member.running().await.is_empty(),
+            "{} streams its share",
+            member.name
+        );
+    }
+    // A handover: one leaves, the others take its things.
+    let mut members = members;
+    let mut gone = members.pop().unwrap();
+    gone.process.signal("-TERM");
+    assert!(gone.process.wait().await.success());
+    wait_owned(
+        &members.iter().collect::<Vec<_>>(),
+        &setup.things,
+        Duration::from_secs(20),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for member in &members {
+        assert_eq!(
+            series_not_owned(member).await,
+            BTreeSet::new(),
+            "{} after the handover",
+            member.name
+        );
+    }
+    setup.stop_fleet().await;
+    stop(members).await;
+    setup.db.drop_now().await;
+}
