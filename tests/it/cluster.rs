@@ -1042,9 +1042,18 @@ async fn no_member_exports_series_of_things_it_does_not_own_after_restarts_and_a
             member.name
         );
     }
-    // A handover: one leaves, the others take its things.
+    // A newcomer takes a share, reports its streams up, and one of the first three leaves:
+    // it marks stopped only what it still streamed, not what the newcomer took from it.
     let mut members = members;
-    let mut gone = members.pop().unwrap();
+    members.push(Member::spawn("worker-d", &setup));
+    wait_owned(
+        &members.iter().collect::<Vec<_>>(),
+        &setup.things,
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut gone = members.remove(0);
     gone.process.signal("-TERM");
     assert!(gone.process.wait().await.success());
     wait_owned(
@@ -1062,6 +1071,21 @@ async fn no_member_exports_series_of_things_it_does_not_own_after_restarts_and_a
             member.name
         );
     }
+    // Every thing runs somewhere, and `things.stream_state` says so once the owners wrote.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut connection = setup.db.connect().await;
+    let states: Vec<(String, String)> = sqlx::query_as(
+        "SELECT thing, coalesce(stream_state, '') FROM things WHERE thing = ANY($1)",
+    )
+    .bind(&setup.things)
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    let not_up: Vec<&(String, String)> = states.iter().filter(|(_, s)| s != "up").collect();
+    assert!(
+        not_up.is_empty(),
+        "streams marked other than up while their owner runs them: {not_up:?}"
+    );
     setup.stop_fleet().await;
     stop(members).await;
     setup.db.drop_now().await;

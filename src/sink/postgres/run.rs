@@ -345,8 +345,9 @@ async fn write_backlog(
     }
 }
 
-/// Keeps `things.stream_state` in step with the streams: writes what changed every few
-/// seconds, and `stopped` for every thing at shutdown.
+/// Keeps `things.stream_state` in step with the streams run here: writes what changed every
+/// few seconds, and `stopped` at shutdown for the things still run here (in a cluster, each
+/// thing's state is its owner's to write).
 async fn report_stream_states(states: StreamStates, health: Arc<Health>, stop: CancellationToken) {
     let mut written: HashMap<String, bool> = HashMap::new();
     let mut ticks = tokio::time::interval(STREAM_STATE_EVERY);
@@ -355,8 +356,11 @@ async fn report_stream_states(states: StreamStates, health: Arc<Health>, stop: C
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let changed: Vec<(String, bool)> = health
-            .stream_states()
+        let states_now = health.stream_states();
+        // A thing no longer run here (handed to another member, removed) is the new owner's
+        // to report: forget it, so shutdown does not mark it stopped.
+        written.retain(|thing, _| states_now.iter().any(|(running, _)| running == thing));
+        let changed: Vec<(String, bool)> = states_now
             .into_iter()
             .filter(|(thing, up)| written.get(thing) != Some(up))
             .collect();
