@@ -437,6 +437,20 @@ async fn reconcile_forever(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
+    reconcile_until_stopped(client, &mut things, interval, &metrics, stop).await;
+    // What this process no longer reconciles it no longer reports: in a cluster the new
+    // leader's gauges are the truth, and a former leader's would be summed beside them.
+    metrics.lifecycle_drift.set(0);
+    metrics.lifecycle_problems.set(0);
+}
+
+async fn reconcile_until_stopped(
+    client: Client,
+    things: &mut watch::Receiver<Arc<Vec<ThingConfig>>>,
+    interval: Duration,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) {
     loop {
         let current = Arc::clone(&things.borrow_and_update());
         let plan = tokio::select! {
@@ -474,6 +488,37 @@ mod tests {
     use super::*;
     use crate::alert::AlertSpec;
     use crate::client::Recipient;
+
+    /// A process that stops reconciling (it lost the leadership) stops reporting: the new
+    /// leader's gauges are summed beside whatever it leaves behind.
+    #[tokio::test]
+    async fn a_stopped_reconciler_reports_no_drift_and_no_problems() {
+        let metrics = Arc::new(Metrics::new().unwrap());
+        // Nothing listens there: every thing's plan is a problem.
+        let client = Client::new("http://127.0.0.1:1").unwrap();
+        let reconciler = Reconciler::start(
+            client,
+            vec![ThingConfig {
+                manage: true,
+                ..thing(Some("lock"), None)
+            }],
+            LifecycleConfig {
+                interval: Duration::from_millis(50),
+            },
+            Arc::clone(&metrics),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while metrics.lifecycle_problems.get() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the problem was never reported"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        reconciler.stop().await;
+        assert_eq!(metrics.lifecycle_problems.get(), 0);
+        assert_eq!(metrics.lifecycle_drift.get(), 0);
+    }
 
     fn thing(lock: Option<&str>, alert: Option<(&str, &str)>) -> ThingConfig {
         ThingConfig {

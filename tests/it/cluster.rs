@@ -1071,6 +1071,25 @@ async fn no_member_exports_series_of_things_it_does_not_own_after_restarts_and_a
             member.name
         );
     }
+    // The fleet dashboard's "Streams up" is whole at any member count: the streams summed
+    // over members, over the fleet's size (which every member reports in full).
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/dashboards/fleet-health.json"
+    ))
+    .unwrap();
+    assert!(
+        dashboard.contains("sum(dweetpipe_stream_up) / max(dweetpipe_things_configured)"),
+        "the panel divides by the fleet's size, not by it once per member"
+    );
+    let mut up = 0.0;
+    let mut configured: f64 = 0.0;
+    for member in &members {
+        let scrape = member.metrics().await;
+        up += value(&scrape, "dweetpipe_stream_up");
+        configured = configured.max(value(&scrape, "dweetpipe_things_configured"));
+    }
+    assert_eq!(up / configured, 1.0, "every stream up, counted once");
     // Every thing runs somewhere, and `things.stream_state` says so once the owners wrote.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut connection = setup.db.connect().await;
