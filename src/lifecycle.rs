@@ -472,7 +472,7 @@ async fn reconcile_until_stopped(
             );
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = apply(&client, &plan, Some(&metrics), |_, _| {}) => {}
+                _ = apply(&client, &plan, Some(metrics), |_, _| {}) => {}
             }
         }
         tokio::select! {
