@@ -36,6 +36,10 @@ use crate::nats::{NatsError, connect, redact_urls};
 use crate::settings::Invalid;
 use crate::telemetry::{Health, Metrics};
 
+/// The longest wait between two turns of the membership loop.
+const MAX_TICK: Duration = Duration::from_secs(5);
+/// The longest a turn waits on NATS.
+const MAX_TURN: Duration = Duration::from_secs(15);
 const MEMBER_PREFIX: &str = "member.";
 const LEADER_KEY: &str = "leader";
 const ROSTER_KEY: &str = "roster";
@@ -150,9 +154,18 @@ impl ClusterConfig {
         format!("dweetpipe-{}", self.name)
     }
 
-    /// How often a member renews and looks at the others: four times a lease.
+    /// How often a member renews and looks at the others: four times a lease, and at least
+    /// every 5 s, so a long lease never leaves the membership loop quiet for longer than the
+    /// health check's `stuck_after` (30 s by default) allows.
     pub fn tick(&self) -> Duration {
-        (self.lease / 4).max(Duration::from_millis(250))
+        (self.lease / 4).clamp(Duration::from_millis(250), MAX_TICK)
+    }
+
+    /// How long one turn may wait on NATS: never past half a lease (a hung request must not
+    /// freeze the view), nor past 15 s (with [`ClusterConfig::tick`], the loop turns within
+    /// 20 s whatever the lease).
+    pub fn turn_timeout(&self) -> Duration {
+        (self.lease / 2).min(MAX_TURN)
     }
 }
 
@@ -350,8 +363,7 @@ impl Turns {
                 _ = ticks.tick() => {}
                 () = self.hurry.notified() => {}
             }
-            // A turn never outlasts the lease: a hung request must not freeze the view.
-            let turn = tokio::time::timeout(self.config.lease / 2, self.turn());
+            let turn = tokio::time::timeout(self.config.turn_timeout(), self.turn());
             let seen = match turn.await {
                 Ok(Ok(seen)) => Some(seen),
                 Ok(Err(problem)) => {
@@ -359,7 +371,10 @@ impl Turns {
                     None
                 }
                 Err(_) => {
-                    self.problem("NATS did not answer within half a lease".to_owned());
+                    self.problem(format!(
+                        "NATS did not answer within {:?}",
+                        self.config.turn_timeout()
+                    ));
                     None
                 }
             };
@@ -666,6 +681,33 @@ mod tests {
         assert_eq!(config.lease, Duration::from_secs(10));
         assert_eq!(config.bucket(), "dweetpipe-dweetpipe");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_membership_loop_turns_well_within_stuck_after_whatever_the_lease() {
+        // (lease, tick, turn timeout)
+        let cases = [
+            ("1s", 250, 500),
+            ("2s", 500, 1000),
+            ("10s", 2500, 5000),
+            ("2m", 5000, 15_000),
+            ("10m", 5000, 15_000),
+        ];
+        for (lease, tick_ms, turn_ms) in cases {
+            let config = section(&format!(
+                "nats_url = \"nats://h\"\nmember = \"a\"\nlease = \"{lease}\""
+            ));
+            assert_eq!(config.tick(), Duration::from_millis(tick_ms), "{lease}");
+            assert_eq!(
+                config.turn_timeout(),
+                Duration::from_millis(turn_ms),
+                "{lease}"
+            );
+            assert!(
+                config.tick() + config.turn_timeout() < Duration::from_secs(30),
+                "{lease}: the loop beats within the default stuck_after"
+            );
+        }
     }
 
     #[test]
