@@ -3,6 +3,7 @@
 //! alone.
 
 mod cluster;
+mod copy_text;
 mod history;
 
 use std::process::Stdio;
@@ -621,13 +622,11 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         }
         for batch in records.chunks(10_000) {
             let dweets = batch.iter().filter(|r| matches!(r, Record::Dweet(_)));
-            let rows = dweetpipe::sink::postgres::copy_rows(dweets.clone());
+            let rows = copy_text::CopyRows::of(dweets.clone());
             std::io::Write::write_all(&mut outputs[0], rows.dweets.as_bytes())?;
             std::io::Write::write_all(&mut outputs[1], rows.readings.as_bytes())?;
             for half in 0..2 {
-                let rows = dweetpipe::sink::postgres::copy_rows(
-                    dweets.clone().filter(|r| half_of(r) == half),
-                );
+                let rows = copy_text::CopyRows::of(dweets.clone().filter(|r| half_of(r) == half));
                 std::io::Write::write_all(&mut outputs[2 + 2 * half], rows.dweets.as_bytes())?;
                 std::io::Write::write_all(&mut outputs[3 + 2 * half], rows.readings.as_bytes())?;
             }

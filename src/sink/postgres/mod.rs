@@ -37,7 +37,6 @@ use crate::record::{DeadLetter, Record};
 use crate::settings::Invalid;
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
 use copy::BinaryRows;
-pub use copy::CopyRows;
 
 /// The schema, embedded so the binary migrates without the source tree.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -67,17 +66,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../../migrations/0005_readings_arranged_when_closed.sql"),
     ),
 ];
-
-/// The dweets among `records` as COPY text, for `psql \copy` (the import benchmark's
-/// reference loads the rows the sink writes this way).
-pub fn copy_rows<'a>(records: impl IntoIterator<Item = &'a Record>) -> CopyRows {
-    let mut rows = CopyRows::default();
-    records
-        .into_iter()
-        .filter_map(Record::as_dweet)
-        .for_each(|dweet| rows.push_dweet(dweet));
-    rows
-}
 
 /// A database URL. It carries the password, so it never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -478,9 +466,19 @@ pub struct History {
 }
 
 impl History {
-    /// Recomputes the rollup buckets that commits noted; see [`rollup`].
+    /// Recomputes every rollup bucket that commits noted; see [`rollup`].
     pub async fn refresh_rollups(&self) -> Result<usize, PostgresError> {
-        rollup::refresh_all(&self.pool, &self.partitions)
+        self.refresh_rollups_before(None).await
+    }
+
+    /// The same for the minutes that start before `before_ms` only: the live worker leaves a
+    /// minute that is still filling for when it has closed, so it is read once, not once per
+    /// refresh.
+    pub async fn refresh_rollups_before(
+        &self,
+        before_ms: Option<i64>,
+    ) -> Result<usize, PostgresError> {
+        rollup::refresh_all(&self.pool, &self.partitions, before_ms)
             .await
             .map_err(|e| PostgresError::database(&e, &self.url))
     }

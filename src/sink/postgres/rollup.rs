@@ -65,9 +65,13 @@ fn columns<'a>(pairs: &[(&'a str, i64)]) -> (Vec<&'a str>, Vec<DateTime<Utc>>) {
         .unzip()
 }
 
-/// Recomputes up to [`REFRESH_BUCKETS`] noted minutes and their hours; returns how many
-/// minutes it recomputed (0: the rollups are current).
-pub async fn refresh(pool: &PgPool, partitions: &Partitions) -> Result<usize, sqlx::Error> {
+/// Recomputes up to [`REFRESH_BUCKETS`] noted minutes that start before `before_ms` (all
+/// when `None`) and their hours; returns how many minutes it recomputed (0: nothing left).
+pub async fn refresh(
+    pool: &PgPool,
+    partitions: &Partitions,
+    before_ms: Option<i64>,
+) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(LOCK_KEY)
@@ -75,9 +79,12 @@ pub async fn refresh(pool: &PgPool, partitions: &Partitions) -> Result<usize, sq
         .await?;
     let pending: Vec<(String, i64)> = sqlx::query_as(
         "SELECT thing, (extract(epoch FROM bucket) * 1000)::bigint
-           FROM rollup_pending ORDER BY bucket LIMIT $1",
+           FROM rollup_pending
+          WHERE $2::double precision IS NULL OR bucket < to_timestamp($2 / 1000)
+          ORDER BY bucket LIMIT $1",
     )
     .bind(REFRESH_BUCKETS)
+    .bind(before_ms.map(|ms| ms as f64))
     .fetch_all(&mut *tx)
     .await?;
     if pending.is_empty() {
@@ -212,11 +219,16 @@ async fn arranged_readings(connection: &mut PgConnection) -> Result<Vec<Span>, s
     Ok(spans)
 }
 
-/// Refreshes until nothing is pending (an import's last step); returns the minutes recomputed.
-pub async fn refresh_all(pool: &PgPool, partitions: &Partitions) -> Result<usize, sqlx::Error> {
+/// Refreshes until nothing noted before `before_ms` (anything, when `None`: an import's last
+/// step) is pending; returns the minutes recomputed.
+pub async fn refresh_all(
+    pool: &PgPool,
+    partitions: &Partitions,
+    before_ms: Option<i64>,
+) -> Result<usize, sqlx::Error> {
     let mut total = 0;
     loop {
-        match refresh(pool, partitions).await? {
+        match refresh(pool, partitions, before_ms).await? {
             0 => return Ok(total),
             done => total += done,
         }
