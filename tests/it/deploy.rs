@@ -489,14 +489,26 @@ async fn dashboards_and_alert_rules_match_what_a_running_worker_exports() {
         .await
         .unwrap();
     assert_eq!(names, things, "the $thing variable lists the fleet");
+    // The rollup panels trail the raw rows by a refresh (seconds): wait for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for panel in sensors["panels"].as_array().unwrap() {
         let raw = panel["targets"][0]["rawSql"].as_str().unwrap();
         assert!(raw.contains("$__timeFilter("), "{raw}");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(expand_grafana_sql(raw, "S5D9-0001")))
-            .fetch_all(&mut connection)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}\n{raw}", panel["title"]));
-        assert!(!rows.is_empty(), "{} shows data", panel["title"]);
+        loop {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(expand_grafana_sql(raw, "S5D9-0001")))
+                .fetch_all(&mut connection)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}\n{raw}", panel["title"]));
+            if !rows.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} shows data",
+                panel["title"]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     drop(connection);
     worker.shutdown(Duration::from_secs(10)).await.unwrap();

@@ -196,6 +196,21 @@ async fn agrees_with_duckdb(label: &str, dir: &Path, prefix: &str, from_ms: i64,
     }
 }
 
+/// `dweetpipe import --config config file`, which must succeed.
+async fn import(config: &Path, file: &Path) {
+    let output = Command::new(BIN)
+        .args(["import", "--config"])
+        .args([config, file])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// JSON Lines of `boards` dweeting every `every_ms` from `start_ms`, `count` times each.
 fn history_file(path: &Path, boards: &[String], start_ms: i64, every_ms: i64, count: i64) {
     let mut text = String::new();
@@ -256,21 +271,7 @@ async fn query_agrees_with_duckdb_on_an_imported_dataset_before_and_after_compac
     history_file(&newer, &boards, start + 216 * 10 * MINUTE, 10 * MINUTE, 216);
     history_file(&older, &boards, start, 10 * MINUTE, 216);
     for file in [&newer, &older] {
-        let output = Command::new(BIN)
-            .args([
-                "import",
-                "--config",
-                config.to_str().unwrap(),
-                file.to_str().unwrap(),
-            ])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        import(&config, file).await;
     }
     let (from, to) = (start + 5 * MINUTE, start + 3 * DAY - 7 * MINUTE);
     agrees_with_duckdb("imported", &parquet, &prefix, from, to).await;
@@ -475,17 +476,7 @@ async fn bad_input_is_refused_naming_the_flag_and_what_exists() {
         format!("[parquet]\ndir = \"{}\"\n", parquet.display()),
     )
     .unwrap();
-    let output = Command::new(BIN)
-        .args([
-            "import",
-            "--config",
-            config.to_str().unwrap(),
-            file.to_str().unwrap(),
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success());
+    import(&config, &file).await;
     let no_parquet = dir.path().join("no-parquet.toml");
     std::fs::write(
         &no_parquet,

@@ -585,15 +585,18 @@ mod tests {
         .unwrap()
     }
 
+    /// A stop after each step, and none.
+    const EVERY_STOP: [Option<Step>; 5] = [
+        Some(Step::Written),
+        Some(Step::Retired),
+        Some(Step::Renamed),
+        Some(Step::RemovedOne),
+        None,
+    ];
+
     #[test]
     fn a_kill_at_any_compaction_step_leaves_every_dweet_once() {
-        for stop in [
-            Some(Step::Written),
-            Some(Step::Retired),
-            Some(Step::Renamed),
-            Some(Step::RemovedOne),
-            None,
-        ] {
+        for stop in EVERY_STOP {
             let dir = tempfile::tempdir().unwrap();
             let expected = fill(dir.path());
             let marks = open(dir.path()).watermarks().clone();
@@ -622,13 +625,7 @@ mod tests {
 
     #[test]
     fn a_reader_sees_every_row_once_at_every_compaction_step() {
-        for stop in [
-            Some(Step::Written),
-            Some(Step::Retired),
-            Some(Step::Renamed),
-            Some(Step::RemovedOne),
-            None,
-        ] {
+        for stop in EVERY_STOP {
             let dir = tempfile::tempdir().unwrap();
             let expected = fill(dir.path()).len();
             compact_later(dir.path(), stop);

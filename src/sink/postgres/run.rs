@@ -32,9 +32,11 @@ const ROLLUP_REFRESH_GAP: Duration = Duration::from_secs(2);
 /// refresh recomputes whole minutes, which every batch of a catch-up adds boards to.
 const ROLLUP_DEFER_MAX: Duration = Duration::from_secs(30);
 
-/// How long after a minute ends its rollup is first computed: dweets of the last seconds
-/// are still on their way.
+/// How long after a minute ends its rollup is computed once more: dweets of the last
+/// seconds are still on their way.
 const ROLLUP_SETTLE_MS: i64 = 5_000;
+/// How often the minutes still filling are recomputed.
+const ROLLUP_OPEN_EVERY: Duration = Duration::from_secs(10);
 
 /// What the writer tells the rollups' refresher after each commit.
 #[derive(Default)]
@@ -163,10 +165,10 @@ struct Upkeep {
 /// of the database noted), and everything once more at shutdown. A failed refresh leaves its
 /// notes for the next.
 ///
-/// A minute still filling waits until it has closed ([`ROLLUP_SETTLE_MS`] after its end):
-/// recomputed on every refresh, the live stream's current minute would be read whole every
-/// few seconds, on the cores the writes need. So the minute rollup trails the raw rows by a
-/// minute or two, which no panel notices (they read raw rows for the last day and a half).
+/// A minute still filling is recomputed at most every [`ROLLUP_OPEN_EVERY`], and once more
+/// after it has closed ([`ROLLUP_SETTLE_MS`] after its end): recomputed on every refresh, the
+/// live stream's current minute would be read whole every few seconds, on the cores the
+/// writes need. So the rollups trail the raw rows by about ten seconds.
 ///
 /// A catch-up defers them further (up to [`ROLLUP_DEFER_MAX`]): every batch adds boards to
 /// the same minutes, and each refresh recomputes a touched minute whole, so refreshing after
@@ -176,6 +178,7 @@ struct Upkeep {
 /// runs.
 async fn keep_rollups(history: History, committed: Arc<Committed>, stop: CancellationToken) {
     let mut refreshed_at = Instant::now();
+    let mut open_refreshed_at: Option<Instant> = None;
     loop {
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
@@ -194,9 +197,15 @@ async fn keep_rollups(history: History, committed: Arc<Committed>, stop: Cancell
                 _ = tokio::time::sleep(ROLLUP_REFRESH_GAP) => false,
             };
         refreshed_at = Instant::now();
-        // Minutes still filling wait until they close; at shutdown everything goes.
+        // Minutes still filling are recomputed at most every ROLLUP_OPEN_EVERY; at shutdown
+        // everything goes.
+        let open_too =
+            stopping || open_refreshed_at.is_none_or(|at| at.elapsed() >= ROLLUP_OPEN_EVERY);
+        if open_too {
+            open_refreshed_at = Some(Instant::now());
+        }
         let closed_before =
-            (!stopping).then(|| now_ms() - rollup::MINUTE_MS - ROLLUP_SETTLE_MS + 1);
+            (!open_too).then(|| now_ms() - rollup::MINUTE_MS - ROLLUP_SETTLE_MS + 1);
         if let Err(error) = history.refresh_rollups_before(closed_before).await {
             tracing::debug!(%error, "could not refresh the rollups; will retry");
         }
