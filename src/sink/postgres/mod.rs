@@ -468,17 +468,20 @@ pub struct History {
 impl History {
     /// Recomputes every rollup bucket that commits noted; see [`rollup`].
     pub async fn refresh_rollups(&self) -> Result<usize, PostgresError> {
-        self.refresh_rollups_before(None).await
+        rollup::refresh_all(&self.pool, &self.partitions, None)
+            .await
+            .map_err(|e| PostgresError::database(&e, &self.url))
     }
 
-    /// The same for the minutes that start before `before_ms` only: the live worker leaves a
-    /// minute that is still filling for when it has closed, so it is read once, not once per
-    /// refresh.
-    pub async fn refresh_rollups_before(
+    /// One pass (up to a few thousand buckets) over the noted minutes that start before
+    /// `before_ms` (all when `None`): what the live worker does after commits. One pass, not
+    /// until nothing is pending: other writers of the database may note minutes as fast as it
+    /// recomputes them.
+    pub async fn refresh_rollups_once(
         &self,
         before_ms: Option<i64>,
     ) -> Result<usize, PostgresError> {
-        rollup::refresh_all(&self.pool, &self.partitions, before_ms)
+        rollup::refresh(&self.pool, &self.partitions, before_ms)
             .await
             .map_err(|e| PostgresError::database(&e, &self.url))
     }

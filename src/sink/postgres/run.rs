@@ -37,6 +37,8 @@ const ROLLUP_DEFER_MAX: Duration = Duration::from_secs(30);
 const ROLLUP_SETTLE_MS: i64 = 5_000;
 /// How often the minutes still filling are recomputed.
 const ROLLUP_OPEN_EVERY: Duration = Duration::from_secs(10);
+/// How long the last refresh may hold up a shutdown.
+const SHUTDOWN_REFRESH: Duration = Duration::from_secs(3);
 
 /// What the writer tells the rollups' refresher after each commit.
 #[derive(Default)]
@@ -206,8 +208,19 @@ async fn keep_rollups(history: History, committed: Arc<Committed>, stop: Cancell
         }
         let closed_before =
             (!open_too).then(|| now_ms() - rollup::MINUTE_MS - ROLLUP_SETTLE_MS + 1);
-        if let Err(error) = history.refresh_rollups_before(closed_before).await {
-            tracing::debug!(%error, "could not refresh the rollups; will retry");
+        let refresh = history.refresh_rollups_once(closed_before);
+        // At shutdown one bounded pass: what is left stays noted for the next refresher.
+        let finished = if stopping {
+            tokio::time::timeout(SHUTDOWN_REFRESH, refresh).await.ok()
+        } else {
+            Some(refresh.await)
+        };
+        match finished {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                tracing::debug!(%error, "could not refresh the rollups; will retry")
+            }
+            None => tracing::debug!("the rollups' last refresh did not finish before shutdown"),
         }
         if stopping {
             return;
