@@ -164,7 +164,7 @@ struct Upkeep {
 
 /// Keeps the rollups current: recomputes the buckets commits noted, after a commit but at
 /// most once per [`ROLLUP_REFRESH_GAP`] (and every few seconds, for whatever another writer
-/// of the database noted), and everything once more at shutdown. A failed refresh leaves its
+/// of the database noted), and once more (a bounded pass) at shutdown. A failed refresh leaves its
 /// notes for the next.
 ///
 /// A minute still filling is recomputed at most every [`ROLLUP_OPEN_EVERY`], and once more
