@@ -196,17 +196,18 @@ async fn agrees_with_duckdb(label: &str, dir: &Path, prefix: &str, from_ms: i64,
     }
 }
 
-/// `dweetpipe import --config config file`, which must succeed.
-async fn import(config: &Path, file: &Path) {
+/// `dweetpipe VERB --config CONFIG [ARGS]`, which must succeed.
+async fn dweetpipe_ok(verb: &str, config: &Path, args: &[&Path]) {
     let output = Command::new(BIN)
-        .args(["import", "--config"])
-        .args([config, file])
+        .args([verb, "--config"])
+        .arg(config)
+        .args(args)
         .output()
         .await
         .unwrap();
     assert!(
         output.status.success(),
-        "{}",
+        "dweetpipe {verb}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
@@ -271,21 +272,12 @@ async fn query_agrees_with_duckdb_on_an_imported_dataset_before_and_after_compac
     history_file(&newer, &boards, start + 216 * 10 * MINUTE, 10 * MINUTE, 216);
     history_file(&older, &boards, start, 10 * MINUTE, 216);
     for file in [&newer, &older] {
-        import(&config, file).await;
+        dweetpipe_ok("import", &config, &[file]).await;
     }
     let (from, to) = (start + 5 * MINUTE, start + 3 * DAY - 7 * MINUTE);
     agrees_with_duckdb("imported", &parquet, &prefix, from, to).await;
 
-    let output = Command::new(BIN)
-        .args(["compact", "--config", config.to_str().unwrap()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    dweetpipe_ok("compact", &config, &[]).await;
     assert_eq!(
         date_folders_with_files(&parquet),
         [1, 1, 1],
@@ -476,7 +468,7 @@ async fn bad_input_is_refused_naming_the_flag_and_what_exists() {
         format!("[parquet]\ndir = \"{}\"\n", parquet.display()),
     )
     .unwrap();
-    import(&config, &file).await;
+    dweetpipe_ok("import", &config, &[&file]).await;
     let no_parquet = dir.path().join("no-parquet.toml");
     std::fs::write(
         &no_parquet,
