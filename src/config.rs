@@ -19,6 +19,7 @@ use crate::client::Key;
 use crate::cluster::ClusterConfig;
 use crate::lifecycle::LifecycleConfig;
 use crate::settings::Invalid;
+use crate::sink::SinkConfig;
 use crate::sink::nats::NatsConfig;
 use crate::sink::parquet::ParquetConfig;
 use crate::sink::postgres::PostgresConfig;
@@ -233,6 +234,48 @@ impl Config {
             nats: raw.nats,
             shutdown_timeout: raw.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
         })
+    }
+
+    /// The configured sinks, in the order the worker starts them. A new sink is one more
+    /// line here (and its section above).
+    pub fn sinks(&self) -> Vec<&dyn SinkConfig> {
+        let mut sinks: Vec<&dyn SinkConfig> = Vec::new();
+        sinks.extend(self.parquet.as_ref().map(|c| c as &dyn SinkConfig));
+        sinks.extend(self.postgres.as_ref().map(|c| c as &dyn SinkConfig));
+        sinks.extend(self.nats.as_ref().map(|c| c as &dyn SinkConfig));
+        sinks
+    }
+
+    /// The sections `newer` changes that take effect only at the next start (a reload keeps
+    /// the running ones).
+    pub fn changes_needing_restart(&self, newer: &Config) -> Vec<String> {
+        let changed = [
+            ("parquet", self.parquet != newer.parquet),
+            ("postgres", self.postgres != newer.postgres),
+            (
+                "metrics",
+                self.metrics.as_ref().map(|m| m.listen) != newer.metrics.as_ref().map(|m| m.listen),
+            ),
+            ("nats", self.nats != newer.nats),
+            ("cluster", self.cluster != newer.cluster),
+        ];
+        changed
+            .into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(section, _)| section.to_owned())
+            .collect()
+    }
+
+    /// `newer` with the running values of the sections a reload cannot change.
+    pub fn keeping_restart_sections(&self, newer: Config) -> Config {
+        Config {
+            parquet: self.parquet.clone(),
+            postgres: self.postgres.clone(),
+            metrics: self.metrics.clone(),
+            nats: self.nats.clone(),
+            cluster: self.cluster.clone(),
+            ..newer
+        }
     }
 
     /// A configuration error about this file, for checks made after loading.

@@ -18,6 +18,7 @@
 //! sinks made it durable. A member that cannot renew for a whole lease owns nothing (the
 //! others take its things); while NATS is only slow it keeps what it has.
 
+pub mod handover;
 pub mod ownership;
 
 use std::collections::{BTreeMap, BTreeSet};

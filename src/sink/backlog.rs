@@ -103,6 +103,25 @@ pub struct Backlog {
     _lock: DirLock,
 }
 
+/// A sink's buffer settings, the same three keys in every sink's section: how many records
+/// wait in memory, then where and how much on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BacklogConfig {
+    pub memory_max_rows: usize,
+    pub spool_dir: PathBuf,
+    pub spool_max: u64,
+}
+
+/// `memory_max_rows` when a section does not set it.
+pub fn default_memory_max_rows() -> usize {
+    100_000
+}
+
+/// `spool_max` when a section does not set it: 1 GiB.
+pub fn default_spool_max() -> u64 {
+    1 << 30
+}
+
 fn segment_number(path: &Path) -> Option<u64> {
     path.file_name()?
         .to_str()?
@@ -113,6 +132,23 @@ fn segment_number(path: &Path) -> Option<u64> {
 }
 
 impl Backlog {
+    /// Opens the backlog a sink's section describes (see [`Backlog::open`]).
+    pub fn open_configured(
+        config: &BacklogConfig,
+        sink: SinkName,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Self, SinkError> {
+        Self::open(
+            &config.spool_dir,
+            sink,
+            config.memory_max_rows,
+            config.spool_max,
+            metrics,
+            health,
+        )
+    }
+
     /// Locks `dir` for this process and opens its spool; segments left by an earlier run come
     /// first.
     pub fn open(

@@ -14,6 +14,7 @@
 
 pub mod backlog;
 pub mod dir_lock;
+pub mod interface;
 pub mod nats;
 pub mod parquet;
 pub mod postgres;
@@ -29,6 +30,7 @@ use crate::record::Record;
 use crate::telemetry::Health;
 pub use backlog::Backlog;
 pub use dir_lock::{DirLock, LockError};
+pub use interface::{RunningSink, SinkConfig, SinkContext, StartedSink};
 
 /// Records the fan-out takes from the pipeline per batch.
 const FAN_OUT_BATCH: usize = 8 * 1024;
@@ -50,6 +52,8 @@ pub enum SinkError {
     Locked(#[from] LockError),
     #[error("the {0} thread panicked; see the log above")]
     Panicked(&'static str),
+    #[error(transparent)]
+    Nats(#[from] crate::nats::NatsError),
 }
 
 impl SinkError {
@@ -71,13 +75,6 @@ impl From<arrow::error::ArrowError> for SinkError {
     fn from(error: arrow::error::ArrowError) -> Self {
         SinkError::Arrow(error)
     }
-}
-
-/// A sink loop that runs as a task (PostgreSQL, the JetStream output): it ends once its
-/// backlog is closed and drained, or, told to give up, spools what it holds and ends.
-pub trait TaskLoop {
-    fn task(&mut self) -> &mut tokio::task::JoinHandle<()>;
-    fn give_up(&self);
 }
 
 /// Hands every batch of `records` to each backlog until the pipeline closes, then closes the

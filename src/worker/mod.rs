@@ -21,24 +21,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::cluster::Membership;
+use crate::cluster::handover::{Decision, Handover, Situation, Turn};
 use crate::config::{Config, ConfigError};
 use crate::lifecycle;
 use crate::nats::NatsError;
 use crate::normalize::Normalizer;
 use crate::record::Record;
-use crate::sink::nats::{NatsLoop, NatsSink};
-use crate::sink::parquet::{ParquetLoop, ParquetSink};
-use crate::sink::postgres::{PostgresLoop, PostgresSink};
-use crate::sink::{Backlog, SinkError};
+use crate::sink::interface::{self, lowest_marks};
+use crate::sink::{Backlog, RunningSink, SinkContext, SinkError};
 use crate::source::subscription::{NO_WATERMARK, Subscription};
 use crate::source::{SourceConfig, ThingConfig};
-use crate::telemetry::{self, Health, Metrics, SinkName};
+use crate::telemetry::{self, Health, Metrics};
 
 /// Records in flight between the subscriptions and the fan-out.
 const PIPELINE_CAPACITY: usize = 16 * 1024;
-/// Leases a new owner waits for the previous one to hand a thing over before it starts the
-/// thing anyway (the previous one's sink is failing, say).
-const HANDOVER_PATIENCE: f64 = 3.0;
 /// How often a handover in progress is looked at again.
 const HANDOVER_CHECK: Duration = Duration::from_millis(200);
 
@@ -99,11 +95,9 @@ pub struct ReloadReport {
 /// A cluster member's side of the handover of things.
 struct ClusterState {
     membership: Membership,
-    /// Things stopped here (another member owns them now), held until every sink made what
-    /// they emitted durable, so the new owner's backfill finds it; since when.
-    releasing: HashMap<String, Instant>,
-    /// Things owned here but still held by another member, since when.
-    waiting: HashMap<String, Instant>,
+    handover: Handover,
+    /// The last turn left a handover under way: look again soon.
+    in_progress: bool,
 }
 
 /// A running worker.
@@ -122,9 +116,8 @@ pub struct WorkerHandle {
     fan_out: std::thread::JoinHandle<()>,
     /// The sinks' backlogs, so shutdown can close them itself if the fan-out does not end.
     backlogs: Vec<Arc<Backlog>>,
-    parquet: Option<ParquetLoop>,
-    postgres: Option<PostgresLoop>,
-    nats: Option<NatsLoop>,
+    /// The sinks' loops, in the order of `Config::sinks`.
+    sinks: Vec<Box<dyn RunningSink>>,
     lifecycle: Option<lifecycle::Reconciler>,
     cluster: Option<ClusterState>,
 }
@@ -138,7 +131,7 @@ pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
             "add [source] with url = \"https://dweet.io\" (or your sandbox)",
         )
     })?;
-    if config.parquet.is_none() && config.postgres.is_none() && config.nats.is_none() {
+    if config.sinks().is_empty() {
         return Err(config.error(
             "parquet",
             "no sink is configured",
@@ -148,256 +141,40 @@ pub fn check_runnable(config: &Config) -> Result<&SourceConfig, ConfigError> {
     Ok(source)
 }
 
-/// How long start-up waits for PostgreSQL before it goes on without it (PostgreSQL's share
-/// then waits in its backlog, and every thing backfills all the source keeps).
-const POSTGRES_PATIENCE: Duration = Duration::from_secs(3);
-
-/// Lets a task loop drain until `give_up_at`, then tells it to give up (it spools what it
-/// holds) and waits until `late`. True when it did not end by then.
-async fn finish_task_loop(
-    task_loop: Option<impl crate::sink::TaskLoop>,
-    give_up_at: Instant,
-    late: Instant,
-) -> bool {
-    let Some(mut task_loop) = task_loop else {
-        return false;
-    };
-    if tokio::time::timeout_at(give_up_at.into(), &mut *task_loop.task())
-        .await
-        .is_ok()
-    {
-        return false;
-    }
-    task_loop.give_up();
-    tokio::time::timeout_at(late.into(), task_loop.task())
-        .await
-        .is_err()
-}
-
-/// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
-/// gets what it misses (the others drop it as already stored). A thing unknown to any sink
-/// (or a sink whose marks are not known yet) starts with none.
-fn seed_watermarks(sinks: &[&HashMap<String, i64>]) -> HashMap<String, Arc<AtomicI64>> {
-    let Some((first, rest)) = sinks.split_first() else {
-        return HashMap::new();
-    };
-    first
-        .iter()
-        .filter_map(|(thing, mark)| {
-            let lowest = rest
-                .iter()
-                .map(|other| other.get(thing).copied())
-                .try_fold(*mark, |low, other| other.map(|o| low.min(o)))?;
-            Some((thing.clone(), Arc::new(AtomicI64::new(lowest))))
-        })
-        .collect()
-}
-
-/// Starts the worker: the sinks' loops (PostgreSQL need not be reachable), metrics, the
-/// fan-out, and every subscription.
+/// Starts the worker: the sinks' loops (their destinations need not answer), metrics, the
+/// fan-out, and every subscription (in a cluster, those of the things this member owns).
 pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
     let source = Arc::new(check_runnable(&config)?.clone());
     let metrics = Arc::new(Metrics::new()?);
-    let stuck_after = config
-        .metrics
-        .as_ref()
-        .map_or(Duration::from_secs(30), |m| m.stuck_after);
-    let health = Arc::new(
-        Health::new(source.start_spread + Duration::from_secs(60), stuck_after)
-            .with_metrics(Arc::clone(&metrics)),
-    );
+    let health = Arc::new(new_health(&config, &source).with_metrics(Arc::clone(&metrics)));
     let background = CancellationToken::new();
-
-    let mut backlogs = Vec::new();
-    let mut sink_marks: Vec<HashMap<String, i64>> = Vec::new();
-    let parquet = match &config.parquet {
-        Some(parquet_config) => {
-            metrics.declare_sink(SinkName::Parquet);
-            // The spool first: opening the sink recovers its directory, which a second
-            // process must never do; both locks are taken before anything is touched.
-            let backlog = Arc::new(Backlog::open(
-                &parquet_config.spool_dir(),
-                SinkName::Parquet,
-                parquet_config.memory_max_rows,
-                parquet_config.spool_max,
-                Arc::clone(&metrics),
-                Arc::clone(&health),
-            )?);
-            let (sink, opened) =
-                ParquetSink::open(parquet_config.clone(), source.history, Arc::clone(&metrics))?;
-            tracing::info!(
-                dir = %parquet_config.dir.display(),
-                removed_temporary = opened.removed_temporary,
-                removed_incomplete = opened.removed_incomplete,
-                things_with_watermark = opened.things_with_watermark,
-                "Parquet sink open"
-            );
-            sink_marks.push(sink.watermarks().clone());
-            backlogs.push(Arc::clone(&backlog));
-            Some((sink, backlog))
-        }
-        None => None,
+    let context = SinkContext {
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+        things: config.things.iter().map(|t| t.name.clone()).collect(),
+        source_history: source.history,
+        // In a cluster the leader has the housekeeping; `rebalance` hands it the duty.
+        leader: config.cluster.is_none(),
     };
-    let postgres = match &config.postgres {
-        Some(postgres_config) => {
-            metrics.declare_sink(SinkName::Postgres);
-            let backlog = Arc::new(Backlog::open(
-                &postgres_config.spool_dir,
-                SinkName::Postgres,
-                postgres_config.memory_max_rows,
-                postgres_config.spool_max,
-                Arc::clone(&metrics),
-                Arc::clone(&health),
-            )?);
-            let connected =
-                PostgresSink::connect(postgres_config, Arc::clone(&metrics), POSTGRES_PATIENCE)
-                    .await;
-            let connected = match connected {
-                Ok(sink) => {
-                    tracing::info!(
-                        things_with_watermark = sink.watermarks().len(),
-                        "PostgreSQL sink open, schema migrated"
-                    );
-                    sink_marks.push(sink.watermarks().clone());
-                    Some(sink)
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "starting without PostgreSQL: its records wait in its backlog until it answers, and every thing backfills what the source keeps");
-                    sink_marks.push(HashMap::new());
-                    None
-                }
-            };
-            backlogs.push(Arc::clone(&backlog));
-            Some((postgres_config.clone(), connected, backlog))
-        }
-        None => None,
-    };
-    let nats = match &config.nats {
-        Some(nats_config) => {
-            metrics.declare_sink(SinkName::Nats);
-            let backlog = Arc::new(Backlog::open(
-                &nats_config.spool_dir,
-                SinkName::Nats,
-                nats_config.memory_max_rows,
-                nats_config.spool_max,
-                Arc::clone(&metrics),
-                Arc::clone(&health),
-            )?);
-            let urls = nats_config.url.clone().unwrap_or_default();
-            let client = crate::nats::connect(&urls, "dweetpipe output", false).await?;
-            let names: Vec<String> = config.things.iter().map(|t| t.name.clone()).collect();
-            let opened = tokio::time::timeout(POSTGRES_PATIENCE, async {
-                let mut sink = NatsSink::open(client.clone(), nats_config).await?;
-                let marks = sink.watermarks(&names).await?;
-                Ok::<_, NatsError>((sink, marks))
-            })
-            .await;
-            let opened = match opened {
-                Ok(Ok((sink, marks))) => {
-                    sink_marks.push(marks);
-                    Some(sink)
-                }
-                failed => {
-                    let why = match failed {
-                        Ok(Err(error)) => error.to_string(),
-                        _ => "no answer within 3 s".to_owned(),
-                    };
-                    tracing::warn!(%why, "starting without the JetStream output: its records wait in its backlog until NATS answers, and every thing backfills what the source keeps");
-                    sink_marks.push(HashMap::new());
-                    None
-                }
-            };
-            backlogs.push(Arc::clone(&backlog));
-            Some((nats_config.clone(), client, opened, backlog))
-        }
-        None => None,
-    };
-    let watermarks = seed_watermarks(&sink_marks.iter().collect::<Vec<_>>());
-
-    let metrics_addr = match &config.metrics {
-        Some(metrics_config) => {
-            let listener = tokio::net::TcpListener::bind(metrics_config.listen)
-                .await
-                .map_err(|error| WorkerError::MetricsBind {
-                    addr: metrics_config.listen,
-                    error,
-                })?;
-            let addr = listener.local_addr().ok();
-            tokio::spawn(telemetry::serve(
-                listener,
-                Arc::clone(&metrics),
-                Arc::clone(&health),
-                background.clone(),
-            ));
-            addr
-        }
-        None => None,
-    };
-
-    let parquet = match parquet {
-        Some((sink, backlog)) => Some(crate::sink::parquet::spawn(
-            sink,
-            backlog,
-            (Arc::clone(&metrics), Arc::clone(&health)),
-            // In a cluster the leader compacts and prunes; `rebalance` hands it the duty.
-            config.cluster.is_none(),
-        )?),
-        None => None,
-    };
-    let postgres = postgres.map(|(postgres_config, connected, backlog)| {
-        crate::sink::postgres::spawn(
-            postgres_config,
-            connected,
-            backlog,
-            Arc::clone(&metrics),
-            Arc::clone(&health),
-            // In a cluster the leader applies retention; `rebalance` hands it the duty.
-            config.cluster.is_none(),
-        )
-    });
-    let nats = nats.map(|(nats_config, client, opened, backlog)| {
-        crate::sink::nats::spawn(
-            nats_config,
-            client,
-            opened,
-            backlog,
-            Arc::clone(&metrics),
-            Arc::clone(&health),
-        )
-    });
-    let cluster = match &config.cluster {
-        Some(cluster_config) => {
-            // A handover waits for what a thing emitted to be durable in every sink.
-            backlogs.iter().for_each(|b| b.track_durable());
-            let mut membership = Membership::join(
-                cluster_config.clone(),
-                Arc::clone(&metrics),
-                Arc::clone(&health),
-            )
-            .await?;
-            let view = membership.first_view(cluster_config.lease).await;
-            tracing::info!(
-                member = cluster_config.member(),
-                members = ?view.members,
-                connected = view.connected,
-                "joined the cluster"
-            );
-            Some(ClusterState {
-                membership,
-                releasing: HashMap::new(),
-                waiting: HashMap::new(),
-            })
-        }
-        None => None,
-    };
+    let mut started = Vec::new();
+    for sink in config.sinks() {
+        started.push(sink.start(&context).await?);
+    }
+    let watermarks = lowest_marks(started.iter().map(|s| &s.marks))
+        .into_iter()
+        .map(|(thing, mark)| (thing, Arc::new(AtomicI64::new(mark))))
+        .collect();
+    let metrics_addr = serve_metrics(&config, &metrics, &health, &background).await?;
+    let (backlogs, sinks): (Vec<_>, Vec<_>) =
+        started.into_iter().map(|s| (s.backlog, s.running)).unzip();
+    let cluster = join_cluster(&config, &backlogs, &metrics, &health).await?;
     let (records, receiver) = mpsc::channel(PIPELINE_CAPACITY);
     let fan_out = crate::sink::spawn_fan_out(receiver, backlogs.clone(), Arc::clone(&health))
         .map_err(|e| WorkerError::Thread("fan-out", e))?;
-    let client = source.client()?;
     let mut worker = WorkerHandle {
         things: HashMap::new(),
         watermarks,
-        client,
+        client: source.client()?,
         source,
         records,
         metrics,
@@ -406,36 +183,105 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         background,
         fan_out,
         backlogs,
-        parquet,
-        postgres,
-        nats,
+        sinks,
         lifecycle: None,
         cluster,
         config: config.clone(),
     };
-    worker
-        .metrics
-        .things_configured
-        .set(config.things.len() as i64);
-    if worker.cluster.is_some() {
-        worker.rebalance().await?;
-    } else {
-        // A process of its own has every duty a cluster gives its leader.
-        worker.metrics.cluster_leader.set(1);
-        worker.reconcile_lifecycle(&config)?;
-        for thing in &config.things {
-            worker.start_thing(thing.clone(), true);
-        }
-        worker
-            .metrics
-            .cluster_things_owned
-            .set(worker.things.len() as i64);
-    }
+    worker.take_up_things(&config).await?;
     tracing::info!(things = worker.things.len(), url = %crate::settings::redact_url(&worker.source.url), mode = ?worker.source.mode, "worker started");
     Ok(worker)
 }
 
+/// What `/healthz` and `/readyz` answer from: a thing may take the start spread and a minute
+/// to connect; a loop is stuck after `[metrics] stuck_after`.
+fn new_health(config: &Config, source: &SourceConfig) -> Health {
+    let stuck_after = config
+        .metrics
+        .as_ref()
+        .map_or(Duration::from_secs(30), |m| m.stuck_after);
+    Health::new(source.start_spread + Duration::from_secs(60), stuck_after)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` when `[metrics]` asks for them; where.
+async fn serve_metrics(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    background: &CancellationToken,
+) -> Result<Option<SocketAddr>, WorkerError> {
+    let Some(metrics_config) = &config.metrics else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(metrics_config.listen)
+        .await
+        .map_err(|error| WorkerError::MetricsBind {
+            addr: metrics_config.listen,
+            error,
+        })?;
+    let addr = listener.local_addr().ok();
+    tokio::spawn(telemetry::serve(
+        listener,
+        Arc::clone(metrics),
+        Arc::clone(health),
+        background.clone(),
+    ));
+    Ok(addr)
+}
+
+/// Joins the cluster `[cluster]` names, if any, and waits for a first view of it.
+async fn join_cluster(
+    config: &Config,
+    backlogs: &[Arc<Backlog>],
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+) -> Result<Option<ClusterState>, WorkerError> {
+    let Some(cluster_config) = &config.cluster else {
+        return Ok(None);
+    };
+    // A handover waits for what a thing emitted to be durable in every sink.
+    backlogs.iter().for_each(|b| b.track_durable());
+    let mut membership = Membership::join(
+        cluster_config.clone(),
+        Arc::clone(metrics),
+        Arc::clone(health),
+    )
+    .await?;
+    let view = membership.first_view(cluster_config.lease).await;
+    tracing::info!(
+        member = cluster_config.member(),
+        members = ?view.members,
+        connected = view.connected,
+        "joined the cluster"
+    );
+    Ok(Some(ClusterState {
+        membership,
+        handover: Handover::default(),
+        in_progress: false,
+    }))
+}
+
 impl WorkerHandle {
+    /// Starts the things of `config`: in a cluster through the handover, otherwise all of
+    /// them, with every duty a cluster gives its leader.
+    async fn take_up_things(&mut self, config: &Config) -> Result<(), WorkerError> {
+        self.metrics
+            .things_configured
+            .set(config.things.len() as i64);
+        if self.cluster.is_some() {
+            return self.rebalance().await;
+        }
+        self.metrics.cluster_leader.set(1);
+        self.reconcile_lifecycle(config)?;
+        for thing in &config.things {
+            self.start_thing(thing.clone(), true);
+        }
+        self.metrics
+            .cluster_things_owned
+            .set(self.things.len() as i64);
+        Ok(())
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -541,24 +387,10 @@ impl WorkerHandle {
                 return Err(error.into());
             }
         };
-        let mut report = ReloadReport::default();
-        if config.parquet != self.config.parquet {
-            report.ignored.push("parquet".to_owned());
-        }
-        if config.postgres != self.config.postgres {
-            report.ignored.push("postgres".to_owned());
-        }
-        if config.metrics.as_ref().map(|m| m.listen)
-            != self.config.metrics.as_ref().map(|m| m.listen)
-        {
-            report.ignored.push("metrics".to_owned());
-        }
-        if config.nats != self.config.nats {
-            report.ignored.push("nats".to_owned());
-        }
-        if config.cluster != self.config.cluster {
-            report.ignored.push("cluster".to_owned());
-        }
+        let mut report = ReloadReport {
+            ignored: self.config.changes_needing_restart(&config),
+            ..ReloadReport::default()
+        };
         let source_changed = *source != *self.source;
         if source_changed {
             self.source = Arc::new(source.clone());
@@ -613,20 +445,7 @@ impl WorkerHandle {
             self.reconcile_lifecycle(&config)?;
         }
         self.metrics.config_reloaded(true);
-        // Sections that need a restart keep their running values.
-        let parquet = self.config.parquet.clone();
-        let postgres = self.config.postgres.clone();
-        let metrics = self.config.metrics.clone();
-        let nats = self.config.nats.clone();
-        let cluster = self.config.cluster.clone();
-        self.config = Config {
-            parquet,
-            postgres,
-            metrics,
-            nats,
-            cluster,
-            ..config
-        };
+        self.config = self.config.keeping_restart_sections(config);
         if self.cluster.is_some() {
             let before: BTreeSet<String> = self.things.keys().cloned().collect();
             self.rebalance().await?;
@@ -646,7 +465,7 @@ impl WorkerHandle {
         let Some(cluster) = self.cluster.as_mut() else {
             return std::future::pending().await;
         };
-        if cluster.releasing.is_empty() && cluster.waiting.is_empty() {
+        if !cluster.in_progress {
             cluster.membership.changed().await;
         } else {
             tokio::select! {
@@ -656,101 +475,32 @@ impl WorkerHandle {
         }
     }
 
-    /// Follows the cluster's ownership: stops the things another member owns now (holding
-    /// them until every sink made them durable), starts the owned things no other member
-    /// holds any more (after a lease, even if one still does), and reconciles the lifecycle
-    /// while this member leads.
+    /// Follows the cluster's ownership ([`Handover`] decides, this carries it out): stops
+    /// the things another member owns now, starts those that moved here, tells the sinks,
+    /// publishes what this member holds, and hands the leader's duties over.
     pub async fn rebalance(&mut self) -> Result<(), WorkerError> {
         // Taken out while the things change (they need `self`), put back before anything fails.
         let Some(mut cluster) = self.cluster.take() else {
             return Ok(());
         };
         let view = cluster.membership.view();
-        let me = cluster.membership.member().to_owned();
-        let lease = cluster.membership.lease();
-        let mut moves = 0u64;
-
-        let lost: Vec<String> = self
-            .things
-            .keys()
-            .filter(|thing| !view.owns(&me, thing))
-            .cloned()
-            .collect();
-        for thing in lost {
-            self.stop_thing(&thing).await;
-            moves += 1;
-            cluster.releasing.insert(thing, Instant::now());
-        }
-        if !cluster.releasing.is_empty()
-            && let Some(parquet) = &self.parquet
-        {
-            parquet.seal_soon();
-        }
-        cluster.releasing.retain(|thing, since| {
-            let durable = self.durable_everywhere(thing);
-            let overdue = since.elapsed() > 2 * lease;
-            if overdue && !durable {
-                tracing::warn!(%thing, "handing over a thing whose records are not all durable here yet; what is missing comes back through the new owner's backfill");
-            }
-            !(durable || overdue || view.owns(&me, thing))
+        let streaming: BTreeSet<String> = self.things.keys().cloned().collect();
+        let configured: Vec<String> = self.config.things.iter().map(|t| t.name.clone()).collect();
+        let durable = |thing: &str| self.durable_everywhere(thing);
+        let turn = cluster.handover.turn(&Situation {
+            me: cluster.membership.member(),
+            view: &view,
+            lease: cluster.membership.lease(),
+            now: Instant::now(),
+            configured: &configured,
+            streaming: &streaming,
+            durable: &durable,
         });
-
-        // Nothing is claimed before the view settled: members started together first see
-        // each other, rather than the first one taking the whole fleet and handing it on.
-        let owned: Vec<ThingConfig> = self
-            .config
-            .things
-            .iter()
-            .filter(|t| {
-                view.settled && view.owns(&me, &t.name) && !self.things.contains_key(&t.name)
-            })
-            .cloned()
-            .collect();
+        let moves = self.carry_out(&turn).await;
         cluster
-            .waiting
-            .retain(|thing, _| owned.iter().any(|t| t.name == *thing));
-        let mut starting = Vec::new();
-        let mut claimed_now = false;
-        for thing in owned {
-            let since = *cluster
-                .waiting
-                .entry(thing.name.clone())
-                .or_insert_with(Instant::now);
-            // Claimed first: only a view read after the claim was published can clear it.
-            if !view.published.contains(&thing.name) {
-                claimed_now = true;
-                continue;
-            }
-            match view.held_elsewhere.get(&thing.name) {
-                Some(holder) if since.elapsed() < lease.mul_f64(HANDOVER_PATIENCE) => {
-                    tracing::debug!(thing = %thing.name, %holder, "waiting for the previous owner to hand over");
-                    continue;
-                }
-                Some(holder) => {
-                    tracing::warn!(thing = %thing.name, %holder, "the previous owner did not hand over within three leases; starting anyway")
-                }
-                None => {}
-            }
-            cluster.waiting.remove(&thing.name);
-            starting.push(thing);
-        }
-        if !starting.is_empty() {
-            // The sinks look at what other members stored before these things' records.
-            if let Some(parquet) = &self.parquet {
-                parquet.absorb_others();
-            }
-            if let Some(nats) = &self.nats {
-                nats.forget_published();
-            }
-            for thing in starting {
-                moves += 1;
-                self.start_thing(thing, false);
-            }
-        }
-        let mut holding: BTreeSet<String> = self.things.keys().cloned().collect();
-        holding.extend(cluster.releasing.keys().cloned());
-        holding.extend(cluster.waiting.keys().cloned());
-        cluster.membership.set_holding(holding, claimed_now);
+            .membership
+            .set_holding(turn.holding.clone(), turn.claimed_now);
+        cluster.in_progress = turn.in_progress();
         self.cluster = Some(cluster);
         self.metrics
             .cluster_things_owned
@@ -764,12 +514,8 @@ impl WorkerHandle {
                 "cluster ownership changed"
             );
         }
-
-        if let Some(postgres) = &self.postgres {
-            postgres.set_retention_duty(view.leader);
-        }
-        if let Some(parquet) = &self.parquet {
-            parquet.set_housekeeping_duty(view.leader);
+        for sink in &self.sinks {
+            sink.set_leader(view.leader);
         }
         if view.leader && self.lifecycle.is_none() {
             let config = self.config.clone();
@@ -780,6 +526,46 @@ impl WorkerHandle {
             reconciler.stop().await;
         }
         Ok(())
+    }
+
+    /// Stops and starts what `turn` says, in the order the sinks need: a stopped thing's
+    /// last records reach them before they seal; they read the others' before a start.
+    /// How many things moved.
+    async fn carry_out(&mut self, turn: &Turn) -> u64 {
+        let mut moves = 0;
+        for thing in turn.to_stop() {
+            self.stop_thing(thing).await;
+            moves += 1;
+        }
+        if turn.sinks_should_seal() {
+            self.sinks.iter().for_each(|s| s.before_handover());
+        }
+        for (thing, decision) in &turn.decisions {
+            match decision {
+                Decision::ReleaseOverdue => {
+                    tracing::warn!(%thing, "handing over a thing whose records are not all durable here yet; what is missing comes back through the new owner's backfill")
+                }
+                Decision::Wait { holder } => {
+                    tracing::debug!(%thing, %holder, "waiting for the previous owner to hand over")
+                }
+                Decision::TakeOver {
+                    forced_from: Some(holder),
+                } => {
+                    tracing::warn!(%thing, %holder, "the previous owner did not hand over in time; starting anyway")
+                }
+                _ => {}
+            }
+        }
+        if turn.sinks_should_absorb() {
+            self.sinks.iter().for_each(|s| s.after_takeover());
+        }
+        for name in turn.to_start() {
+            if let Some(thing) = self.config.things.iter().find(|t| t.name == name) {
+                self.start_thing(thing.clone(), false);
+                moves += 1;
+            }
+        }
+        moves
     }
 
     /// Whether every sink made durable all that `thing`'s subscription emitted here.
@@ -822,9 +608,7 @@ impl WorkerHandle {
             background,
             fan_out,
             backlogs,
-            parquet,
-            postgres,
-            nats,
+            mut sinks,
             lifecycle,
             cluster,
             ..
@@ -856,34 +640,22 @@ impl WorkerHandle {
             .checked_sub(Duration::from_secs(1))
             .unwrap_or(deadline);
         let late = deadline + Duration::from_secs(2);
-        let parquet_done = async {
-            let Some(parquet) = parquet else {
-                return Ok(false);
-            };
-            while !parquet.is_finished() && Instant::now() < give_up_at {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            parquet.give_up();
-            let joined = tokio::task::spawn_blocking(move || parquet.join());
-            match tokio::time::timeout_at(late.into(), joined).await {
-                Ok(joined) => joined
-                    .unwrap_or(Err(SinkError::Panicked("Parquet sink")))
-                    .map(|()| false),
-                // Its thread ends with the process; the spool and backfill keep the records.
-                Err(_) => Ok(true),
-            }
-        };
-        let postgres_done = finish_task_loop(postgres, give_up_at, late);
-        let nats_done = finish_task_loop(nats, give_up_at, late);
-        let (parquet_late, postgres_late, nats_late) =
-            tokio::join!(parquet_done, postgres_done, nats_done);
-        timed_out |= postgres_late || nats_late;
+        let finished = futures_util::future::join_all(
+            sinks
+                .iter_mut()
+                .map(|sink| interface::finish(sink.as_mut(), give_up_at, late)),
+        )
+        .await;
         // Leaving only now: the others start this member's things once they are durable here.
         if let Some(cluster) = cluster {
             cluster.membership.leave().await;
         }
         background.cancel();
-        timed_out |= parquet_late?;
+        for late in finished {
+            // A loop that did not end by then ends with the process; the spool and backfill
+            // keep its records.
+            timed_out |= late?;
+        }
         if timed_out {
             return Err(WorkerError::ShutdownTimeout(timeout));
         }

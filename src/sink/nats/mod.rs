@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use serde::{Deserialize, Serialize};
 
-pub use run::{NatsLoop, spawn};
+pub use run::NatsLoop;
 
 use crate::nats::{NatsError, redact_urls};
 use crate::protocol::format_created;
@@ -50,14 +50,14 @@ pub struct NatsConfig {
     #[serde(default = "default_stream")]
     pub stream: String,
     /// Records held in memory while NATS is down, before the spool. Default 100,000.
-    #[serde(default = "default_memory_max_rows")]
+    #[serde(default = "crate::sink::backlog::default_memory_max_rows")]
     pub memory_max_rows: usize,
     /// Where records wait on disk while NATS is down. Default `data/nats-spool`.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: PathBuf,
     /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
     #[serde(
-        default = "default_spool_max",
+        default = "crate::sink::backlog::default_spool_max",
         deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
@@ -80,19 +80,20 @@ fn default_stream() -> String {
     "dweetpipe-dweets".to_owned()
 }
 
-fn default_memory_max_rows() -> usize {
-    100_000
-}
-
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("data/nats-spool")
 }
 
-fn default_spool_max() -> u64 {
-    1 << 30
-}
-
 impl NatsConfig {
+    /// The buffer settings of this section.
+    pub fn backlog(&self) -> crate::sink::backlog::BacklogConfig {
+        crate::sink::backlog::BacklogConfig {
+            memory_max_rows: self.memory_max_rows,
+            spool_dir: self.spool_dir.clone(),
+            spool_max: self.spool_max,
+        }
+    }
+
     /// Resolves `url_env` (or takes `cluster_url`) into `url` and checks values; keys in the
     /// error are relative to `[nats]`.
     pub fn resolve(
@@ -271,9 +272,14 @@ impl NatsSink {
     ) -> Result<HashMap<String, i64>, NatsError> {
         use futures_util::StreamExt;
         let stream = &self.stream;
-        let answers: Vec<(&String, Result<i64, stream::LastRawMessageError>)> =
-            futures_util::stream::iter(things)
-                .map(|thing| async move { (thing, last_created(stream, thing).await) })
+        // Owned names: a closure over borrowed ones is not `Send` for every lifetime, which
+        // a boxed start-up future needs.
+        let answers: Vec<(String, Result<i64, stream::LastRawMessageError>)> =
+            futures_util::stream::iter(things.iter().cloned())
+                .map(|thing| async move {
+                    let answer = last_created(stream, &thing).await;
+                    (thing, answer)
+                })
                 .buffer_unordered(START_QUERIES)
                 .collect()
                 .await;
@@ -282,7 +288,7 @@ impl NatsSink {
             let mark = answer.map_err(|error| NatsError::new(&self.urls, error))?;
             self.published.insert(thing.clone(), mark);
             if mark != i64::MIN {
-                marks.insert(thing.clone(), mark);
+                marks.insert(thing, mark);
             }
         }
         Ok(marks)

@@ -13,7 +13,11 @@ use super::{NatsConfig, NatsSink};
 use crate::backoff::Backoff;
 use crate::nats::NatsError;
 use crate::record::Record;
+use crate::sink::SinkError;
 use crate::sink::backlog::Backlog;
+use crate::sink::interface::{
+    DESTINATION_PATIENCE, RunningSink, SinkConfig, SinkContext, StartedSink, task_finished,
+};
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
 
 /// Records published per turn at most.
@@ -26,22 +30,77 @@ pub struct NatsLoop {
     forget: Arc<AtomicBool>,
 }
 
-impl NatsLoop {
-    /// Before its next publish, the loop asks the stream again what it holds per thing:
-    /// call it before starting a thing that moved here.
-    pub fn forget_published(&self) {
+impl RunningSink for NatsLoop {
+    fn finished(&mut self) -> futures_util::future::BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(task_finished(&mut self.task, "JetStream output"))
+    }
+
+    fn give_up(&self) {
+        self.give_up.cancel();
+    }
+
+    /// Before its next publish, the loop asks the stream again what it holds per thing.
+    fn after_takeover(&self) {
         self.forget.store(true, Ordering::SeqCst);
     }
 }
 
+impl SinkConfig for NatsConfig {
+    /// NATS need not answer: then the loop opens the stream in the background.
+    fn start<'a>(
+        &'a self,
+        cx: &'a SinkContext,
+    ) -> futures_util::future::BoxFuture<'a, Result<StartedSink, SinkError>> {
+        Box::pin(async move {
+            cx.metrics.declare_sink(SinkName::Nats);
+            let backlog = Arc::new(Backlog::open_configured(
+                &self.backlog(),
+                SinkName::Nats,
+                Arc::clone(&cx.metrics),
+                Arc::clone(&cx.health),
+            )?);
+            let urls = self.url.clone().unwrap_or_default();
+            let client = crate::nats::connect(&urls, "dweetpipe output", false).await?;
+            let opened = tokio::time::timeout(DESTINATION_PATIENCE, async {
+                let mut sink = NatsSink::open(client.clone(), self).await?;
+                let marks = sink.watermarks(&cx.things).await?;
+                Ok::<_, NatsError>((sink, marks))
+            })
+            .await;
+            let (opened, marks) = match opened {
+                Ok(Ok((sink, marks))) => (Some(sink), marks),
+                failed => {
+                    let why = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no answer within {DESTINATION_PATIENCE:?}"),
+                    };
+                    tracing::warn!(%why, "starting without the JetStream output: its records wait in its backlog until NATS answers, and every thing backfills what the source keeps");
+                    (None, std::collections::HashMap::new())
+                }
+            };
+            let running = spawn(
+                self.clone(),
+                client,
+                opened,
+                Arc::clone(&backlog),
+                (Arc::clone(&cx.metrics), Arc::clone(&cx.health)),
+            );
+            Ok(StartedSink {
+                backlog,
+                marks,
+                running: Box::new(running),
+            })
+        })
+    }
+}
+
 /// Starts the loop with a sink opened at start-up, or opens it in the background.
-pub fn spawn(
+fn spawn(
     config: NatsConfig,
     client: async_nats::Client,
     opened: Option<NatsSink>,
     backlog: Arc<Backlog>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    (metrics, health): (Arc<Metrics>, Arc<Health>),
 ) -> NatsLoop {
     let give_up = CancellationToken::new();
     let forget = Arc::new(AtomicBool::new(false));
@@ -186,15 +245,5 @@ impl Loop {
             }
             _ = self.beat.pause_beating(delay) => false,
         }
-    }
-}
-
-impl crate::sink::TaskLoop for NatsLoop {
-    fn task(&mut self) -> &mut JoinHandle<()> {
-        &mut self.task
-    }
-
-    fn give_up(&self) {
-        self.give_up.cancel();
     }
 }

@@ -36,7 +36,7 @@ use serde::Deserialize;
 
 pub use batch::Dataset;
 use batch::Rows;
-pub use run::{ParquetLoop, spawn};
+pub use run::ParquetLoop;
 
 use super::{DirLock, SinkError};
 use crate::record::{Record, ms_before, ms_to_datetime, now_ms};
@@ -70,7 +70,7 @@ pub struct ParquetConfig {
     pub max_rows: u64,
     /// Records held in memory while the directory cannot be written (disk full, read-only),
     /// before the spool. Default 100,000.
-    #[serde(default = "default_memory_max_rows")]
+    #[serde(default = "crate::sink::backlog::default_memory_max_rows")]
     pub memory_max_rows: usize,
     /// Where records wait on disk while the directory cannot be written. Put it on another
     /// filesystem than `dir` to ride out a full disk. Default: beside `dir`, named
@@ -79,7 +79,7 @@ pub struct ParquetConfig {
     pub spool_dir_setting: Option<PathBuf>,
     /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
     #[serde(
-        default = "default_spool_max",
+        default = "crate::sink::backlog::default_spool_max",
         deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
@@ -107,14 +107,6 @@ fn default_rotate_after() -> Duration {
     Duration::from_secs(5 * 60)
 }
 
-fn default_memory_max_rows() -> usize {
-    100_000
-}
-
-fn default_spool_max() -> u64 {
-    1 << 30
-}
-
 fn default_max_rows() -> u64 {
     1_000_000
 }
@@ -125,12 +117,21 @@ impl ParquetConfig {
             dir: dir.into(),
             rotate_after: default_rotate_after(),
             max_rows: default_max_rows(),
-            memory_max_rows: default_memory_max_rows(),
+            memory_max_rows: crate::sink::backlog::default_memory_max_rows(),
             spool_dir_setting: None,
-            spool_max: default_spool_max(),
+            spool_max: crate::sink::backlog::default_spool_max(),
             compact_after: default_compact_after(),
             retention: None,
             member: None,
+        }
+    }
+
+    /// The buffer settings of this section.
+    pub fn backlog(&self) -> crate::sink::backlog::BacklogConfig {
+        crate::sink::backlog::BacklogConfig {
+            memory_max_rows: self.memory_max_rows,
+            spool_dir: self.spool_dir(),
+            spool_max: self.spool_max,
         }
     }
 

@@ -11,10 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::ParquetSink;
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::{ParquetConfig, ParquetSink};
 use crate::backoff::Backoff;
 use crate::sink::SinkError;
 use crate::sink::backlog::{Backlog, Taken};
+use crate::sink::interface::{RunningSink, SinkConfig, SinkContext, StartedSink};
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, fault_point};
 
 /// How often the loop wakes to seal on time when nothing arrives.
@@ -26,7 +30,10 @@ const TAKE_RECORDS: usize = 8 * 1024;
 
 /// The running loop.
 pub struct ParquetLoop {
-    thread: std::thread::JoinHandle<()>,
+    /// Taken once the thread ended, to learn whether it panicked.
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Resolves when the thread ends, however it ends (its sender drops on a panic too).
+    ended: Option<oneshot::Receiver<()>>,
     /// Stop retrying a failing directory: what is held goes to the spool (shutdown deadline).
     give_up: Arc<AtomicBool>,
     requests: Arc<Requests>,
@@ -43,44 +50,85 @@ struct Requests {
     housekeeping: AtomicBool,
 }
 
-impl ParquetLoop {
-    /// Asks a loop stuck on a failing directory to spool what it holds and end.
-    pub fn give_up(&self) {
-        self.give_up.store(true, Ordering::Relaxed);
+impl RunningSink for ParquetLoop {
+    fn finished(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            if let Some(ended) = self.ended.as_mut() {
+                // An error only says the sender dropped without a word: the thread ended too.
+                let _ = ended.await;
+                self.ended = None;
+            }
+            match self.thread.take() {
+                Some(thread) => thread
+                    .join()
+                    .map_err(|_| SinkError::Panicked("Parquet sink")),
+                None => Ok(()),
+            }
+        })
     }
 
-    /// Before its next write, the loop reads what other members sealed into a shared
-    /// directory: call it before starting a thing that moved here.
-    pub fn absorb_others(&self) {
-        self.requests.absorb.store(true, Ordering::SeqCst);
+    /// A loop stuck on a failing directory spools what it holds and ends.
+    fn give_up(&self) {
+        self.give_up.store(true, Ordering::Relaxed);
     }
 
     /// Seals the open generation at the next turn rather than on time: a thing handed to
     /// another member must be durable here first.
-    pub fn seal_soon(&self) {
+    fn before_handover(&self) {
         self.requests.seal.store(true, Ordering::SeqCst);
     }
 
-    /// Whether this process compacts closed dates and applies retention (in a cluster, the
-    /// leader alone does).
-    pub fn set_housekeeping_duty(&self, duty: bool) {
-        self.requests.housekeeping.store(duty, Ordering::SeqCst);
+    /// Before its next write, the loop reads what other members sealed into a shared
+    /// directory.
+    fn after_takeover(&self) {
+        self.requests.absorb.store(true, Ordering::SeqCst);
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
+    /// Whether this process compacts closed dates and applies retention.
+    fn set_leader(&self, leader: bool) {
+        self.requests.housekeeping.store(leader, Ordering::SeqCst);
     }
+}
 
-    /// Waits for the loop to end (after its backlog was closed).
-    pub fn join(self) -> Result<(), SinkError> {
-        self.thread
-            .join()
-            .map_err(|_| SinkError::Panicked("Parquet sink"))
+impl SinkConfig for ParquetConfig {
+    /// The spool first: opening the sink recovers its directory, which a second process must
+    /// never do; both locks are taken before anything is touched.
+    fn start<'a>(&'a self, cx: &'a SinkContext) -> BoxFuture<'a, Result<StartedSink, SinkError>> {
+        Box::pin(async move {
+            cx.metrics.declare_sink(SinkName::Parquet);
+            let backlog = Arc::new(Backlog::open_configured(
+                &self.backlog(),
+                SinkName::Parquet,
+                Arc::clone(&cx.metrics),
+                Arc::clone(&cx.health),
+            )?);
+            let (sink, opened) =
+                ParquetSink::open(self.clone(), cx.source_history, Arc::clone(&cx.metrics))?;
+            tracing::info!(
+                dir = %self.dir.display(),
+                removed_temporary = opened.removed_temporary,
+                removed_incomplete = opened.removed_incomplete,
+                things_with_watermark = opened.things_with_watermark,
+                "Parquet sink open"
+            );
+            let marks = sink.watermarks().clone();
+            let running = spawn(
+                sink,
+                Arc::clone(&backlog),
+                (Arc::clone(&cx.metrics), Arc::clone(&cx.health)),
+                cx.leader,
+            )?;
+            Ok(StartedSink {
+                backlog,
+                marks,
+                running: Box::new(running),
+            })
+        })
     }
 }
 
 /// Starts the loop; it ends once `backlog` is closed and drained (or on `give_up`).
-pub fn spawn(
+fn spawn(
     sink: ParquetSink,
     backlog: Arc<Backlog>,
     (metrics, health): (Arc<Metrics>, Arc<Health>),
@@ -102,12 +150,17 @@ pub fn spawn(
         failing_since: None,
         housekept_at: None,
     };
+    let (ended_sender, ended) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("dweetpipe-parquet".to_owned())
-        .spawn(move || state.run(&runtime))
+        .spawn(move || {
+            state.run(&runtime);
+            let _ = ended_sender.send(());
+        })
         .map_err(|e| SinkError::io(std::path::Path::new("the Parquet sink thread"), e))?;
     Ok(ParquetLoop {
-        thread,
+        thread: Some(thread),
+        ended: Some(ended),
         give_up,
         requests,
     })

@@ -19,7 +19,7 @@ pub mod rollup;
 mod run;
 
 pub use partitions::Partitions;
-pub use run::{PostgresLoop, spawn};
+pub use run::PostgresLoop;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -119,14 +119,14 @@ pub struct PostgresConfig {
     #[serde(default, rename = "max_age")]
     pub removed_max_age: Option<serde::de::IgnoredAny>,
     /// Records held in memory while PostgreSQL is slow or down, before the spool. Default 100,000.
-    #[serde(default = "default_memory_max_rows")]
+    #[serde(default = "crate::sink::backlog::default_memory_max_rows")]
     pub memory_max_rows: usize,
     /// Where records wait on disk while PostgreSQL is down. Default `data/spool`.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: std::path::PathBuf,
     /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
     #[serde(
-        default = "default_spool_max",
+        default = "crate::sink::backlog::default_spool_max",
         deserialize_with = "crate::settings::byte_size"
     )]
     pub spool_max: u64,
@@ -150,16 +150,8 @@ fn default_partition() -> Duration {
     Duration::from_secs(24 * 60 * 60)
 }
 
-fn default_memory_max_rows() -> usize {
-    100_000
-}
-
 fn default_spool_dir() -> std::path::PathBuf {
     std::path::PathBuf::from("data/spool")
-}
-
-fn default_spool_max() -> u64 {
-    1 << 30
 }
 
 fn default_max_rows() -> usize {
@@ -167,15 +159,24 @@ fn default_max_rows() -> usize {
 }
 
 impl PostgresConfig {
+    /// The buffer settings of this section.
+    pub fn backlog(&self) -> crate::sink::backlog::BacklogConfig {
+        crate::sink::backlog::BacklogConfig {
+            memory_max_rows: self.memory_max_rows,
+            spool_dir: self.spool_dir.clone(),
+            spool_max: self.spool_max,
+        }
+    }
+
     pub fn new(url: DatabaseUrl) -> Self {
         PostgresConfig {
             url: Some(url),
             url_env: None,
             max_rows: default_max_rows(),
             removed_max_age: None,
-            memory_max_rows: default_memory_max_rows(),
+            memory_max_rows: crate::sink::backlog::default_memory_max_rows(),
             spool_dir: default_spool_dir(),
-            spool_max: default_spool_max(),
+            spool_max: crate::sink::backlog::default_spool_max(),
             partition: default_partition(),
             retention: None,
             rollup_retention: None,

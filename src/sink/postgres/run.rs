@@ -18,7 +18,11 @@ use tokio_util::sync::CancellationToken;
 use super::{History, PostgresConfig, PostgresError, PostgresSink, StreamStates, rollup};
 use crate::backoff::Backoff;
 use crate::record::{Record, now_ms};
+use crate::sink::SinkError;
 use crate::sink::backlog::Backlog;
+use crate::sink::interface::{
+    DESTINATION_PATIENCE, RunningSink, SinkConfig, SinkContext, StartedSink, task_finished,
+};
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 
 /// How often changed stream states are written to `things.stream_state`.
@@ -54,27 +58,80 @@ const DUTY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// The longest wait between connection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
-/// The running loop (the worker stops it through [`crate::sink::TaskLoop`]).
+/// The running loop.
 pub struct PostgresLoop {
     task: JoinHandle<()>,
     give_up: CancellationToken,
     retention_duty: Arc<AtomicBool>,
 }
 
-impl PostgresLoop {
-    /// Whether this process applies retention (in a cluster, the leader alone does).
-    pub fn set_retention_duty(&self, duty: bool) {
-        self.retention_duty.store(duty, Ordering::Relaxed);
+impl RunningSink for PostgresLoop {
+    fn finished(&mut self) -> futures_util::future::BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(task_finished(&mut self.task, "PostgreSQL sink"))
+    }
+
+    fn give_up(&self) {
+        self.give_up.cancel();
+    }
+
+    /// Retention and re-keying closed partitions are the leader's.
+    fn set_leader(&self, leader: bool) {
+        self.retention_duty.store(leader, Ordering::Relaxed);
+    }
+}
+
+impl SinkConfig for PostgresConfig {
+    /// PostgreSQL need not answer: then the loop connects in the background.
+    fn start<'a>(
+        &'a self,
+        cx: &'a SinkContext,
+    ) -> futures_util::future::BoxFuture<'a, Result<StartedSink, SinkError>> {
+        Box::pin(async move {
+            cx.metrics.declare_sink(SinkName::Postgres);
+            let backlog = Arc::new(Backlog::open_configured(
+                &self.backlog(),
+                SinkName::Postgres,
+                Arc::clone(&cx.metrics),
+                Arc::clone(&cx.health),
+            )?);
+            let connected =
+                PostgresSink::connect(self, Arc::clone(&cx.metrics), DESTINATION_PATIENCE).await;
+            let (connected, marks) = match connected {
+                Ok(sink) => {
+                    tracing::info!(
+                        things_with_watermark = sink.watermarks().len(),
+                        "PostgreSQL sink open, schema migrated"
+                    );
+                    let marks = sink.watermarks().clone();
+                    (Some(sink), marks)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "starting without PostgreSQL: its records wait in its backlog until it answers, and every thing backfills what the source keeps");
+                    (None, HashMap::new())
+                }
+            };
+            let running = spawn(
+                self.clone(),
+                connected,
+                Arc::clone(&backlog),
+                (Arc::clone(&cx.metrics), Arc::clone(&cx.health)),
+                cx.leader,
+            );
+            Ok(StartedSink {
+                backlog,
+                marks,
+                running: Box::new(running),
+            })
+        })
     }
 }
 
 /// Starts the loop with a sink already connected at start-up, or connects in the background.
-pub fn spawn(
+fn spawn(
     config: PostgresConfig,
     connected: Option<PostgresSink>,
     backlog: Arc<Backlog>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    (metrics, health): (Arc<Metrics>, Arc<Health>),
     retention_duty: bool,
 ) -> PostgresLoop {
     let give_up = CancellationToken::new();
@@ -437,15 +494,5 @@ async fn report_stream_states(states: StreamStates, health: Arc<Health>, stop: C
         .collect();
     if let Err(error) = states.write(&stopped).await {
         tracing::debug!(%error, "could not record the stopped stream states");
-    }
-}
-
-impl crate::sink::TaskLoop for PostgresLoop {
-    fn task(&mut self) -> &mut JoinHandle<()> {
-        &mut self.task
-    }
-
-    fn give_up(&self) {
-        self.give_up.cancel();
     }
 }

@@ -1,0 +1,132 @@
+//! The one way a sink is started and driven, so the worker holds a list of sinks rather than
+//! knowing each one: a sink's config section starts it with a [`SinkContext`] and hands back a
+//! [`StartedSink`] (its backlog, its durable marks, and a [`RunningSink`] handle). The worker
+//! then treats every sink alike: the fan-out feeds the backlogs, a cluster handover calls the
+//! same hooks on each, and shutdown finishes each by the same deadline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+
+use super::{Backlog, SinkError};
+use crate::telemetry::{Health, Metrics};
+
+/// What every sink is started with, from outside its own section.
+pub struct SinkContext {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// The configured things' names (a sink that must ask its destination per thing).
+    pub things: Vec<String>,
+    /// How far back the source keeps a thing's history (what a backfill can still bring).
+    pub source_history: Duration,
+    /// Whether this process starts with the housekeeping duties (retention, compaction, ...);
+    /// in a cluster they wait for [`RunningSink::set_leader`].
+    pub leader: bool,
+}
+
+/// How long start-up waits for a sink's destination before it goes on without it: the
+/// sink's share then waits in its backlog, and every thing backfills what the source keeps.
+pub const DESTINATION_PATIENCE: Duration = Duration::from_secs(3);
+
+/// A sink that is running.
+pub struct StartedSink {
+    /// What the fan-out feeds; the loop takes from it.
+    pub backlog: Arc<Backlog>,
+    /// The newest `created` per thing the destination held at start; empty when it did not
+    /// answer in time (then every thing starts from what the source keeps).
+    pub marks: HashMap<String, i64>,
+    pub running: Box<dyn RunningSink>,
+}
+
+/// How a config section starts its sink: opens the backlog (its lock first), reads the
+/// durable marks, starts the loop.
+pub trait SinkConfig {
+    fn start<'a>(&'a self, cx: &'a SinkContext) -> BoxFuture<'a, Result<StartedSink, SinkError>>;
+}
+
+/// The worker's handle on a sink's loop. The hooks a sink does not need do nothing.
+pub trait RunningSink: Send {
+    /// Resolves once the loop ended: its backlog closed and drained, or after [`give_up`].
+    /// Safe to poll again after a timeout.
+    ///
+    /// [`give_up`]: RunningSink::give_up
+    fn finished(&mut self) -> BoxFuture<'_, Result<(), SinkError>>;
+    /// Stop retrying a failing destination: what the loop holds goes to the spool, and it ends.
+    fn give_up(&self);
+    /// A thing is about to leave this process: make what is held durable soon, not on time.
+    fn before_handover(&self) {}
+    /// Things moved here: look at what other members stored before writing theirs.
+    fn after_takeover(&self) {}
+    /// Whether this process has the housekeeping duties (in a cluster, the leader has them).
+    fn set_leader(&self, _leader: bool) {}
+}
+
+/// Lets a sink drain until `give_up_at`, then tells it to give up and waits until `late`.
+/// `Ok(true)` when it had not ended by then (its records wait in the spool or come back
+/// through backfill).
+pub async fn finish(
+    running: &mut dyn RunningSink,
+    give_up_at: Instant,
+    late: Instant,
+) -> Result<bool, SinkError> {
+    if let Ok(ended) = tokio::time::timeout_at(give_up_at.into(), running.finished()).await {
+        return ended.map(|()| false);
+    }
+    running.give_up();
+    match tokio::time::timeout_at(late.into(), running.finished()).await {
+        Ok(ended) => ended.map(|()| false),
+        Err(_) => Ok(true),
+    }
+}
+
+/// A loop that runs as a tokio task ends when its task does; a panic is reported as such.
+pub(crate) async fn task_finished(
+    task: &mut tokio::task::JoinHandle<()>,
+    name: &'static str,
+) -> Result<(), SinkError> {
+    task.await.map_err(|_| SinkError::Panicked(name))
+}
+
+/// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
+/// gets what it misses (the others drop it as already stored). A thing unknown to any sink
+/// (or a sink whose marks are not known yet) starts with none.
+pub fn lowest_marks<'a>(
+    sinks: impl IntoIterator<Item = &'a HashMap<String, i64>>,
+) -> HashMap<String, i64> {
+    let sinks: Vec<_> = sinks.into_iter().collect();
+    let Some((first, rest)) = sinks.split_first() else {
+        return HashMap::new();
+    };
+    first
+        .iter()
+        .filter_map(|(thing, mark)| {
+            let lowest = rest
+                .iter()
+                .map(|other| other.get(thing).copied())
+                .try_fold(*mark, |low, other| other.map(|o| low.min(o)))?;
+            Some((thing.clone(), lowest))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
+        pairs.iter().map(|(t, m)| ((*t).to_owned(), *m)).collect()
+    }
+
+    #[test]
+    fn a_thing_starts_at_the_lowest_mark_and_only_when_every_sink_knows_it() {
+        let parquet = marks(&[("a", 10), ("b", 5), ("c", 7)]);
+        let postgres = marks(&[("a", 8), ("b", 9)]);
+        let lowest = lowest_marks([&parquet, &postgres]);
+        assert_eq!(lowest, marks(&[("a", 8), ("b", 5)]));
+        assert_eq!(lowest_marks([&parquet]), parquet);
+        assert!(lowest_marks([&parquet, &HashMap::new()]).is_empty());
+        assert!(lowest_marks(std::iter::empty()).is_empty());
+    }
+}
