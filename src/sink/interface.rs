@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 
+use super::backlog::BacklogConfig;
 use super::{Backlog, SinkError};
-use crate::telemetry::{Health, Metrics};
+use crate::telemetry::{Health, Metrics, SinkName};
 
 /// What every sink is started with, from outside its own section.
 pub struct SinkContext {
@@ -24,6 +25,25 @@ pub struct SinkContext {
     /// Whether this process starts with the housekeeping duties (retention, compaction, ...);
     /// in a cluster they wait for [`RunningSink::set_leader`].
     pub leader: bool,
+}
+
+impl SinkContext {
+    /// Declares `sink`'s metrics and opens its backlog (the spool's lock is the first thing
+    /// a sink takes, before it touches its destination).
+    pub fn open_backlog(
+        &self,
+        config: &BacklogConfig,
+        sink: SinkName,
+    ) -> Result<Arc<Backlog>, SinkError> {
+        self.metrics.declare_sink(sink);
+        Backlog::open_configured(
+            config,
+            sink,
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.health),
+        )
+        .map(Arc::new)
+    }
 }
 
 /// How long start-up waits for a sink's destination before it goes on without it: the

@@ -52,13 +52,7 @@ impl SinkConfig for NatsConfig {
         cx: &'a SinkContext,
     ) -> futures_util::future::BoxFuture<'a, Result<StartedSink, SinkError>> {
         Box::pin(async move {
-            cx.metrics.declare_sink(SinkName::Nats);
-            let backlog = Arc::new(Backlog::open_configured(
-                &self.backlog(),
-                SinkName::Nats,
-                Arc::clone(&cx.metrics),
-                Arc::clone(&cx.health),
-            )?);
+            let backlog = cx.open_backlog(&self.backlog(), SinkName::Nats)?;
             let urls = self.url.clone().unwrap_or_default();
             let client = crate::nats::connect(&urls, "dweetpipe output", false).await?;
             let opened = tokio::time::timeout(DESTINATION_PATIENCE, async {

@@ -95,13 +95,7 @@ impl SinkConfig for ParquetConfig {
     /// never do; both locks are taken before anything is touched.
     fn start<'a>(&'a self, cx: &'a SinkContext) -> BoxFuture<'a, Result<StartedSink, SinkError>> {
         Box::pin(async move {
-            cx.metrics.declare_sink(SinkName::Parquet);
-            let backlog = Arc::new(Backlog::open_configured(
-                &self.backlog(),
-                SinkName::Parquet,
-                Arc::clone(&cx.metrics),
-                Arc::clone(&cx.health),
-            )?);
+            let backlog = cx.open_backlog(&self.backlog(), SinkName::Parquet)?;
             let (sink, opened) =
                 ParquetSink::open(self.clone(), cx.source_history, Arc::clone(&cx.metrics))?;
             tracing::info!(

@@ -87,13 +87,7 @@ impl SinkConfig for PostgresConfig {
         cx: &'a SinkContext,
     ) -> futures_util::future::BoxFuture<'a, Result<StartedSink, SinkError>> {
         Box::pin(async move {
-            cx.metrics.declare_sink(SinkName::Postgres);
-            let backlog = Arc::new(Backlog::open_configured(
-                &self.backlog(),
-                SinkName::Postgres,
-                Arc::clone(&cx.metrics),
-                Arc::clone(&cx.health),
-            )?);
+            let backlog = cx.open_backlog(&self.backlog(), SinkName::Postgres)?;
             let connected =
                 PostgresSink::connect(self, Arc::clone(&cx.metrics), DESTINATION_PATIENCE).await;
             let (connected, marks) = match connected {
