@@ -300,11 +300,9 @@ mod tests {
     }
 
     #[test]
-    fn handover_decisions() {
-        let alone = ["a"];
+    fn a_new_member_claims_before_it_starts_and_reads_the_others_first() {
         let pair = ["a", "b"];
         let mine = owned_by("a", &pair);
-        let theirs = owned_by("b", &pair);
         let secs = Duration::from_secs;
         let take_over = Some(Decision::TakeOver { forced_from: None });
 
@@ -333,6 +331,11 @@ mod tests {
         let turn = member.turn(&view(&pair, &[&mine], &[]), secs(3));
         assert_eq!(decision(&turn, &mine), Some(Decision::Stream));
         assert!(!turn.in_progress() && !turn.sinks_should_seal() && !turn.sinks_should_absorb());
+    }
+
+    #[test]
+    fn a_lost_thing_is_held_until_durable_or_two_leases() {
+        let secs = Duration::from_secs;
 
         // 5. Join: a third member takes one of this member's things. It stops, stays held,
         //    and the sinks seal early.
@@ -370,6 +373,14 @@ mod tests {
         let turn = member.turn(&joined, secs(21));
         assert_eq!(decision(&turn, &moving), Some(Decision::ReleaseOverdue));
         assert!(!turn.holding.contains(&moving));
+    }
+
+    #[test]
+    fn a_thing_left_by_a_member_waits_for_its_handover_at_most_three_leases() {
+        let alone = ["a"];
+        let theirs = owned_by("b", &["a", "b"]);
+        let secs = Duration::from_secs;
+        let take_over = Some(Decision::TakeOver { forced_from: None });
 
         // 9. Leave: the other member went from the roster but still holds the thing (its
         //    sinks are finishing): wait for it.
@@ -404,6 +415,14 @@ mod tests {
                 forced_from: Some("b".to_owned())
             })
         );
+    }
+
+    #[test]
+    fn a_crashed_member_s_things_start_after_the_claim() {
+        let alone = ["a"];
+        let theirs = owned_by("b", &["a", "b"]);
+        let secs = Duration::from_secs;
+        let take_over = Some(Decision::TakeOver { forced_from: None });
 
         // 12. Crash: the other member's entry expired with it, so nothing holds its things;
         //     they start as soon as the claim is seen.
@@ -415,6 +434,14 @@ mod tests {
         );
         let turn = member.turn(&view(&alone, &[&theirs], &[]), secs(1));
         assert_eq!(decision(&turn, &theirs), take_over);
+    }
+
+    #[test]
+    fn a_partitioned_member_stops_everything_and_claims_again_when_back() {
+        let pair = ["a", "b"];
+        let mine = owned_by("a", &pair);
+        let theirs = owned_by("b", &["a", "b"]);
+        let secs = Duration::from_secs;
 
         // 13. Partitioned from NATS: this member owns nothing, stops everything and claims
         //     nothing until it is back.
