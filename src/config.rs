@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::alert::AlertSpec;
-use crate::alert::condition::{ConditionEngine, ConditionError};
+use crate::alert::condition::ConditionEngine;
 use crate::client::Key;
 use crate::cluster::ClusterConfig;
 use crate::lifecycle::LifecycleConfig;
@@ -457,15 +457,16 @@ impl ThingEntry {
         let manage = self
             .manage
             .unwrap_or(self.lock.is_some() || self.alert.is_some());
-        validate_lifecycle(self, manage, key.is_some(), engine)?;
-        Ok(ThingConfig {
+        let thing = ThingConfig {
             name: self.name.clone(),
             key,
             key_source,
             lock: self.lock.clone(),
             alert: self.alert.clone(),
             manage,
-        })
+        };
+        crate::lifecycle::validate(&thing, self.manage, engine)?;
+        Ok(thing)
     }
 }
 
@@ -507,94 +508,6 @@ fn give_member_its_directories(raw: &mut ConfigFile, member: String) {
     if let Some(nats) = raw.nats.as_mut() {
         nats.spool_dir = nats.spool_dir.join(&member);
     }
-}
-
-/// A thing's `lock`, `[thing.alert]` and `manage`, checked as the service would check them,
-/// before anything is sent; keys in the error are relative to the thing.
-fn validate_lifecycle(
-    entry: &ThingEntry,
-    manage: bool,
-    has_key: bool,
-    engine: &mut Option<ConditionEngine>,
-) -> Result<(), Invalid> {
-    let declared = entry.lock.is_some() || entry.alert.is_some();
-    if !manage && declared {
-        return Err(Invalid::new(
-            "manage",
-            "manage = false, yet a lock or an alert is declared".to_owned(),
-            "remove `manage = false` to have dweetpipe manage them, or remove them".to_owned(),
-        ));
-    }
-    if entry.manage == Some(true) && !has_key {
-        return Err(Invalid::new(
-            "manage",
-            "manage = true, but dweetpipe needs the thing's key to change its lock or alert".to_owned(),
-            "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
-        ));
-    }
-    if let Some(lock) = &entry.lock {
-        if lock.trim().is_empty() || lock.trim() != lock {
-            return Err(Invalid::new(
-                "lock",
-                "the lock id is empty or has surrounding spaces".to_owned(),
-                "write the lock id exactly as issued, e.g. lock = \"my-lock\"".to_owned(),
-            ));
-        }
-        if !has_key {
-            return Err(Invalid::new(
-            "lock",
-                "a lock needs its master key, and no key_env or key_file is set".to_owned(),
-                "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
-            ));
-        }
-    }
-    let Some(alert) = &entry.alert else {
-        return Ok(());
-    };
-    if entry.lock.is_none() {
-        return Err(Invalid::new(
-            "alert",
-            "alerts need a locked thing (the service refuses them otherwise)".to_owned(),
-            "add lock = \"LOCK-ID\" and its key_env, or remove [thing.alert]".to_owned(),
-        ));
-    }
-    if alert.to.is_empty() {
-        return Err(Invalid::new(
-            "alert.to",
-            "an alert needs at least one recipient".to_owned(),
-            "to = [\"ops@example.com\"]".to_owned(),
-        ));
-    }
-    if let Some(bad) = alert
-        .to
-        .iter()
-        .find(|address| !crate::protocol::is_plausible_email(address))
-    {
-        return Err(Invalid::new(
-            "alert.to",
-            format!("{bad:?} is not an e-mail address"),
-            "write addresses as name@example.com".to_owned(),
-        ));
-    }
-    let engine = match engine {
-        Some(engine) => engine,
-        None => engine.insert(
-            ConditionEngine::new(Default::default())
-                .map_err(|e| Invalid::new("alert.when", e.to_string(), ""))?,
-        ),
-    };
-    engine.check(&alert.when).map_err(|error| {
-        let fix = match error {
-            ConditionError::Empty | ConditionError::TooLong(_) => {
-                "shorten it; `dweetpipe alert test` tries a condition on recorded dweets"
-            }
-            _ => {
-                "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\""
-            }
-        };
-        Invalid::new("alert.when", error.to_string(), fix)
-    })?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::condition::{ConditionEngine, ConditionError};
 use crate::client::{Alert, Client, Error as ClientError, Key};
 use crate::settings::Invalid;
 use crate::source::ThingConfig;
@@ -165,6 +166,96 @@ fn desired(thing: &ThingConfig) -> Result<&Key, &'static str> {
         .key
         .as_ref()
         .ok_or("no key_env or key_file, so dweetpipe cannot change its lock or alert")
+}
+
+/// Checks what a `[[thing]]` entry asks of the lifecycle, as the service would, before
+/// anything is sent: a lock with its key, an alert on a locked thing with recipients and a
+/// condition that compiles. `written_manage` is `manage` as the file has it (the thing's
+/// `manage` is what it resolved to); keys in the error are relative to the thing.
+pub fn validate(
+    thing: &ThingConfig,
+    written_manage: Option<bool>,
+    engine: &mut Option<ConditionEngine>,
+) -> Result<(), Invalid> {
+    let has_key = thing.key.is_some();
+    let declared = thing.lock.is_some() || thing.alert.is_some();
+    if !thing.manage && declared {
+        return Err(Invalid::new(
+            "manage",
+            "manage = false, yet a lock or an alert is declared".to_owned(),
+            "remove `manage = false` to have dweetpipe manage them, or remove them".to_owned(),
+        ));
+    }
+    if written_manage == Some(true) && !has_key {
+        return Err(Invalid::new(
+            "manage",
+            "manage = true, but dweetpipe needs the thing's key to change its lock or alert".to_owned(),
+            "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
+        ));
+    }
+    if let Some(lock) = &thing.lock {
+        if lock.trim().is_empty() || lock.trim() != lock {
+            return Err(Invalid::new(
+                "lock",
+                "the lock id is empty or has surrounding spaces".to_owned(),
+                "write the lock id exactly as issued, e.g. lock = \"my-lock\"".to_owned(),
+            ));
+        }
+        if !has_key {
+            return Err(Invalid::new(
+            "lock",
+                "a lock needs its master key, and no key_env or key_file is set".to_owned(),
+                "add key_env = \"VARIABLE\" (or key_file = \"/run/secrets/...\") holding the lock's master key".to_owned(),
+            ));
+        }
+    }
+    let Some(alert) = &thing.alert else {
+        return Ok(());
+    };
+    if thing.lock.is_none() {
+        return Err(Invalid::new(
+            "alert",
+            "alerts need a locked thing (the service refuses them otherwise)".to_owned(),
+            "add lock = \"LOCK-ID\" and its key_env, or remove [thing.alert]".to_owned(),
+        ));
+    }
+    if alert.to.is_empty() {
+        return Err(Invalid::new(
+            "alert.to",
+            "an alert needs at least one recipient".to_owned(),
+            "to = [\"ops@example.com\"]".to_owned(),
+        ));
+    }
+    if let Some(bad) = alert
+        .to
+        .iter()
+        .find(|address| !crate::protocol::is_plausible_email(address))
+    {
+        return Err(Invalid::new(
+            "alert.to",
+            format!("{bad:?} is not an e-mail address"),
+            "write addresses as name@example.com".to_owned(),
+        ));
+    }
+    let engine = match engine {
+        Some(engine) => engine,
+        None => engine.insert(
+            ConditionEngine::new(Default::default())
+                .map_err(|e| Invalid::new("alert.when", e.to_string(), ""))?,
+        ),
+    };
+    engine.check(&alert.when).map_err(|error| {
+        let fix = match error {
+            ConditionError::Empty | ConditionError::TooLong(_) => {
+                "shorten it; `dweetpipe alert test` tries a condition on recorded dweets"
+            }
+            _ => {
+                "it is a JavaScript function body over `dweet`, e.g. \"if(dweet.sensors.TemperatureC > 40) return 'too hot';\""
+            }
+        };
+        Invalid::new("alert.when", error.to_string(), fix)
+    })?;
+    Ok(())
 }
 
 /// The changes that take `observed` to what `thing` declares. Pure, so every case is tested.
