@@ -12,7 +12,7 @@ use std::io::BufRead;
 use crate::client::RawDweet;
 use crate::normalize::Normalizer;
 use crate::record::{DeadLetter, Record};
-use crate::sink::SinkError;
+use crate::sink::parquet::DatasetError;
 use crate::sink::parquet::ParquetSink;
 use crate::sink::postgres::PostgresSink;
 
@@ -64,7 +64,7 @@ pub async fn write_to_sinks(
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Dataset(#[from] DatasetError),
     #[error("refreshing the rollups or re-keying closed partitions: {0}")]
     Postgres(#[from] crate::sink::postgres::PostgresError),
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use dweetpipe::config::Config;
 use dweetpipe::import::Imported;
 use dweetpipe::record::{Record, now_ms};
-use dweetpipe::sink::SinkError;
+use dweetpipe::sink::parquet::DatasetError;
 use dweetpipe::sink::parquet::ParquetSink;
 use dweetpipe::sink::postgres::PostgresSink;
 use dweetpipe::telemetry::Metrics;
@@ -63,7 +63,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 Arc::clone(&metrics),
             )
                 .map_err(|error| match error {
-                    SinkError::Locked(held) => anyhow!(
+                    DatasetError::Locked(held) => anyhow!(
                         "{held}\nimport writes the Parquet directory itself: stop the worker, run the import, then start the worker again (it backfills what the source still keeps)"
                     ),
                     other => other.into(),

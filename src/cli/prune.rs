@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use dweetpipe::config::Config;
 use dweetpipe::record::now_ms;
-use dweetpipe::sink::SinkError;
+use dweetpipe::sink::parquet::DatasetError;
 use dweetpipe::sink::parquet::ParquetSink;
 use dweetpipe::sink::postgres::PostgresSink;
 use dweetpipe::telemetry::Metrics;
@@ -23,7 +23,7 @@ fn open_parquet(config: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Optio
         .map_or(Duration::from_secs(24 * 60 * 60), |source| source.history);
     match ParquetSink::open(parquet.clone(), replay, Arc::clone(metrics)) {
         Ok((sink, _)) => Ok(Some(sink)),
-        Err(SinkError::Locked(held)) => Err(anyhow!(
+        Err(DatasetError::Locked(held)) => Err(anyhow!(
             "{held}\na running worker compacts and applies retention to its Parquet directory by itself (every 10 minutes; in a cluster, the leader)"
         )),
         Err(other) => Err(other.into()),

@@ -23,8 +23,8 @@ pub use aggregate::{Accumulator, Aggregate};
 pub use pattern::Pattern;
 
 use crate::record::ms_to_datetime;
-use crate::sink::SinkError;
 use crate::sink::parquet::Dataset;
+use crate::sink::parquet::DatasetError;
 use crate::sink::parquet::compact::{dates, readable_files};
 
 /// How often a date folder is listed again when a file in it vanishes under the query
@@ -132,7 +132,7 @@ pub enum QueryError {
     #[error("{path}: not a readings file dweetpipe wrote ({reason})")]
     Foreign { path: PathBuf, reason: String },
     #[error(transparent)]
-    Dataset(#[from] SinkError),
+    Dataset(#[from] DatasetError),
     #[error("{path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error(
@@ -232,7 +232,7 @@ impl<'a> Scan<'a> {
                         vanished = true;
                         break;
                     }
-                    Err(e) => return Err(SinkError::io(&path, e).into()),
+                    Err(e) => return Err(DatasetError::io(&path, e).into()),
                 }
             }
             if !vanished {

@@ -44,10 +44,8 @@ pub enum SinkError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("writing Parquet: {0}")]
-    Parquet(::parquet::errors::ParquetError),
-    #[error("building an Arrow batch: {0}")]
-    Arrow(arrow::error::ArrowError),
+    #[error(transparent)]
+    Dataset(#[from] parquet::DatasetError),
     #[error(transparent)]
     Locked(#[from] LockError),
     #[error("the {0} thread panicked; see the log above")]
@@ -62,18 +60,6 @@ impl SinkError {
             path: path.to_path_buf(),
             error,
         }
-    }
-}
-
-impl From<::parquet::errors::ParquetError> for SinkError {
-    fn from(error: ::parquet::errors::ParquetError) -> Self {
-        SinkError::Parquet(error)
-    }
-}
-
-impl From<arrow::error::ArrowError> for SinkError {
-    fn from(error: arrow::error::ArrowError) -> Self {
-        SinkError::Arrow(error)
     }
 }
 

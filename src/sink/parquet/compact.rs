@@ -36,10 +36,10 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::schema::types::ColumnPath;
 
+use super::DatasetError;
 use super::META_WATERMARKS;
 use super::batch::Dataset;
 use super::recovery::part_name;
-use crate::sink::SinkError;
 
 /// The footer key listing the files a compacted file replaces (JSON array of names).
 pub const META_REPLACES: &str = "dweetpipe.replaces";
@@ -92,16 +92,16 @@ fn date_end_ms(date: NaiveDate) -> i64 {
 }
 
 /// The `date=` folders of a dataset, with their dates (hidden ones left out).
-pub fn dates(dir: &Path, dataset: Dataset) -> Result<Vec<(NaiveDate, PathBuf)>, SinkError> {
+pub fn dates(dir: &Path, dataset: Dataset) -> Result<Vec<(NaiveDate, PathBuf)>, DatasetError> {
     let root = dir.join(dataset.dir_name());
     let entries = match fs::read_dir(&root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(SinkError::io(&root, e)),
+        Err(e) => return Err(DatasetError::io(&root, e)),
     };
     let mut out = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| SinkError::io(&root, e))?.path();
+        let path = entry.map_err(|e| DatasetError::io(&root, e))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if let Some(date) = name
             .strip_prefix("date=")
@@ -118,10 +118,10 @@ pub fn dates(dir: &Path, dataset: Dataset) -> Result<Vec<(NaiveDate, PathBuf)>, 
 /// a compacted file beside them replaces (between compaction's rename and its removals both
 /// are there, and reading both would count their rows twice). Temporary and hidden files are
 /// never sealed. A folder gone (retention) holds nothing.
-pub fn readable_files(folder: &Path) -> Result<Vec<PathBuf>, SinkError> {
+pub fn readable_files(folder: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let names = match names_in(folder) {
         Ok(names) => names,
-        Err(SinkError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+        Err(DatasetError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Vec::new());
         }
         Err(other) => return Err(other),
@@ -145,33 +145,33 @@ pub fn readable_files(folder: &Path) -> Result<Vec<PathBuf>, SinkError> {
         .collect())
 }
 
-fn names_in(folder: &Path) -> Result<Vec<String>, SinkError> {
+fn names_in(folder: &Path) -> Result<Vec<String>, DatasetError> {
     let mut names = Vec::new();
-    for entry in fs::read_dir(folder).map_err(|e| SinkError::io(folder, e))? {
-        let entry = entry.map_err(|e| SinkError::io(folder, e))?;
+    for entry in fs::read_dir(folder).map_err(|e| DatasetError::io(folder, e))? {
+        let entry = entry.map_err(|e| DatasetError::io(folder, e))?;
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
     names.sort();
     Ok(names)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+fn sync_dir(dir: &Path) -> Result<(), DatasetError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| SinkError::io(dir, e))
+        .map_err(|e| DatasetError::io(dir, e))
 }
 
 /// The names the ledger lists.
-pub fn retired_names(dir: &Path) -> Result<HashSet<String>, SinkError> {
+pub fn retired_names(dir: &Path) -> Result<HashSet<String>, DatasetError> {
     let path = dir.join(LEDGER);
     match fs::read_to_string(&path) {
         Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
-        Err(e) => Err(SinkError::io(&path, e)),
+        Err(e) => Err(DatasetError::io(&path, e)),
     }
 }
 
-fn retire(dir: &Path, names: &[String]) -> Result<(), SinkError> {
+fn retire(dir: &Path, names: &[String]) -> Result<(), DatasetError> {
     if names.is_empty() {
         return Ok(());
     }
@@ -180,19 +180,19 @@ fn retire(dir: &Path, names: &[String]) -> Result<(), SinkError> {
         .create(true)
         .append(true)
         .open(&path)
-        .map_err(|e| SinkError::io(&path, e))?;
+        .map_err(|e| DatasetError::io(&path, e))?;
     let mut text = names.join("\n");
     text.push('\n');
     ledger
         .write_all(text.as_bytes())
         .and_then(|()| ledger.sync_all())
-        .map_err(|e| SinkError::io(&path, e))?;
+        .map_err(|e| DatasetError::io(&path, e))?;
     sync_dir(dir)
 }
 
 /// The key-value pairs of a file's footer.
-fn footer(path: &Path) -> Result<HashMap<String, String>, SinkError> {
-    let file = File::open(path).map_err(|e| SinkError::io(path, e))?;
+fn footer(path: &Path) -> Result<HashMap<String, String>, DatasetError> {
+    let file = File::open(path).map_err(|e| DatasetError::io(path, e))?;
     let reader = SerializedFileReader::new(file)?;
     Ok(reader
         .metadata()
@@ -208,7 +208,7 @@ fn footer(path: &Path) -> Result<HashMap<String, String>, SinkError> {
 }
 
 /// The per-thing watermarks a data file's footer carries.
-pub fn footer_watermarks(path: &Path) -> Result<HashMap<String, i64>, SinkError> {
+pub fn footer_watermarks(path: &Path) -> Result<HashMap<String, i64>, DatasetError> {
     Ok(footer(path)?
         .get(META_WATERMARKS)
         .and_then(|json| serde_json::from_str(json).ok())
@@ -218,7 +218,7 @@ pub fn footer_watermarks(path: &Path) -> Result<HashMap<String, i64>, SinkError>
 /// Finishes or undoes what a crash interrupted: removes temporary compacted files and hidden
 /// retired folders, and the files a compacted file replaces that are still there. Returns
 /// how many files it removed.
-pub fn finish_interrupted(dir: &Path) -> Result<usize, SinkError> {
+pub fn finish_interrupted(dir: &Path) -> Result<usize, DatasetError> {
     let mut removed = 0;
     for dataset in Dataset::ALL {
         let root = dir.join(dataset.dir_name());
@@ -227,7 +227,7 @@ pub fn finish_interrupted(dir: &Path) -> Result<usize, SinkError> {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.starts_with(".retired-") {
                     let path = entry.path();
-                    fs::remove_dir_all(&path).map_err(|e| SinkError::io(&path, e))?;
+                    fs::remove_dir_all(&path).map_err(|e| DatasetError::io(&path, e))?;
                     removed += 1;
                 }
             }
@@ -238,7 +238,7 @@ pub fn finish_interrupted(dir: &Path) -> Result<usize, SinkError> {
             for name in &names {
                 if name.starts_with(&format!(".{COMPACTED}")) {
                     let path = folder.join(name);
-                    fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
+                    fs::remove_file(&path).map_err(|e| DatasetError::io(&path, e))?;
                     removed += 1;
                 } else if parts && compacted_generation(name).is_some() {
                     let replaced: Vec<String> = footer(&folder.join(name))?
@@ -249,7 +249,7 @@ pub fn finish_interrupted(dir: &Path) -> Result<usize, SinkError> {
                         match fs::remove_file(folder.join(old)) {
                             Ok(()) => removed += 1,
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                            Err(e) => return Err(SinkError::io(&folder.join(old), e)),
+                            Err(e) => return Err(DatasetError::io(&folder.join(old), e)),
                         }
                     }
                 }
@@ -268,7 +268,7 @@ pub fn compact_closed(
     grace: Duration,
     properties: &WriterProperties,
     stop_after: Option<Step>,
-) -> Result<Vec<Compacted>, SinkError> {
+) -> Result<Vec<Compacted>, DatasetError> {
     let settled = crate::record::ms_before(now_ms, grace);
     let mut done = Vec::new();
     for dataset in Dataset::ALL {
@@ -328,7 +328,7 @@ fn compact_one(
     newest: i64,
     properties: &WriterProperties,
     stop_after: Option<Step>,
-) -> Result<usize, SinkError> {
+) -> Result<usize, DatasetError> {
     let schema = dataset.schema();
     let mut batches = Vec::new();
     let mut watermarks: HashMap<String, i64> = HashMap::new();
@@ -338,17 +338,17 @@ fn compact_one(
             let entry = watermarks.entry(thing).or_insert(mark);
             *entry = (*entry).max(mark);
         }
-        let file = File::open(&path).map_err(|e| SinkError::io(&path, e))?;
+        let file = File::open(&path).map_err(|e| DatasetError::io(&path, e))?;
         for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
-            let batch = batch.map_err(SinkError::Arrow)?;
+            let batch = batch.map_err(DatasetError::Arrow)?;
             // The file's own schema may carry metadata ours lacks: keep the columns.
             batches.push(
                 RecordBatch::try_new(Arc::clone(&schema), batch.columns().to_vec())
-                    .map_err(SinkError::Arrow)?,
+                    .map_err(DatasetError::Arrow)?,
             );
         }
     }
-    let all = concat_batches(&schema, &batches).map_err(SinkError::Arrow)?;
+    let all = concat_batches(&schema, &batches).map_err(DatasetError::Arrow)?;
     drop(batches);
     let sort_by = ["thing", dataset.time_column()];
     let columns: Vec<SortColumn> = sort_by
@@ -360,8 +360,8 @@ fn compact_one(
         })
         .collect();
     let sorted = if all.num_rows() > 1 {
-        let order = lexsort_to_indices(&columns, None).map_err(SinkError::Arrow)?;
-        take_record_batch(&all, &order).map_err(SinkError::Arrow)?
+        let order = lexsort_to_indices(&columns, None).map_err(DatasetError::Arrow)?;
+        take_record_batch(&all, &order).map_err(DatasetError::Arrow)?
     } else {
         all
     };
@@ -378,7 +378,7 @@ fn compact_one(
     let tmp = folder.join(format!(".{name}.tmp"));
     let replaced: Vec<&String> = inputs.to_vec();
     {
-        let file = File::create(&tmp).map_err(|e| SinkError::io(&tmp, e))?;
+        let file = File::create(&tmp).map_err(|e| DatasetError::io(&tmp, e))?;
         let mut writer = ArrowWriter::try_new(file, schema, Some(properties))?;
         writer.write(&sorted)?;
         writer.append_key_value_metadata(KeyValue::new(
@@ -393,7 +393,7 @@ fn compact_one(
         writer
             .inner()
             .sync_all()
-            .map_err(|e| SinkError::io(&tmp, e))?;
+            .map_err(|e| DatasetError::io(&tmp, e))?;
     }
     if stop_after == Some(Step::Written) {
         return Ok(rows);
@@ -408,7 +408,7 @@ fn compact_one(
         return Ok(rows);
     }
     let target = folder.join(&name);
-    fs::rename(&tmp, &target).map_err(|e| SinkError::io(&target, e))?;
+    fs::rename(&tmp, &target).map_err(|e| DatasetError::io(&target, e))?;
     sync_dir(folder)?;
     if stop_after == Some(Step::Renamed) {
         return Ok(rows);
@@ -418,7 +418,7 @@ fn compact_one(
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SinkError::io(&path, e)),
+            Err(e) => return Err(DatasetError::io(&path, e)),
         }
         if stop_after == Some(Step::RemovedOne) {
             return Ok(rows);
@@ -434,7 +434,7 @@ pub fn retire_before(
     dir: &Path,
     cutoff_ms: i64,
     stop_after: Option<u8>,
-) -> Result<Vec<Retired>, SinkError> {
+) -> Result<Vec<Retired>, DatasetError> {
     let mut retired = Vec::new();
     for dataset in Dataset::ALL {
         let root = dir.join(dataset.dir_name());
@@ -453,12 +453,12 @@ pub fn retire_before(
                 return Ok(retired);
             }
             let hidden = root.join(format!(".retired-date={date}"));
-            fs::rename(&folder, &hidden).map_err(|e| SinkError::io(&folder, e))?;
+            fs::rename(&folder, &hidden).map_err(|e| DatasetError::io(&folder, e))?;
             sync_dir(&root)?;
             if stop_after == Some(2) {
                 return Ok(retired);
             }
-            fs::remove_dir_all(&hidden).map_err(|e| SinkError::io(&hidden, e))?;
+            fs::remove_dir_all(&hidden).map_err(|e| DatasetError::io(&hidden, e))?;
             tracing::info!(dataset = dataset.dir_name(), %date, files = names.len(), "retention removed a date");
             retired.push(Retired {
                 dataset,

@@ -16,10 +16,10 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::Dataset;
-use crate::sink::SinkError;
+use super::DatasetError;
 
 /// The (thing, created) of every dweet in `dir`'s sealed `dweets` files of `date`.
-pub fn dweets_on(dir: &Path, date: NaiveDate) -> Result<HashSet<(String, i64)>, SinkError> {
+pub fn dweets_on(dir: &Path, date: NaiveDate) -> Result<HashSet<(String, i64)>, DatasetError> {
     let folder = dir
         .join(Dataset::Dweets.dir_name())
         .join(format!("date={date}"));
@@ -27,26 +27,26 @@ pub fn dweets_on(dir: &Path, date: NaiveDate) -> Result<HashSet<(String, i64)>, 
     let entries = match fs::read_dir(&folder) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(held),
-        Err(error) => return Err(SinkError::io(&folder, error)),
+        Err(error) => return Err(DatasetError::io(&folder, error)),
     };
     for entry in entries {
-        let path = entry.map_err(|e| SinkError::io(&folder, e))?.path();
+        let path = entry.map_err(|e| DatasetError::io(&folder, e))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with('.') || !name.ends_with(".parquet") {
             continue;
         }
-        let file = fs::File::open(&path).map_err(|e| SinkError::io(&path, e))?;
+        let file = fs::File::open(&path).map_err(|e| DatasetError::io(&path, e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), [0, 1]);
         for batch in builder.with_projection(mask).build()? {
-            let batch = batch.map_err(SinkError::Arrow)?;
+            let batch = batch.map_err(DatasetError::Arrow)?;
             let things = batch.column(0).as_any().downcast_ref::<StringArray>();
             let created = batch
                 .column(1)
                 .as_any()
                 .downcast_ref::<TimestampMillisecondArray>();
             let (Some(things), Some(created)) = (things, created) else {
-                return Err(SinkError::io(
+                return Err(DatasetError::io(
                     &path,
                     std::io::Error::new(
                         std::io::ErrorKind::InvalidData,

@@ -38,7 +38,7 @@ pub use batch::Dataset;
 use batch::Rows;
 pub use run::ParquetLoop;
 
-use super::{DirLock, SinkError};
+use super::{DirLock, LockError};
 use crate::record::{Record, ms_before, ms_to_datetime, now_ms};
 use crate::settings::Invalid;
 use crate::telemetry::{Metrics, SinkName};
@@ -52,6 +52,31 @@ const BATCH_ROWS: usize = 16 * 1024;
 /// this margin; older data is past the source's history, so its watermarks cannot matter for
 /// backfill (and a large dataset need not be read whole at every start).
 const RECOVERY_MARGIN: Duration = Duration::from_secs(48 * 60 * 60);
+
+/// The Parquet dataset could not be written, read or locked.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("writing Parquet: {0}")]
+    Format(#[from] parquet::errors::ParquetError),
+    #[error("building an Arrow batch: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
+}
+
+impl DatasetError {
+    pub fn io(path: &Path, error: std::io::Error) -> Self {
+        DatasetError::Io {
+            path: path.to_path_buf(),
+            error,
+        }
+    }
+}
 
 /// The `[parquet]` section.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -276,11 +301,11 @@ impl ParquetSink {
         config: ParquetConfig,
         replay: Duration,
         metrics: Arc<Metrics>,
-    ) -> Result<(Self, Opened), SinkError> {
+    ) -> Result<(Self, Opened), DatasetError> {
         let lock = DirLock::acquire_as(&config.dir, config.member.as_deref())?;
         for dataset in Dataset::ALL {
             let dir = config.dir.join(dataset.dir_name());
-            fs::create_dir_all(&dir).map_err(|e| SinkError::io(&dir, e))?;
+            fs::create_dir_all(&dir).map_err(|e| DatasetError::io(&dir, e))?;
         }
         let horizon = recovery_horizon(now_ms(), replay);
         let recovered = recovery::recover(&config.dir, horizon, config.member.as_deref())?;
@@ -341,7 +366,7 @@ impl ParquetSink {
     /// Reads the generations other members sealed into a shared directory since the last
     /// look, so what they hold is not written again (a thing that moved here). Returns how
     /// many files were read.
-    pub fn absorb_others(&mut self) -> Result<usize, SinkError> {
+    pub fn absorb_others(&mut self) -> Result<usize, DatasetError> {
         recovery::absorb(
             &self.config.dir,
             recovery_horizon(now_ms(), self.replay),
@@ -370,7 +395,7 @@ impl ParquetSink {
     /// Adds records to the open generation; dweets it already holds (sealed, or in the open
     /// generation) are skipped: they come back through backfill and spool replays. On an
     /// error the caller must [`abandon`](Self::abandon) the generation and retry its records.
-    pub fn write(&mut self, records: &[Record]) -> Result<usize, SinkError> {
+    pub fn write(&mut self, records: &[Record]) -> Result<usize, DatasetError> {
         let mut skipped = 0;
         let kept_from = self.config.retention.map(|kept| ms_before(now_ms(), kept));
         for record in records {
@@ -431,7 +456,7 @@ impl ParquetSink {
         date: NaiveDate,
         thing: &str,
         created_ms: i64,
-    ) -> Result<bool, SinkError> {
+    ) -> Result<bool, DatasetError> {
         if !self.held_on.contains_key(&date) {
             self.seal()?;
             if self.held_on.len() >= HELD_DATES {
@@ -452,7 +477,7 @@ impl ParquetSink {
     }
 
     /// Compacts the dates closed `compact_after` before `now_ms` (see [`compact`]).
-    pub fn compact(&mut self, now_ms: i64) -> Result<Vec<compact::Compacted>, SinkError> {
+    pub fn compact(&mut self, now_ms: i64) -> Result<Vec<compact::Compacted>, DatasetError> {
         compact::compact_closed(
             &self.config.dir,
             now_ms,
@@ -463,7 +488,7 @@ impl ParquetSink {
     }
 
     /// Removes the dates wholly older than `[parquet] retention` (none without it).
-    pub fn retire_old_dates(&mut self, now_ms: i64) -> Result<Vec<compact::Retired>, SinkError> {
+    pub fn retire_old_dates(&mut self, now_ms: i64) -> Result<Vec<compact::Retired>, DatasetError> {
         match self.config.retention {
             Some(kept) => {
                 self.held_on.clear();
@@ -488,7 +513,7 @@ impl ParquetSink {
     /// Seals whatever is open: on time, and at shutdown. On an error the generation is gone
     /// (its temporary files removed) and none of its records count as durable: the caller
     /// writes them again.
-    pub fn close(&mut self) -> Result<(), SinkError> {
+    pub fn close(&mut self) -> Result<(), DatasetError> {
         self.seal()
     }
 
@@ -512,7 +537,7 @@ impl ParquetSink {
         dataset: Dataset,
         date: NaiveDate,
         add: impl FnOnce(&mut Rows),
-    ) -> Result<(), SinkError> {
+    ) -> Result<(), DatasetError> {
         let generation = open_generation(&mut self.open, &mut self.last_generation);
         let sequence = generation.files.len();
         let id = generation.id;
@@ -536,7 +561,7 @@ impl ParquetSink {
     /// Footers, fsync, rename, fsync the folders: the generation becomes durable. On error the
     /// generation's temporary files are removed (their rows are not counted as durable), and
     /// so is what `held_on` learnt from it.
-    fn seal(&mut self) -> Result<(), SinkError> {
+    fn seal(&mut self) -> Result<(), DatasetError> {
         let sealed = self.seal_open();
         if sealed.is_err() {
             self.held_on.clear();
@@ -544,7 +569,7 @@ impl ParquetSink {
         sealed
     }
 
-    fn seal_open(&mut self) -> Result<(), SinkError> {
+    fn seal_open(&mut self) -> Result<(), DatasetError> {
         let Some(generation) = self.open.take() else {
             return Ok(());
         };
@@ -584,7 +609,7 @@ impl ParquetSink {
                 for rest in &finished[renamed..] {
                     let _ = fs::remove_file(&rest.tmp_path);
                 }
-                return Err(SinkError::io(&file.final_path, error));
+                return Err(DatasetError::io(&file.final_path, error));
             }
             if let Some(parent) = file.final_path.parent()
                 && !dirs.contains(&parent)
@@ -597,7 +622,7 @@ impl ParquetSink {
                 for file in &finished {
                     let _ = fs::remove_file(&file.final_path);
                 }
-                return Err(SinkError::io(dir, error));
+                return Err(DatasetError::io(dir, error));
             }
         }
         // Counted once their folders are synced: only then are the files in place for good.
@@ -640,16 +665,16 @@ impl OpenFile {
         date: NaiveDate,
         (member, generation, sequence): (Option<&str>, i64, usize),
         properties: WriterProperties,
-    ) -> Result<Self, SinkError> {
+    ) -> Result<Self, DatasetError> {
         let partition = dir.join(dataset.dir_name()).join(format!("date={date}"));
-        fs::create_dir_all(&partition).map_err(|e| SinkError::io(&partition, e))?;
+        fs::create_dir_all(&partition).map_err(|e| DatasetError::io(&partition, e))?;
         let name = match member {
             Some(member) => format!("part-{member}-{generation}-{sequence}.parquet"),
             None => format!("part-{generation}-{sequence}.parquet"),
         };
         let tmp_path = partition.join(format!(".{name}.tmp"));
         let final_path = partition.join(name);
-        let file = File::create(&tmp_path).map_err(|e| SinkError::io(&tmp_path, e))?;
+        let file = File::create(&tmp_path).map_err(|e| DatasetError::io(&tmp_path, e))?;
         let writer = ArrowWriter::try_new(file, dataset.schema(), Some(properties))?;
         Ok(OpenFile {
             dataset,
@@ -660,7 +685,7 @@ impl OpenFile {
         })
     }
 
-    fn write_buffered(&mut self) -> Result<(), SinkError> {
+    fn write_buffered(&mut self) -> Result<(), DatasetError> {
         if self.rows.len() == 0 {
             return Ok(());
         }
@@ -674,7 +699,7 @@ impl OpenFile {
         generation: i64,
         file_count: usize,
         watermarks: &str,
-    ) -> Result<(), SinkError> {
+    ) -> Result<(), DatasetError> {
         self.write_buffered()?;
         self.writer.append_key_value_metadata(KeyValue::new(
             META_GENERATION.to_owned(),
@@ -692,7 +717,7 @@ impl OpenFile {
         self.writer
             .inner()
             .sync_all()
-            .map_err(|e| SinkError::io(&self.tmp_path, e))
+            .map_err(|e| DatasetError::io(&self.tmp_path, e))
     }
 }
 

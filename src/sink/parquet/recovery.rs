@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
+use super::DatasetError;
 use super::batch::Dataset;
 use super::compact;
 use super::{META_FILES, META_GENERATION, META_WATERMARKS};
-use crate::sink::SinkError;
 
 /// What recovery found and did.
 #[derive(Debug, Default)]
@@ -61,7 +61,9 @@ pub fn part_name(name: &str) -> Option<PartName<'_>> {
 }
 
 /// How many files of each (member, generation) compaction or retention removed.
-fn retired_by_generation(dir: &Path) -> Result<HashMap<(Option<String>, i64), usize>, SinkError> {
+fn retired_by_generation(
+    dir: &Path,
+) -> Result<HashMap<(Option<String>, i64), usize>, DatasetError> {
     let mut gone = HashMap::new();
     for name in compact::retired_names(dir)? {
         if let Some(part) = part_name(&name) {
@@ -75,7 +77,7 @@ fn retired_by_generation(dir: &Path) -> Result<HashMap<(Option<String>, i64), us
 
 /// Every data and temporary file under `dir`'s datasets (hidden folders, a retention's
 /// leftovers, left out).
-fn files(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
+fn files(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let mut all = Vec::new();
     for dataset in Dataset::ALL {
         for partition in read_dir(&dir.join(dataset.dir_name()))? {
@@ -93,7 +95,11 @@ fn files(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
 /// Scans `dir` as `member` (`None` outside a cluster). Files of generations older than
 /// `horizon_ms` are taken as complete without being opened: their things' dweets are past the
 /// source's retention anyway.
-pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Recovered, SinkError> {
+pub fn recover(
+    dir: &Path,
+    horizon_ms: i64,
+    member: Option<&str>,
+) -> Result<Recovered, DatasetError> {
     let mut recovered = Recovered::default();
     recovered.removed_temporary += compact::finish_interrupted(dir)?;
     let retired = retired_by_generation(dir)?;
@@ -117,7 +123,7 @@ pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Reco
         if name.ends_with(".tmp") {
             // Another member's temporary file is its open generation, not a leftover.
             if own {
-                fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
+                fs::remove_file(&path).map_err(|e| DatasetError::io(&path, e))?;
                 recovered.removed_temporary += 1;
             }
             continue;
@@ -136,7 +142,7 @@ pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Reco
             Err(reason) if own => {
                 // A file whose footer cannot be read was not finalised by us.
                 tracing::warn!(path = %path.display(), %reason, "removing an unreadable Parquet file");
-                fs::remove_file(&path).map_err(|e| SinkError::io(&path, e))?;
+                fs::remove_file(&path).map_err(|e| DatasetError::io(&path, e))?;
                 recovered.removed_incomplete += 1;
             }
             Err(reason) => {
@@ -163,7 +169,7 @@ pub fn recover(dir: &Path, horizon_ms: i64, member: Option<&str>) -> Result<Reco
                 "removing an incomplete generation; backfill brings its rows back"
             );
             for file in &files {
-                fs::remove_file(&file.path).map_err(|e| SinkError::io(&file.path, e))?;
+                fs::remove_file(&file.path).map_err(|e| DatasetError::io(&file.path, e))?;
             }
             recovered.removed_incomplete += files.len();
             continue;
@@ -186,7 +192,7 @@ pub fn absorb(
     member: Option<&str>,
     absorbed: &mut HashSet<PathBuf>,
     watermarks: &mut HashMap<String, i64>,
-) -> Result<usize, SinkError> {
+) -> Result<usize, DatasetError> {
     let retired = retired_by_generation(dir)?;
     let mut by_generation: HashMap<(String, i64), Vec<FileFooter>> = HashMap::new();
     let mut read = 0;
@@ -240,17 +246,17 @@ fn merge(into: &mut HashMap<String, i64>, from: HashMap<String, i64>) {
     }
 }
 
-fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, SinkError> {
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     match fs::read_dir(dir) {
         Ok(entries) => {
             let mut paths = Vec::new();
             for entry in entries {
-                paths.push(entry.map_err(|e| SinkError::io(dir, e))?.path());
+                paths.push(entry.map_err(|e| DatasetError::io(dir, e))?.path());
             }
             Ok(paths)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(SinkError::io(dir, e)),
+        Err(e) => Err(DatasetError::io(dir, e)),
     }
 }
 

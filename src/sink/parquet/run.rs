@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use tokio::sync::oneshot;
 
-use super::{ParquetConfig, ParquetSink};
+use super::{DatasetError, ParquetConfig, ParquetSink};
 use crate::backoff::Backoff;
 use crate::sink::SinkError;
 use crate::sink::backlog::{Backlog, Taken};
@@ -260,7 +260,7 @@ impl Loop {
         }
     }
 
-    fn take_and_write(&mut self, first: Taken) -> Result<(), SinkError> {
+    fn take_and_write(&mut self, first: Taken) -> Result<(), DatasetError> {
         let mut taken = vec![first];
         let mut records = taken[0].records.len();
         while records < TAKE_RECORDS {
@@ -300,7 +300,7 @@ impl Loop {
         outcome
     }
 
-    fn seal(&mut self) -> Result<(), SinkError> {
+    fn seal(&mut self) -> Result<(), DatasetError> {
         self.sink.close()?;
         for taken in self.held.drain(..) {
             self.backlog.done(taken);
@@ -309,7 +309,7 @@ impl Loop {
     }
 
     /// Nothing held is durable: it all goes back to the backlog, and to its spool.
-    fn failed(&mut self, error: &SinkError) {
+    fn failed(&mut self, error: &DatasetError) {
         self.sink.abandon();
         self.backlog.give_back(std::mem::take(&mut self.held));
         self.backlog.spill_memory();
