@@ -13,39 +13,42 @@
 //! watermarks), is fsynced and renamed into place, and the folders are fsynced. Recovery
 //! (`recovery`) removes what a crash left half-done, so after a restart with backfill every
 //! dweet is in the output exactly once.
+//!
+//! The rooms: `config` (the section), `generation` (the open files and their footers),
+//! `batch` (Arrow buffers), `recovery`, `held` (older history below a watermark), `compact`
+//! (closed dates and retention), `run` (the loop); this file is the sink and its errors.
 
 mod batch;
 pub mod compact;
+mod config;
+mod generation;
 mod held;
 mod recovery;
 mod run;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
-use serde::Deserialize;
 
 pub use batch::Dataset;
 use batch::Rows;
+pub use config::ParquetConfig;
+use generation::{
+    Generation, META_FILES, META_GENERATION, META_WATERMARKS, OpenFile, open_generation,
+};
 pub use run::ParquetLoop;
 
 use super::{DirLock, LockError};
 use crate::record::{Record, ms_before, ms_to_datetime, now_ms};
-use crate::settings::Invalid;
 use crate::telemetry::{Metrics, SinkName};
 
-const META_GENERATION: &str = "dweetpipe.generation";
-const META_FILES: &str = "dweetpipe.generation_files";
-const META_WATERMARKS: &str = "dweetpipe.watermarks";
 /// Rows buffered per file before they are encoded into the open file.
 const BATCH_ROWS: usize = 16 * 1024;
 /// Recovery opens the footers of generations younger than what the source can replay plus
@@ -78,143 +81,12 @@ impl DatasetError {
     }
 }
 
-/// The `[parquet]` section.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParquetConfig {
-    pub dir: PathBuf,
-    /// Seal the open files after this long. Default 5 min.
-    #[serde(
-        default = "default_rotate_after",
-        deserialize_with = "crate::settings::duration"
-    )]
-    pub rotate_after: Duration,
-    /// Seal the open files once they hold this many rows (readings, dweets and dead letters
-    /// together). Default 1,000,000.
-    #[serde(default = "default_max_rows")]
-    pub max_rows: u64,
-    /// Records held in memory while the directory cannot be written (disk full, read-only),
-    /// before the spool. Default 100,000.
-    #[serde(default = "crate::sink::backlog::default_memory_max_rows")]
-    pub memory_max_rows: usize,
-    /// Where records wait on disk while the directory cannot be written. Put it on another
-    /// filesystem than `dir` to ride out a full disk. Default: beside `dir`, named
-    /// `<dir>-spool` (see [`ParquetConfig::spool_dir`]).
-    #[serde(default, rename = "spool_dir")]
-    pub spool_dir_setting: Option<PathBuf>,
-    /// The spool's bound; past it records are dropped, counted and logged. Default 1GiB.
-    #[serde(
-        default = "crate::sink::backlog::default_spool_max",
-        deserialize_with = "crate::settings::byte_size"
-    )]
-    pub spool_max: u64,
-    /// A date is compacted (rewritten into one file per dataset, sorted by board and time)
-    /// this long after it ends. Default "1h".
-    #[serde(
-        default = "default_compact_after",
-        deserialize_with = "crate::settings::duration"
-    )]
-    pub compact_after: Duration,
-    /// Dates older than this are removed, a whole date at a time. Default: kept for ever.
-    #[serde(default, deserialize_with = "crate::settings::optional_duration")]
-    pub retention: Option<Duration>,
-    /// In a cluster, this member's name (from `[cluster]`, not written in `[parquet]`): file
-    /// names carry it, and recovery touches only its files.
-    #[serde(skip)]
-    pub member: Option<String>,
-}
-
-fn default_compact_after() -> Duration {
-    Duration::from_secs(60 * 60)
-}
-
-fn default_rotate_after() -> Duration {
-    Duration::from_secs(5 * 60)
-}
-
-fn default_max_rows() -> u64 {
-    1_000_000
-}
-
-impl ParquetConfig {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        ParquetConfig {
-            dir: dir.into(),
-            rotate_after: default_rotate_after(),
-            max_rows: default_max_rows(),
-            memory_max_rows: crate::sink::backlog::default_memory_max_rows(),
-            spool_dir_setting: None,
-            spool_max: crate::sink::backlog::default_spool_max(),
-            compact_after: default_compact_after(),
-            retention: None,
-            member: None,
-        }
-    }
-
-    /// The buffer settings of this section.
-    pub fn backlog(&self) -> crate::sink::backlog::BacklogConfig {
-        crate::sink::backlog::BacklogConfig {
-            memory_max_rows: self.memory_max_rows,
-            spool_dir: self.spool_dir(),
-            spool_max: self.spool_max,
-        }
-    }
-
-    /// Where the spool is: `spool_dir`, or `<dir>-spool` beside the dataset directory.
-    pub fn spool_dir(&self) -> PathBuf {
-        self.spool_dir_setting.clone().unwrap_or_else(|| {
-            let mut name = self.dir.file_name().unwrap_or_default().to_os_string();
-            name.push("-spool");
-            self.dir.with_file_name(name)
-        })
-    }
-
-    /// Checks values; keys in the error are relative to `[parquet]`.
-    pub fn validate(&self) -> Result<(), Invalid> {
-        const FIX: &str = "see the [parquet] section of config/things.example.toml";
-        if self.dir.as_os_str().is_empty() {
-            return Err(Invalid::new("dir", "the directory is empty", FIX));
-        }
-        if self.max_rows == 0 {
-            return Err(Invalid::new("max_rows", "must be at least 1", FIX));
-        }
-        if self.spool_dir() == self.dir {
-            return Err(Invalid::new(
-                "spool_dir",
-                "must not be the Parquet directory itself",
-                "give the spool its own directory, ideally on another filesystem",
-            ));
-        }
-        if self
-            .retention
-            .is_some_and(|kept| kept < Duration::from_secs(24 * 60 * 60))
-        {
-            return Err(Invalid::new(
-                "retention",
-                "must be at least 1d: dates go whole",
-                "give how long to keep, like \"90d\"; leave it out to keep everything",
-            ));
-        }
-        if self.rotate_after < Duration::from_millis(100)
-            || self.rotate_after > Duration::from_secs(24 * 60 * 60)
-        {
-            return Err(Invalid::new(
-                "rotate_after",
-                "must be between 100ms and 24h",
-                FIX,
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// The oldest generation (ms) whose footers recovery reads, `now_ms` being now: what the
 /// source can still replay, and a margin.
 fn recovery_horizon(now_ms: i64, replay: Duration) -> i64 {
     ms_before(now_ms, replay.saturating_add(RECOVERY_MARGIN))
 }
 
-/// One file of the open generation.
 /// Raises `thing`'s mark to `created_ms`, copying the name only for a thing not yet marked.
 fn raise_mark(marks: &mut HashMap<String, i64>, thing: &str, created_ms: i64) {
     match marks.get_mut(thing) {
@@ -223,42 +95,6 @@ fn raise_mark(marks: &mut HashMap<String, i64>, thing: &str, created_ms: i64) {
             marks.insert(thing.to_owned(), created_ms);
         }
     }
-}
-
-/// The open generation, begun now if there is none. A free function so that callers can
-/// borrow the sink's other fields beside it.
-fn open_generation<'g>(open: &'g mut Option<Generation>, last: &mut i64) -> &'g mut Generation {
-    open.get_or_insert_with(|| {
-        // Strictly newer than anything on disk, so names never collide across restarts.
-        let id = now_ms().max(*last + 1);
-        *last = id;
-        Generation {
-            id,
-            opened: Instant::now(),
-            dataset_rows: BTreeMap::new(),
-            files: BTreeMap::new(),
-            watermarks: HashMap::new(),
-        }
-    })
-}
-
-struct OpenFile {
-    dataset: Dataset,
-    tmp_path: PathBuf,
-    final_path: PathBuf,
-    writer: ArrowWriter<File>,
-    rows: Rows,
-}
-
-/// The files being written, sealed together.
-struct Generation {
-    id: i64,
-    opened: Instant,
-    /// Rows per dataset, for the rows-written metric once sealed.
-    /// Three entries at most: a B-tree looks one up cheaper than hashing.
-    dataset_rows: BTreeMap<Dataset, u64>,
-    files: BTreeMap<(Dataset, NaiveDate), OpenFile>,
-    watermarks: HashMap<String, i64>,
 }
 
 pub struct ParquetSink {
@@ -645,79 +481,6 @@ impl ParquetSink {
             "sealed a Parquet generation"
         );
         Ok(())
-    }
-}
-
-impl Generation {
-    fn rows(&self) -> u64 {
-        self.dataset_rows.values().sum()
-    }
-
-    fn count(&mut self, dataset: Dataset, rows: u64) {
-        *self.dataset_rows.entry(dataset).or_default() += rows;
-    }
-}
-
-impl OpenFile {
-    fn create(
-        dir: &Path,
-        dataset: Dataset,
-        date: NaiveDate,
-        (member, generation, sequence): (Option<&str>, i64, usize),
-        properties: WriterProperties,
-    ) -> Result<Self, DatasetError> {
-        let partition = dir.join(dataset.dir_name()).join(format!("date={date}"));
-        fs::create_dir_all(&partition).map_err(|e| DatasetError::io(&partition, e))?;
-        let name = match member {
-            Some(member) => format!("part-{member}-{generation}-{sequence}.parquet"),
-            None => format!("part-{generation}-{sequence}.parquet"),
-        };
-        let tmp_path = partition.join(format!(".{name}.tmp"));
-        let final_path = partition.join(name);
-        let file = File::create(&tmp_path).map_err(|e| DatasetError::io(&tmp_path, e))?;
-        let writer = ArrowWriter::try_new(file, dataset.schema(), Some(properties))?;
-        Ok(OpenFile {
-            dataset,
-            tmp_path,
-            final_path,
-            writer,
-            rows: Rows::new(dataset),
-        })
-    }
-
-    fn write_buffered(&mut self) -> Result<(), DatasetError> {
-        if self.rows.len() == 0 {
-            return Ok(());
-        }
-        let batch = self.rows.take_batch(&self.dataset.schema())?;
-        self.writer.write(&batch)?;
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        generation: i64,
-        file_count: usize,
-        watermarks: &str,
-    ) -> Result<(), DatasetError> {
-        self.write_buffered()?;
-        self.writer.append_key_value_metadata(KeyValue::new(
-            META_GENERATION.to_owned(),
-            generation.to_string(),
-        ));
-        self.writer.append_key_value_metadata(KeyValue::new(
-            META_FILES.to_owned(),
-            file_count.to_string(),
-        ));
-        self.writer.append_key_value_metadata(KeyValue::new(
-            META_WATERMARKS.to_owned(),
-            watermarks.to_owned(),
-        ));
-        self.writer.finish()?;
-        self.writer
-            .inner()
-            .sync_all()
-            .map_err(|e| DatasetError::io(&self.tmp_path, e))
     }
 }
 
