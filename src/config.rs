@@ -167,56 +167,8 @@ impl Config {
             problem: error.problem,
             fix: error.fix,
         };
-        if let Some(source) = &raw.source {
-            source.validate().map_err(|e| invalid(e.within("source")))?;
-        }
-        if let Some(parquet) = &raw.parquet {
-            parquet
-                .validate()
-                .map_err(|e| invalid(e.within("parquet")))?;
-        }
-        if let Some(lifecycle) = &raw.lifecycle {
-            lifecycle
-                .validate()
-                .map_err(|e| invalid(e.within("lifecycle")))?;
-        }
-        if let Some(postgres) = raw.postgres.as_mut() {
-            postgres
-                .resolve(&env)
-                .map_err(|e| invalid(e.within("postgres")))?;
-        }
-        if let Some(cluster) = raw.cluster.as_mut() {
-            cluster
-                .resolve(&env)
-                .map_err(|e| invalid(e.within("cluster")))?;
-        }
-        if let Some(nats) = raw.nats.as_mut() {
-            let cluster_url = raw.cluster.as_ref().and_then(|c| c.nats_url.as_deref());
-            nats.resolve(&env, cluster_url)
-                .map_err(|e| invalid(e.within("nats")))?;
-        }
-        check_spools(&raw).map_err(invalid)?;
-        if let Some(member) = raw.cluster.as_ref().map(|c| c.member().to_owned()) {
-            give_member_its_directories(&mut raw, member);
-        }
-
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        // One engine checks every condition of the file (made only if there is one).
-        let mut condition_engine = None;
-        let mut things = Vec::with_capacity(raw.thing.len());
-        for (index, entry) in raw.thing.iter().enumerate() {
-            if let Some(first) = seen.insert(&entry.name, index) {
-                return Err(invalid(Invalid::new(
-                    format!("thing[{index}].name"),
-                    format!("{:?} is already thing[{first}]", entry.name),
-                    "list each thing once",
-                )));
-            }
-            let thing = entry
-                .resolve(&env, &mut condition_engine)
-                .map_err(|e| invalid(e.within(&format!("thing[{index}]"))))?;
-            things.push(thing);
-        }
+        resolve_sections(&mut raw, &env).map_err(invalid)?;
+        let things = resolve_things(&raw.thing, &env).map_err(invalid)?;
         let declares_lifecycle = things.iter().any(|t| t.manage);
         let lifecycle = raw
             .lifecycle
@@ -303,6 +255,64 @@ fn parse_strictly(text: &str) -> Result<ConfigFile, (String, String)> {
             .unwrap_or_default();
         (key, error.message().to_owned())
     })
+}
+
+/// Checks each section on its own and resolves what the environment holds (URLs from
+/// `*_env`); keys in the error are dotted from the file's top.
+fn resolve_sections(
+    raw: &mut ConfigFile,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), Invalid> {
+    if let Some(source) = &raw.source {
+        source.validate().map_err(|e| e.within("source"))?;
+    }
+    if let Some(parquet) = &raw.parquet {
+        parquet.validate().map_err(|e| e.within("parquet"))?;
+    }
+    if let Some(lifecycle) = &raw.lifecycle {
+        lifecycle.validate().map_err(|e| e.within("lifecycle"))?;
+    }
+    if let Some(postgres) = raw.postgres.as_mut() {
+        postgres.resolve(env).map_err(|e| e.within("postgres"))?;
+    }
+    if let Some(cluster) = raw.cluster.as_mut() {
+        cluster.resolve(env).map_err(|e| e.within("cluster"))?;
+    }
+    if let Some(nats) = raw.nats.as_mut() {
+        let cluster_url = raw.cluster.as_ref().and_then(|c| c.nats_url.as_deref());
+        nats.resolve(env, cluster_url)
+            .map_err(|e| e.within("nats"))?;
+    }
+    check_spools(raw)?;
+    if let Some(member) = raw.cluster.as_ref().map(|c| c.member().to_owned()) {
+        give_member_its_directories(raw, member);
+    }
+    Ok(())
+}
+
+/// The things, each listed once, with keys read and lifecycle declarations checked.
+fn resolve_things(
+    entries: &[ThingEntry],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Vec<ThingConfig>, Invalid> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    // One engine checks every condition of the file (made only if there is one).
+    let mut condition_engine = None;
+    let mut things = Vec::with_capacity(entries.len());
+    for (index, entry) in entries.iter().enumerate() {
+        if let Some(first) = seen.insert(&entry.name, index) {
+            return Err(Invalid::new(
+                format!("thing[{index}].name"),
+                format!("{:?} is already thing[{first}]", entry.name),
+                "list each thing once",
+            ));
+        }
+        let thing = entry
+            .resolve(env, &mut condition_engine)
+            .map_err(|e| e.within(&format!("thing[{index}]")))?;
+        things.push(thing);
+    }
+    Ok(things)
 }
 
 /// `section.key` of the line holding byte `at` (the nearest `[section]` above it).

@@ -77,61 +77,19 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
                 "DATABASE_URL is set, but PostgreSQL cannot be used; fix it, or unset DATABASE_URL to run the demo with Parquet only",
             )?;
     }
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = sandbox::start(SandboxConfig {
-        listen: loopback,
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..SandboxConfig::default()
     })
     .await
     .context("could not start the sandbox on loopback")?;
     let url = server.base_url();
 
-    let postgres = database_url.map(|url| PostgresConfig {
-        spool_dir: args.data.join("spool").join("postgres"),
-        ..PostgresConfig::new(url)
-    });
-    let config = Config {
-        metrics: Some(MetricsConfig::new(loopback)),
-        postgres: postgres.clone(),
-        ..Config::for_simulated_fleet(
-            SourceConfig {
-                start_spread: Duration::from_millis(200),
-                ..SourceConfig::new(url.clone())
-            },
-            (1..=args.things).map(|i| thing_name("S5D9-", i)),
-            ParquetConfig {
-                rotate_after: Duration::from_secs(5),
-                spool_dir_setting: Some(args.data.join("spool").join("parquet")),
-                ..ParquetConfig::new(&args.data)
-            },
-        )
-    };
+    let config = demo_config(&args, &url, database_url);
+    let postgres = config.postgres.is_some();
     let worker = worker::start(config).await?;
     let metrics = Arc::clone(worker.metrics());
-    eprintln!(
-        "sandbox on {url}; {} simulated S5D9 boards for {}",
-        args.things,
-        if args.keep {
-            "as long as you like (Ctrl-C stops them)".to_owned()
-        } else {
-            format!("{} s", args.duration)
-        }
-    );
-    eprintln!(
-        "dashboard: {url}/  (one board live: {url}/follow/{})",
-        thing_name("S5D9-", 1)
-    );
-    if let Some(addr) = worker.metrics_addr() {
-        eprintln!(
-            "worker metrics on http://{addr}/metrics; Parquet into {}",
-            args.data.display()
-        );
-    }
-    if postgres.is_some() {
-        eprintln!(
-            "PostgreSQL: DATABASE_URL is set, so the worker writes there too (tables dweets, readings, dead_letters)"
-        );
-    }
+    announce(&args, &url, worker.metrics_addr(), postgres);
     // Let the subscriptions open before the boards start dweeting.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -144,36 +102,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         ..FleetConfig::default()
     };
     let mut fleet = tokio::spawn(run_fleet(client, fleet_config, Arc::clone(&fleet_stats)));
-
-    let started = Instant::now();
-    let deadline = (!args.keep).then(|| started + Duration::from_secs(args.duration));
-    let live = std::io::stderr().is_terminal();
-    let mut ticks = tokio::time::interval(Duration::from_millis(500));
-    let mut interrupted = false;
-    // One listener for the whole loop, so a signal between two turns is not missed.
-    let shutdown = super::shutdown_signal();
-    tokio::pin!(shutdown);
-    while deadline.is_none_or(|deadline| Instant::now() < deadline) {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = &mut shutdown => { interrupted = true; break }
-        }
-        if live {
-            let now = Progress::read(&metrics);
-            eprint!(
-                "\r{:>4.0}s  dweets sent {:>6}  received {:>6}  rows written {:>7}  files finalised {:>3}",
-                started.elapsed().as_secs_f64(),
-                fleet_stats.sent(),
-                now.received,
-                now.rows,
-                now.files
-            );
-            let _ = std::io::stderr().flush();
-        }
-    }
-    if live {
-        eprintln!();
-    }
+    let interrupted = watch(&args, &metrics, &fleet_stats).await;
     // Boards finish the dweet they are sending, so the count of what was sent is whole.
     fleet_stats.stop();
     if tokio::time::timeout(Duration::from_secs(10), &mut fleet)
@@ -193,8 +122,101 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     }
     worker.shutdown(Duration::from_secs(10)).await?;
     server.shutdown().await;
+    summarise(&args, &metrics, &fleet_stats, postgres);
+    Ok(())
+}
 
-    let done = Progress::read(&metrics);
+/// The embedded configuration: the simulated boards into Parquet under `args.data`, and into
+/// PostgreSQL when `DATABASE_URL` names one.
+fn demo_config(args: &DemoArgs, url: &str, database_url: Option<DatabaseUrl>) -> Config {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let postgres = database_url.map(|url| PostgresConfig {
+        spool_dir: args.data.join("spool").join("postgres"),
+        ..PostgresConfig::new(url)
+    });
+    Config {
+        metrics: Some(MetricsConfig::new(loopback)),
+        postgres,
+        ..Config::for_simulated_fleet(
+            SourceConfig {
+                start_spread: Duration::from_millis(200),
+                ..SourceConfig::new(url.to_owned())
+            },
+            (1..=args.things).map(|i| thing_name("S5D9-", i)),
+            ParquetConfig {
+                rotate_after: Duration::from_secs(5),
+                spool_dir_setting: Some(args.data.join("spool").join("parquet")),
+                ..ParquetConfig::new(&args.data)
+            },
+        )
+    }
+}
+
+/// Where to look while the demo runs.
+fn announce(args: &DemoArgs, url: &str, metrics_addr: Option<SocketAddr>, postgres: bool) {
+    eprintln!(
+        "sandbox on {url}; {} simulated S5D9 boards for {}",
+        args.things,
+        if args.keep {
+            "as long as you like (Ctrl-C stops them)".to_owned()
+        } else {
+            format!("{} s", args.duration)
+        }
+    );
+    eprintln!(
+        "dashboard: {url}/  (one board live: {url}/follow/{})",
+        thing_name("S5D9-", 1)
+    );
+    if let Some(addr) = metrics_addr {
+        eprintln!(
+            "worker metrics on http://{addr}/metrics; Parquet into {}",
+            args.data.display()
+        );
+    }
+    if postgres {
+        eprintln!(
+            "PostgreSQL: DATABASE_URL is set, so the worker writes there too (tables dweets, readings, dead_letters)"
+        );
+    }
+}
+
+/// Shows progress until the demo's time is up or Ctrl-C; whether it was interrupted.
+async fn watch(args: &DemoArgs, metrics: &Metrics, fleet_stats: &FleetStats) -> bool {
+    let started = Instant::now();
+    let deadline = (!args.keep).then(|| started + Duration::from_secs(args.duration));
+    let live = std::io::stderr().is_terminal();
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    let mut interrupted = false;
+    // One listener for the whole loop, so a signal between two turns is not missed.
+    let shutdown = super::shutdown_signal();
+    tokio::pin!(shutdown);
+    while deadline.is_none_or(|deadline| Instant::now() < deadline) {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = &mut shutdown => { interrupted = true; break }
+        }
+        if live {
+            let now = Progress::read(metrics);
+            eprint!(
+                "\r{:>4.0}s  dweets sent {:>6}  received {:>6}  rows written {:>7}  files finalised {:>3}",
+                started.elapsed().as_secs_f64(),
+                fleet_stats.sent(),
+                now.received,
+                now.rows,
+                now.files
+            );
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if live {
+        eprintln!();
+    }
+    interrupted
+}
+
+/// What was sent, received and stored, and how to read it back.
+fn summarise(args: &DemoArgs, metrics: &Metrics, fleet_stats: &FleetStats, postgres: bool) {
+    let done = Progress::read(metrics);
     let rows = |sink: &str, table: &str| {
         metrics.value(
             "dweetpipe_sink_rows_written_total",
@@ -216,7 +238,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         done.files,
         args.data.display()
     );
-    if postgres.is_some() {
+    if postgres {
         println!(
             "  PostgreSQL: {} readings, {} raw dweets, {} dead letters",
             rows("postgres", "readings"),
@@ -242,7 +264,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  duckdb -c \"SELECT thing, sensor, round(avg(value), 2) AS avg FROM read_parquet('{dir}/readings/**/*.parquet', hive_partitioning = true) WHERE sensor = 'sensors.TemperatureC' GROUP BY ALL ORDER BY thing\""
     );
-    if postgres.is_some() {
+    if postgres {
         println!("or in PostgreSQL (psql \"$DATABASE_URL\"):");
         println!(
             "  SELECT thing, round(avg(temperature_c)::numeric, 2) FROM s5d9_readings GROUP BY thing ORDER BY thing;"
@@ -252,7 +274,6 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  python3 -c \"import pyarrow.dataset as ds; t = ds.dataset('{dir}/readings', format='parquet', partitioning='hive').to_table(); print(t.num_rows, t.schema)\""
     );
-    Ok(())
 }
 
 /// `path` relative to `base` when it lies inside it (`target/release/dweetpipe`), else whole.

@@ -11,7 +11,7 @@ use dweetpipe::config::Config;
 use dweetpipe::import::Imported;
 use dweetpipe::record::{Record, now_ms};
 use dweetpipe::sink::parquet::DatasetError;
-use dweetpipe::sink::parquet::ParquetSink;
+use dweetpipe::sink::parquet::{ParquetConfig, ParquetSink};
 use dweetpipe::sink::postgres::PostgresSink;
 use dweetpipe::telemetry::Metrics;
 
@@ -55,21 +55,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new()?);
     let mut parquet = match &config.parquet {
-        Some(parquet_config) => {
-            // An import may bring history of any age: every footer counts.
-            let opened = ParquetSink::open(
-                parquet_config.clone(),
-                std::time::Duration::MAX,
-                Arc::clone(&metrics),
-            )
-                .map_err(|error| match error {
-                    DatasetError::Locked(held) => anyhow!(
-                        "{held}\nimport writes the Parquet directory itself: stop the worker, run the import, then start the worker again (it backfills what the source still keeps)"
-                    ),
-                    other => other.into(),
-                })?;
-            Some(opened.0)
-        }
+        Some(parquet_config) => Some(open_parquet(parquet_config, &metrics)?),
         None => None,
     };
     let mut postgres = match &config.postgres {
@@ -99,16 +85,40 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     if live {
         eprintln!();
     }
+    println!(
+        "import: {lines} lines, {dweets} dweets ({repeats} repeated in the input), {dead_letters} unusable (dead letters), in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    summarise(&metrics, parquet.as_ref(), postgres.as_ref(), &written);
+    Ok(())
+}
+
+/// The Parquet sink an import writes through; the worker must not hold the directory.
+fn open_parquet(config: &ParquetConfig, metrics: &Arc<Metrics>) -> anyhow::Result<ParquetSink> {
+    // An import may bring history of any age: every footer counts.
+    let (sink, _) = ParquetSink::open(config.clone(), std::time::Duration::MAX, Arc::clone(metrics))
+        .map_err(|error| match error {
+            DatasetError::Locked(held) => anyhow!(
+                "{held}\nimport writes the Parquet directory itself: stop the worker, run the import, then start the worker again (it backfills what the source still keeps)"
+            ),
+            other => other.into(),
+        })?;
+    Ok(sink)
+}
+
+/// Per sink, what it stored and what it skipped.
+fn summarise(
+    metrics: &Metrics,
+    parquet: Option<&ParquetSink>,
+    postgres: Option<&PostgresSink>,
+    written: &dweetpipe::import::Written,
+) {
     let rows = |sink: &str, table: &str| {
         metrics.value(
             "dweetpipe_sink_rows_written_total",
             &[("sink", sink), ("table", table)],
         )
     };
-    println!(
-        "import: {lines} lines, {dweets} dweets ({repeats} repeated in the input), {dead_letters} unusable (dead letters), in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
     // Per sink, what it stored and what it skipped: PostgreSQL may refuse a dweet Parquet
     // keeps (a \u0000 that jsonb cannot hold), and then holds it as one more dead letter.
     let stored = |sink: &str| {
@@ -119,7 +129,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             rows(sink, "dead_letters")
         )
     };
-    if let Some(sink) = &parquet {
+    if let Some(sink) = parquet {
         println!(
             "  Parquet: {}; {} already stored, skipped; {} older than [parquet] retention skipped",
             stored("parquet"),
@@ -127,7 +137,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             sink.past_retention()
         );
     }
-    if let Some(sink) = &postgres {
+    if let Some(sink) = postgres {
         println!(
             "  PostgreSQL: {}; those already stored skipped; {} older than [postgres] retention skipped; {} closed partition(s) re-keyed by board for reading",
             stored("postgres"),
@@ -135,5 +145,4 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             written.partitions_arranged.len()
         );
     }
-    Ok(())
 }

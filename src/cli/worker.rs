@@ -206,21 +206,9 @@ pub async fn check(args: super::ConfigArgs) -> anyhow::Result<()> {
     }
     if let Some(postgres_config) = &config.postgres
         && let Some(url) = &postgres_config.url
+        && !check_postgres(url).await
     {
-        match postgres::probe(url, Duration::from_secs(10)).await {
-            Ok(version) => {
-                let schema = match version {
-                    Some(v) if v >= postgres::schema_version() => "schema up to date".to_owned(),
-                    Some(v) => format!("schema at version {v}; `run` or `migrate` upgrades it"),
-                    None => "no schema yet; `run` or `migrate` creates it".to_owned(),
-                };
-                println!("postgres: reachable, {schema}");
-            }
-            Err(error) => {
-                println!("postgres: PROBLEM: {error}");
-                problems.push("PostgreSQL".to_owned());
-            }
-        }
+        problems.push("PostgreSQL".to_owned());
     }
     if let Some(metrics) = &config.metrics {
         println!("metrics: http://{}/metrics", metrics.listen);
@@ -238,6 +226,52 @@ pub async fn check(args: super::ConfigArgs) -> anyhow::Result<()> {
         problems.push("the cluster's NATS".to_owned());
     }
     if let Some(source) = &config.source {
+        problems.extend(check_source(&config, source).await?);
+    }
+    match worker::check_runnable(&config) {
+        Ok(_) if problems.is_empty() => println!("run: ready"),
+        Ok(_) => println!(
+            "run: would start, but see the problems above ({})",
+            problems.join(", ")
+        ),
+        Err(error) => println!("run: not possible: {}", error.problem),
+    }
+    if !problems.is_empty() {
+        bail!(
+            "check found problems with {} (see above)",
+            problems.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Whether PostgreSQL answers at `url`, and which schema it has; false when it does not.
+async fn check_postgres(url: &postgres::DatabaseUrl) -> bool {
+    match postgres::probe(url, Duration::from_secs(10)).await {
+        Ok(version) => {
+            let schema = match version {
+                Some(v) if v >= postgres::schema_version() => "schema up to date".to_owned(),
+                Some(v) => format!("schema at version {v}; `run` or `migrate` upgrades it"),
+                None => "no schema yet; `run` or `migrate` creates it".to_owned(),
+            };
+            println!("postgres: reachable, {schema}");
+            true
+        }
+        Err(error) => {
+            println!("postgres: PROBLEM: {error}");
+            false
+        }
+    }
+}
+
+/// Asks the source about every thing (and, with a lifecycle, what `run` would change);
+/// the problems found.
+async fn check_source(
+    config: &Config,
+    source: &dweetpipe::source::SourceConfig,
+) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    {
         let client = source.client()?;
         match probe_things(&client, &config.things).await {
             Err(error) => {
@@ -273,21 +307,7 @@ pub async fn check(args: super::ConfigArgs) -> anyhow::Result<()> {
             }
         }
     }
-    match worker::check_runnable(&config) {
-        Ok(_) if problems.is_empty() => println!("run: ready"),
-        Ok(_) => println!(
-            "run: would start, but see the problems above ({})",
-            problems.join(", ")
-        ),
-        Err(error) => println!("run: not possible: {}", error.problem),
-    }
-    if !problems.is_empty() {
-        bail!(
-            "check found problems with {} (see above)",
-            problems.join(", ")
-        );
-    }
-    Ok(())
+    Ok(problems)
 }
 
 /// The cluster's members, its leader and who owns what; false when NATS cannot be asked.

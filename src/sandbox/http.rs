@@ -238,27 +238,19 @@ impl App {
                 })?;
                 let changes = self.store.lock(&thing, lock, key)?;
                 self.commit(changes).await?;
-                Ok(Reply::Json(encode(&Success::new(
-                    "locking", "lock", &thing,
-                ))))
+                succeeded("locking", "lock", &thing)
             }
             ["unlock", thing] => {
                 let thing = decode_segment(thing)?;
                 let changes = self.store.unlock(&thing, key)?;
                 self.commit(changes).await?;
-                Ok(Reply::Json(encode(&Success::new(
-                    "unlocking",
-                    "lock",
-                    &thing,
-                ))))
+                succeeded("unlocking", "lock", &thing)
             }
             ["remove", "lock", lock] => {
                 let lock = decode_segment(lock)?;
                 let changes = self.store.remove_lock(&lock, key)?;
                 self.commit(changes).await?;
-                Ok(Reply::Json(encode(&Success::new(
-                    "removing", "lock", &lock,
-                ))))
+                succeeded("removing", "lock", &lock)
             }
             ["alert", who, "when", thing, condition @ ..] if !condition.is_empty() => {
                 let recipients = parse_recipients(&decode_segment(who)?)?;
@@ -266,78 +258,79 @@ impl App {
                 let condition = decode_condition(&condition.join("/"))?;
                 let (alert, change) = self.store.set_alert(&thing, recipients, condition, key)?;
                 self.commit(vec![change]).await?;
-                Ok(Reply::Json(encode(&Success::new(
-                    "alerting", "alert", &alert,
-                ))))
+                succeeded("alerting", "alert", &alert)
             }
             ["get", "alert", "for", thing] => {
                 let alert = self.store.get_alert(&decode_segment(thing)?, key)?;
-                Ok(Reply::Json(encode(&Success::new(
-                    "getting", "alert", &alert,
-                ))))
+                succeeded("getting", "alert", &alert)
             }
             ["remove", "alert", "for", thing] => {
                 let thing = decode_segment(thing)?;
                 let change = self.store.remove_alert(&thing, key)?;
                 self.commit(vec![change]).await?;
                 let removed = serde_json::json!({ "thing": thing });
-                Ok(Reply::Json(encode(&Success::new(
-                    "removing", "alert", &removed,
-                ))))
+                succeeded("removing", "alert", &removed)
             }
-            ["get", "recent", "dweets"] => {
-                let limit = call
-                    .param("limit")
-                    .and_then(|l| l.parse().ok())
-                    .unwrap_or(100usize)
-                    .clamp(1, 1000);
-                let recent = self.store.recent(limit, RECENT_WITHIN);
-                Ok(Reply::Json(encode(&Success::new(
-                    "getting",
-                    "dweets",
-                    &json_array(&recent)?,
-                ))))
-            }
-            ["get", "stored", "dweets", "for", thing] => {
-                let (thing, csv, window) = self.stored_request(call, thing, key)?;
-                let dweets = self
-                    .disk
-                    .stored_dweets(&thing, window.day, window.from_ms, window.to_ms)
-                    .map_err(|e| Refusal::new(500, e.to_string()))?;
-                if csv {
-                    return Ok(Reply::Csv(stored::dweets_csv(&dweets)));
-                }
-                Ok(Reply::Json(encode(&Success::new(
-                    "getting",
-                    "dweets",
-                    &json_array(&dweets)?,
-                ))))
-            }
-            ["get", "stored", "alerts", "for", thing] => {
-                let (thing, csv, window) = self.stored_request(call, thing, key)?;
-                let events: Vec<String> = self
-                    .disk
-                    .alert_events(&thing, window.day)
-                    .map_err(|e| Refusal::new(500, e.to_string()))?
-                    .into_iter()
-                    .filter(|event| {
-                        serde_json::from_str::<serde_json::Value>(event)
-                            .ok()
-                            .and_then(|v| v.get("at_ms")?.as_i64())
-                            .is_some_and(|at| (window.from_ms..window.to_ms).contains(&at))
-                    })
-                    .collect();
-                if csv {
-                    return Ok(Reply::Csv(stored::events_csv(&events)));
-                }
-                Ok(Reply::Json(encode(&Success::new(
-                    "getting",
-                    "alerts",
-                    &json_array(&events)?,
-                ))))
-            }
+            ["get", "recent", "dweets"] => self.recent(call),
+            ["get", "stored", "dweets", "for", thing] => self.stored_dweets(call, thing, key),
+            ["get", "stored", "alerts", "for", thing] => self.stored_alerts(call, thing, key),
             _ => Err(unknown_path()),
         }
+    }
+
+    /// The newest dweets of every thing, `limit` (1 to 1000) at most.
+    fn recent(&self, call: &Call<'_>) -> Result<Reply, Refusal> {
+        let limit = call
+            .param("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(100usize)
+            .clamp(1, 1000);
+        let recent = self.store.recent(limit, RECENT_WITHIN);
+        succeeded("getting", "dweets", &json_array(&recent)?)
+    }
+
+    /// A thing's dweets of one stored day, as JSON or CSV.
+    fn stored_dweets(
+        &self,
+        call: &Call<'_>,
+        thing: &str,
+        key: Option<&str>,
+    ) -> Result<Reply, Refusal> {
+        let (thing, csv, window) = self.stored_request(call, thing, key)?;
+        let dweets = self
+            .disk
+            .stored_dweets(&thing, window.day, window.from_ms, window.to_ms)
+            .map_err(|e| Refusal::new(500, e.to_string()))?;
+        if csv {
+            return Ok(Reply::Csv(stored::dweets_csv(&dweets)));
+        }
+        succeeded("getting", "dweets", &json_array(&dweets)?)
+    }
+
+    /// A thing's alert events of one stored day, as JSON or CSV.
+    fn stored_alerts(
+        &self,
+        call: &Call<'_>,
+        thing: &str,
+        key: Option<&str>,
+    ) -> Result<Reply, Refusal> {
+        let (thing, csv, window) = self.stored_request(call, thing, key)?;
+        let events: Vec<String> = self
+            .disk
+            .alert_events(&thing, window.day)
+            .map_err(|e| Refusal::new(500, e.to_string()))?
+            .into_iter()
+            .filter(|event| {
+                serde_json::from_str::<serde_json::Value>(event)
+                    .ok()
+                    .and_then(|v| v.get("at_ms")?.as_i64())
+                    .is_some_and(|at| (window.from_ms..window.to_ms).contains(&at))
+            })
+            .collect();
+        if csv {
+            return Ok(Reply::Csv(stored::events_csv(&events)));
+        }
+        succeeded("getting", "alerts", &json_array(&events)?)
     }
 
     /// A stored-dweets or stored-alerts request checked: the thing (locked, the key right),
@@ -572,6 +565,11 @@ fn is_jsonp_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.'))
+}
+
+/// A success answer: `{"this":"succeeded","by":by,"the":the,"with":with}`.
+fn succeeded<T: Serialize>(by: &str, the: &str, with: T) -> Result<Reply, Refusal> {
+    Ok(Reply::Json(encode(&Success::new(by, the, with))))
 }
 
 fn encode<T: Serialize>(value: &T) -> String {

@@ -321,14 +321,13 @@ pub fn compact_closed(
     Ok(done)
 }
 
-/// Rewrites `inputs` (names in `folder`) as one sorted file; returns its rows.
-fn compact_one(
-    (dir, folder, dataset): (&Path, &Path, Dataset),
+/// The rows of `inputs` (names in `folder`) in one batch sorted by board and time, and the
+/// highest watermark per thing their footers carry.
+fn read_sorted(
+    folder: &Path,
     inputs: &[&String],
-    newest: i64,
-    properties: &WriterProperties,
-    stop_after: Option<Step>,
-) -> Result<usize, DatasetError> {
+    dataset: Dataset,
+) -> Result<(RecordBatch, HashMap<String, i64>), DatasetError> {
     let schema = dataset.schema();
     let mut batches = Vec::new();
     let mut watermarks: HashMap<String, i64> = HashMap::new();
@@ -365,7 +364,19 @@ fn compact_one(
     } else {
         all
     };
-    drop(columns);
+    Ok((sorted, watermarks))
+}
+
+/// Rewrites `inputs` (names in `folder`) as one sorted file; returns its rows.
+fn compact_one(
+    (dir, folder, dataset): (&Path, &Path, Dataset),
+    inputs: &[&String],
+    newest: i64,
+    properties: &WriterProperties,
+    stop_after: Option<Step>,
+) -> Result<usize, DatasetError> {
+    let schema = dataset.schema();
+    let (sorted, watermarks) = read_sorted(folder, inputs, dataset)?;
     let rows = sorted.num_rows();
     let group = (rows / ROW_GROUPS).max(MIN_GROUP_ROWS);
     let properties = properties
