@@ -18,7 +18,7 @@
 //! sink's watermark then stays below the gap, and the next start's backfill refills it from the
 //! source when the source still has it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::SinkError;
 use super::dir_lock::DirLock;
 use super::spool;
+use super::{SinkError, Watermarks};
 use crate::record::Record;
 use crate::telemetry::{Health, Metrics, SinkName};
 
@@ -76,7 +76,7 @@ struct State {
     closed: bool,
     /// In a cluster: the newest `created` per thing made durable in this run, so a member
     /// hands a thing over only once its sinks hold everything it emitted.
-    durable: Option<HashMap<String, i64>>,
+    durable: Option<Watermarks>,
 }
 
 /// A batch taken by the sink; hand it back to [`Backlog::done`] once durable, or to
@@ -509,12 +509,12 @@ impl Backlog {
 
     /// Keeps, from now on, the newest durable `created` per thing (see [`Backlog::durable`]).
     pub fn track_durable(&self) {
-        self.lock().durable.get_or_insert_with(HashMap::new);
+        self.lock().durable.get_or_insert_with(Watermarks::new);
     }
 
     /// The newest `created` of `thing` made durable in this run, when tracked.
     pub fn durable(&self, thing: &str) -> Option<i64> {
-        self.lock().durable.as_ref()?.get(thing).copied()
+        self.lock().durable.as_ref()?.get(thing)
     }
 
     /// Forgets a batch the sink made durable (deleting its segment).
@@ -523,12 +523,7 @@ impl Backlog {
         if let Some(durable) = state.durable.as_mut() {
             for record in taken.records.iter() {
                 if let (Some(thing), Some(created)) = (record.thing(), record.created_ms()) {
-                    match durable.get_mut(thing) {
-                        Some(mark) => *mark = (*mark).max(created),
-                        None => {
-                            durable.insert(thing.to_owned(), created);
-                        }
-                    }
+                    durable.raise(thing, created);
                 }
             }
         }

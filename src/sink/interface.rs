@@ -4,14 +4,13 @@
 //! then treats every sink alike: the fan-out feeds the backlogs, a cluster handover calls the
 //! same hooks on each, and shutdown finishes each by the same deadline.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 
 use super::backlog::BacklogConfig;
-use super::{Backlog, SinkError};
+use super::{Backlog, SinkError, Watermarks};
 use crate::telemetry::{Health, Metrics, SinkName};
 
 /// What every sink is started with, from outside its own section.
@@ -56,7 +55,7 @@ pub struct StartedSink {
     pub backlog: Arc<Backlog>,
     /// The newest `created` per thing the destination held at start; empty when it did not
     /// answer in time (then every thing starts from what the source keeps).
-    pub marks: HashMap<String, i64>,
+    pub marks: Watermarks,
     pub running: Box<dyn RunningSink>,
 }
 
@@ -107,46 +106,4 @@ pub(crate) async fn task_finished(
     name: &'static str,
 ) -> Result<(), SinkError> {
     task.await.map_err(|_| SinkError::Panicked(name))
-}
-
-/// Each thing's starting watermark: the lowest over the sinks, so that a sink that is behind
-/// gets what it misses (the others drop it as already stored). A thing unknown to any sink
-/// (or a sink whose marks are not known yet) starts with none.
-pub fn lowest_marks<'a>(
-    sinks: impl IntoIterator<Item = &'a HashMap<String, i64>>,
-) -> HashMap<String, i64> {
-    let sinks: Vec<_> = sinks.into_iter().collect();
-    let Some((first, rest)) = sinks.split_first() else {
-        return HashMap::new();
-    };
-    first
-        .iter()
-        .filter_map(|(thing, mark)| {
-            let lowest = rest
-                .iter()
-                .map(|other| other.get(thing).copied())
-                .try_fold(*mark, |low, other| other.map(|o| low.min(o)))?;
-            Some((thing.clone(), lowest))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn marks(pairs: &[(&str, i64)]) -> HashMap<String, i64> {
-        pairs.iter().map(|(t, m)| ((*t).to_owned(), *m)).collect()
-    }
-
-    #[test]
-    fn a_thing_starts_at_the_lowest_mark_and_only_when_every_sink_knows_it() {
-        let parquet = marks(&[("a", 10), ("b", 5), ("c", 7)]);
-        let postgres = marks(&[("a", 8), ("b", 9)]);
-        let lowest = lowest_marks([&parquet, &postgres]);
-        assert_eq!(lowest, marks(&[("a", 8), ("b", 5)]));
-        assert_eq!(lowest_marks([&parquet]), parquet);
-        assert!(lowest_marks([&parquet, &HashMap::new()]).is_empty());
-        assert!(lowest_marks(std::iter::empty()).is_empty());
-    }
 }

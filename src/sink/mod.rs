@@ -19,6 +19,7 @@ pub mod nats;
 pub mod parquet;
 pub mod postgres;
 pub mod spool;
+pub mod watermarks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::telemetry::Health;
 pub use backlog::Backlog;
 pub use dir_lock::{DirLock, LockError};
 pub use interface::{RunningSink, SinkConfig, SinkContext, StartedSink};
+pub use watermarks::Watermarks;
 
 /// Records the fan-out takes from the pipeline per batch.
 const FAN_OUT_BATCH: usize = 8 * 1024;

@@ -67,6 +67,8 @@ pub struct Health {
     sink_problems: Mutex<BTreeMap<SinkName, String>>,
     /// In a cluster: why this member cannot renew its membership (it then owns nothing).
     cluster_problem: Mutex<Option<String>>,
+    /// What start-up is doing while it is not done (the endpoints answer from the start).
+    starting: Mutex<Option<String>>,
     /// Every running thing: `None` while its stream is up, else since when it is down.
     streams: Mutex<HashMap<String, Option<Instant>>>,
     /// How long a thing may be down before the worker is not ready.
@@ -88,6 +90,7 @@ impl Health {
             metrics: None,
             sink_problems: Mutex::new(BTreeMap::new()),
             cluster_problem: Mutex::new(None),
+            starting: Mutex::new(None),
             streams: Mutex::new(HashMap::new()),
             grace,
         }
@@ -206,14 +209,21 @@ impl Health {
         }
     }
 
-    /// Ready: every sink making records durable and every thing up or within its reconnect
-    /// grace. The answer names what is not ready.
+    /// Start-up is under way (`Some`, what it is doing), or done (`None`).
+    pub fn set_starting(&self, what: Option<String>) {
+        *lock(&self.starting) = what;
+    }
+
+    /// Ready: start-up done, every sink making records durable and every thing up or within
+    /// its reconnect grace. The answer names what is not ready.
     pub fn readiness(&self) -> Result<(), String> {
-        let mut named: Vec<String> = lock(&self.sink_problems)
-            .iter()
-            .chain(lock(&self.sink_losses).iter())
-            .map(|(sink, problem)| format!("{}: {problem}", sink.as_str()))
-            .collect();
+        let mut named: Vec<String> = lock(&self.starting).iter().cloned().collect();
+        named.extend(
+            lock(&self.sink_problems)
+                .iter()
+                .chain(lock(&self.sink_losses).iter())
+                .map(|(sink, problem)| format!("{}: {problem}", sink.as_str())),
+        );
         if let Some(problem) = lock(&self.cluster_problem).as_ref() {
             named.push(format!("cluster: {problem}"));
         }
@@ -304,6 +314,13 @@ mod tests {
         health.set_sink_problem(SinkName::Postgres, Some("unreachable".to_owned()));
         assert_eq!(health.readiness().unwrap_err(), "postgres: unreachable");
         health.set_sink_problem(SinkName::Postgres, None);
+        assert!(health.readiness().is_ok());
+        health.set_starting(Some("starting: opening the sinks".to_owned()));
+        assert_eq!(
+            health.readiness().unwrap_err(),
+            "starting: opening the sinks"
+        );
+        health.set_starting(None);
         assert!(health.readiness().is_ok());
         assert_eq!(health.stream_states(), vec![("S5D9-0001".to_owned(), true)]);
     }

@@ -27,8 +27,8 @@ use crate::lifecycle;
 use crate::nats::NatsError;
 use crate::normalize::Normalizer;
 use crate::record::Record;
-use crate::sink::interface::{self, lowest_marks};
-use crate::sink::{Backlog, RunningSink, SinkContext, SinkError};
+use crate::sink::interface;
+use crate::sink::{Backlog, RunningSink, SinkContext, SinkError, Watermarks};
 use crate::source::subscription::{NO_WATERMARK, Subscription};
 use crate::source::{SourceConfig, ThingConfig};
 use crate::telemetry::{self, Health, Metrics};
@@ -156,15 +156,28 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         // In a cluster the leader has the housekeeping; `rebalance` hands it the duty.
         leader: config.cluster.is_none(),
     };
+    // Served first: a load balancer and a liveness probe get answers while the sinks open.
+    let metrics_addr = serve_metrics(&config, &metrics, &health, &background).await?;
+    health.set_starting(Some("starting: opening the sinks".to_owned()));
     let mut started = Vec::new();
     for sink in config.sinks() {
-        started.push(sink.start(&context).await?);
+        match sink.start(&context).await {
+            Ok(sink) => started.push(sink),
+            Err(error) => {
+                background.cancel();
+                return Err(error.into());
+            }
+        }
     }
-    let watermarks = lowest_marks(started.iter().map(|s| &s.marks))
+    let watermarks = Watermarks::lowest_of(started.iter().map(|s| &s.marks))
         .into_iter()
         .map(|(thing, mark)| (thing, Arc::new(AtomicI64::new(mark))))
         .collect();
-    let metrics_addr = serve_metrics(&config, &metrics, &health, &background).await?;
+    let next = match config.cluster {
+        Some(_) => "starting: joining the cluster",
+        None => "starting: the subscriptions",
+    };
+    health.set_starting(Some(next.to_owned()));
     let (backlogs, sinks): (Vec<_>, Vec<_>) =
         started.into_iter().map(|s| (s.backlog, s.running)).unzip();
     let cluster = join_cluster(&config, &backlogs, &metrics, &health).await?;
@@ -189,6 +202,7 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         config: config.clone(),
     };
     worker.take_up_things(&config).await?;
+    worker.health.set_starting(None);
     tracing::info!(things = worker.things.len(), url = %crate::settings::redact_url(&worker.source.url), mode = ?worker.source.mode, "worker started");
     Ok(worker)
 }

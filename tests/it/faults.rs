@@ -261,6 +261,60 @@ async fn stop(mut worker: WorkerProcess) -> String {
     worker.stdout()
 }
 
+/// A PostgreSQL that takes connections and never answers: what a long migration (or a
+/// server stuck in recovery) looks like from the worker.
+async fn silent_postgres() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            open.push(connection);
+        }
+    });
+    (
+        format!("postgres://dweetpipe@127.0.0.1:{port}/silent"),
+        held,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_endpoints_answer_while_postgresql_is_connected_and_migrated() {
+    let (postgres, silent) = silent_postgres().await;
+    let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    let setup = Setup::new("migrating", 2);
+    let parquet = setup.path("parquet");
+    let config = setup.config(&server.base_url(), &parquet, Some(&postgres), 20);
+    let worker = setup.spawn(&config, "worker.log");
+    // The schema step waits on the silent server for ten seconds; the endpoints answer at once.
+    let asked = Instant::now();
+    let answer = loop {
+        if let Some(answer) = setup.get("/readyz").await {
+            break answer;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "/readyz did not answer while PostgreSQL was being migrated\nlog:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        answer.0.starts_with("http/1.1 503") && answer.1.contains("migrating"),
+        "{answer:?}"
+    );
+    let (head, body) = setup.get("/healthz").await.expect("/healthz answers");
+    assert!(head.starts_with("http/1.1 200"), "{head} {body}");
+    // Once the worker gives up waiting, it runs without PostgreSQL and says so.
+    setup
+        .wait_readyz("503", "postgres: unreachable", &worker)
+        .await;
+    silent.abort();
+    let _ = stop(worker).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn postgresql_down_at_start_ingestion_goes_on_and_it_catches_up_when_it_answers() {
     let cluster = PrivateCluster::create();

@@ -28,6 +28,7 @@ use crate::nats::{NatsError, redact_urls};
 use crate::protocol::format_created;
 use crate::record::{Normalized, Record, ms_to_datetime};
 use crate::settings::Invalid;
+use crate::sink::Watermarks;
 
 /// Subjects of the stream: `dweetpipe.dweets.<thing>`.
 pub const SUBJECT_PREFIX: &str = "dweetpipe.dweets";
@@ -172,7 +173,7 @@ pub struct NatsSink {
     stream: stream::Stream,
     urls: String,
     /// The newest `created` the stream holds per thing (asked once per thing).
-    published: HashMap<String, i64>,
+    published: Watermarks,
 }
 
 impl NatsSink {
@@ -199,19 +200,19 @@ impl NatsSink {
             js,
             stream,
             urls,
-            published: HashMap::new(),
+            published: Watermarks::new(),
         })
     }
 
     /// The newest `created` the stream holds for `thing`, asked of the stream the first time.
     async fn newest(&mut self, thing: &str) -> Result<i64, NatsError> {
         if let Some(mark) = self.published.get(thing) {
-            return Ok(*mark);
+            return Ok(mark);
         }
         let mark = last_created(&self.stream, thing)
             .await
             .map_err(|error| NatsError::new(&self.urls, error))?;
-        self.published.insert(thing.to_owned(), mark);
+        self.published.set(thing.to_owned(), mark);
         Ok(mark)
     }
 
@@ -258,7 +259,7 @@ impl NatsSink {
             ack.await.map_err(|e| NatsError::new(&self.urls, e))?;
         }
         for (thing, mark) in newest {
-            self.published.insert(thing.to_owned(), mark);
+            self.published.raise(thing, mark);
         }
         Ok(skipped)
     }
@@ -266,10 +267,7 @@ impl NatsSink {
     /// The newest `created` the stream holds for each of `things` (start-up watermarks).
     /// Asked `START_QUERIES` at a time: a start with thousands of things would otherwise
     /// spend its whole patience on round trips, one after another.
-    pub async fn watermarks(
-        &mut self,
-        things: &[String],
-    ) -> Result<HashMap<String, i64>, NatsError> {
+    pub async fn watermarks(&mut self, things: &[String]) -> Result<Watermarks, NatsError> {
         use futures_util::StreamExt;
         let stream = &self.stream;
         // Owned names: a closure over borrowed ones is not `Send` for every lifetime, which
@@ -283,12 +281,12 @@ impl NatsSink {
                 .buffer_unordered(START_QUERIES)
                 .collect()
                 .await;
-        let mut marks = HashMap::new();
+        let mut marks = Watermarks::new();
         for (thing, answer) in answers {
             let mark = answer.map_err(|error| NatsError::new(&self.urls, error))?;
-            self.published.insert(thing.clone(), mark);
+            self.published.set(thing.clone(), mark);
             if mark != i64::MIN {
-                marks.insert(thing, mark);
+                marks.set(thing, mark);
             }
         }
         Ok(marks)

@@ -69,7 +69,7 @@ impl SinkConfig for NatsConfig {
                         _ => format!("no answer within {DESTINATION_PATIENCE:?}"),
                     };
                     tracing::warn!(%why, "starting without the JetStream output: its records wait in its backlog until NATS answers, and every thing backfills what the source keeps");
-                    (None, std::collections::HashMap::new())
+                    (None, crate::sink::Watermarks::new())
                 }
             };
             let running = spawn(

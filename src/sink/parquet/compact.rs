@@ -40,6 +40,7 @@ use super::DatasetError;
 use super::META_WATERMARKS;
 use super::batch::Dataset;
 use super::recovery::part_name;
+use crate::sink::Watermarks;
 
 /// The footer key listing the files a compacted file replaces (JSON array of names).
 pub const META_REPLACES: &str = "dweetpipe.replaces";
@@ -208,7 +209,7 @@ fn footer(path: &Path) -> Result<HashMap<String, String>, DatasetError> {
 }
 
 /// The per-thing watermarks a data file's footer carries.
-pub fn footer_watermarks(path: &Path) -> Result<HashMap<String, i64>, DatasetError> {
+pub fn footer_watermarks(path: &Path) -> Result<Watermarks, DatasetError> {
     Ok(footer(path)?
         .get(META_WATERMARKS)
         .and_then(|json| serde_json::from_str(json).ok())
@@ -327,16 +328,13 @@ fn read_sorted(
     folder: &Path,
     inputs: &[&String],
     dataset: Dataset,
-) -> Result<(RecordBatch, HashMap<String, i64>), DatasetError> {
+) -> Result<(RecordBatch, Watermarks), DatasetError> {
     let schema = dataset.schema();
     let mut batches = Vec::new();
-    let mut watermarks: HashMap<String, i64> = HashMap::new();
+    let mut watermarks = Watermarks::new();
     for name in inputs {
         let path = folder.join(name);
-        for (thing, mark) in footer_watermarks(&path)? {
-            let entry = watermarks.entry(thing).or_insert(mark);
-            *entry = (*entry).max(mark);
-        }
+        watermarks.raise_all(footer_watermarks(&path)?);
         let file = File::open(&path).map_err(|e| DatasetError::io(&path, e))?;
         for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
             let batch = batch.map_err(DatasetError::Arrow)?;

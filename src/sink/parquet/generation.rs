@@ -1,7 +1,7 @@
 //! The open generation: the files being written (one per dataset and date), sealed together
 //! with the generation's id, its file count and its per-thing watermarks in every footer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,6 +14,7 @@ use parquet::file::properties::WriterProperties;
 use super::DatasetError;
 use super::batch::{Dataset, Rows};
 use crate::record::now_ms;
+use crate::sink::Watermarks;
 
 pub(super) const META_GENERATION: &str = "dweetpipe.generation";
 pub(super) const META_FILES: &str = "dweetpipe.generation_files";
@@ -34,7 +35,7 @@ pub(super) fn open_generation<'g>(
             opened: Instant::now(),
             dataset_rows: BTreeMap::new(),
             files: BTreeMap::new(),
-            watermarks: HashMap::new(),
+            watermarks: Watermarks::new(),
         }
     })
 }
@@ -56,7 +57,7 @@ pub(super) struct Generation {
     /// Three entries at most: a B-tree looks one up cheaper than hashing.
     pub(super) dataset_rows: BTreeMap<Dataset, u64>,
     pub(super) files: BTreeMap<(Dataset, NaiveDate), OpenFile>,
-    pub(super) watermarks: HashMap<String, i64>,
+    pub(super) watermarks: Watermarks,
 }
 
 impl Generation {

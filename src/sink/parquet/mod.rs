@@ -45,7 +45,7 @@ use generation::{
 };
 pub use run::ParquetLoop;
 
-use super::{DirLock, LockError};
+use super::{DirLock, LockError, Watermarks};
 use crate::record::{Record, ms_before, ms_to_datetime, now_ms};
 use crate::telemetry::{Metrics, SinkName};
 
@@ -87,21 +87,11 @@ fn recovery_horizon(now_ms: i64, replay: Duration) -> i64 {
     ms_before(now_ms, replay.saturating_add(RECOVERY_MARGIN))
 }
 
-/// Raises `thing`'s mark to `created_ms`, copying the name only for a thing not yet marked.
-fn raise_mark(marks: &mut HashMap<String, i64>, thing: &str, created_ms: i64) {
-    match marks.get_mut(thing) {
-        Some(mark) => *mark = (*mark).max(created_ms),
-        None => {
-            marks.insert(thing.to_owned(), created_ms);
-        }
-    }
-}
-
 pub struct ParquetSink {
     config: ParquetConfig,
     properties: WriterProperties,
     /// What is durable: the maximum `created` per thing over sealed generations.
-    durable: HashMap<String, i64>,
+    durable: Watermarks,
     last_generation: i64,
     open: Option<Generation>,
     metrics: Arc<Metrics>,
@@ -195,7 +185,7 @@ impl ParquetSink {
     }
 
     /// The newest durable `created` (ms) per thing.
-    pub fn watermarks(&self) -> &HashMap<String, i64> {
+    pub fn watermarks(&self) -> &Watermarks {
         &self.durable
     }
 
@@ -219,13 +209,11 @@ impl ParquetSink {
 
     /// Whether `thing`'s dweet `created_ms` is already sealed or in the open generation.
     fn holds(&self, thing: &str, created_ms: i64) -> bool {
-        let at_or_below =
-            |marks: &HashMap<String, i64>| marks.get(thing).is_some_and(|mark| created_ms <= *mark);
-        at_or_below(&self.durable)
+        self.durable.holds(thing, created_ms)
             || self
                 .open
                 .as_ref()
-                .is_some_and(|g| at_or_below(&g.watermarks))
+                .is_some_and(|g| g.watermarks.holds(thing, created_ms))
     }
 
     /// Adds records to the open generation; dweets it already holds (sealed, or in the open
@@ -255,7 +243,7 @@ impl ParquetSink {
                         held.insert((dweet.thing.clone(), dweet.created_ms));
                     }
                     let generation = self.generation();
-                    raise_mark(&mut generation.watermarks, &dweet.thing, dweet.created_ms);
+                    generation.watermarks.raise(&dweet.thing, dweet.created_ms);
                     generation.count(Dataset::Dweets, 1);
                     generation.count(Dataset::Readings, dweet.readings.len() as u64);
                     self.push(Dataset::Dweets, date, |rows| rows.push_dweet(dweet))?;
@@ -271,7 +259,7 @@ impl ParquetSink {
                             skipped += 1;
                             continue;
                         }
-                        raise_mark(&mut self.generation().watermarks, thing, created_ms);
+                        self.generation().watermarks.raise(thing, created_ms);
                     }
                     let date = ms_to_datetime(letter.received_ms).date_naive();
                     self.generation().count(Dataset::DeadLetters, 1);
@@ -465,10 +453,7 @@ impl ParquetSink {
         for file in &finished {
             self.metrics.parquet_file_sealed(file.dataset.table());
         }
-        for (thing, created_ms) in generation.watermarks {
-            let mark = self.durable.entry(thing).or_insert(created_ms);
-            *mark = (*mark).max(created_ms);
-        }
+        self.durable.raise_all(generation.watermarks);
         for (dataset, rows) in &generation.dataset_rows {
             self.metrics
                 .rows_written(SinkName::Parquet, dataset.table(), *rows);
@@ -553,7 +538,7 @@ mod tests {
         drop(sink); // the directory lock goes with it
         let (mut sink, opened) = open(dir.path());
         assert_eq!(opened.things_with_watermark, 2);
-        assert_eq!(sink.watermarks().get("a"), Some(&(base + DAY_MS)));
+        assert_eq!(sink.watermarks().get("a"), Some(base + DAY_MS));
         let skipped = sink
             .write(&[dweet("a", base), dweet("b", base + 7), dweet("b", base + 8)])
             .unwrap();
@@ -643,7 +628,7 @@ mod tests {
         assert_eq!(finalised(dir.path()), first_generation);
         assert_eq!(
             sink.watermarks().get("a"),
-            Some(&base),
+            Some(base),
             "only complete generations count"
         );
     }

@@ -12,6 +12,7 @@
 //! is not written again. [`absorb`] reads the generations other members sealed since.
 
 use std::collections::{HashMap, HashSet};
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -21,11 +22,12 @@ use super::DatasetError;
 use super::batch::Dataset;
 use super::compact;
 use super::{META_FILES, META_GENERATION, META_WATERMARKS};
+use crate::sink::Watermarks;
 
 /// What recovery found and did.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    pub watermarks: HashMap<String, i64>,
+    pub watermarks: Watermarks,
     pub newest_generation: i64,
     pub removed_temporary: usize,
     pub removed_incomplete: usize,
@@ -36,7 +38,7 @@ pub struct Recovered {
 struct FileFooter {
     path: PathBuf,
     files: usize,
-    watermarks: HashMap<String, i64>,
+    watermarks: Watermarks,
 }
 
 /// A data file's name: `part-[<member>-]<generation>-<n>.parquet`.
@@ -107,10 +109,9 @@ pub fn recover(
     for path in files(dir)? {
         let name = file_name(&path);
         if compact::compacted_generation(&name).is_some_and(|newest| newest >= horizon_ms) {
-            merge(
-                &mut recovered.watermarks,
-                compact::footer_watermarks(&path)?,
-            );
+            recovered
+                .watermarks
+                .raise_all(compact::footer_watermarks(&path)?);
             if !name.starts_with('.') {
                 recovered.absorbed.insert(path);
             }
@@ -175,7 +176,7 @@ pub fn recover(
             continue;
         }
         for file in files {
-            merge(&mut recovered.watermarks, file.watermarks);
+            recovered.watermarks.raise_all(file.watermarks);
             if !own {
                 recovered.absorbed.insert(file.path);
             }
@@ -191,7 +192,7 @@ pub fn absorb(
     horizon_ms: i64,
     member: Option<&str>,
     absorbed: &mut HashSet<PathBuf>,
-    watermarks: &mut HashMap<String, i64>,
+    watermarks: &mut Watermarks,
 ) -> Result<usize, DatasetError> {
     let retired = retired_by_generation(dir)?;
     let mut by_generation: HashMap<(String, i64), Vec<FileFooter>> = HashMap::new();
@@ -202,7 +203,7 @@ pub fn absorb(
             continue;
         }
         if compact::compacted_generation(&name).is_some_and(|newest| newest >= horizon_ms) {
-            merge(watermarks, compact::footer_watermarks(&path)?);
+            watermarks.raise_all(compact::footer_watermarks(&path)?);
             absorbed.insert(path);
             read += 1;
             continue;
@@ -231,19 +232,12 @@ pub fn absorb(
             continue;
         }
         for file in files {
-            merge(watermarks, file.watermarks);
+            watermarks.raise_all(file.watermarks);
             absorbed.insert(file.path);
             read += 1;
         }
     }
     Ok(read)
-}
-
-fn merge(into: &mut HashMap<String, i64>, from: HashMap<String, i64>) {
-    for (thing, created_ms) in from {
-        let mark = into.entry(thing).or_insert(created_ms);
-        *mark = (*mark).max(created_ms);
-    }
 }
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
@@ -293,7 +287,7 @@ fn read_footer(path: &Path, generation: i64) -> Result<FileFooter, String> {
         .ok_or("no file count in the footer")?;
     let watermarks = match pairs.get(META_WATERMARKS) {
         Some(json) => serde_json::from_str(json).map_err(|e| e.to_string())?,
-        None => HashMap::new(),
+        None => Watermarks::new(),
     };
     Ok(FileFooter {
         path: path.to_path_buf(),

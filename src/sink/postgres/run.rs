@@ -88,8 +88,14 @@ impl SinkConfig for PostgresConfig {
     ) -> futures_util::future::BoxFuture<'a, Result<StartedSink, SinkError>> {
         Box::pin(async move {
             let backlog = cx.open_backlog(&self.backlog(), SinkName::Postgres)?;
+            // The endpoints answer meanwhile: a long migration is no reason to restart us.
+            cx.health.set_sink_problem(
+                SinkName::Postgres,
+                Some("migrating: connecting and applying the schema migrations".to_owned()),
+            );
             let connected =
                 PostgresSink::connect(self, Arc::clone(&cx.metrics), DESTINATION_PATIENCE).await;
+            cx.health.set_sink_problem(SinkName::Postgres, None);
             let (connected, marks) = match connected {
                 Ok(sink) => {
                     tracing::info!(
@@ -101,7 +107,7 @@ impl SinkConfig for PostgresConfig {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "starting without PostgreSQL: its records wait in its backlog until it answers, and every thing backfills what the source keeps");
-                    (None, HashMap::new())
+                    (None, crate::sink::Watermarks::new())
                 }
             };
             let running = spawn(

@@ -1,7 +1,6 @@
 //! The sink's state: its pool, its watermarks (each thing's newest committed `created`) and
 //! the partitions it knows; the history upkeep over the same database; stream states.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +10,7 @@ use sqlx::postgres::PgPoolOptions;
 use super::schema::{migrate_pool, schema_version};
 use super::{DatabaseUrl, Partitions, PostgresConfig, PostgresError, arrange, retention, rollup};
 use crate::backoff::Backoff;
+use crate::sink::Watermarks;
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 
 /// Writes `things.stream_state`: what the worker knows of each thing's stream.
@@ -43,13 +43,13 @@ impl StreamStates {
 }
 
 /// Watermarks moved by committed batches, applied to the sink once a write is done.
-pub(super) type Marks = HashMap<String, i64>;
+pub(super) type Marks = Watermarks;
 
 pub struct PostgresSink {
     pub(super) url: DatabaseUrl,
     pub(super) pool: PgPool,
     /// Newest committed `created` (ms) per thing, from `things`.
-    pub(super) watermarks: HashMap<String, i64>,
+    pub(super) watermarks: Watermarks,
     pub(super) metrics: Arc<Metrics>,
     /// Told while writes fail and retry (the worker's readiness and liveness); none for
     /// one-shot imports.
@@ -203,7 +203,7 @@ impl PostgresSink {
         }
     }
 
-    pub fn watermarks(&self) -> &HashMap<String, i64> {
+    pub fn watermarks(&self) -> &Watermarks {
         &self.watermarks
     }
 

@@ -50,10 +50,8 @@ impl PostgresSink {
             self.write_all(&even, false, &mut marks),
             self.write_all(&odd, false, &mut odd_marks)
         );
-        for (thing, created) in marks.into_iter().chain(odd_marks) {
-            let mark = self.watermarks.entry(thing).or_insert(created);
-            *mark = (*mark).max(created);
-        }
+        self.watermarks
+            .raise_all(marks.into_iter().chain(odd_marks));
     }
 
     async fn write_all(&self, records: &[&Record], start_tolerant: bool, marks: &mut Marks) {
@@ -116,10 +114,7 @@ impl PostgresSink {
 
     fn is_new(&self, record: &Record) -> bool {
         match (record.thing(), record.created_ms()) {
-            (Some(thing), Some(created)) => self
-                .watermarks
-                .get(thing)
-                .is_none_or(|mark| created > *mark),
+            (Some(thing), Some(created)) => !self.watermarks.holds(thing, created),
             _ => true,
         }
     }
@@ -254,8 +249,7 @@ impl PostgresSink {
         }
         tx.commit().await?;
         for (thing, (created, _)) in marks {
-            let mark = marks_out.entry(thing.to_owned()).or_insert(created);
-            *mark = (*mark).max(created);
+            marks_out.raise(thing, created);
         }
         for (table, count) in written {
             self.metrics.rows_written(SinkName::Postgres, table, count);
