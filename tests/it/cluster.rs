@@ -1109,3 +1109,46 @@ async fn no_member_exports_series_of_things_it_does_not_own_after_restarts_and_a
     stop(members).await;
     setup.db.drop_now().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_deployments_on_one_nats_server_each_publish_to_their_own_stream() {
+    use dweetpipe::record::{Normalized, Record};
+    use dweetpipe::sink::nats::{NatsConfig, NatsSink};
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let section = |stream: &str, prefix: &str| {
+        let mut config: NatsConfig =
+            toml::from_str(&format!("stream = {stream:?}\nsubject_prefix = {prefix:?}")).unwrap();
+        config.resolve(|_| None, Some(&nats.url())).unwrap();
+        config
+    };
+    let dweet = |thing: &str| {
+        Record::Dweet(Normalized {
+            thing: thing.to_owned(),
+            created_ms: 1_795_000_000_000,
+            received_ms: 1_795_000_000_000,
+            content: "{}".to_owned(),
+            readings: Vec::new(),
+        })
+    };
+    let mut first = NatsSink::open(client.clone(), &section("site1-dweets", "site1.dweets"))
+        .await
+        .expect("the first deployment's stream opens");
+    // JetStream refuses a second stream over the same subjects: with its own prefix it opens.
+    let mut second = NatsSink::open(client.clone(), &section("site2-dweets", "site2.dweets"))
+        .await
+        .expect("a second deployment's stream opens beside the first");
+    first.publish(&[&dweet("board-1")]).await.unwrap();
+    second.publish(&[&dweet("board-2")]).await.unwrap();
+    second.publish(&[&dweet("board-2")]).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for (stream, subject) in [
+        ("site1-dweets", "site1.dweets.board-1"),
+        ("site2-dweets", "site2.dweets.board-2"),
+    ] {
+        let mut handle = js.get_stream(stream).await.unwrap();
+        assert_eq!(handle.info().await.unwrap().state.messages, 1, "{stream}");
+        let last = handle.get_last_raw_message_by_subject(subject).await;
+        assert!(last.is_ok(), "{stream} holds {subject}: {last:?}");
+    }
+}

@@ -31,6 +31,7 @@ use crate::settings::Invalid;
 use crate::sink::Watermarks;
 
 /// Subjects of the stream: `dweetpipe.dweets.<thing>`.
+/// Subjects start with this unless `[nats] subject_prefix` says otherwise.
 pub const SUBJECT_PREFIX: &str = "dweetpipe.dweets";
 /// The header carrying the dweet's `created` in ms, so the last one can be read back cheaply.
 const CREATED_MS_HEADER: &str = "Dweetpipe-Created-Ms";
@@ -50,6 +51,11 @@ pub struct NatsConfig {
     /// The JetStream stream, created (file storage) when missing. Default `dweetpipe-dweets`.
     #[serde(default = "default_stream")]
     pub stream: String,
+    /// Subjects are `<subject_prefix>.<thing>`; the stream takes `<subject_prefix>.>`. Two
+    /// deployments sharing a NATS server need different ones (JetStream refuses two streams
+    /// over the same subjects). Default `dweetpipe.dweets`.
+    #[serde(default = "default_subject_prefix")]
+    pub subject_prefix: String,
     /// Records held in memory while NATS is down, before the spool. Default 100,000.
     #[serde(default = "crate::sink::backlog::default_memory_max_rows")]
     pub memory_max_rows: usize,
@@ -70,11 +76,16 @@ impl fmt::Debug for NatsConfig {
             .field("url", &self.url.as_deref().map(redact_urls))
             .field("url_env", &self.url_env)
             .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
             .field("memory_max_rows", &self.memory_max_rows)
             .field("spool_dir", &self.spool_dir)
             .field("spool_max", &self.spool_max)
             .finish()
     }
+}
+
+fn default_subject_prefix() -> String {
+    SUBJECT_PREFIX.to_owned()
 }
 
 fn default_stream() -> String {
@@ -121,15 +132,29 @@ impl NatsConfig {
                 "use letters, digits, '-' and '_'",
             ));
         }
+        let usable_token = |token: &str| {
+            !token.is_empty()
+                && token
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !self.subject_prefix.split('.').all(usable_token) {
+            return Err(Invalid::new(
+                "subject_prefix",
+                format!("{:?} is not a usable subject prefix", self.subject_prefix),
+                "use tokens of letters, digits, '-' and '_' joined by '.', e.g. \"site2.dweets\"",
+            ));
+        }
         Ok(())
     }
 }
 
-/// `thing`'s subject: bytes that NATS gives a meaning to (`.`, `*`, `>`, spaces) and any
-/// other outside `A-Z a-z 0-9 - _` are written `%XX`, so every thing has one token.
-pub fn subject_of(thing: &str) -> String {
-    let mut subject = String::with_capacity(SUBJECT_PREFIX.len() + 1 + thing.len());
-    subject.push_str(SUBJECT_PREFIX);
+/// `thing`'s subject under `prefix`: bytes that NATS gives a meaning to (`.`, `*`, `>`,
+/// spaces) and any other outside `A-Z a-z 0-9 - _` are written `%XX`, so every thing has one
+/// token.
+pub fn subject_of(prefix: &str, thing: &str) -> String {
+    let mut subject = String::with_capacity(prefix.len() + 1 + thing.len());
+    subject.push_str(prefix);
     subject.push('.');
     for byte in thing.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
@@ -172,6 +197,8 @@ pub struct NatsSink {
     js: jetstream::Context,
     stream: stream::Stream,
     urls: String,
+    /// `[nats] subject_prefix`.
+    prefix: String,
     /// The newest `created` the stream holds per thing (asked once per thing).
     published: Watermarks,
 }
@@ -187,7 +214,7 @@ impl NatsSink {
         let stream = js
             .get_or_create_stream(stream::Config {
                 name: config.stream.clone(),
-                subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+                subjects: vec![format!("{}.>", config.subject_prefix)],
                 storage: stream::StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
                 ..Default::default()
@@ -200,6 +227,7 @@ impl NatsSink {
             js,
             stream,
             urls,
+            prefix: config.subject_prefix.clone(),
             published: Watermarks::new(),
         })
     }
@@ -209,7 +237,7 @@ impl NatsSink {
         if let Some(mark) = self.published.get(thing) {
             return Ok(mark);
         }
-        let mark = last_created(&self.stream, thing)
+        let mark = last_created(&self.stream, &subject_of(&self.prefix, thing))
             .await
             .map_err(|error| NatsError::new(&self.urls, error))?;
         self.published.set(thing.to_owned(), mark);
@@ -249,7 +277,11 @@ impl NatsSink {
             headers.insert(CREATED_MS_HEADER, dweet.created_ms.to_string().as_str());
             let ack = self
                 .js
-                .publish_with_headers(subject_of(&dweet.thing), headers, payload(dweet).into())
+                .publish_with_headers(
+                    subject_of(&self.prefix, &dweet.thing),
+                    headers,
+                    payload(dweet).into(),
+                )
                 .await
                 .map_err(|e| NatsError::new(&self.urls, e))?;
             acks.push(ack);
@@ -269,13 +301,13 @@ impl NatsSink {
     /// spend its whole patience on round trips, one after another.
     pub async fn watermarks(&mut self, things: &[String]) -> Result<Watermarks, NatsError> {
         use futures_util::StreamExt;
-        let stream = &self.stream;
+        let (stream, prefix) = (&self.stream, &self.prefix);
         // Owned names: a closure over borrowed ones is not `Send` for every lifetime, which
         // a boxed start-up future needs.
         let answers: Vec<(String, Result<i64, stream::LastRawMessageError>)> =
             futures_util::stream::iter(things.iter().cloned())
                 .map(|thing| async move {
-                    let answer = last_created(stream, &thing).await;
+                    let answer = last_created(stream, &subject_of(prefix, &thing)).await;
                     (thing, answer)
                 })
                 .buffer_unordered(START_QUERIES)
@@ -296,15 +328,13 @@ impl NatsSink {
 /// Things asked about at once at start-up.
 const START_QUERIES: usize = 64;
 
-/// The `created` (ms) of the last message the stream holds for `thing`, `i64::MIN` for none.
+/// The `created` (ms) of the last message the stream holds on `subject` (a thing's),
+/// `i64::MIN` for none.
 async fn last_created(
     stream: &stream::Stream,
-    thing: &str,
+    subject: &str,
 ) -> Result<i64, stream::LastRawMessageError> {
-    match stream
-        .get_last_raw_message_by_subject(&subject_of(thing))
-        .await
-    {
+    match stream.get_last_raw_message_by_subject(subject).await {
         Ok(message) => Ok(message
             .headers
             .get(CREATED_MS_HEADER)
@@ -324,9 +354,39 @@ mod tests {
 
     #[test]
     fn every_thing_is_one_subject_token() {
-        assert_eq!(subject_of("S5D9-0001"), "dweetpipe.dweets.S5D9-0001");
-        assert_eq!(subject_of("a.b c>*"), "dweetpipe.dweets.a%2Eb%20c%3E%2A");
-        assert_eq!(subject_of("café"), "dweetpipe.dweets.caf%C3%A9");
+        assert_eq!(
+            subject_of(SUBJECT_PREFIX, "S5D9-0001"),
+            "dweetpipe.dweets.S5D9-0001"
+        );
+        assert_eq!(
+            subject_of(SUBJECT_PREFIX, "a.b c>*"),
+            "dweetpipe.dweets.a%2Eb%20c%3E%2A"
+        );
+        assert_eq!(subject_of("site2.dweets", "café"), "site2.dweets.caf%C3%A9");
+    }
+
+    #[test]
+    fn a_subject_prefix_is_checked_token_by_token() {
+        for (prefix, usable) in [
+            ("dweetpipe.dweets", true),
+            ("site2", true),
+            ("a-b.c_d.9", true),
+            ("", false),
+            ("a..b", false),
+            (".a", false),
+            ("a.", false),
+            ("a.*", false),
+            ("a.>", false),
+            ("a b", false),
+        ] {
+            let mut config: NatsConfig =
+                toml::from_str(&format!("subject_prefix = {prefix:?}")).unwrap();
+            let checked = config.resolve(|_| None, Some("nats://h:4222"));
+            assert_eq!(checked.is_ok(), usable, "{prefix:?}: {checked:?}");
+            if let Err(invalid) = checked {
+                assert_eq!(invalid.key, "subject_prefix");
+            }
+        }
     }
 
     #[test]
