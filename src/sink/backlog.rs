@@ -432,6 +432,22 @@ impl Backlog {
         }
     }
 
+    /// `first` and the batches queued after it now, until they hold `max_records` records.
+    pub fn take_more(&self, first: Taken, max_records: usize) -> Vec<Taken> {
+        let mut records = first.records.len();
+        let mut taken = vec![first];
+        while records < max_records {
+            match self.try_take() {
+                Some(more) => {
+                    records += more.records.len();
+                    taken.push(more);
+                }
+                None => break,
+            }
+        }
+        taken
+    }
+
     /// The oldest queued batch if there is one now.
     pub fn try_take(&self) -> Option<Taken> {
         loop {

@@ -5,6 +5,7 @@
 //! same hooks on each, and shutdown finishes each by the same deadline.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -100,10 +101,70 @@ pub async fn finish(
     }
 }
 
-/// A loop that runs as a tokio task ends when its task does; a panic is reported as such.
-pub(crate) async fn task_finished(
-    task: &mut tokio::task::JoinHandle<()>,
+/// A sink loop that runs as a tokio task (PostgreSQL, the JetStream output): it ends when its
+/// task does, and gives up when told.
+pub struct SpawnedLoop {
+    task: tokio::task::JoinHandle<()>,
+    give_up: tokio_util::sync::CancellationToken,
     name: &'static str,
-) -> Result<(), SinkError> {
-    task.await.map_err(|_| SinkError::Panicked(name))
+    /// Raised by `after_takeover`, for a loop that must look at its destination again.
+    takeover: Option<Arc<AtomicBool>>,
+    /// Follows `set_leader`, for a loop with housekeeping duties.
+    leader: Option<Arc<AtomicBool>>,
+}
+
+impl SpawnedLoop {
+    /// Spawns `run`, which ends once `give_up` is cancelled or its backlog drained.
+    pub fn spawn(
+        name: &'static str,
+        give_up: tokio_util::sync::CancellationToken,
+        run: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        SpawnedLoop {
+            task: tokio::spawn(run),
+            give_up,
+            name,
+            takeover: None,
+            leader: None,
+        }
+    }
+
+    /// `after_takeover` raises `flag` (the loop lowers it once it acted on it).
+    pub fn raising_on_takeover(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.takeover = Some(flag);
+        self
+    }
+
+    /// `set_leader` sets `flag`.
+    pub fn following_leadership(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.leader = Some(flag);
+        self
+    }
+}
+
+impl RunningSink for SpawnedLoop {
+    /// A panic of the task is reported as such.
+    fn finished(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            (&mut self.task)
+                .await
+                .map_err(|_| SinkError::Panicked(self.name))
+        })
+    }
+
+    fn give_up(&self) {
+        self.give_up.cancel();
+    }
+
+    fn after_takeover(&self) {
+        if let Some(flag) = &self.takeover {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn set_leader(&self, leader: bool) {
+        if let Some(flag) = &self.leader {
+            flag.store(leader, Ordering::SeqCst);
+        }
+    }
 }

@@ -22,8 +22,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use serde::{Deserialize, Serialize};
 
-pub use run::NatsLoop;
-
 use crate::nats::{NatsError, redact_urls};
 use crate::protocol::format_created;
 use crate::record::{Normalized, Record, ms_to_datetime};

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{NatsConfig, NatsSink};
@@ -16,34 +15,12 @@ use crate::record::Record;
 use crate::sink::SinkError;
 use crate::sink::backlog::Backlog;
 use crate::sink::interface::{
-    DESTINATION_PATIENCE, RunningSink, SinkConfig, SinkContext, StartedSink, task_finished,
+    DESTINATION_PATIENCE, SinkConfig, SinkContext, SpawnedLoop, StartedSink,
 };
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
 
 /// Records published per turn at most.
 const TAKE_RECORDS: usize = 4096;
-
-/// The running loop.
-pub struct NatsLoop {
-    task: JoinHandle<()>,
-    give_up: CancellationToken,
-    forget: Arc<AtomicBool>,
-}
-
-impl RunningSink for NatsLoop {
-    fn finished(&mut self) -> futures_util::future::BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(task_finished(&mut self.task, "JetStream output"))
-    }
-
-    fn give_up(&self) {
-        self.give_up.cancel();
-    }
-
-    /// Before its next publish, the loop asks the stream again what it holds per thing.
-    fn after_takeover(&self) {
-        self.forget.store(true, Ordering::SeqCst);
-    }
-}
 
 impl SinkConfig for NatsConfig {
     /// NATS need not answer: then the loop opens the stream in the background.
@@ -95,7 +72,7 @@ fn spawn(
     opened: Option<NatsSink>,
     backlog: Arc<Backlog>,
     (metrics, health): (Arc<Metrics>, Arc<Health>),
-) -> NatsLoop {
+) -> SpawnedLoop {
     let give_up = CancellationToken::new();
     let forget = Arc::new(AtomicBool::new(false));
     let state = Loop {
@@ -108,12 +85,8 @@ fn spawn(
         give_up: give_up.clone(),
         forget: Arc::clone(&forget),
     };
-    let task = tokio::spawn(state.run(opened));
-    NatsLoop {
-        task,
-        give_up,
-        forget,
-    }
+    // After a takeover the loop asks the stream again what it holds per thing.
+    SpawnedLoop::spawn("JetStream output", give_up, state.run(opened)).raising_on_takeover(forget)
 }
 
 struct Loop {
@@ -158,17 +131,7 @@ impl Loop {
                 self.backlog.spill_memory();
                 return;
             };
-            let mut rows = first.records.len();
-            let mut taken = vec![first];
-            while rows < TAKE_RECORDS {
-                match self.backlog.try_take() {
-                    Some(more) => {
-                        rows += more.records.len();
-                        taken.push(more);
-                    }
-                    None => break,
-                }
-            }
+            let taken = self.backlog.take_more(first, TAKE_RECORDS);
             if self.forget.swap(false, Ordering::SeqCst) {
                 open.forget();
             }

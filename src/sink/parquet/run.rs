@@ -261,17 +261,7 @@ impl Loop {
     }
 
     fn take_and_write(&mut self, first: Taken) -> Result<(), DatasetError> {
-        let mut taken = vec![first];
-        let mut records = taken[0].records.len();
-        while records < TAKE_RECORDS {
-            match self.backlog.try_take() {
-                Some(more) => {
-                    records += more.records.len();
-                    taken.push(more);
-                }
-                None => break,
-            }
-        }
+        let taken = self.backlog.take_more(first, TAKE_RECORDS);
         let started = Instant::now();
         let mut outcome = Ok(());
         // Taken after the request: records of a thing that moved here come after it.

@@ -29,7 +29,6 @@ mod transaction;
 
 pub use config::{DatabaseUrl, PostgresConfig};
 pub use partitions::Partitions;
-pub use run::PostgresLoop;
 pub use schema::{migrate, migrate_to, probe, schema_version};
 pub use sink::{History, PostgresSink, StreamStates};
 

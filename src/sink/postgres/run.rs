@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{History, PostgresConfig, PostgresError, PostgresSink, StreamStates, rollup};
@@ -21,7 +20,7 @@ use crate::record::{Record, now_ms};
 use crate::sink::SinkError;
 use crate::sink::backlog::Backlog;
 use crate::sink::interface::{
-    DESTINATION_PATIENCE, RunningSink, SinkConfig, SinkContext, StartedSink, task_finished,
+    DESTINATION_PATIENCE, SinkConfig, SinkContext, SpawnedLoop, StartedSink,
 };
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName};
 
@@ -57,28 +56,6 @@ const RETENTION_EVERY: Duration = Duration::from_secs(60 * 60);
 const DUTY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// The longest wait between connection attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-
-/// The running loop.
-pub struct PostgresLoop {
-    task: JoinHandle<()>,
-    give_up: CancellationToken,
-    retention_duty: Arc<AtomicBool>,
-}
-
-impl RunningSink for PostgresLoop {
-    fn finished(&mut self) -> futures_util::future::BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(task_finished(&mut self.task, "PostgreSQL sink"))
-    }
-
-    fn give_up(&self) {
-        self.give_up.cancel();
-    }
-
-    /// Retention and re-keying closed partitions are the leader's.
-    fn set_leader(&self, leader: bool) {
-        self.retention_duty.store(leader, Ordering::Relaxed);
-    }
-}
 
 impl SinkConfig for PostgresConfig {
     /// PostgreSQL need not answer: then the loop connects in the background.
@@ -133,22 +110,19 @@ fn spawn(
     backlog: Arc<Backlog>,
     (metrics, health): (Arc<Metrics>, Arc<Health>),
     retention_duty: bool,
-) -> PostgresLoop {
+) -> SpawnedLoop {
     let give_up = CancellationToken::new();
     let retention_duty = Arc::new(AtomicBool::new(retention_duty));
-    let task = tokio::spawn(run(
+    let run = run(
         config,
         connected,
         backlog,
         (metrics, health),
         give_up.clone(),
         Arc::clone(&retention_duty),
-    ));
-    PostgresLoop {
-        task,
-        give_up,
-        retention_duty,
-    }
+    );
+    // Retention and re-keying closed partitions are the leader's.
+    SpawnedLoop::spawn("PostgreSQL sink", give_up, run).following_leadership(retention_duty)
 }
 
 async fn run(
@@ -424,17 +398,8 @@ async fn write_backlog(
             }
             return;
         };
-        let mut rows = first.records.len();
-        let mut taken = vec![first];
-        while rows < max_rows {
-            match backlog.try_take() {
-                Some(more) => {
-                    rows += more.records.len();
-                    taken.push(more);
-                }
-                None => break,
-            }
-        }
+        let taken = backlog.take_more(first, max_rows);
+        let rows: usize = taken.iter().map(|t| t.records.len()).sum();
         let write = async {
             // One spool segment can hold far more than max_rows: split it.
             let records: Vec<&Record> = taken.iter().flat_map(|t| t.records.iter()).collect();
