@@ -6,6 +6,8 @@
 //! "not newer than the last one emitted": the watermark, shared across restarts of this task
 //! and seeded from what the sinks made durable.
 
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,6 +45,42 @@ pub struct Subscription {
     pub start_delay: Duration,
     /// This thing's normaliser: it shares sensor names from one dweet to the next.
     pub normalizer: Normalizer,
+    /// Dweets of this thing without a usable `created`, already sent as dead letters.
+    pub unplaced: Unplaced,
+}
+
+/// Dweets whose `created` is not a time, already sent as dead letters in this run. Having no
+/// place below the watermark, they would otherwise come back as new dead letters with every
+/// backfill and every poll. Bounded: past [`UNPLACED_KEPT`] the oldest are forgotten (and
+/// would be sent once more), and a restart forgets them all (PostgreSQL's dead letters then
+/// refuse the repeat by their natural key).
+#[derive(Debug, Default)]
+pub struct Unplaced {
+    order: VecDeque<u64>,
+    seen: HashSet<u64>,
+}
+
+/// Unplaceable dweets remembered per thing.
+pub const UNPLACED_KEPT: usize = 1024;
+
+impl Unplaced {
+    /// Whether `dweet` (by its `created` text and content) is seen here for the first time.
+    fn first_time(&mut self, dweet: &RawDweet) -> bool {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        dweet.created.to_string().hash(&mut hasher);
+        dweet.content.get().hash(&mut hasher);
+        let key = hasher.finish();
+        if !self.seen.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > UNPLACED_KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        true
+    }
 }
 
 /// Why one connection (or poll loop) ended.
@@ -263,6 +301,9 @@ impl Subscription {
                 let delay = (received_ms - created_ms).max(0) as f64 / 1000.0;
                 self.metrics.ingest_delay.observe(delay);
             }
+        } else if !self.unplaced.first_time(&dweet) {
+            self.metrics.duplicates_dropped.inc();
+            return true;
         }
         self.metrics.dweet_received(source);
         let record = self.normalizer.normalize(dweet, created_ms, received_ms);

@@ -359,6 +359,7 @@ impl WorkerHandle {
             cancel: cancel.clone(),
             start_delay,
             normalizer: Normalizer::default(),
+            unplaced: Default::default(),
         };
         let health = Arc::clone(&self.health);
         let name = thing.name.clone();

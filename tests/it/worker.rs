@@ -1160,3 +1160,61 @@ async fn a_rate_limited_source_is_caught_up_without_a_reconnect_storm() {
     worker.shutdown(Duration::from_secs(10)).await.unwrap();
     server.shutdown().await;
 }
+
+/// A server whose stored dweets include one with a `created` that is not a time, and whose
+/// listen streams end after half a second, so the worker reconnects and backfills again.
+async fn unplaceable_server() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let answer = if request.contains("/listen/") {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+                } else {
+                    let body = r#"{"this":"succeeded","by":"getting","the":"dweets","with":[{"thing":"unplaceable","created":"yesterday at noon","content":{"v":1}},{"thing":"unplaceable","created":"2026-01-01T00:00:00.000Z","content":{"v":2}}]}"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                };
+                let _ = stream.write_all(&answer).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                // Ends a listen stream mid-way: the worker reconnects and backfills again.
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dweet_whose_created_is_not_a_time_is_a_dead_letter_once_however_often_it_is_backfilled()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let addr = unplaceable_server().await;
+    let (worker, metrics) = start_worker(test_config(
+        &format!("http://{addr}"),
+        &["unplaceable".to_owned()],
+        dir.path(),
+    ))
+    .await;
+    wait_for("three backfills", Duration::from_secs(20), || {
+        metrics.value("dweetpipe_stream_connects_total", &[]) >= 4.0
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(metrics.value("dweetpipe_dead_letters_total", &[]), 1.0);
+    let reasons = dead_letter_reasons(dir.path());
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert_eq!(
+        parquet_dweets(dir.path()).len(),
+        1,
+        "the dweet with a time is stored once"
+    );
+}
