@@ -379,6 +379,72 @@ async fn a_data_error_quarantines_only_the_bad_dweet() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_postgresql_refuses_too_is_retried_until_stored_and_nothing_passes_it() {
+    let db = TestDatabase::create().await;
+    let server = big_sandbox().await;
+    let client = client_for(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let name = thing("pgbadletter");
+    let mut config = test_config(&server.base_url(), std::slice::from_ref(&name), dir.path());
+    config.postgres = Some(db.sink_config());
+    let (worker, metrics) = start_worker(config).await;
+    wait_streams_up(&metrics, 1).await;
+    // An operator's mistake: dead_letters refuses what the worker writes there.
+    let mut connection = db.connect().await;
+    sqlx::raw_sql(
+        "ALTER TABLE dead_letters ADD CONSTRAINT no_refusals CHECK (reason NOT LIKE 'PostgreSQL refused%')",
+    )
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    for content in [json!({"text": "nul\u{0}inside"}), json!({"ok": 1})] {
+        client.dweet_for(&name, &content, None).await.unwrap();
+    }
+    wait_for("2 dweets", Duration::from_secs(10), || {
+        received(&metrics) == 2.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let passed: i64 = sqlx::query_scalar("SELECT count(*) FROM dweets")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(
+        passed, 0,
+        "nothing after the refused dweet is stored before its dead letter"
+    );
+    assert!(
+        metrics.value("dweetpipe_sink_errors_total", &[("sink", "postgres")]) > 0.0,
+        "the failing dead-letter write counts as a sink error"
+    );
+    sqlx::raw_sql("ALTER TABLE dead_letters DROP CONSTRAINT no_refusals")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    wait_for(
+        "the dead letter and the next dweet",
+        Duration::from_secs(20),
+        || {
+            metrics.value(
+                "dweetpipe_sink_rows_written_total",
+                &[("sink", "postgres"), ("table", "dweets")],
+            ) == 1.0
+        },
+    )
+    .await;
+    worker.shutdown(Duration::from_secs(15)).await.unwrap();
+    let letters: Vec<String> = sqlx::query_scalar("SELECT payload FROM dead_letters")
+        .fetch_all(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].contains("nul"), "{letters:?}");
+    drop(connection);
+    db.drop_now().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_batch_leaves_postgres_exactly_once() {
     let db = TestDatabase::create().await;
     let server = big_sandbox().await;

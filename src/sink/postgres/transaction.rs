@@ -143,18 +143,33 @@ impl PostgresSink {
         };
         // Counted in rows written (table dead_letters) once stored; dead_letters_total counts
         // what normalisation refused, which Parquet stores as dead letters too.
+        //
+        // Retried whatever the error: the thing's later records would otherwise move its
+        // watermark past a dweet stored nowhere. A refusal here is a schema or permission
+        // problem an operator fixes; meanwhile the sink is not ready and says why.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut last_problem = String::new();
         loop {
+            self.beat();
             match self.write_batch(&[&letter], false, marks).await {
-                Ok(()) => return,
-                Err(error) if classify(&error) == Failure::Retry => {
-                    let delay = backoff.next_delay(&mut rand::rng());
-                    tokio::time::sleep(delay).await;
+                Ok(()) => {
+                    if !last_problem.is_empty() {
+                        self.report(None);
+                    }
+                    return;
                 }
                 Err(error) => {
-                    // Dead letters are NUL-free text; a refusal here is a schema problem.
-                    tracing::error!(error = %strip_url(&error.to_string(), self.url.expose()), "could not store a dead letter; it is logged instead: {letter:?}");
-                    return;
+                    self.metrics.sink_error(SinkName::Postgres);
+                    let text = strip_url(&database_message(&error), self.url.expose());
+                    if text != last_problem {
+                        tracing::error!(error = %text, thing = letter.thing().unwrap_or(""), "could not store a dead letter; retrying until it is stored");
+                        self.report(Some(format!(
+                            "a dead letter cannot be stored and is retried: {text}"
+                        )));
+                        last_problem = text;
+                    }
+                    let delay = backoff.next_delay(&mut rand::rng());
+                    tokio::time::sleep(delay).await;
                 }
             }
         }
