@@ -1152,3 +1152,73 @@ async fn two_deployments_on_one_nats_server_each_publish_to_their_own_stream() {
         assert!(last.is_ok(), "{stream} holds {subject}: {last:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_jetstream_refused_inside_a_batch_is_retried_not_skipped() {
+    use dweetpipe::sink::nats::NatsConfig;
+    use serde_json::json;
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    // The stream exists already, with a message-size limit one dweet exceeds.
+    let mut limits = async_nats::jetstream::stream::Config {
+        name: "dweetpipe-dweets".to_owned(),
+        subjects: vec!["dweetpipe.dweets.>".to_owned()],
+        max_message_size: 400,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.create_stream(limits.clone()).await.unwrap();
+    let server = big_sandbox().await;
+    let client = client_for(&server);
+    let name = thing("refused-inside");
+    // Waiting before the worker starts: its backfill publishes all three in one batch.
+    for content in [
+        json!({"n": 1}),
+        json!({"n": 2, "pad": "x".repeat(600)}),
+        json!({"n": 3}),
+    ] {
+        client.dweet_for(&name, &content, None).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config =
+        crate::worker::test_config(&server.base_url(), std::slice::from_ref(&name), dir.path());
+    let mut nats_config: NatsConfig = toml::from_str(&format!(
+        "spool_dir = {:?}",
+        dir.path().join("nats-spool").display().to_string()
+    ))
+    .unwrap();
+    nats_config.resolve(|_| None, Some(&nats.url())).unwrap();
+    config.nats = Some(nats_config);
+    let (worker, metrics) = crate::worker::start_worker(config).await;
+    crate::worker::wait_for("the refusal", Duration::from_secs(20), || {
+        metrics.value("dweetpipe_sink_errors_total", &[("sink", "nats")]) >= 1.0
+    })
+    .await;
+    // Retries meanwhile must neither skip the refused dweet nor repeat the others.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    limits.max_message_size = 64 * 1024;
+    js.update_stream(&limits).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let mut stream = js.get_stream("dweetpipe-dweets").await.unwrap();
+        if stream.info().await.unwrap().state.messages >= 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the refused dweet was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    worker.shutdown(Duration::from_secs(10)).await.unwrap();
+    let mut published: Vec<i64> = output_stream(&nats, "dweetpipe-dweets")
+        .await
+        .into_iter()
+        .map(|(_, created)| created)
+        .collect();
+    published.sort_unstable();
+    assert_eq!(published.len(), 3, "each dweet once: {published:?}");
+    published.dedup();
+    assert_eq!(published.len(), 3, "no repeats");
+    server.shutdown().await;
+}

@@ -282,14 +282,15 @@ impl NatsSink {
                 )
                 .await
                 .map_err(|e| NatsError::new(&self.urls, e))?;
-            acks.push(ack);
+            acks.push((dweet.thing.as_str(), dweet.created_ms, ack));
             newest.insert(&dweet.thing, dweet.created_ms);
         }
-        for ack in acks {
+        // Marks move only over what JetStream acknowledged, in order: after a refusal the
+        // rest is published again (a repeat inside the duplicate window is dropped by its
+        // id), rather than skipped below a later message the stream took.
+        for (thing, created_ms, ack) in acks {
             ack.await.map_err(|e| NatsError::new(&self.urls, e))?;
-        }
-        for (thing, mark) in newest {
-            self.published.raise(thing, mark);
+            self.published.raise(thing, created_ms);
         }
         Ok(skipped)
     }

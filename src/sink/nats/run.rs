@@ -163,9 +163,9 @@ impl Loop {
                     backoff.reset();
                 }
                 Some(Err(error)) => {
+                    // What was acknowledged stays known: asking the stream again would skip
+                    // a refused message below a later one it took.
                     self.backlog.give_back(taken);
-                    // What it learnt may be stale after a failure.
-                    open.forget();
                     if self.failed(&error, &mut backoff).await {
                         return;
                     }
