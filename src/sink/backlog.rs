@@ -37,6 +37,9 @@ use crate::telemetry::{Health, Metrics, SinkName};
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".spool";
+/// A segment an earlier run could not read, set aside under this suffix; each start tries it
+/// again (a newer build reads a newer format).
+const SET_ASIDE_SUFFIX: &str = ".unreadable";
 
 /// A batch of records in a sink's queue.
 pub type Batch = Arc<Vec<Record>>;
@@ -123,10 +126,9 @@ pub fn default_spool_max() -> u64 {
 }
 
 fn segment_number(path: &Path) -> Option<u64> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix(SEGMENT_PREFIX)?
-        .strip_suffix(SEGMENT_SUFFIX)?
+    let name = path.file_name()?.to_str()?.strip_prefix(SEGMENT_PREFIX)?;
+    name.strip_suffix(SEGMENT_SUFFIX)
+        .or_else(|| name.strip_suffix(SET_ASIDE_SUFFIX))?
         .parse()
         .ok()
 }
@@ -483,8 +485,9 @@ impl Backlog {
                     });
                 }
                 Err(error) => {
-                    let aside = segment.path.with_extension("unreadable");
-                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside; its records do not reach this sink");
+                    let aside = segment.path.with_extension(&SET_ASIDE_SUFFIX[1..]);
+                    self.metrics.spool_unreadable(self.sink);
+                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside and tried again at the next start; meanwhile its records reach this sink only through backfill, where the source still keeps them");
                     let _ = fs::rename(&segment.path, &aside);
                     let mut state = self.lock();
                     state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
@@ -835,5 +838,33 @@ mod tests {
                 .join(format!("{SEGMENT_PREFIX}{:020}.unreadable", 7))
                 .exists()
         );
+        assert_eq!(
+            metrics.value(
+                "dweetpipe_spool_unreadable_segments_total",
+                &[("sink", "postgres")]
+            ),
+            1.0,
+            "an unreadable segment is counted"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_segment_set_aside_is_drained_by_a_build_that_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        // What an older build set aside (a newer format, say) and this build reads.
+        let mut bytes = spool::header().to_vec();
+        spool::encode(&batch("a", 0, 2), &mut bytes);
+        let aside = dir
+            .path()
+            .join(format!("{SEGMENT_PREFIX}{:020}.unreadable", 3));
+        fs::write(&aside, &bytes).unwrap();
+        let backlog = open(dir.path(), 0, 1 << 20, &metrics);
+        let taken = backlog
+            .try_take()
+            .expect("the set-aside segment is replayed");
+        assert_eq!(taken.records.len(), 2);
+        backlog.done(taken);
+        assert!(!aside.exists(), "and removed once durable");
     }
 }

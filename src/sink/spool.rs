@@ -88,6 +88,13 @@ pub enum FormatError {
 
 /// Reads a whole segment file's bytes.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
+    if bytes.len() < HEADER_LEN && header().starts_with(bytes) {
+        // Created, then cut short before its header was whole: it never held a record.
+        return Ok(Decoded {
+            torn_tail: bytes.len(),
+            ..Decoded::default()
+        });
+    }
     if bytes.len() < HEADER_LEN || &bytes[..8] != HEADER_MAGIC {
         return Err(FormatError::NotASegment);
     }
@@ -421,5 +428,21 @@ mod tests {
         let mut future = segment(&[dweet("a", 1)]);
         future[8] = 9;
         assert_eq!(decode(&future).unwrap_err(), FormatError::UnknownVersion(9));
+        assert_eq!(
+            decode(b"DWSP0").unwrap_err(),
+            FormatError::NotASegment,
+            "a short file that is not the start of a header is foreign"
+        );
+    }
+
+    #[test]
+    fn a_header_cut_short_is_a_torn_append_holding_nothing() {
+        // A crash between creating a segment and writing its header: nothing in it was ever
+        // acknowledged.
+        for cut in 0..HEADER_LEN {
+            let decoded = decode(&header()[..cut]).unwrap();
+            assert!(decoded.records.is_empty() && decoded.damaged.is_empty());
+            assert_eq!(decoded.torn_tail, cut);
+        }
     }
 }

@@ -308,6 +308,11 @@ metric_table! {
         "Records a sink will not get in this run because its spool could not take them (full, or its disk failing).",
         ["sink"]
     );
+    spool_unreadable_segments: IntCounterVec(
+        "spool_unreadable_segments_total",
+        "Spool segments a sink could not read at all (a foreign file, a newer format): set aside as .unreadable and tried again at the next start.",
+        ["sink"]
+    );
     spool_corrupt_records: IntCounterVec(
         "spool_corrupt_records_total",
         "Damaged records skipped while replaying a sink's spool (each one is logged with its segment and offset).",
@@ -403,6 +408,7 @@ impl Metrics {
         self.spool_bytes.with_label_values(&[label]);
         self.spool_dropped.with_label_values(&[label]);
         self.spool_corrupt_records.with_label_values(&[label]);
+        self.spool_unreadable_segments.with_label_values(&[label]);
         for table in Table::ALL {
             self.sink_rows_written
                 .with_label_values(&[label, table.as_str()]);
@@ -509,6 +515,12 @@ impl Metrics {
         self.spool_dropped
             .with_label_values(&[sink.as_str()])
             .inc_by(records);
+    }
+
+    pub fn spool_unreadable(&self, sink: SinkName) {
+        self.spool_unreadable_segments
+            .with_label_values(&[sink.as_str()])
+            .inc();
     }
 
     pub fn spool_corrupt(&self, sink: SinkName, records: u64) {
