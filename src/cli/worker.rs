@@ -27,6 +27,9 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the worker until SIGTERM or SIGINT; SIGHUP reloads the file.
+/// How often the worker looks whether a sink that dropped records has caught up.
+const HEAL_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn run(args: super::ConfigArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let started = std::time::Instant::now();
@@ -54,9 +57,11 @@ pub async fn run(args: super::ConfigArgs) -> anyhow::Result<()> {
     }
     if !interrupted {
         notify_systemd(&ready_status(&worker));
+        let mut heal = tokio::time::interval(HEAL_EVERY);
         loop {
             tokio::select! {
                 () = shutdown.recv() => break,
+                _ = heal.tick() => worker.heal().await,
                 _ = hangups.recv() => {
                     notify_systemd("RELOADING=1");
                     reload(&mut worker, &args.config).await;

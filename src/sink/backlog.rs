@@ -33,6 +33,8 @@ use super::{SinkError, Watermarks};
 use crate::record::Record;
 use crate::telemetry::{Health, Metrics, SinkName};
 
+/// The most dweets of a thing the source keeps (dweet.io: 500): what one backfill can bring.
+pub const SOURCE_KEEPS: usize = 500;
 /// A segment is closed for appends past this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const SEGMENT_PREFIX: &str = "segment-";
@@ -288,10 +290,11 @@ impl Backlog {
         for thing in batch.iter().filter_map(Record::thing) {
             state.lost.insert(thing.to_owned());
         }
+
         self.health.set_sink_loss(
             self.sink,
             Some(format!(
-                "its spool cannot take records ({error}); {} thing(s) lose records for the rest of this run",
+                "its spool cannot take records ({error}); {} thing(s) lose records until the sink catches up and they are backfilled again",
                 state.lost.len()
             )),
         );
@@ -299,7 +302,7 @@ impl Backlog {
             sink = self.sink.as_str(),
             %error,
             records = batch.len(),
-            "the sink is behind and its spool cannot take more: these records, and later ones of the same things, will not reach this sink in this run; restart the worker once the spool has room and backfill refills what the source still has"
+            "the sink is behind and its spool cannot take more: these records, and later ones of the same things, are dropped for this sink until it catches up; then these things are backfilled again from the source, which refills what it still keeps"
         );
     }
 
@@ -432,6 +435,38 @@ impl Backlog {
             }
             notified.await;
         }
+    }
+
+    /// After records were dropped, once everything queued drained and the sink reports no
+    /// trouble: forgets that some of the things lost records (theirs are taken again) and
+    /// returns them, for the worker to backfill them from the source. As many as a backfill of
+    /// each (at most [`SOURCE_KEEPS`] dweets) fits in memory, so the refill does not overflow
+    /// again; the rest at later calls. Empty otherwise.
+    pub fn heal(&self) -> Vec<String> {
+        let mut state = self.lock();
+        if state.lost.is_empty()
+            || !state.segments.is_empty()
+            || !state.memory.is_empty()
+            || self.health.sink_has_problem(self.sink)
+        {
+            return Vec::new();
+        }
+        let at_once = (self.memory_max_records / SOURCE_KEEPS).max(1);
+        let healed: Vec<String> = state.lost.iter().take(at_once).cloned().collect();
+        for thing in &healed {
+            state.lost.remove(thing);
+        }
+        let still_lost = state.lost.len();
+        drop(state);
+        if still_lost == 0 {
+            self.health.set_sink_loss(self.sink, None);
+        }
+        tracing::info!(
+            sink = self.sink.as_str(),
+            things = healed.len(),
+            "the sink caught up after dropping records; the things it dropped are backfilled again from the source"
+        );
+        healed
     }
 
     /// `first` and the batches queued after it now, until they hold `max_records` records.

@@ -209,6 +209,11 @@ impl Health {
         }
     }
 
+    /// Whether `sink` reports that it cannot make records durable now.
+    pub fn sink_has_problem(&self, sink: SinkName) -> bool {
+        lock(&self.sink_problems).contains_key(&sink)
+    }
+
     /// Start-up is under way (`Some`, what it is doing), or done (`None`).
     pub fn set_starting(&self, what: Option<String>) {
         *lock(&self.starting) = what;

@@ -595,6 +595,23 @@ impl WorkerHandle {
                 .all(|b| b.durable(thing).is_some_and(|mark| mark >= emitted))
     }
 
+    /// Backfills again, from the source, the things a sink dropped records of once its
+    /// backlog drained (what the source still keeps comes back; the other sinks skip it as
+    /// stored). Call it every few seconds.
+    pub async fn heal(&mut self) {
+        let dropped: BTreeSet<String> = self.backlogs.iter().flat_map(|b| b.heal()).collect();
+        for name in dropped {
+            let Some(config) = self.things.get(&name).map(|t| t.config.clone()) else {
+                continue;
+            };
+            self.stop_thing(&name).await;
+            if let Some(mark) = self.watermarks.get(&name) {
+                mark.store(NO_WATERMARK, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.start_thing(config, false);
+        }
+    }
+
     /// Keeps the server's locks and alerts in step with `config` when it declares any: starts
     /// the reconciler, or hands it the new things (which reconciles them at once).
     fn reconcile_lifecycle(&mut self, config: &Config) -> Result<(), WorkerError> {

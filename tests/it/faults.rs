@@ -656,19 +656,21 @@ async fn a_damaged_spool_loses_only_the_damaged_record_and_reports_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_full_spool_is_counted_and_makes_the_worker_unready() {
+async fn a_full_spool_is_counted_makes_the_worker_unready_and_heals_once_the_sink_drains() {
     let cluster = PrivateCluster::create();
     cluster.stop();
     let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
     let mut setup = Setup::new("full-spool", 2);
     setup.postgres_extra = "spool_max = \"4KiB\"".to_owned();
     let parquet = setup.path("parquet");
-    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 0);
+    // Memory for 150 records and a spool for about 30: 200 dweets overflow while PostgreSQL
+    // is away, and one thing's backfill of 100 fits once it is back.
+    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 150);
     let worker = setup.spawn(&config, "worker.log");
     let (sent, _) = dweet_fleet(
         &client_for(&server),
         &setup.things,
-        60,
+        100,
         Duration::from_millis(10),
         None,
     )
@@ -681,8 +683,18 @@ async fn a_full_spool_is_counted_and_makes_the_worker_unready() {
         .await;
     assert!(dropped > 0.0, "the loss is counted");
     wait_parquet(&parquet, &sent, &worker).await;
+
+    // PostgreSQL returns: once its backlog drained, the dropped things are backfilled again
+    // from the source, and the worker is ready without a restart.
+    cluster.start();
+    wait_postgres(&cluster.url(), &sent, &worker).await;
+    setup.wait_readyz("200", "ready", &worker).await;
     stop(worker).await;
     assert_exactly_once(&parquet, &sent);
+    let stored = postgres_rows_now(&cluster.url())
+        .await
+        .expect("PostgreSQL answers");
+    assert_eq!(stored.len(), sent.len(), "each dweet once in PostgreSQL");
     server.shutdown().await;
 }
 
