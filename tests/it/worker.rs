@@ -465,8 +465,9 @@ async fn unusable_dweets_and_stream_garbage_go_to_dead_letters() {
     );
 }
 
-/// Answers listens with a garbage line and one frame, and reads with "not found".
-async fn garbage_server() -> std::net::SocketAddr {
+/// A server that answers each request with what `answer` makes of its head, keeps the
+/// connection `hold`, then closes it (a listen stream ends).
+async fn scripted_server(answer: fn(&str) -> Vec<u8>, hold: Duration) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -476,32 +477,49 @@ async fn garbage_server() -> std::net::SocketAddr {
                 let mut buf = vec![0u8; 4096];
                 let n = stream.read(&mut buf).await.unwrap_or(0);
                 let request = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let answer = if request.contains("/listen/") {
-                    let mut body = b"garbage that is not json\r\n".to_vec();
-                    body.extend(dweetpipe::protocol::encode_stream_frame(r#"{"thing":"clone","created":"2026-01-01T00:00:00.000Z","content":{"v":1}}"#));
-                    let mut answer = format!(
-                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    answer.extend(body);
-                    answer.extend(b"\r\n");
-                    answer
-                } else {
-                    let body = r#"{"this":"failed","with":404,"because":"we couldn't find this"}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .into_bytes()
-                };
-                let _ = stream.write_all(&answer).await;
-                // Keep the stream open a while, as a server would.
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = stream.write_all(&answer(&request)).await;
+                tokio::time::sleep(hold).await;
+                let _ = stream.shutdown().await;
             });
         }
     });
     addr
+}
+
+/// A JSON answer with `body`.
+fn json_answer(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answers listens with a garbage line and one frame, and reads with "not found".
+async fn garbage_server() -> std::net::SocketAddr {
+    scripted_server(
+        |request| {
+            if request.contains("/listen/") {
+                let mut body = b"garbage that is not json\r\n".to_vec();
+                body.extend(dweetpipe::protocol::encode_stream_frame(
+                    r#"{"thing":"clone","created":"2026-01-01T00:00:00.000Z","content":{"v":1}}"#,
+                ));
+                let mut answer = format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                answer.extend(body);
+                answer.extend(b"\r\n");
+                answer
+            } else {
+                json_answer(r#"{"this":"failed","with":404,"because":"we couldn't find this"}"#)
+            }
+        },
+        // Keep the stream open a while, as a server would.
+        Duration::from_secs(2),
+    )
+    .await
 }
 
 /// A `dweetpipe run` process with its stderr captured to a file.
@@ -1164,33 +1182,17 @@ async fn a_rate_limited_source_is_caught_up_without_a_reconnect_storm() {
 /// A server whose stored dweets include one with a `created` that is not a time, and whose
 /// listen streams end after half a second, so the worker reconnects and backfills again.
 async fn unplaceable_server() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let n = stream.read(&mut buf).await.unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let answer = if request.contains("/listen/") {
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
-                } else {
-                    let body = r#"{"this":"succeeded","by":"getting","the":"dweets","with":[{"thing":"unplaceable","created":"yesterday at noon","content":{"v":1}},{"thing":"unplaceable","created":"2026-01-01T00:00:00.000Z","content":{"v":2}}]}"#;
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .into_bytes()
-                };
-                let _ = stream.write_all(&answer).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // Ends a listen stream mid-way: the worker reconnects and backfills again.
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    addr
+    scripted_server(
+        |request| {
+            if request.contains("/listen/") {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec()
+            } else {
+                json_answer(r#"{"this":"succeeded","by":"getting","the":"dweets","with":[{"thing":"unplaceable","created":"yesterday at noon","content":{"v":1}},{"thing":"unplaceable","created":"2026-01-01T00:00:00.000Z","content":{"v":2}}]}"#)
+            }
+        },
+        Duration::from_millis(500),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
