@@ -164,6 +164,8 @@ pub async fn start(config: Config) -> Result<WorkerHandle, WorkerError> {
         match sink.start(&context).await {
             Ok(sink) => started.push(sink),
             Err(error) => {
+                // The sinks already started drain nothing and end; the endpoint goes.
+                started.iter().for_each(|s| s.backlog.close());
                 background.cancel();
                 return Err(error.into());
             }
