@@ -115,9 +115,9 @@ pub struct Situation<'a> {
     pub lease: Duration,
     pub now: Instant,
     /// The configured things, in the file's order.
-    pub configured: &'a [String],
+    pub configured: &'a [&'a str],
     /// The things this member streams now.
-    pub streaming: &'a BTreeSet<String>,
+    pub streaming: &'a BTreeSet<&'a str>,
     /// Whether every sink made durable all that a thing's subscription emitted here.
     pub durable: &'a dyn Fn(&str) -> bool,
 }
@@ -140,14 +140,14 @@ impl Handover {
         } = *now;
         let mut turn = Turn::default();
 
-        for thing in now.streaming {
+        for &thing in now.streaming {
             let decision = if view.owns(me, thing) {
                 Decision::Stream
             } else {
-                self.releasing.insert(thing.clone(), now.now);
+                self.releasing.insert(thing.to_owned(), now.now);
                 Decision::Stop
             };
-            turn.decisions.insert(thing.clone(), decision);
+            turn.decisions.insert(thing.to_owned(), decision);
         }
         // Judged from the next turn on: a thing stopped just now may still be emitting.
         let overdue_after = lease * RELEASE_PATIENCE;
@@ -170,19 +170,24 @@ impl Handover {
             keep
         });
 
-        let owned: Vec<&String> = now
+        // In the file's order; a set too, so that dropping stale waits is not quadratic in a
+        // large fleet's handover.
+        let owned: Vec<&str> = now
             .configured
             .iter()
+            .copied()
             .filter(|t| {
                 view.settled
                     && view.owns(me, t)
-                    && !now.streaming.contains(*t)
+                    && !now.streaming.contains(t)
                     && !self.releasing.contains_key(*t)
             })
             .collect();
-        self.waiting.retain(|thing, _| owned.contains(&thing));
+        let owned_set: BTreeSet<&str> = owned.iter().copied().collect();
+        self.waiting
+            .retain(|thing, _| owned_set.contains(thing.as_str()));
         for thing in owned {
-            let since = *self.waiting.entry(thing.clone()).or_insert(now.now);
+            let since = *self.waiting.entry(thing.to_owned()).or_insert(now.now);
             let decision = if !view.published.contains(thing) {
                 turn.claimed_now = true;
                 Decision::Claim
@@ -204,7 +209,7 @@ impl Handover {
                     }
                 }
             };
-            turn.decisions.insert(thing.clone(), decision);
+            turn.decisions.insert(thing.to_owned(), decision);
         }
 
         turn.holding = turn
@@ -276,13 +281,15 @@ mod tests {
         fn turn(&mut self, view: &View, at: Duration) -> Turn {
             let durable = self.durable.clone();
             let is_durable = move |thing: &str| durable.contains(thing);
+            let configured: Vec<&str> = self.configured.iter().map(String::as_str).collect();
+            let streaming: BTreeSet<&str> = self.streaming.iter().map(String::as_str).collect();
             let turn = self.handover.turn(&Situation {
                 me: "a",
                 view,
                 lease: LEASE,
                 now: self.start + at,
-                configured: &self.configured,
-                streaming: &self.streaming,
+                configured: &configured,
+                streaming: &streaming,
                 durable: &is_durable,
             });
             for thing in turn.to_stop() {

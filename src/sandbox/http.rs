@@ -301,10 +301,7 @@ impl App {
             .disk
             .stored_dweets(&thing, window.day, window.from_ms, window.to_ms)
             .map_err(|e| Refusal::new(500, e.to_string()))?;
-        if csv {
-            return Ok(Reply::Csv(stored::dweets_csv(&dweets)));
-        }
-        succeeded("getting", "dweets", &json_array(&dweets)?)
+        stored_reply(csv, "dweets", &dweets, stored::dweets_csv)
     }
 
     /// A thing's alert events of one stored day, as JSON or CSV.
@@ -327,10 +324,7 @@ impl App {
                     .is_some_and(|at| (window.from_ms..window.to_ms).contains(&at))
             })
             .collect();
-        if csv {
-            return Ok(Reply::Csv(stored::events_csv(&events)));
-        }
-        succeeded("getting", "alerts", &json_array(&events)?)
+        stored_reply(csv, "alerts", &events, stored::events_csv)
     }
 
     /// A stored-dweets or stored-alerts request checked: the thing (locked, the key right),
@@ -565,6 +559,19 @@ fn is_jsonp_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$' | '.'))
+}
+
+/// A stored day's rows as CSV, or as the JSON answer `getting` `the`.
+fn stored_reply(
+    csv: bool,
+    the: &str,
+    rows: &[String],
+    as_csv: fn(&[String]) -> String,
+) -> Result<Reply, Refusal> {
+    if csv {
+        return Ok(Reply::Csv(as_csv(rows)));
+    }
+    succeeded("getting", the, &json_array(rows)?)
 }
 
 /// A success answer: `{"this":"succeeded","by":by,"the":the,"with":with}`.

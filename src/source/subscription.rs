@@ -67,7 +67,7 @@ impl Unplaced {
     /// Whether `dweet` (by its `created` text and content) is seen here for the first time.
     fn first_time(&mut self, dweet: &RawDweet) -> bool {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        dweet.created.to_string().hash(&mut hasher);
+        dweet.created.as_str().hash(&mut hasher);
         dweet.content.get().hash(&mut hasher);
         let key = hasher.finish();
         if !self.seen.insert(key) {

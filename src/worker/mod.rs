@@ -501,8 +501,8 @@ impl WorkerHandle {
             return Ok(());
         };
         let view = cluster.membership.view();
-        let streaming: BTreeSet<String> = self.things.keys().cloned().collect();
-        let configured: Vec<String> = self.config.things.iter().map(|t| t.name.clone()).collect();
+        let streaming: BTreeSet<&str> = self.things.keys().map(String::as_str).collect();
+        let configured: Vec<&str> = self.config.things.iter().map(|t| t.name.as_str()).collect();
         let durable = |thing: &str| self.durable_everywhere(thing);
         let turn = cluster.handover.turn(&Situation {
             me: cluster.membership.member(),
@@ -576,11 +576,17 @@ impl WorkerHandle {
         if turn.sinks_should_absorb() {
             self.sinks.iter().for_each(|s| s.after_takeover());
         }
-        for name in turn.to_start() {
-            if let Some(thing) = self.config.things.iter().find(|t| t.name == name) {
-                self.start_thing(thing.clone(), false);
-                moves += 1;
-            }
+        let to_start: BTreeSet<&str> = turn.to_start().into_iter().collect();
+        let starting: Vec<ThingConfig> = self
+            .config
+            .things
+            .iter()
+            .filter(|t| to_start.contains(t.name.as_str()))
+            .cloned()
+            .collect();
+        for thing in starting {
+            self.start_thing(thing, false);
+            moves += 1;
         }
         moves
     }
