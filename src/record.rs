@@ -1,6 +1,7 @@
 //! What flows from normalisation to the sinks: a dweet's raw record with its readings, or a
 //! dead letter. Every layer below the worker can import these without going up.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -12,10 +13,50 @@ pub struct Normalized {
     pub thing: String,
     /// `created`, milliseconds since the Unix epoch (UTC).
     pub created_ms: i64,
+    /// `created` as it arrived, kept only when formatting `created_ms` would not give it back
+    /// (another precision, an offset, lower case): the common case carries nothing extra.
+    /// Read it through [`Normalized::created`].
+    pub created_text: Option<Box<str>>,
     pub received_ms: i64,
     /// The content's JSON text exactly as it arrived (big integers and key order intact).
     pub content: String,
     pub readings: Vec<Reading>,
+}
+
+impl Normalized {
+    /// `created` exactly as the dweet arrived with it.
+    pub fn created(&self) -> Cow<'_, str> {
+        match &self.created_text {
+            Some(text) => Cow::Borrowed(text),
+            None => Cow::Owned(crate::protocol::format_created(ms_to_datetime(
+                self.created_ms,
+            ))),
+        }
+    }
+}
+
+/// What [`Normalized::created_text`] keeps of `text`, which parsed to `created_ms`: nothing
+/// when dweet.io's own format of that instant is the same text.
+pub fn created_text_to_keep(text: &str, created_ms: i64) -> Option<Box<str>> {
+    if is_canonical_created(text) {
+        return None;
+    }
+    let canonical = crate::protocol::format_created(ms_to_datetime(created_ms));
+    (canonical != text).then(|| text.into())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` with digits where digits go and a second below 60: the shape
+/// `format_created` writes, so a text of it that parsed is its own canonical form. Checked
+/// without formatting because nearly every dweet has it.
+fn is_canonical_created(text: &str) -> bool {
+    const SHAPE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    let bytes = text.as_bytes();
+    bytes.len() == SHAPE.len()
+        && bytes.iter().zip(SHAPE).all(|(byte, shape)| match shape {
+            b'0' => byte.is_ascii_digit(),
+            _ => byte == shape,
+        })
+        && bytes[17] < b'6'
 }
 
 /// One numeric leaf; its time and thing are the dweet's. The sensor name is shared: a board
@@ -94,6 +135,34 @@ pub fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_created_text_that_formatting_would_not_give_back_is_kept() {
+        let cases = [
+            ("2014-03-19T10:38:46.010Z", false),
+            ("2014-03-19T10:38:46Z", true),
+            ("2014-03-19T10:38:46.010123Z", true),
+            ("2014-03-19T11:38:46.010+01:00", true),
+            ("2014-03-19t10:38:46.010z", true),
+            ("2016-12-31T23:59:60.500Z", true),
+        ];
+        for (text, kept) in cases {
+            let ms = crate::protocol::parse_created(text)
+                .map(|at| at.timestamp_millis())
+                .expect(text);
+            let keep = created_text_to_keep(text, ms);
+            assert_eq!(keep.is_some(), kept, "{text}");
+            let dweet = Normalized {
+                thing: "t".to_owned(),
+                created_ms: ms,
+                created_text: keep,
+                received_ms: ms,
+                content: "{}".to_owned(),
+                readings: Vec::new(),
+            };
+            assert_eq!(dweet.created(), text, "{text}");
+        }
+    }
 
     #[test]
     fn a_span_before_a_moment_saturates() {

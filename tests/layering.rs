@@ -12,7 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("backoff", 0),
     ("settings", 0),
     ("http_server", 0),
-    ("record", 0),
+    ("record", 1),
     ("client", 1),
     ("telemetry", 1),
     ("nats", 1),

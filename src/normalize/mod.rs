@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use crate::client::{Dweet, RawDweet};
-use crate::record::{DeadLetter, Normalized, Reading, Record};
+use crate::record::{DeadLetter, Normalized, Reading, Record, created_text_to_keep};
 
 /// Deeper content is refused: no sensor payload nests this far, and recursion must be bounded.
 pub const MAX_DEPTH: usize = 32;
@@ -86,6 +86,7 @@ impl Normalizer {
         };
         let content: Box<str> = dweet.content.into();
         Record::Dweet(Normalized {
+            created_text: created_text_to_keep(dweet.created.as_str(), created_ms),
             thing: dweet.thing,
             created_ms,
             received_ms,

@@ -10,6 +10,10 @@
 //!         optional fields behind a presence byte)
 //! ```
 //!
+//! Version 2 added a dweet's `created` text (optional, after `created_ms`), kept when it is
+//! not the canonical spelling of its instant. Version 1 segments, from older builds, are still
+//! read: their dweets had the canonical spelling.
+//!
 //! The format is its own type (`SpoolRecord`), not serde of the in-memory
 //! [`Record`], so changing `Record` cannot silently change what old spools mean; a new layout
 //! gets a new version. Reading is pure (bytes in, records and findings out): a frame whose
@@ -22,7 +26,9 @@ use crate::record::{DeadLetter, Normalized, Reading, Record};
 /// The first bytes of every segment.
 pub const HEADER_MAGIC: &[u8; 8] = b"DWSPOOL\0";
 /// The layout written by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The oldest layout this build still reads.
+const OLDEST_READABLE: u16 = 1;
 /// Header length: magic + version.
 pub const HEADER_LEN: usize = HEADER_MAGIC.len() + 2;
 /// Marks the start of a frame; what reading resynchronises on after damage.
@@ -88,7 +94,8 @@ pub enum FormatError {
 
 /// Reads a whole segment file's bytes.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
-    if bytes.len() < HEADER_LEN && header().starts_with(bytes) {
+    let magic_prefix = &bytes[..bytes.len().min(HEADER_MAGIC.len())];
+    if bytes.len() < HEADER_LEN && HEADER_MAGIC.starts_with(magic_prefix) {
         // Created, then cut short before its header was whole: it never held a record.
         return Ok(Decoded {
             torn_tail: bytes.len(),
@@ -99,13 +106,13 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FormatError> {
         return Err(FormatError::NotASegment);
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != VERSION {
+    if !(OLDEST_READABLE..=VERSION).contains(&version) {
         return Err(FormatError::UnknownVersion(version));
     }
     let mut decoded = Decoded::default();
     let mut at = HEADER_LEN;
     while at < bytes.len() {
-        match frame_at(bytes, at) {
+        match frame_at(bytes, at, version) {
             Frame::Record(record, next) => {
                 decoded.records.push(record);
                 at = next;
@@ -144,7 +151,7 @@ enum Frame {
     Damaged(String),
 }
 
-fn frame_at(bytes: &[u8], at: usize) -> Frame {
+fn frame_at(bytes: &[u8], at: usize, version: u16) -> Frame {
     let Some(head) = bytes.get(at..at + FRAME_HEAD) else {
         return Frame::Torn;
     };
@@ -163,7 +170,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Frame {
     if CRC32C.checksum(payload) != word(8) {
         return Frame::Damaged("checksum mismatch".to_owned());
     }
-    match SpoolRecord::read(payload) {
+    match SpoolRecord::read(payload, version) {
         Some(record) => Frame::Record(record, start + length),
         None => Frame::Damaged("the checksum matches but the record does not parse".to_owned()),
     }
@@ -188,6 +195,7 @@ impl SpoolRecord<'_> {
                 out.push(KIND_DWEET);
                 put_str(out, &dweet.thing);
                 out.extend_from_slice(&dweet.created_ms.to_le_bytes());
+                put_opt_str(out, dweet.created_text.as_deref());
                 out.extend_from_slice(&dweet.received_ms.to_le_bytes());
                 put_str(out, &dweet.content);
                 out.extend_from_slice(&(dweet.readings.len() as u32).to_le_bytes());
@@ -214,12 +222,16 @@ impl SpoolRecord<'_> {
         }
     }
 
-    fn read(payload: &[u8]) -> Option<Record> {
+    fn read(payload: &[u8], version: u16) -> Option<Record> {
         let mut input = Reader(payload);
         let record = match input.u8()? {
             KIND_DWEET => {
                 let thing = input.string()?;
                 let created_ms = input.i64()?;
+                let created_text = match version {
+                    1 => None,
+                    _ => input.opt_string()?.map(String::into_boxed_str),
+                };
                 let received_ms = input.i64()?;
                 let content = input.string()?;
                 let count = input.u32()? as usize;
@@ -239,6 +251,7 @@ impl SpoolRecord<'_> {
                 Record::Dweet(Normalized {
                     thing,
                     created_ms,
+                    created_text,
                     received_ms,
                     content,
                     readings,
@@ -328,6 +341,7 @@ mod tests {
         Record::Dweet(Normalized {
             thing: thing.to_owned(),
             created_ms,
+            created_text: None,
             received_ms: created_ms + 3,
             content: format!(r#"{{"n":{created_ms},"é":"ü"}}"#),
             readings: vec![
@@ -364,17 +378,25 @@ mod tests {
     fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
         let mut offsets = Vec::new();
         let mut at = HEADER_LEN;
-        while let Frame::Record(_, next) = frame_at(bytes, at) {
+        while let Frame::Record(_, next) = frame_at(bytes, at, VERSION) {
             offsets.push(at);
             at = next;
         }
         offsets
     }
 
+    fn with_created_text(mut record: Record, text: &str) -> Record {
+        if let Record::Dweet(dweet) = &mut record {
+            dweet.created_text = Some(text.into());
+        }
+        record
+    }
+
     #[test]
     fn records_round_trip_exactly() {
         let records = vec![
             dweet("a", 1),
+            with_created_text(dweet("a", 2), "1970-01-01T01:00:00.002+01:00"),
             letter(Some(5)),
             letter(None),
             dweet("b", i64::MIN),
@@ -436,13 +458,52 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_segment_from_an_older_build_still_drains() {
+        // Laid out by hand as version 1 wrote a dweet: no `created` text after `created_ms`.
+        let mut payload = vec![KIND_DWEET];
+        put_str(&mut payload, "board");
+        payload.extend_from_slice(&1_000i64.to_le_bytes());
+        payload.extend_from_slice(&1_003i64.to_le_bytes());
+        put_str(&mut payload, r#"{"v":1}"#);
+        payload.extend_from_slice(&1u32.to_le_bytes());
+        put_str(&mut payload, "v");
+        payload.extend_from_slice(&1.0f64.to_le_bytes());
+        let mut bytes = HEADER_MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&CRC32C.checksum(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let decoded = decode(&bytes).unwrap();
+        assert!(decoded.damaged.is_empty());
+        let expected = Normalized {
+            thing: "board".to_owned(),
+            created_ms: 1_000,
+            created_text: None,
+            received_ms: 1_003,
+            content: r#"{"v":1}"#.to_owned(),
+            readings: vec![Reading {
+                sensor: "v".into(),
+                value: 1.0,
+            }],
+        };
+        assert_eq!(decoded.records, vec![Record::Dweet(expected)]);
+        // The same payload read as version 2 is one field short: its layout is not guessed.
+        assert!(SpoolRecord::read(&payload, 2).is_none());
+    }
+
+    #[test]
     fn a_header_cut_short_is_a_torn_append_holding_nothing() {
         // A crash between creating a segment and writing its header: nothing in it was ever
         // acknowledged.
-        for cut in 0..HEADER_LEN {
-            let decoded = decode(&header()[..cut]).unwrap();
-            assert!(decoded.records.is_empty() && decoded.damaged.is_empty());
-            assert_eq!(decoded.torn_tail, cut);
+        let mut version_1 = header();
+        version_1[8..].copy_from_slice(&1u16.to_le_bytes());
+        for written in [header(), version_1] {
+            for cut in 0..HEADER_LEN {
+                let decoded = decode(&written[..cut]).unwrap();
+                assert!(decoded.records.is_empty() && decoded.damaged.is_empty());
+                assert_eq!(decoded.torn_tail, cut);
+            }
         }
     }
 }

@@ -1126,6 +1126,7 @@ async fn two_deployments_on_one_nats_server_each_publish_to_their_own_stream() {
         Record::Dweet(Normalized {
             thing: thing.to_owned(),
             created_ms: 1_795_000_000_000,
+            created_text: None,
             received_ms: 1_795_000_000_000,
             content: "{}".to_owned(),
             readings: Vec::new(),

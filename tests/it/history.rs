@@ -59,6 +59,7 @@ fn dweet(thing: &str, created_ms: i64, value: f64) -> Record {
     Record::Dweet(Normalized {
         thing: thing.to_owned(),
         created_ms,
+        created_text: None,
         received_ms: created_ms,
         content: format!(r#"{{"t":{value},"h":{}}}"#, value * 2.0),
         readings: vec![
@@ -617,6 +618,7 @@ async fn every_sensor_panel_downsamples_and_matches_the_raw_rows() {
                 Record::Dweet(Normalized {
                     thing: thing.clone(),
                     created_ms: created,
+                    created_text: None,
                     received_ms: created,
                     content: "{}".to_owned(),
                     readings: sensors

@@ -551,11 +551,12 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
     std::fs::write(&older, a_lines[8..].join("\n")).unwrap();
     let with_bad = dir.path().join("b.jsonl");
     // A broken line (a dead letter everywhere), and a dweet whose content holds a NUL: Parquet
-    // keeps it, PostgreSQL's jsonb refuses it and holds it as one more dead letter.
+    // keeps it, PostgreSQL's jsonb refuses it and holds it as one more dead letter, with its
+    // `created` spelled as it came (an offset, not dweet.io's `Z`).
     std::fs::write(
         &with_bad,
         format!(
-            "{}\nthis line is broken\n{{\"thing\":\"{b}\",\"created\":\"2026-11-30T00:00:00.000Z\",\"content\":{{\"s\":\"nul\\u0000here\"}}}}\n",
+            "{}\nthis line is broken\n{{\"thing\":\"{b}\",\"created\":\"2026-11-30T01:00:00+01:00\",\"content\":{{\"s\":\"nul\\u0000here\"}}}}\n",
             history(b.clone()).await
         ),
     )
@@ -631,6 +632,13 @@ async fn import_loads_history_files_exactly_once_in_any_order() {
         reasons.iter().any(|r| r.contains("b.jsonl line 12")),
         "{reasons:?}"
     );
+    let refused: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT created FROM dead_letters WHERE reason LIKE 'PostgreSQL refused%'",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(refused, vec![Some("2026-11-30T01:00:00+01:00".to_owned())]);
     drop(connection);
     db.drop_now().await;
     server.shutdown().await;

@@ -371,6 +371,7 @@ async fn one_boards_day_reads_a_few_row_groups_of_a_compacted_200_board_fleet() 
                     Record::Dweet(Normalized {
                         thing: format!("S5D9-{:04}", board + 1),
                         created_ms: day + minute * MINUTE + board,
+                        created_text: None,
                         received_ms: day + minute * MINUTE + board,
                         content: "{}".to_owned(),
                         readings: vec![

@@ -179,7 +179,7 @@ fn payload(dweet: &Normalized) -> Vec<u8> {
         serde_json::value::RawValue::from_string(dweet.content.clone()).unwrap_or_default();
     let published = Published {
         thing: dweet.thing.clone(),
-        created: format_created(ms_to_datetime(dweet.created_ms)),
+        created: dweet.created().into_owned(),
         content,
         readings: dweet
             .readings
@@ -267,10 +267,12 @@ impl NatsSink {
                 continue;
             }
             let mut headers = async_nats::HeaderMap::new();
-            let created = format_created(ms_to_datetime(dweet.created_ms));
+            // The id names the instant, not its spelling, so one dweet keeps one id whichever
+            // way its `created` was written.
+            let instant = format_created(ms_to_datetime(dweet.created_ms));
             headers.insert(
                 async_nats::header::NATS_MESSAGE_ID,
-                format!("{}@{created}", dweet.thing).as_str(),
+                format!("{}@{instant}", dweet.thing).as_str(),
             );
             headers.insert(CREATED_MS_HEADER, dweet.created_ms.to_string().as_str());
             let ack = self
@@ -393,6 +395,7 @@ mod tests {
         let dweet = Normalized {
             thing: "t".to_owned(),
             created_ms: 1_795_000_000_000,
+            created_text: None,
             received_ms: 1_795_000_000_005,
             content: r#"{"big":12345678901234567890,"t":1.5}"#.to_owned(),
             readings: vec![Reading {
@@ -404,6 +407,12 @@ mod tests {
         assert_eq!(read.content.get(), dweet.content);
         assert_eq!(read.created, "2026-11-18T11:06:40.000Z");
         assert_eq!(read.readings["t"], 1.5);
+        let spelled_otherwise = Normalized {
+            created_text: Some("2026-11-18T12:06:40+01:00".into()),
+            ..dweet
+        };
+        let read: Published = serde_json::from_slice(&payload(&spelled_otherwise)).unwrap();
+        assert_eq!(read.created, "2026-11-18T12:06:40+01:00");
     }
 
     #[test]

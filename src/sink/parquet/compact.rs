@@ -495,6 +495,7 @@ mod tests {
         Record::Dweet(Normalized {
             thing: thing.to_owned(),
             created_ms,
+            created_text: None,
             received_ms: created_ms,
             content: "{}".to_owned(),
             readings: vec![Reading {

@@ -480,6 +480,7 @@ mod tests {
         Record::Dweet(Normalized {
             thing: thing.to_owned(),
             created_ms,
+            created_text: None,
             received_ms: created_ms + 5,
             content: r#"{"t":1}"#.to_owned(),
             readings: vec![Reading {

@@ -118,6 +118,7 @@ mod tests {
             thing: "t".to_owned(),
             // 2000-01-01T00:00:01.5Z: 1.5 s after PostgreSQL's epoch.
             created_ms: POSTGRES_EPOCH_MS + 1500,
+            created_text: None,
             received_ms: POSTGRES_EPOCH_MS,
             content: "{}".to_owned(),
             readings: vec![Reading {

@@ -125,9 +125,7 @@ impl PostgresSink {
         let letter = match record {
             Record::Dweet(dweet) => Record::DeadLetter(DeadLetter {
                 thing: Some(dweet.thing.clone()),
-                created: Some(crate::protocol::format_created(
-                    crate::record::ms_to_datetime(dweet.created_ms),
-                )),
+                created: Some(dweet.created().into_owned()),
                 created_ms: Some(dweet.created_ms),
                 received_ms: dweet.received_ms,
                 payload: dweet.content.clone(),
@@ -325,6 +323,7 @@ mod tests {
         Record::Dweet(crate::record::Normalized {
             thing: thing.to_owned(),
             created_ms,
+            created_text: None,
             received_ms: created_ms,
             content: "{}".to_owned(),
             readings: Vec::new(),
