@@ -9,6 +9,11 @@
 //! answered. Changes go through one writer thread that commits whatever has queued meanwhile
 //! in one transaction (group commit): concurrent writers share an fsync.
 //!
+//! A commit that fails (a full disk) fails its requests and nothing of them is shown. redb
+//! then refuses every later write until the file is reopened, so the writer reopens it before
+//! the next commit, until that works: once the disk has room again the sandbox writes again
+//! without a restart. Until then [`Disk::problem`] says why (`/healthz`).
+//!
 //! ```text
 //! meta          "format" → "dweetpipe-sandbox/1"
 //! dweets        (thing, created ms) → dweet JSON       the last max_history per thing, within retention
@@ -54,6 +59,8 @@ pub enum DiskError {
     InUse { path: PathBuf },
     #[error("the sandbox's store stopped; see the log above")]
     Stopped,
+    #[error("{path} is being reopened after a failed write ({problem}); try again shortly")]
+    Reopening { path: PathBuf, problem: String },
 }
 
 /// A lock as kept: its key as a salted hash, and the thing it is attached to.
@@ -118,12 +125,20 @@ struct Job {
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// The open database, shared by readers and the writer thread; `None` while the writer reopens
+/// it and once closed.
+type Shared = std::sync::Arc<std::sync::Mutex<Option<std::sync::Arc<Database>>>>;
+
+/// Why the last commit failed, when it did; cleared by the next commit that works.
+type Problem = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
 /// The open store and its writer thread.
 pub struct Disk {
     /// `None` once closed.
     jobs: std::sync::Mutex<Option<mpsc::Sender<Job>>>,
-    database: std::sync::Mutex<Option<std::sync::Arc<Database>>>,
+    database: Shared,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    problem: Problem,
     path: PathBuf,
 }
 
@@ -166,17 +181,26 @@ impl Disk {
         check_format(&database, &path)?;
         let loaded = load(&database).map_err(io)?;
         let database = std::sync::Arc::new(database);
+        let shared: Shared = std::sync::Arc::new(std::sync::Mutex::new(Some(database.clone())));
+        let problem = Problem::default();
         let (jobs, queue) = mpsc::channel::<Job>();
-        let writer = std::sync::Arc::clone(&database);
+        let mut writer = Writer {
+            database: Some(database),
+            shared: shared.clone(),
+            problem: problem.clone(),
+            reopen_from: dir.map(|_| path.clone()),
+            broken: false,
+        };
         let writer = std::thread::Builder::new()
             .name("dweetpipe-sandbox-store".to_owned())
-            .spawn(move || write_forever(&writer, &queue))
+            .spawn(move || writer.write_forever(&queue))
             .map_err(|e| io(e.to_string()))?;
         Ok((
             Disk {
                 jobs: std::sync::Mutex::new(Some(jobs)),
-                database: std::sync::Mutex::new(Some(database)),
+                database: shared,
                 writer: std::sync::Mutex::new(Some(writer)),
+                problem,
                 path,
             },
             loaded,
@@ -194,7 +218,21 @@ impl Disk {
     }
 
     fn database(&self) -> Result<std::sync::Arc<Database>, DiskError> {
-        lock(&self.database).clone().ok_or(DiskError::Stopped)
+        if let Some(database) = lock(&self.database).clone() {
+            return Ok(database);
+        }
+        match self.problem() {
+            Some(problem) if lock(&self.jobs).is_some() => Err(DiskError::Reopening {
+                path: self.path.clone(),
+                problem,
+            }),
+            _ => Err(DiskError::Stopped),
+        }
+    }
+
+    /// Why the last commit failed, while no commit has worked since.
+    pub fn problem(&self) -> Option<String> {
+        lock(&self.problem).clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -341,28 +379,90 @@ fn load(database: &Database) -> Result<Loaded, String> {
     Ok(loaded)
 }
 
-/// The writer thread: takes a job, then whatever else has queued, commits them together, and
-/// answers each. Ends when every sender is gone.
-fn write_forever(database: &Database, queue: &mpsc::Receiver<Job>) {
-    while let Ok(first) = queue.recv() {
-        let mut jobs = vec![first];
-        let mut changes = jobs[0].changes.len();
-        while changes < GROUP_MAX {
-            match queue.try_recv() {
-                Ok(job) => {
-                    changes += job.changes.len();
-                    jobs.push(job);
+/// The writer thread's state: the database it commits to, and what it must do after a failure.
+struct Writer {
+    database: Option<std::sync::Arc<Database>>,
+    shared: Shared,
+    problem: Problem,
+    /// The file to reopen after a failed commit; `None` in memory, where nothing can fail.
+    reopen_from: Option<PathBuf>,
+    /// A commit failed: redb refuses every later write until the file is reopened.
+    broken: bool,
+}
+
+impl Writer {
+    /// Takes a job, then whatever else has queued, commits them together, and answers each.
+    /// Ends when every sender is gone.
+    fn write_forever(&mut self, queue: &mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut jobs = vec![first];
+            let mut changes = jobs[0].changes.len();
+            while changes < GROUP_MAX {
+                match queue.try_recv() {
+                    Ok(job) => {
+                        changes += job.changes.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
+            }
+            let outcome = self.commit(jobs.iter().flat_map(|j| j.changes.iter()));
+            for job in jobs {
+                let _ = job.done.send(outcome.clone());
             }
         }
-        let outcome = apply(database, jobs.iter().flat_map(|j| j.changes.iter()));
-        if let Err(problem) = &outcome {
-            tracing::error!(%problem, "the sandbox could not commit; the requests are answered with a failure");
+    }
+
+    fn commit<'a>(&mut self, changes: impl Iterator<Item = &'a Change>) -> Result<(), String> {
+        let outcome = self.usable().and_then(|database| apply(&database, changes));
+        match &outcome {
+            Ok(()) => {
+                if lock(&self.problem).take().is_some() {
+                    tracing::info!("the sandbox commits again");
+                }
+            }
+            Err(problem) => {
+                tracing::error!(%problem, "the sandbox could not commit; the requests are answered with a failure and nothing of them is shown");
+                self.broken = self.reopen_from.is_some();
+                *lock(&self.problem) = Some(problem.clone());
+            }
         }
-        for job in jobs {
-            let _ = job.done.send(outcome.clone());
+        outcome
+    }
+
+    /// The database to commit to, reopened first after a failure.
+    fn usable(&mut self) -> Result<std::sync::Arc<Database>, String> {
+        if let (true, Some(path)) = (self.broken, &self.reopen_from) {
+            drop(lock(&self.shared).take());
+            if let Some(database) = self.database.take() {
+                // Readers hold the database only for one read; the file can be opened again
+                // once every handle is closed.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::sync::Arc::strong_count(&database) > 1
+                    && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                if std::sync::Arc::strong_count(&database) > 1 {
+                    self.database = Some(database);
+                    return Err("the store is still being read; not reopened yet".to_owned());
+                }
+            }
+            let reopened = Database::create(path).map_err(|e| {
+                format!(
+                    "{}: could not reopen after a failed write: {e}",
+                    path.display()
+                )
+            })?;
+            let reopened = std::sync::Arc::new(reopened);
+            *lock(&self.shared) = Some(reopened.clone());
+            self.database = Some(reopened);
+            self.broken = false;
+            tracing::info!(path = %path.display(), "the sandbox's store is reopened after a failed write");
         }
+        self.database
+            .clone()
+            .ok_or_else(|| "the store is closed".to_owned())
     }
 }
 

@@ -40,6 +40,8 @@ enum Reply {
     Page(&'static str, String),
     NoContent,
     Stream(broadcast::Receiver<Bytes>),
+    /// `/healthz`: plain text with its own status.
+    Health(StatusCode, String),
 }
 
 /// The parts of a request every route may need.
@@ -153,6 +155,11 @@ impl App {
                 Some("text/csv; charset=utf-8"),
                 Full::new(Bytes::from(text)).boxed_unsync(),
             ),
+            Ok(Reply::Health(status, text)) => respond(
+                status,
+                Some("text/plain; charset=utf-8"),
+                Full::new(Bytes::from(text)).boxed_unsync(),
+            ),
             Ok(Reply::NoContent) => {
                 respond(StatusCode::NO_CONTENT, None, Empty::new().boxed_unsync())
             }
@@ -204,6 +211,7 @@ impl App {
             return Ok(Reply::Page(kind, page));
         }
         match call.segments.as_slice() {
+            ["healthz"] => Ok(self.health()),
             ["dweet"] => {
                 let content = self.read_content(body, content_type, call).await?;
                 let thing = self.store.claim_generated_name({
@@ -275,6 +283,18 @@ impl App {
             ["get", "stored", "dweets", "for", thing] => self.stored_dweets(call, thing, key),
             ["get", "stored", "alerts", "for", thing] => self.stored_alerts(call, thing, key),
             _ => Err(unknown_path()),
+        }
+    }
+
+    /// Whether the store commits: 503 with the reason while it cannot (a full disk), so a
+    /// probe or an operator learns what the failed requests already said.
+    fn health(&self) -> Reply {
+        match self.disk.problem() {
+            None => Reply::Health(StatusCode::OK, "ok: the store commits\n".to_owned()),
+            Some(problem) => Reply::Health(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the store cannot commit: {problem}\n"),
+            ),
         }
     }
 
@@ -388,8 +408,12 @@ impl App {
                 format!("the dweet content is {chars} characters long; the limit is {max}"),
             ));
         }
+        let gate = self.store.write_gate(thing);
+        let turn = gate.lock().await;
         let written = self.store.write(thing, content, key)?;
-        self.commit(vec![written.change]).await?;
+        self.commit(vec![written.change.clone()]).await?;
+        self.store.publish(&written.change);
+        drop(turn);
         if let Some(evaluation) = written.evaluation {
             self.evaluate_alert(thing, evaluation).await;
         }

@@ -6,7 +6,10 @@
 //! rarely meet. The lock table is separate and always taken before a shard, never after.
 //!
 //! Every mutation says what changed as [`Change`]s, which the HTTP layer commits to the
-//! store on disk (`disk`) before it answers; `restore` puts what the disk held back.
+//! store on disk (`disk`) before it answers; `restore` puts what the disk held back. A dweet
+//! becomes visible (history, latest, listeners) only once committed: `write` prepares it and
+//! `publish` shows it, and a thing's writes take turns through its write gate so they are
+//! shown in `created` order.
 
 use std::collections::VecDeque;
 use std::collections::hash_map::{Entry, HashMap};
@@ -127,6 +130,8 @@ struct Thing {
     alert: Option<AlertRecord>,
     listeners: Option<broadcast::Sender<Bytes>>,
     bucket: Option<TokenBucket>,
+    /// Held from a write's preparation until it is published or refused.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Thing {
@@ -139,6 +144,7 @@ impl Thing {
     fn is_idle(&self) -> bool {
         self.history.is_empty()
             && self.alert.is_none()
+            && Arc::strong_count(&self.write_gate) == 1
             && self
                 .listeners
                 .as_ref()
@@ -387,7 +393,15 @@ impl Store {
         self.locks.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a dweet and fans it out to the thing's listeners.
+    /// The gate a writer to `thing` holds from [`Store::write`] to [`Store::publish`].
+    pub fn write_gate(&self, thing: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut shard = self.shard(thing);
+        Arc::clone(&shard.entry(thing.to_owned()).or_default().write_gate)
+    }
+
+    /// Prepares a dweet: checks access and the rate, gives it its `created`, and says what to
+    /// commit. Nothing of it is visible until [`Store::publish`]; the caller holds the
+    /// thing's [`Store::write_gate`] across both.
     pub fn write(
         &self,
         thing: &str,
@@ -436,25 +450,13 @@ impl Store {
             }),
             _ => None,
         };
-        if let Some(listeners) = &entry.listeners
-            && listeners.receiver_count() > 0
-        {
-            // An error only means every listener left since the check.
-            let _ = listeners.send(Bytes::from(protocol::encode_stream_frame(&json)));
-        }
-        entry.history.push_back(Kept {
-            json: Arc::clone(&json),
-            created_ms: created_at.timestamp_millis(),
+        // The oldest kept dweet's time, less a millisecond: everything up to it goes once this
+        // one is kept.
+        let evicted_through = (entry.history.len() >= self.limits.max_history).then(|| {
+            let evicted = entry.history.len() + 1 - self.limits.max_history;
+            let oldest_kept = entry.history.get(evicted);
+            oldest_kept.map_or(created_at.timestamp_millis(), |kept| kept.created_ms) - 1
         });
-        let mut evicted = false;
-        while entry.history.len() > self.limits.max_history {
-            entry.history.pop_front();
-            evicted = true;
-        }
-        // The oldest kept dweet's time, less a millisecond: everything up to it is gone.
-        let evicted_through = evicted
-            .then(|| entry.history.front().map(|kept| kept.created_ms - 1))
-            .flatten();
         entry.last_dweet_at = Some(now);
         entry.last_created = Some(created_at);
         dweet.transaction = Some(uuid::Uuid::new_v4().to_string());
@@ -470,6 +472,35 @@ impl Store {
             evaluation,
             change,
         })
+    }
+
+    /// Shows a committed dweet: kept in the thing's history (the oldest beyond the cap go) and
+    /// sent to its listeners.
+    pub fn publish(&self, committed: &Change) {
+        let Change::Dweet {
+            thing,
+            created_ms,
+            json,
+            ..
+        } = committed
+        else {
+            return;
+        };
+        let mut shard = self.shard(thing);
+        let entry = shard.entry(thing.clone()).or_default();
+        if let Some(listeners) = &entry.listeners
+            && listeners.receiver_count() > 0
+        {
+            // An error only means every listener left since the check.
+            let _ = listeners.send(Bytes::from(protocol::encode_stream_frame(json)));
+        }
+        entry.history.push_back(Kept {
+            json: Arc::clone(json),
+            created_ms: *created_ms,
+        });
+        while entry.history.len() > self.limits.max_history {
+            entry.history.pop_front();
+        }
     }
 
     /// Stops running the alert's condition (the one `evaluated` ran), until it is set anew.
@@ -836,14 +867,59 @@ mod tests {
             ..Limits::default()
         };
         let store = Store::new(limits, []);
+        let mut created = Vec::new();
         for i in 0..5 {
-            store
+            let written = store
                 .write("t", object(serde_json::json!({ "i": i })), None)
                 .unwrap();
+            let Change::Dweet {
+                created_ms,
+                evicted_through,
+                ..
+            } = &written.change
+            else {
+                panic!("a write commits a dweet: {:?}", written.change);
+            };
+            created.push(*created_ms);
+            // What the disk forgets is what publishing evicts: all before the oldest of three.
+            let oldest_kept = created[created.len().saturating_sub(3)];
+            assert_eq!(
+                *evicted_through,
+                (i >= 3).then(|| oldest_kept - 1),
+                "dweet {i}"
+            );
+            store.publish(&written.change);
         }
         let kept = store.read("t", None, usize::MAX).unwrap();
         assert_eq!(kept.len(), 3);
         assert!(kept[0].contains(r#""i":4"#) && kept[2].contains(r#""i":2"#));
+    }
+
+    #[test]
+    fn a_dweet_is_seen_only_once_published() {
+        let store = Store::new(Limits::default(), []);
+        let mut listener = store.listen("t", None).unwrap();
+        let refused = store.write("t", object(serde_json::json!({ "i": 1 })), None);
+        let refused = refused.unwrap();
+        assert!(store.read("t", None, usize::MAX).unwrap().is_empty());
+        assert!(
+            listener.try_recv().is_err(),
+            "nothing heard before the commit"
+        );
+        let committed = store
+            .write("t", object(serde_json::json!({ "i": 2 })), None)
+            .unwrap();
+        store.publish(&committed.change);
+        let kept = store.read("t", None, usize::MAX).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].contains(r#""i":2"#));
+        assert!(listener.try_recv().is_ok());
+        assert!(
+            listener.try_recv().is_err(),
+            "the refused dweet is never heard"
+        );
+        // The refused dweet's `created` is not handed out again.
+        assert!(committed.dweet.created.to_datetime() > refused.dweet.created.to_datetime());
     }
 
     #[test]

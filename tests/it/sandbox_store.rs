@@ -524,3 +524,129 @@ async fn the_alert_outbox_is_kept_in_the_data_directory() {
         outbox.display()
     );
 }
+
+/// The `created` of each dweet, in the order given.
+fn created_of(dweets: &[dweetpipe::client::Dweet]) -> Vec<String> {
+    dweets
+        .iter()
+        .map(|d| d.created.as_str().to_owned())
+        .collect()
+}
+
+async fn health(server: &SandboxHandle) -> (u16, String) {
+    let answer = crate::common::http()
+        .get(format!("{}/healthz", server.base_url()))
+        .send()
+        .await
+        .expect("the sandbox answers /healthz");
+    let status = answer.status().as_u16();
+    (status, answer.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_dweets_shows_none_of_them_and_heals_when_space_returns() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match crate::faults::SmallDisk::mount(dir.path(), "3m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let data = disk.mount.join("data");
+    let server = durable(&data, |config| {
+        config.limits.max_history = 100_000;
+    })
+    .await;
+    let client = client_for(&server);
+    let name = thing("full-disk");
+    let mut listener = client
+        .listen_for_dweets_from(&name, None, dweetpipe::client::ListenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(health(&server).await.0, 200);
+
+    // Dweet until the disk has refused twenty in a row.
+    let filler = disk.fill();
+    let padding = "x".repeat(1500);
+    let (mut accepted, mut refused, mut refused_in_a_row) = (Vec::new(), 0, 0);
+    for i in 0..20_000 {
+        match client
+            .dweet_for(&name, &json!({ "i": i, "pad": padding }), None)
+            .await
+        {
+            Ok(dweet) => {
+                accepted.push(dweet.created.as_str().to_owned());
+                refused_in_a_row = 0;
+            }
+            Err(error) => {
+                assert!(
+                    error.to_string().contains("could not store"),
+                    "a full disk is said as such: {error}"
+                );
+                refused += 1;
+                refused_in_a_row += 1;
+                if refused_in_a_row == 20 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(refused_in_a_row, 20, "the disk never filled");
+    let (status, said) = health(&server).await;
+    assert_eq!(
+        status, 503,
+        "a store that cannot commit is unhealthy: {said}"
+    );
+    assert!(said.contains("cannot commit"), "{said}");
+
+    // Nothing refused is visible: not in the history, not as the latest, not to a listener.
+    let mut history = created_of(&client.get_dweets_for(&name, None).await.unwrap());
+    history.reverse();
+    assert_eq!(history, accepted, "{refused} refused");
+    if let Some(newest) = accepted.last() {
+        let latest = client.get_latest_dweet_for(&name, None).await.unwrap();
+        assert_eq!(latest.created.as_str(), newest);
+    }
+    let mut heard = Vec::new();
+    while let Ok(Some(Ok(dweet))) =
+        tokio::time::timeout(Duration::from_millis(500), listener.next()).await
+    {
+        heard.push(dweet.created.as_str().to_owned());
+    }
+    assert_eq!(heard, accepted, "a listener hears only what was stored");
+
+    // Space comes back: the store reopens by itself and writes again, with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let mut healed = None;
+    for attempt in 0..50 {
+        match client
+            .dweet_for(&name, &json!({ "after": attempt }), None)
+            .await
+        {
+            Ok(dweet) => {
+                healed = Some(dweet.created.as_str().to_owned());
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let healed = healed.expect("writes succeed again once the disk has room");
+    accepted.push(healed);
+    let (status, said) = health(&server).await;
+    assert_eq!(status, 200, "healthy again: {said}");
+    server.shutdown().await;
+
+    // And what was acknowledged is what a restart finds.
+    let server = durable(&data, |config| {
+        config.limits.max_history = 100_000;
+    })
+    .await;
+    let client = client_for(&server);
+    let mut history = created_of(&client.get_dweets_for(&name, None).await.unwrap());
+    history.reverse();
+    assert_eq!(history, accepted);
+    server.shutdown().await;
+    drop(disk);
+}
