@@ -13,7 +13,11 @@
 //! - then it *waits* while another live member still holds it, for at most
 //!   [`HANDOVER_PATIENCE`] leases (that member's sink may be failing), and is *taken over*;
 //! - nothing is claimed before the view settled, so members started together see each other
-//!   first rather than the first one taking the whole fleet.
+//!   first rather than the first one taking the whole fleet;
+//! - a member whose lease may have lapsed (its view is not connected) *abandons* whatever it
+//!   streams or holds: others may already have taken those things over and backfilled them,
+//!   so its sinks must drop, not seal or publish, what they hold of them. A handover given up
+//!   after [`RELEASE_PATIENCE`] leases is abandoned the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -39,9 +43,12 @@ pub enum Decision {
     /// No longer held: everything it emitted here is durable, so the new owner's backfill
     /// finds it.
     Release,
-    /// No longer held although not all is durable: two leases passed. What is missing comes
-    /// back through the new owner's backfill.
+    /// No longer held although not all is durable: two leases passed. What is not durable
+    /// here is forsaken (the new owner starts after three and backfills it).
     ReleaseOverdue,
+    /// This member may have lost its lease: stop the thing if it streams, hold it no more, and
+    /// forsake what is not durable here (the new owner may have backfilled it already).
+    Abandon,
     /// Owned here: publish the claim before anything else.
     Claim,
     /// Owned and claimed, but this member still holds it: wait for its handover.
@@ -75,7 +82,14 @@ impl Turn {
     }
 
     pub fn to_stop(&self) -> Vec<&str> {
-        self.with(|d| *d == Decision::Stop).collect()
+        self.with(|d| matches!(d, Decision::Stop | Decision::Abandon))
+            .collect()
+    }
+
+    /// The things whose records not durable here must not be stored by this member now.
+    pub fn to_forsake(&self) -> Vec<&str> {
+        self.with(|d| matches!(d, Decision::Abandon | Decision::ReleaseOverdue))
+            .collect()
     }
 
     pub fn to_start(&self) -> Vec<&str> {
@@ -140,6 +154,17 @@ impl Handover {
         } = *now;
         let mut turn = Turn::default();
 
+        if !view.connected {
+            // The lease may have lapsed: nothing here is this member's any more.
+            let held = std::mem::take(&mut self.releasing).into_keys();
+            let streaming = now.streaming.iter().map(|t| (*t).to_owned());
+            turn.decisions = streaming
+                .chain(held)
+                .map(|t| (t, Decision::Abandon))
+                .collect();
+            self.waiting.clear();
+            return turn;
+        }
         for &thing in now.streaming {
             let decision = if view.owns(me, thing) {
                 Decision::Stream
@@ -218,7 +243,10 @@ impl Handover {
             .filter(|(_, d)| {
                 !matches!(
                     d,
-                    Decision::Stop | Decision::Release | Decision::ReleaseOverdue
+                    Decision::Stop
+                        | Decision::Release
+                        | Decision::ReleaseOverdue
+                        | Decision::Abandon
                 )
             })
             .map(|(t, _)| t.clone())
@@ -370,8 +398,9 @@ mod tests {
         let turn = member.turn(&joined, secs(17));
         assert_eq!(decision(&turn, &moving), None);
 
-        // 8. A seal that never finishes (the directory is failing): released after two
-        //    leases anyway; the new owner's backfill brings what is missing.
+        // 8. A seal that never finishes (the directory is failing): given up after two
+        //    leases; what is not durable here is forsaken, not sealed later (the new owner
+        //    starts after three and backfills it).
         let mut member = Member::new(&[&moving]);
         member.streaming = BTreeSet::from([moving.clone()]);
         member.turn(&joined, secs(0));
@@ -380,6 +409,7 @@ mod tests {
         let turn = member.turn(&joined, secs(21));
         assert_eq!(decision(&turn, &moving), Some(Decision::ReleaseOverdue));
         assert!(!turn.holding.contains(&moving));
+        assert_eq!(turn.to_forsake(), vec![moving.as_str()]);
     }
 
     #[test]
@@ -450,18 +480,28 @@ mod tests {
         let theirs = owned_by("b", &["a", "b"]);
         let secs = Duration::from_secs;
 
-        // 13. Partitioned from NATS: this member owns nothing, stops everything and claims
-        //     nothing until it is back.
+        // 13. Partitioned from NATS: its lease may have lapsed and the other member may have
+        //     backfilled its things already. It abandons everything it streams or still
+        //     holds: stopped, held no more, not sealed (that would store twice what the new
+        //     owner stored), its sinks' share forsaken; it claims nothing until it is back.
         let mut member = Member::new(&[&mine, &theirs]);
-        member.streaming = BTreeSet::from([mine.clone()]);
+        member.streaming = BTreeSet::from([mine.clone(), theirs.clone()]);
+        let turn = member.turn(&view(&pair, &[&mine, &theirs], &[]), secs(0));
+        assert_eq!(decision(&turn, &theirs), Some(Decision::Stop));
         let cut_off = View {
             connected: false,
             ..view(&pair, &[&mine], &[])
         };
-        let turn = member.turn(&cut_off, secs(0));
-        assert_eq!(decision(&turn, &mine), Some(Decision::Stop));
-        assert_eq!(decision(&turn, &theirs), None);
+        let turn = member.turn(&cut_off, secs(1));
+        assert_eq!(decision(&turn, &mine), Some(Decision::Abandon));
+        assert_eq!(decision(&turn, &theirs), Some(Decision::Abandon));
+        let mut both = vec![mine.as_str(), theirs.as_str()];
+        both.sort_unstable();
+        assert_eq!(turn.to_forsake(), both);
+        assert!(!turn.sinks_should_seal() && turn.holding.is_empty());
         assert!(member.streaming.is_empty() && !turn.claimed_now);
+        let turn = member.turn(&cut_off, secs(2));
+        assert!(turn.decisions.is_empty(), "abandoned once: {turn:?}");
 
         // 14. Back before it was released: owned again, it is claimed like any other thing
         //     (another member may have started it meanwhile).

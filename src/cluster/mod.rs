@@ -15,8 +15,11 @@
 //! holding, and a later reading of the others showed no one else holding it. Of two members
 //! that both claim a thing, each sees the other's claim (whichever put last read the other's),
 //! so neither starts until the roster settles it. What a member lost it holds until its
-//! sinks made it durable. A member that cannot renew for a whole lease owns nothing (the
-//! others take its things); while NATS is only slow it keeps what it has.
+//! sinks made it durable. A member owns things only while its last renewal was sent less than
+//! three quarters of a lease ago ([`OWN_FOR`]): its key expires a whole lease after that
+//! renewal, so a member cut off from NATS has stopped, and abandoned what its sinks had not
+//! made durable, before any other member can take its things over. While NATS is only slow
+//! (a renewal a quarter lease late) it keeps what it has.
 
 pub mod handover;
 pub mod ownership;
@@ -44,6 +47,8 @@ const MAX_TURN: Duration = Duration::from_secs(15);
 const MEMBER_PREFIX: &str = "member.";
 const LEADER_KEY: &str = "leader";
 const ROSTER_KEY: &str = "roster";
+/// The share of a lease after the last renewal was sent during which a member owns things.
+pub const OWN_FOR: f64 = 0.75;
 
 /// The `[cluster]` section.
 #[derive(Clone, PartialEq, Deserialize)]
@@ -345,7 +350,7 @@ struct Turns {
     view: watch::Sender<View>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// When the membership was last renewed.
+    /// When the last renewal that succeeded was sent.
     renewed: Option<Instant>,
     /// The leader key's revision and when it was last renewed, while this member leads.
     leader: Option<(u64, Instant)>,
@@ -364,7 +369,20 @@ impl Turns {
                 _ = ticks.tick() => {}
                 () = self.hurry.notified() => {}
             }
-            let turn = tokio::time::timeout(self.config.turn_timeout(), self.turn());
+            // A hung turn must not keep this member owning past its share of the lease.
+            let patience = match self.renewed {
+                Some(at) => {
+                    let lapses = at + self.config.lease.mul_f64(OWN_FOR);
+                    let left = lapses.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        self.config.turn_timeout()
+                    } else {
+                        self.config.turn_timeout().min(left)
+                    }
+                }
+                None => self.config.turn_timeout(),
+            };
+            let turn = tokio::time::timeout(patience, self.turn());
             let seen = match turn.await {
                 Ok(Ok(seen)) => Some(seen),
                 Ok(Err(problem)) => {
@@ -372,10 +390,7 @@ impl Turns {
                     None
                 }
                 Err(_) => {
-                    self.problem(format!(
-                        "NATS did not answer within {:?}",
-                        self.config.turn_timeout()
-                    ));
+                    self.problem(format!("NATS did not answer within {patience:?}"));
                     None
                 }
             };
@@ -461,9 +476,11 @@ impl Turns {
         {
             self.impostor_seen = Some(Instant::now());
         }
+        // The key's lease runs from when the server stored it, which is after this.
+        let sent = Instant::now();
         match store.put(&key, value.into()).await {
             Ok(_) => {
-                self.renewed = Some(Instant::now());
+                self.renewed = Some(sent);
                 self.metrics.cluster_renewal(true);
             }
             Err(error) => {
@@ -537,7 +554,10 @@ impl Turns {
         // Two processes renewing one member's entry would both stream its things: while
         // another was seen within the lease, this one owns nothing.
         let impostor = self.impostor_seen.is_some_and(|at| at.elapsed() < lease);
-        let connected = !impostor && self.renewed.is_some_and(|at| at.elapsed() < lease);
+        let connected = !impostor
+            && self
+                .renewed
+                .is_some_and(|at| at.elapsed() < lease.mul_f64(OWN_FOR));
         let me = self.config.member().to_owned();
         let mut next = self.view.borrow().clone();
         next.connected = connected;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 
 use super::backlog::BacklogConfig;
-use super::{Backlog, SinkError, Watermarks};
+use super::{Backlog, Forsaken, SinkError, Watermarks};
 use crate::telemetry::{Health, Metrics, SinkName};
 
 /// What every sink is started with, from outside its own section.
@@ -77,8 +77,13 @@ pub trait RunningSink: Send {
     fn give_up(&self);
     /// A thing is about to leave this process: make what is held durable soon, not on time.
     fn before_handover(&self) {}
-    /// Things moved here: look at what other members stored before writing theirs.
-    fn after_takeover(&self) {}
+    /// `things` moved here: look at what other members stored before writing theirs.
+    fn after_takeover(&self, _things: &[String]) {}
+    /// These things left without all their records durable here (the lease may be lost, or
+    /// the handover was given up): what this sink holds or is given of them must not be
+    /// stored now, in a destination the new owner shares, until they move back here. A
+    /// destination that drops repeats itself (PostgreSQL) needs nothing.
+    fn forsake(&self, _things: &[&str]) {}
     /// Whether this process has the housekeeping duties (in a cluster, the leader has them).
     fn set_leader(&self, _leader: bool) {}
 }
@@ -111,6 +116,8 @@ pub struct SpawnedLoop {
     takeover: Option<Arc<AtomicBool>>,
     /// Follows `set_leader`, for a loop with housekeeping duties.
     leader: Option<Arc<AtomicBool>>,
+    /// Follows `forsake` and `after_takeover`, for a loop storing into a shared destination.
+    forsaken: Option<Arc<Forsaken>>,
 }
 
 impl SpawnedLoop {
@@ -126,12 +133,20 @@ impl SpawnedLoop {
             name,
             takeover: None,
             leader: None,
+            forsaken: None,
         }
     }
 
     /// `after_takeover` raises `flag` (the loop lowers it once it acted on it).
     pub fn raising_on_takeover(mut self, flag: Arc<AtomicBool>) -> Self {
         self.takeover = Some(flag);
+        self
+    }
+
+    /// `forsake` and `after_takeover` keep `forsaken` (the loop skips what it names and lifts
+    /// the things that returned once it looked at its destination again).
+    pub fn fencing(mut self, forsaken: Arc<Forsaken>) -> Self {
+        self.forsaken = Some(forsaken);
         self
     }
 
@@ -156,9 +171,18 @@ impl RunningSink for SpawnedLoop {
         self.give_up.cancel();
     }
 
-    fn after_takeover(&self) {
+    fn after_takeover(&self, things: &[String]) {
+        if let Some(forsaken) = &self.forsaken {
+            forsaken.returned(things);
+        }
         if let Some(flag) = &self.takeover {
             flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn forsake(&self, things: &[&str]) {
+        if let Some(forsaken) = &self.forsaken {
+            things.iter().for_each(|thing| forsaken.forsake(thing));
         }
     }
 

@@ -14,6 +14,7 @@
 
 pub mod backlog;
 pub mod dir_lock;
+pub mod forsaken;
 pub mod interface;
 pub mod nats;
 pub mod parquet;
@@ -31,6 +32,7 @@ use crate::record::Record;
 use crate::telemetry::Health;
 pub use backlog::Backlog;
 pub use dir_lock::{DirLock, LockError};
+pub use forsaken::Forsaken;
 pub use interface::{RunningSink, SinkConfig, SinkContext, StartedSink};
 pub use watermarks::Watermarks;
 

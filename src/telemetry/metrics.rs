@@ -258,6 +258,11 @@ metric_table! {
         "Sink write failures.",
         ["sink"]
     );
+    sink_records_forsaken: IntCounterVec(
+        "sink_records_forsaken_total",
+        "Records not stored because their thing left this cluster member before they were durable here (its lease may have lapsed, or a handover was given up); the new owner's backfill stores them.",
+        ["sink"]
+    );
     sink_write_duration: HistogramVec(
         "sink_write_duration_seconds",
         "Seconds per sink write call.",
@@ -403,6 +408,7 @@ impl Metrics {
     pub fn declare_sink(&self, sink: SinkName) {
         let label = sink.as_str();
         self.sink_errors.with_label_values(&[label]);
+        self.sink_records_forsaken.with_label_values(&[label]);
         self.sink_write_duration.with_label_values(&[label]);
         self.sink_buffer_rows.with_label_values(&[label]);
         self.spool_bytes.with_label_values(&[label]);
@@ -453,6 +459,12 @@ impl Metrics {
         self.sink_rows_written
             .with_label_values(&[sink.as_str(), table.as_str()])
             .inc_by(rows);
+    }
+
+    pub fn records_forsaken(&self, sink: SinkName, records: u64) {
+        self.sink_records_forsaken
+            .with_label_values(&[sink.as_str()])
+            .inc_by(records);
     }
 
     pub fn sink_error(&self, sink: SinkName) {

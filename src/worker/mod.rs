@@ -550,9 +550,28 @@ impl WorkerHandle {
     /// How many things moved.
     async fn carry_out(&mut self, turn: &Turn) -> u64 {
         let mut moves = 0;
+        // First, so that nothing of them is sealed or published from now on, not even what
+        // their subscriptions emit while they stop.
+        let forsaken = turn.to_forsake();
+        if !forsaken.is_empty() {
+            tracing::warn!(
+                things = forsaken.len(),
+                "this member gave up things before their records were durable here (its lease may have lapsed, or a handover could not finish): the sinks drop what they hold of them rather than store it twice; the new owner's backfill stores it"
+            );
+            self.sinks.iter().for_each(|s| s.forsake(&forsaken));
+        }
         for thing in turn.to_stop() {
-            self.stop_thing(thing).await;
-            moves += 1;
+            if self.things.contains_key(thing) {
+                self.stop_thing(thing).await;
+                moves += 1;
+            }
+        }
+        // Should a forsaken thing come back here, it backfills all the source keeps: its sinks
+        // skip what they hold, and store what was forsaken unless the other owner did.
+        for thing in forsaken {
+            if let Some(mark) = self.watermarks.get(thing) {
+                mark.store(NO_WATERMARK, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         if turn.sinks_should_seal() {
             self.sinks.iter().for_each(|s| s.before_handover());
@@ -561,6 +580,9 @@ impl WorkerHandle {
             match decision {
                 Decision::ReleaseOverdue => {
                     tracing::warn!(%thing, "handing over a thing whose records are not all durable here yet; what is missing comes back through the new owner's backfill")
+                }
+                Decision::Abandon => {
+                    tracing::debug!(%thing, "abandoned: this member may have lost its lease")
                 }
                 Decision::Wait { holder } => {
                     tracing::debug!(%thing, %holder, "waiting for the previous owner to hand over")
@@ -573,10 +595,11 @@ impl WorkerHandle {
                 _ => {}
             }
         }
-        if turn.sinks_should_absorb() {
-            self.sinks.iter().for_each(|s| s.after_takeover());
-        }
         let to_start: BTreeSet<&str> = turn.to_start().into_iter().collect();
+        if turn.sinks_should_absorb() {
+            let arriving: Vec<String> = to_start.iter().map(|t| (*t).to_owned()).collect();
+            self.sinks.iter().for_each(|s| s.after_takeover(&arriving));
+        }
         let starting: Vec<ThingConfig> = self
             .config
             .things

@@ -1,6 +1,6 @@
 //! A dweetpipe cluster over a real `nats-server -js` of the test's own (free port, temporary
 //! store): several `dweetpipe run` processes share one sandbox fleet, one PostgreSQL database
-//! and one Parquet directory. Members are killed, join, leave, and NATS restarts; afterwards
+//! and one Parquet directory. Members are killed, join, leave, are cut off from NATS, and NATS restarts; afterwards
 //! every sink holds each dweet the sandbox accepted exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -1222,4 +1222,129 @@ async fn a_message_jetstream_refused_inside_a_batch_is_retried_not_skipped() {
     published.dedup();
     assert_eq!(published.len(), 3, "no repeats");
     server.shutdown().await;
+}
+
+/// A TCP relay to a NATS server that can freeze: it stops passing bytes either way but keeps
+/// every connection open, as a network partition (not a crash) looks to a client.
+struct FreezableRelay {
+    port: u16,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableRelay {
+    async fn start(target: &str) -> FreezableRelay {
+        let target = target.trim_start_matches("nats://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let frozen = Arc::clone(&frozen);
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                        continue;
+                    };
+                    let (from_client, to_client) = client.into_split();
+                    let (from_server, to_server) = server.into_split();
+                    tokio::spawn(relay_bytes(from_client, to_server, Arc::clone(&frozen)));
+                    tokio::spawn(relay_bytes(from_server, to_client, Arc::clone(&frozen)));
+                }
+            }
+        });
+        FreezableRelay { port, frozen, task }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FreezableRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay_bytes(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_cut_off_from_nats_abandons_rather_than_seals_and_each_dweet_stays_once() {
+    let mut setup = Setup::new(
+        "cl-cut",
+        12,
+        "[nats]\nstream = \"cluster-cut\"\nspool_dir = \"{dir}/nats-spool\"\n",
+    )
+    .await;
+    let relay = FreezableRelay::start(&setup.nats.url()).await;
+    let relayed = relay.url();
+    let a = Member::spawn_with(
+        "worker-a",
+        &setup,
+        "",
+        &[("DWEETPIPE__CLUSTER__NATS_URL", relayed.as_str())],
+    );
+    let b = Member::spawn("worker-b", &setup);
+    wait_owned(&[&a, &b], &setup.things, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Partitioned: worker-a's NATS connections hang (nothing is refused, nothing closes). Its
+    // lease lapses and worker-b takes everything over and backfills it; worker-a must have
+    // stopped before, and must not seal or publish what it held of those things afterwards.
+    relay.freeze(true);
+    let cut = Instant::now();
+    wait_until(
+        "worker-a abandons its things",
+        Duration::from_secs(10),
+        || async { a.running().await.is_empty() },
+    )
+    .await;
+    let abandoned_after = cut.elapsed();
+    wait_owned(&[&b], &setup.things, Duration::from_secs(20)).await;
+    eprintln!(
+        "partition: worker-a abandoned its things {abandoned_after:?} after the cut, worker-b ran them all by {:?} after it (lease 2 s)",
+        cut.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Healed: worker-a rejoins and takes its share back.
+    relay.freeze(false);
+    wait_owned(&[&a, &b], &setup.things, Duration::from_secs(40)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let forsaken = value(&a.metrics().await, "dweetpipe_sink_records_forsaken_total");
+    setup.stop_fleet().await;
+    setup.wait_caught_up(&[&a, &b]).await;
+    stop(vec![a, b]).await;
+
+    let stored = setup.assert_every_sink_exactly_once().await;
+    let read = output_stream(&setup.nats, "cluster-cut").await;
+    assert_output_exactly_once_in_order(&read, &setup.accepted().await);
+    eprintln!(
+        "partition: {stored} dweets, each once in PostgreSQL, the Parquet union and the JetStream output; worker-a forsook {forsaken} records"
+    );
+    setup.db.drop_now().await;
 }

@@ -12,11 +12,11 @@ use super::{NatsConfig, NatsSink};
 use crate::backoff::Backoff;
 use crate::nats::NatsError;
 use crate::record::Record;
-use crate::sink::SinkError;
 use crate::sink::backlog::Backlog;
 use crate::sink::interface::{
     DESTINATION_PATIENCE, SinkConfig, SinkContext, SpawnedLoop, StartedSink,
 };
+use crate::sink::{Forsaken, SinkError};
 use crate::telemetry::{Health, LoopBeat, Metrics, SinkName, Table};
 
 /// Records published per turn at most.
@@ -75,7 +75,9 @@ fn spawn(
 ) -> SpawnedLoop {
     let give_up = CancellationToken::new();
     let forget = Arc::new(AtomicBool::new(false));
+    let forsaken = Arc::new(Forsaken::default());
     let state = Loop {
+        forsaken: Arc::clone(&forsaken),
         beat: health.register_loop("JetStream output"),
         config,
         client,
@@ -86,7 +88,9 @@ fn spawn(
         forget: Arc::clone(&forget),
     };
     // After a takeover the loop asks the stream again what it holds per thing.
-    SpawnedLoop::spawn("JetStream output", give_up, state.run(opened)).raising_on_takeover(forget)
+    SpawnedLoop::spawn("JetStream output", give_up, state.run(opened))
+        .raising_on_takeover(forget)
+        .fencing(forsaken)
 }
 
 struct Loop {
@@ -97,6 +101,7 @@ struct Loop {
     health: Arc<Health>,
     give_up: CancellationToken,
     forget: Arc<AtomicBool>,
+    forsaken: Arc<Forsaken>,
     beat: LoopBeat,
 }
 
@@ -134,8 +139,15 @@ impl Loop {
             let taken = self.backlog.take_more(first, TAKE_RECORDS);
             if self.forget.swap(false, Ordering::SeqCst) {
                 open.forget();
+                self.forsaken.lift_returned();
             }
-            let records: Vec<&Record> = taken.iter().flat_map(|t| t.records.iter()).collect();
+            let mut records: Vec<&Record> = taken.iter().flat_map(|t| t.records.iter()).collect();
+            if !self.forsaken.is_empty() {
+                let before = records.len();
+                records.retain(|r| r.thing().is_none_or(|thing| !self.forsaken.skips(thing)));
+                self.metrics
+                    .records_forsaken(SinkName::Nats, (before - records.len()) as u64);
+            }
             let dweets = records
                 .iter()
                 .filter(|r| matches!(r, Record::Dweet(_)))

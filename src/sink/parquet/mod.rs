@@ -104,6 +104,10 @@ pub struct ParquetSink {
     held_on: HashMap<NaiveDate, HashSet<(String, i64)>>,
     /// Dweets not written because they are older than `[parquet] retention`.
     past_retention: u64,
+    /// Things this member gave up before their records were durable here (a cluster).
+    forsaken: Arc<crate::sink::Forsaken>,
+    /// Records skipped as forsaken since the last look.
+    forsaken_records: u64,
     /// Held while the sink exists: no other process (or member) recovers or writes this
     /// directory as this member.
     _lock: DirLock,
@@ -179,6 +183,8 @@ impl ParquetSink {
             replay,
             held_on: HashMap::new(),
             past_retention: 0,
+            forsaken: Arc::default(),
+            forsaken_records: 0,
             _lock: lock,
         };
         Ok((sink, opened))
@@ -202,6 +208,27 @@ impl ParquetSink {
         )
     }
 
+    /// What this member gave up and must not store (shared with the worker's handle).
+    pub fn forsaken(&self) -> Arc<crate::sink::Forsaken> {
+        Arc::clone(&self.forsaken)
+    }
+
+    /// Records skipped as forsaken since the last call.
+    pub fn take_forsaken_records(&mut self) -> u64 {
+        std::mem::take(&mut self.forsaken_records)
+    }
+
+    /// Whether the open generation holds a record of a thing since forsaken: it must not be
+    /// sealed, but abandoned and written again without them.
+    pub fn open_holds_forsaken(&self) -> bool {
+        self.open.as_ref().is_some_and(|generation| {
+            generation
+                .watermarks
+                .iter()
+                .any(|(thing, _)| self.forsaken.skips(thing))
+        })
+    }
+
     /// Rows written into the open generation and not yet sealed.
     pub fn pending_rows(&self) -> u64 {
         self.open.as_ref().map_or(0, Generation::rows)
@@ -223,6 +250,12 @@ impl ParquetSink {
         let mut skipped = 0;
         let kept_from = self.config.retention.map(|kept| ms_before(now_ms(), kept));
         for record in records {
+            if let Some(thing) = record.thing()
+                && self.forsaken.skips(thing)
+            {
+                self.forsaken_records += 1;
+                continue;
+            }
             match record {
                 Record::Dweet(dweet) => {
                     if kept_from.is_some_and(|from| dweet.created_ms < from) {
@@ -545,6 +578,38 @@ mod tests {
             .unwrap();
         assert_eq!(skipped, 2, "durable dweets are not written twice");
         sink.close().unwrap();
+    }
+
+    #[test]
+    fn a_forsaken_thing_is_not_stored_until_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = 1_795_000_000_000;
+        let (mut sink, _) = open(dir.path());
+        sink.write(&[dweet("a", base), dweet("b", base)]).unwrap();
+        assert!(!sink.open_holds_forsaken());
+        let forsaken = sink.forsaken();
+        forsaken.forsake("a");
+        assert!(
+            sink.open_holds_forsaken(),
+            "the open generation holds a's first dweet"
+        );
+        // What the loop does then: drop the generation, write the records again.
+        sink.abandon();
+        sink.write(&[dweet("a", base), dweet("b", base), dweet("a", base + 1)])
+            .unwrap();
+        assert_eq!(sink.take_forsaken_records(), 2);
+        assert!(!sink.open_holds_forsaken());
+        sink.close().unwrap();
+        assert_eq!(sink.watermarks().get("a"), None, "nothing of a is stored");
+        assert_eq!(sink.watermarks().get("b"), Some(base));
+        forsaken.returned(&["a".to_owned()]);
+        forsaken.lift_returned();
+        sink.write(&[dweet("a", base)]).unwrap();
+        assert_eq!(
+            sink.take_forsaken_records(),
+            0,
+            "back here, nothing is skipped as forsaken"
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub struct ParquetLoop {
     /// Stop retrying a failing directory: what is held goes to the spool (shutdown deadline).
     give_up: Arc<AtomicBool>,
     requests: Arc<Requests>,
+    forsaken: Arc<crate::sink::Forsaken>,
 }
 
 /// What the worker asks of the loop in a cluster, taken at its next turn.
@@ -48,6 +49,8 @@ struct Requests {
     seal: AtomicBool,
     /// Compaction and retention are this process's to run (in a cluster, the leader's).
     housekeeping: AtomicBool,
+    /// Things were forsaken: the open generation must not be sealed with their records.
+    forsake: AtomicBool,
 }
 
 impl RunningSink for ParquetLoop {
@@ -79,9 +82,17 @@ impl RunningSink for ParquetLoop {
     }
 
     /// Before its next write, the loop reads what other members sealed into a shared
-    /// directory.
-    fn after_takeover(&self) {
+    /// directory; then the things that came back are no longer forsaken.
+    fn after_takeover(&self, things: &[String]) {
+        self.forsaken.returned(things);
         self.requests.absorb.store(true, Ordering::SeqCst);
+    }
+
+    /// From now on their records are skipped; at its next turn the loop drops an open
+    /// generation holding some of them (written again without them) rather than sealing it.
+    fn forsake(&self, things: &[&str]) {
+        things.iter().for_each(|thing| self.forsaken.forsake(thing));
+        self.requests.forsake.store(true, Ordering::SeqCst);
     }
 
     /// Whether this process compacts closed dates and applies retention.
@@ -131,9 +142,11 @@ fn spawn(
     let runtime = tokio::runtime::Handle::current();
     let give_up = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(Requests::default());
+    let forsaken = sink.forsaken();
     requests.housekeeping.store(housekeeping, Ordering::SeqCst);
     let state = Loop {
         requests: Arc::clone(&requests),
+        forsaken: Arc::clone(&forsaken),
         beat: health.register_loop("Parquet sink"),
         sink,
         backlog,
@@ -157,6 +170,7 @@ fn spawn(
         ended: Some(ended),
         give_up,
         requests,
+        forsaken,
     })
 }
 
@@ -171,6 +185,7 @@ struct Loop {
     failing_since: Option<Instant>,
     beat: LoopBeat,
     requests: Arc<Requests>,
+    forsaken: Arc<crate::sink::Forsaken>,
     housekept_at: Option<Instant>,
 }
 
@@ -260,16 +275,29 @@ impl Loop {
         }
     }
 
+    /// The open generation holds records of a thing forsaken since: drop it, and write what
+    /// it held again, without them (the sink skips them now).
+    fn drop_forsaken(&mut self) {
+        if self.sink.open_holds_forsaken() {
+            self.sink.abandon();
+            self.backlog.give_back(std::mem::take(&mut self.held));
+        }
+    }
+
     fn take_and_write(&mut self, first: Taken) -> Result<(), DatasetError> {
         let taken = self.backlog.take_more(first, TAKE_RECORDS);
         let started = Instant::now();
         let mut outcome = Ok(());
         // Taken after the request: records of a thing that moved here come after it.
-        if self.requests.absorb.swap(false, Ordering::SeqCst)
-            && let Err(error) = self.sink.absorb_others()
-        {
-            self.requests.absorb.store(true, Ordering::SeqCst);
-            outcome = Err(error);
+        if self.requests.absorb.swap(false, Ordering::SeqCst) {
+            match self.sink.absorb_others() {
+                // What the others hold is known now: what came back is skipped as held.
+                Ok(_) => self.forsaken.lift_returned(),
+                Err(error) => {
+                    self.requests.absorb.store(true, Ordering::SeqCst);
+                    outcome = Err(error);
+                }
+            }
         }
         for batch in &taken {
             if outcome.is_err() {
@@ -285,12 +313,18 @@ impl Loop {
         }
         self.held.extend(taken);
         self.metrics
+            .records_forsaken(SinkName::Parquet, self.sink.take_forsaken_records());
+        self.metrics
             .sink_write_duration(SinkName::Parquet)
             .observe(started.elapsed().as_secs_f64());
         outcome
     }
 
     fn seal(&mut self) -> Result<(), DatasetError> {
+        // Asked just before: nothing forsaken may become durable by this seal.
+        if self.requests.forsake.swap(false, Ordering::SeqCst) {
+            self.drop_forsaken();
+        }
         self.sink.close()?;
         for taken in self.held.drain(..) {
             self.backlog.done(taken);
