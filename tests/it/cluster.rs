@@ -1,7 +1,7 @@
 //! A dweetpipe cluster over a real `nats-server -js` of the test's own (free port, temporary
 //! store): several `dweetpipe run` processes share one sandbox fleet, one PostgreSQL database
-//! and one Parquet directory. Members are killed, join, leave, are cut off from NATS, and NATS restarts; afterwards
-//! every sink holds each dweet the sandbox accepted exactly once.
+//! and one Parquet directory. Members are killed, join, leave and are cut off from NATS, and
+//! NATS restarts; afterwards every sink holds each dweet the sandbox accepted exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpStream;
