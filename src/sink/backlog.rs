@@ -522,7 +522,7 @@ impl Backlog {
                 Err(error) => {
                     let aside = segment.path.with_extension(&SET_ASIDE_SUFFIX[1..]);
                     self.metrics.spool_unreadable(self.sink);
-                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside and tried again at the next start; meanwhile its records reach this sink only through backfill, where the source still keeps them");
+                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside and tried again at the next start (a newer build may read it); until then its records are missing from this sink, and later records of the same things are stored past them");
                     let _ = fs::rename(&segment.path, &aside);
                     let mut state = self.lock();
                     state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
