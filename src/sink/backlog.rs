@@ -18,7 +18,7 @@
 //! sink's watermark then stays below the gap, and the next start's backfill refills it from the
 //! source when the source still has it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
@@ -76,8 +76,9 @@ struct State {
     spool_bytes: u64,
     next_segment: u64,
     next_seq: u64,
-    /// Things whose records were dropped in this run, so later ones are dropped too.
-    lost: HashSet<String>,
+    /// Things whose records were dropped in this run, so later ones are dropped too, each
+    /// with the oldest `created` dropped (what a refill must reach back to).
+    lost: HashMap<String, i64>,
     closed: bool,
     /// In a cluster: the newest `created` per thing made durable in this run, so a member
     /// hands a thing over only once its sinks hold everything it emitted.
@@ -275,7 +276,7 @@ impl Backlog {
     }
 
     fn without_lost(&self, state: &State, batch: Batch) -> Batch {
-        let is_lost = |r: &Record| r.thing().is_some_and(|t| state.lost.contains(t));
+        let is_lost = |r: &Record| r.thing().is_some_and(|t| state.lost.contains_key(t));
         if state.lost.is_empty() || !batch.iter().any(is_lost) {
             return batch;
         }
@@ -287,8 +288,12 @@ impl Backlog {
 
     fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
         self.metrics.spool_dropped(self.sink, batch.len() as u64);
-        for thing in batch.iter().filter_map(Record::thing) {
-            state.lost.insert(thing.to_owned());
+        for record in batch {
+            if let Some(thing) = record.thing() {
+                let created = record.created_ms().unwrap_or(i64::MIN);
+                let oldest = state.lost.entry(thing.to_owned()).or_insert(created);
+                *oldest = (*oldest).min(created);
+            }
         }
 
         self.health.set_sink_loss(
@@ -441,8 +446,9 @@ impl Backlog {
     /// trouble: forgets that some of the things lost records (theirs are taken again) and
     /// returns them, for the worker to backfill them from the source. As many as a backfill of
     /// each (at most [`SOURCE_KEEPS`] dweets) fits in memory, so the refill does not overflow
-    /// again; the rest at later calls. Empty otherwise.
-    pub fn heal(&self) -> Vec<String> {
+    /// again; the rest at later calls. Empty otherwise. Each with the oldest `created` it
+    /// dropped.
+    pub fn heal(&self) -> Vec<(String, i64)> {
         let mut state = self.lock();
         if state.lost.is_empty()
             || !state.segments.is_empty()
@@ -452,8 +458,13 @@ impl Backlog {
             return Vec::new();
         }
         let at_once = (self.memory_max_records / SOURCE_KEEPS).max(1);
-        let healed: Vec<String> = state.lost.iter().take(at_once).cloned().collect();
-        for thing in &healed {
+        let healed: Vec<(String, i64)> = state
+            .lost
+            .iter()
+            .take(at_once)
+            .map(|(thing, oldest)| (thing.clone(), *oldest))
+            .collect();
+        for (thing, _) in &healed {
             state.lost.remove(thing);
         }
         let still_lost = state.lost.len();

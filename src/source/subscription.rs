@@ -47,6 +47,9 @@ pub struct Subscription {
     pub normalizer: Normalizer,
     /// Dweets of this thing without a usable `created`, already sent as dead letters.
     pub unplaced: Unplaced,
+    /// A refill after a sink dropped records: the oldest `created` dropped. The first backfill
+    /// says when the source no longer keeps that far back (those records are gone for good).
+    pub refill_from: Option<i64>,
 }
 
 /// Dweets whose `created` is not a time, already sent as dead letters in this run. Having no
@@ -277,6 +280,18 @@ impl Subscription {
         };
         // Servers answer newest first; sort anyway rather than trust it.
         dweets.sort_by_key(|dweet| dweet.created.to_datetime());
+        if let Some(dropped_from) = self.refill_from.take() {
+            let kept_from = dweets.iter().find_map(|dweet| dweet.created.to_ms());
+            if kept_from.is_none_or(|kept| kept > dropped_from) {
+                self.metrics.refill_gaps.inc();
+                tracing::error!(
+                    thing = %self.thing.name,
+                    dropped_from = %crate::record::ms_to_datetime(dropped_from),
+                    source_keeps_from = ?kept_from.map(crate::record::ms_to_datetime),
+                    "a sink dropped records the source no longer keeps: this thing's history has a gap there for good"
+                );
+            }
+        }
         for dweet in dweets {
             if !self.emit(dweet, source).await {
                 return Err(Ended::Stopped);

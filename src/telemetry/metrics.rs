@@ -226,6 +226,10 @@ metric_table! {
         "Dweets accepted into the pipeline, by source (stream, backfill, poll).",
         ["source"]
     );
+    pub refill_gaps: IntCounter(
+        "refill_gaps_total",
+        "Refills after a sink dropped records (its spool full) that could not reach back to the oldest dropped: the source no longer kept them, so the thing's history has a gap."
+    );
     pub duplicates_dropped: IntCounter(
         "duplicates_dropped_total",
         "Dweets dropped because they were already ingested."

@@ -8,7 +8,7 @@
 //! subscription tasks ──(bounded channel of Records)──▶ fan-out ──▶ each sink's backlog ──▶ its loop
 //! ```
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -290,7 +290,7 @@ impl WorkerHandle {
         self.metrics.cluster_leader.set(1);
         self.reconcile_lifecycle(config)?;
         for thing in &config.things {
-            self.start_thing(thing.clone(), true);
+            self.start_thing(thing.clone(), true, None);
         }
         self.metrics
             .cluster_things_owned
@@ -329,7 +329,9 @@ impl WorkerHandle {
         }
     }
 
-    fn start_thing(&mut self, thing: ThingConfig, spread: bool) {
+    /// Starts `thing`'s subscription; `refill_from` is the oldest `created` a sink dropped,
+    /// which its first backfill should reach back to.
+    fn start_thing(&mut self, thing: ThingConfig, spread: bool, refill_from: Option<i64>) {
         let cancel = CancellationToken::new();
         let watermark = Arc::clone(
             self.watermarks
@@ -362,6 +364,7 @@ impl WorkerHandle {
             start_delay,
             normalizer: Normalizer::default(),
             unplaced: Default::default(),
+            refill_from,
         };
         let health = Arc::clone(&self.health);
         let name = thing.name.clone();
@@ -430,7 +433,7 @@ impl WorkerHandle {
                             .is_some_and(|r| !r.config.reads_like(thing)) =>
                 {
                     self.stop_thing(&name).await;
-                    self.start_thing((*thing).clone(), false);
+                    self.start_thing((*thing).clone(), false, None);
                     report.restarted.push(name);
                 }
                 Some(_) => report.unchanged += 1,
@@ -440,7 +443,7 @@ impl WorkerHandle {
         if self.cluster.is_none() {
             for thing in &config.things {
                 if !self.things.contains_key(&thing.name) {
-                    self.start_thing(thing.clone(), false);
+                    self.start_thing(thing.clone(), false, None);
                     report.added.push(thing.name.clone());
                 }
             }
@@ -608,7 +611,7 @@ impl WorkerHandle {
             .cloned()
             .collect();
         for thing in starting {
-            self.start_thing(thing, false);
+            self.start_thing(thing, false, None);
             moves += 1;
         }
         moves
@@ -630,8 +633,12 @@ impl WorkerHandle {
     /// backlog drained (what the source still keeps comes back; the other sinks skip it as
     /// stored). Call it every few seconds.
     pub async fn heal(&mut self) {
-        let dropped: BTreeSet<String> = self.backlogs.iter().flat_map(|b| b.heal()).collect();
-        for name in dropped {
+        let mut dropped: BTreeMap<String, i64> = BTreeMap::new();
+        for (thing, oldest) in self.backlogs.iter().flat_map(|b| b.heal()) {
+            let from = dropped.entry(thing).or_insert(oldest);
+            *from = (*from).min(oldest);
+        }
+        for (name, oldest_dropped) in dropped {
             let Some(config) = self.things.get(&name).map(|t| t.config.clone()) else {
                 continue;
             };
@@ -639,7 +646,7 @@ impl WorkerHandle {
             if let Some(mark) = self.watermarks.get(&name) {
                 mark.store(NO_WATERMARK, std::sync::atomic::Ordering::SeqCst);
             }
-            self.start_thing(config, false);
+            self.start_thing(config, false, Some(oldest_dropped));
         }
     }
 

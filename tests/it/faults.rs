@@ -689,12 +689,78 @@ async fn a_full_spool_is_counted_makes_the_worker_unready_and_heals_once_the_sin
     cluster.start();
     wait_postgres(&cluster.url(), &sent, &worker).await;
     setup.wait_readyz("200", "ready", &worker).await;
+    assert_eq!(
+        setup.metric("dweetpipe_refill_gaps_total").await,
+        0.0,
+        "the source kept all that was dropped: no gap"
+    );
     stop(worker).await;
     assert_exactly_once(&parquet, &sent);
     let stored = postgres_rows_now(&cluster.url())
         .await
         .expect("PostgreSQL answers");
     assert_eq!(stored.len(), sent.len(), "each dweet once in PostgreSQL");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refill_that_cannot_reach_back_to_what_was_dropped_counts_the_gap() {
+    let cluster = PrivateCluster::create();
+    cluster.stop();
+    // The source keeps a thing's last 30 dweets; 150 each are sent while PostgreSQL is away,
+    // and its backlog (150 records and 4 KiB) drops from about the 90th of each on.
+    let server = sandbox_with(|config| {
+        config.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        config.limits.max_history = 30;
+    })
+    .await;
+    let mut setup = Setup::new("refill-gap", 2);
+    setup.postgres_extra = "spool_max = \"4KiB\"".to_owned();
+    let parquet = setup.path("parquet");
+    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 150);
+    let worker = setup.spawn(&config, "worker.log");
+    // Streaming first, so every dweet arrives (a backfill would bring only the last 30).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // NaN (no answer yet) is not "up" either.
+        if setup.metric("dweetpipe_stream_up{").await >= 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "streams up\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (sent, _) = dweet_fleet(
+        &client_for(&server),
+        &setup.things,
+        150,
+        Duration::from_millis(10),
+        None,
+    )
+    .await;
+    setup
+        .wait_readyz("503", "postgres: its spool cannot take records", &worker)
+        .await;
+    wait_parquet(&parquet, &sent, &worker).await;
+    cluster.start();
+    setup.wait_readyz("200", "ready", &worker).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut gaps = 0.0;
+    while gaps < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gaps = setup.metric("dweetpipe_refill_gaps_total").await;
+    }
+    assert!(
+        (1.0..=2.0).contains(&gaps),
+        "each thing whose dropped records the source no longer keeps is counted once: {gaps}\n{}",
+        worker.log()
+    );
+    assert!(
+        worker
+            .log()
+            .contains("this thing's history has a gap there for good"),
+        "and said in the log"
+    );
+    stop(worker).await;
     server.shutdown().await;
 }
 
