@@ -458,6 +458,49 @@ mod tests {
     }
 
     #[test]
+    fn lengths_and_counts_past_their_bounds_are_damage_not_allocations() {
+        let records: Vec<Record> = (0..3).map(|i| dweet("a", i)).collect();
+        let clean = segment(&records);
+        let offsets = frame_offsets(&clean);
+
+        // A frame claiming more than MAX_PAYLOAD bytes: refused before anything is read.
+        let mut bytes = clean.clone();
+        let huge = (MAX_PAYLOAD as u32 + 1).to_le_bytes();
+        bytes[offsets[1] + 4..offsets[1] + 8].copy_from_slice(&huge);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(
+            decoded.records,
+            vec![records[0].clone(), records[2].clone()]
+        );
+        assert_eq!(decoded.damaged.len(), 1);
+        assert!(
+            decoded.damaged[0]
+                .reason
+                .contains("implausible frame length")
+        );
+
+        // A reading count beyond what the payload can hold, with a checksum that matches:
+        // the record does not parse (no vector of that size is made).
+        let mut payload = vec![KIND_DWEET];
+        put_str(&mut payload, "a");
+        payload.extend_from_slice(&7i64.to_le_bytes());
+        put_opt_str(&mut payload, None);
+        payload.extend_from_slice(&8i64.to_le_bytes());
+        put_str(&mut payload, "{}");
+        payload.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut bytes = header().to_vec();
+        bytes.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&CRC32C.checksum(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        encode(&records[..1], &mut bytes);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.records, records[..1]);
+        assert_eq!(decoded.damaged.len(), 1);
+        assert!(decoded.damaged[0].reason.contains("does not parse"));
+    }
+
+    #[test]
     fn a_version_1_segment_from_an_older_build_still_drains() {
         // Laid out by hand as version 1 wrote a dweet: no `created` text after `created_ms`.
         let mut payload = vec![KIND_DWEET];
