@@ -655,22 +655,33 @@ async fn a_damaged_spool_loses_only_the_damaged_record_and_reports_it() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_spool_is_counted_makes_the_worker_unready_and_heals_once_the_sink_drains() {
-    let cluster = PrivateCluster::create();
-    cluster.stop();
-    let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
-    let mut setup = Setup::new("full-spool", 2);
+/// Starts a worker whose PostgreSQL (at `postgres`) is away, with room for 150 records in
+/// memory and about 30 in its spool; once its streams are up, sends `count` dweets per thing,
+/// and waits until the spool overflowed and Parquet holds every dweet. The dweets sent.
+async fn overflow_the_postgres_spool(
+    setup: &mut Setup,
+    server: &SandboxHandle,
+    postgres: &str,
+    count: usize,
+) -> (WorkerProcess, BTreeSet<(String, i64)>) {
     setup.postgres_extra = "spool_max = \"4KiB\"".to_owned();
     let parquet = setup.path("parquet");
-    // Memory for 150 records and a spool for about 30: 200 dweets overflow while PostgreSQL
-    // is away, and one thing's backfill of 100 fits once it is back.
-    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 150);
+    let config = setup.config(&server.base_url(), &parquet, Some(postgres), 150);
     let worker = setup.spawn(&config, "worker.log");
+    // Streaming first, so every dweet arrives (not only what a backfill brings).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // NaN (no answer yet) is not "up" either.
+        if setup.metric("dweetpipe_stream_up{").await >= setup.things.len() as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "streams up\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (sent, _) = dweet_fleet(
-        &client_for(&server),
+        &client_for(server),
         &setup.things,
-        100,
+        count,
         Duration::from_millis(10),
         None,
     )
@@ -678,11 +689,25 @@ async fn a_full_spool_is_counted_makes_the_worker_unready_and_heals_once_the_sin
     setup
         .wait_readyz("503", "postgres: its spool cannot take records", &worker)
         .await;
+    wait_parquet(&parquet, &sent, &worker).await;
+    (worker, sent)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_spool_is_counted_makes_the_worker_unready_and_heals_once_the_sink_drains() {
+    let cluster = PrivateCluster::create();
+    cluster.stop();
+    let server = sandbox_on(SocketAddr::from(([127, 0, 0, 1], free_port()))).await;
+    let mut setup = Setup::new("full-spool", 2);
+    let parquet = setup.path("parquet");
+    // 200 dweets overflow while PostgreSQL is away, and one thing's backfill of 100 fits once
+    // it is back.
+    let (worker, sent) =
+        overflow_the_postgres_spool(&mut setup, &server, &cluster.url(), 100).await;
     let dropped = setup
         .metric("dweetpipe_spool_dropped_records_total{sink=\"postgres\"}")
         .await;
     assert!(dropped > 0.0, "the loss is counted");
-    wait_parquet(&parquet, &sent, &worker).await;
 
     // PostgreSQL returns: once its backlog drained, the dropped things are backfilled again
     // from the source, and the worker is ready without a restart.
@@ -707,40 +732,15 @@ async fn a_full_spool_is_counted_makes_the_worker_unready_and_heals_once_the_sin
 async fn a_refill_that_cannot_reach_back_to_what_was_dropped_counts_the_gap() {
     let cluster = PrivateCluster::create();
     cluster.stop();
-    // The source keeps a thing's last 30 dweets; 150 each are sent while PostgreSQL is away,
-    // and its backlog (150 records and 4 KiB) drops from about the 90th of each on.
+    // The source keeps a thing's last 30 dweets.
     let server = sandbox_with(|config| {
         config.listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         config.limits.max_history = 30;
     })
     .await;
     let mut setup = Setup::new("refill-gap", 2);
-    setup.postgres_extra = "spool_max = \"4KiB\"".to_owned();
-    let parquet = setup.path("parquet");
-    let config = setup.config(&server.base_url(), &parquet, Some(&cluster.url()), 150);
-    let worker = setup.spawn(&config, "worker.log");
-    // Streaming first, so every dweet arrives (a backfill would bring only the last 30).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // NaN (no answer yet) is not "up" either.
-        if setup.metric("dweetpipe_stream_up{").await >= 2.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "streams up\n{}", worker.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (sent, _) = dweet_fleet(
-        &client_for(&server),
-        &setup.things,
-        150,
-        Duration::from_millis(10),
-        None,
-    )
-    .await;
-    setup
-        .wait_readyz("503", "postgres: its spool cannot take records", &worker)
-        .await;
-    wait_parquet(&parquet, &sent, &worker).await;
+    // 150 each: the backlog drops from about the 90th of each on.
+    let (worker, _) = overflow_the_postgres_spool(&mut setup, &server, &cluster.url(), 150).await;
     cluster.start();
     setup.wait_readyz("200", "ready", &worker).await;
     let deadline = Instant::now() + Duration::from_secs(20);
