@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use arrow::array::{Array, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow_array::{Array, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use chrono::NaiveDate;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::RowGroupMetaData;

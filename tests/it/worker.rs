@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, StringArray, TimestampMillisecondArray};
+use arrow_array::{Array, StringArray, TimestampMillisecondArray};
 use dweetpipe::client::{Client, Key};
 use dweetpipe::config::Config;
 use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet, thing_name};
@@ -117,7 +117,7 @@ fn leftover_temporaries(dir: &Path) -> usize {
 }
 
 /// Every record batch of a dataset's finalised files.
-fn batches(dir: &Path, dataset: &str) -> Vec<arrow::record_batch::RecordBatch> {
+fn batches(dir: &Path, dataset: &str) -> Vec<arrow_array::RecordBatch> {
     parquet_files(dir, dataset)
         .iter()
         .flat_map(|path| {
@@ -130,7 +130,7 @@ fn batches(dir: &Path, dataset: &str) -> Vec<arrow::record_batch::RecordBatch> {
         .collect()
 }
 
-fn strings<'a>(batch: &'a arrow::record_batch::RecordBatch, column: &str) -> &'a StringArray {
+fn strings<'a>(batch: &'a arrow_array::RecordBatch, column: &str) -> &'a StringArray {
     batch
         .column_by_name(column)
         .unwrap()

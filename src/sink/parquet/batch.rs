@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayBuilder, ArrayRef, Float64Builder, StringBuilder, TimestampMillisecondBuilder,
+use arrow_array::builder::{
+    ArrayBuilder, Float64Builder, StringBuilder, TimestampMillisecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::error::ArrowError;
-use arrow::record_batch::RecordBatch;
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::record::{DeadLetter, Normalized};
 use crate::telemetry::Table;

@@ -26,8 +26,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::array::RecordBatch;
-use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow_array::{Array, RecordBatch, StringArray, TimestampMillisecondArray, UInt32Array};
+use arrow_schema::ArrowError;
+use arrow_select::concat::concat_batches;
+use arrow_select::take::take_record_batch;
 use chrono::NaiveDate;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -347,22 +349,42 @@ fn read_sorted(
     }
     let all = concat_batches(&schema, &batches).map_err(DatasetError::Arrow)?;
     drop(batches);
-    let sort_by = ["thing", dataset.time_column()];
-    let columns: Vec<SortColumn> = sort_by
-        .iter()
-        .filter_map(|name| all.column_by_name(name))
-        .map(|values| SortColumn {
-            values: Arc::clone(values),
-            options: None,
-        })
-        .collect();
     let sorted = if all.num_rows() > 1 {
-        let order = lexsort_to_indices(&columns, None).map_err(DatasetError::Arrow)?;
+        let order = order_by_thing_and_time(&all, dataset.time_column())?;
         take_record_batch(&all, &order).map_err(DatasetError::Arrow)?
     } else {
         all
     };
     Ok((sorted, watermarks))
+}
+
+/// The rows' order by board, then time; a missing board or time first. Sorted here rather
+/// than with arrow's generic sort kernels, whose crate alone took a fifth of a first build.
+fn order_by_thing_and_time(all: &RecordBatch, time: &str) -> Result<UInt32Array, DatasetError> {
+    let column = |name: &str| {
+        all.column_by_name(name).ok_or_else(|| {
+            DatasetError::Arrow(ArrowError::SchemaError(format!("no column {name:?}")))
+        })
+    };
+    let things = column("thing")?;
+    let times = column(time)?;
+    let (Some(things), Some(times)) = (
+        things.as_any().downcast_ref::<StringArray>(),
+        times.as_any().downcast_ref::<TimestampMillisecondArray>(),
+    ) else {
+        return Err(DatasetError::Arrow(ArrowError::SchemaError(format!(
+            "thing is not text or {time} is not a millisecond time"
+        ))));
+    };
+    let key = |row: usize| {
+        (
+            things.is_valid(row).then(|| things.value(row)),
+            times.is_valid(row).then(|| times.value(row)),
+        )
+    };
+    let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+    order.sort_by(|a, b| key(*a as usize).cmp(&key(*b as usize)));
+    Ok(UInt32Array::from(order))
 }
 
 /// Rewrites `inputs` (names in `folder`) as one sorted file; returns its rows.
@@ -682,6 +704,21 @@ mod tests {
             assert_eq!(opened.removed_incomplete, 0, "{stop:?}");
             assert_eq!(union(dir.path()), kept, "{stop:?}: finished");
         }
+    }
+
+    #[test]
+    fn rows_are_ordered_by_board_then_time_with_missing_values_first() {
+        let things: StringArray = vec![Some("b"), None, Some("a"), Some("a"), Some("a")].into();
+        let times: TimestampMillisecondArray =
+            vec![Some(1), Some(5), Some(2), Some(1), None].into();
+        let batch = RecordBatch::try_from_iter([
+            ("thing", Arc::new(things) as arrow_array::ArrayRef),
+            ("time", Arc::new(times) as arrow_array::ArrayRef),
+        ])
+        .unwrap();
+        let order = order_by_thing_and_time(&batch, "time").unwrap();
+        assert_eq!(order.values().to_vec(), vec![1, 4, 3, 2, 0]);
+        assert!(order_by_thing_and_time(&batch, "received_at").is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
-use arrow::array::{Array, StringArray, TimestampMillisecondArray};
+use arrow_array::{Array, StringArray, TimestampMillisecondArray};
 use chrono::NaiveDate;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;

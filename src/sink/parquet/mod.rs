@@ -67,7 +67,7 @@ pub enum DatasetError {
     #[error("writing Parquet: {0}")]
     Format(#[from] parquet::errors::ParquetError),
     #[error("building an Arrow batch: {0}")]
-    Arrow(#[from] arrow::error::ArrowError),
+    Arrow(#[from] arrow_schema::ArrowError),
     #[error(transparent)]
     Locked(#[from] LockError),
 }
