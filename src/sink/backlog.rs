@@ -77,7 +77,8 @@ struct State {
     next_segment: u64,
     next_seq: u64,
     /// Things whose records were dropped in this run, so later ones are dropped too, each
-    /// with the oldest `created` dropped (what a refill must reach back to).
+    /// with the oldest `created` dropped (what a refill must reach back to; `i64::MAX` while
+    /// only records without a `created` were).
     lost: HashMap<String, i64>,
     closed: bool,
     /// In a cluster: the newest `created` per thing made durable in this run, so a member
@@ -290,9 +291,8 @@ impl Backlog {
         self.metrics.spool_dropped(self.sink, batch.len() as u64);
         for record in batch {
             if let Some(thing) = record.thing() {
-                let created = record.created_ms().unwrap_or(i64::MIN);
-                let oldest = state.lost.entry(thing.to_owned()).or_insert(created);
-                *oldest = (*oldest).min(created);
+                let oldest = state.lost.entry(thing.to_owned()).or_insert(i64::MAX);
+                *oldest = (*oldest).min(record.created_ms().unwrap_or(i64::MAX));
             }
         }
 
@@ -447,8 +447,8 @@ impl Backlog {
     /// returns them, for the worker to backfill them from the source. As many as a backfill of
     /// each (at most [`SOURCE_KEEPS`] dweets) fits in memory, so the refill does not overflow
     /// again; the rest at later calls. Empty otherwise. Each with the oldest `created` it
-    /// dropped.
-    pub fn heal(&self) -> Vec<(String, i64)> {
+    /// dropped, when a dropped record had one.
+    pub fn heal(&self) -> Vec<(String, Option<i64>)> {
         let mut state = self.lock();
         if state.lost.is_empty()
             || !state.segments.is_empty()
@@ -458,11 +458,11 @@ impl Backlog {
             return Vec::new();
         }
         let at_once = (self.memory_max_records / SOURCE_KEEPS).max(1);
-        let healed: Vec<(String, i64)> = state
+        let healed: Vec<(String, Option<i64>)> = state
             .lost
             .iter()
             .take(at_once)
-            .map(|(thing, oldest)| (thing.clone(), *oldest))
+            .map(|(thing, oldest)| (thing.clone(), (*oldest != i64::MAX).then_some(*oldest)))
             .collect();
         for (thing, _) in &healed {
             state.lost.remove(thing);
@@ -820,11 +820,22 @@ mod tests {
         backlog.push(batch("a", 2, 50)); // too big for 400 bytes: dropped and counted
         backlog.push(batch("a", 52, 1)); // after a gap: dropped, so no watermark passes it
         backlog.push(batch("b", 0, 1)); // another thing is unaffected
+        // A dead letter without a `created`, too big: dropped, but it has no place to refill.
+        backlog.push(Arc::new(vec![Record::DeadLetter(
+            crate::record::DeadLetter {
+                thing: Some("c".to_owned()),
+                created: None,
+                created_ms: None,
+                received_ms: 1,
+                payload: "x".repeat(1000),
+                reason: "not a dweet".to_owned(),
+            },
+        )]));
         let dropped = metrics.value(
             "dweetpipe_spool_dropped_records_total",
             &[("sink", "postgres")],
         );
-        assert_eq!(dropped, 51.0);
+        assert_eq!(dropped, 52.0);
         let said = backlog.health.readiness().unwrap_err();
         assert!(
             said.starts_with("postgres: its spool cannot take records"),
@@ -832,6 +843,16 @@ mod tests {
         );
         backlog.close();
         assert_eq!(replay_all(&backlog).await, vec![0, 1, 0]);
+        // Drained: each thing that lost records comes back with the oldest `created` lost,
+        // one a call here (no memory for a refill beside it).
+        let mut healed = backlog.heal();
+        healed.extend(backlog.heal());
+        healed.sort();
+        assert_eq!(
+            healed,
+            vec![("a".to_owned(), Some(2)), ("c".to_owned(), None)]
+        );
+        assert!(backlog.heal().is_empty());
     }
 
     #[tokio::test]

@@ -9,10 +9,13 @@
 
 use std::collections::HashSet;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The forsaken things; shared by the worker's handle and a sink's loop.
 #[derive(Debug, Default)]
 pub struct Forsaken {
+    /// Whether `things` holds any: the sinks ask per record, and nearly always it holds none.
+    any: AtomicBool,
     things: Mutex<HashSet<String>>,
     /// Things that came back, to be lifted once the loop has looked at its destination again.
     returned: Mutex<Vec<String>>,
@@ -22,12 +25,12 @@ impl Forsaken {
     /// `thing`'s records are no longer this member's to store.
     pub fn forsake(&self, thing: &str) {
         lock(&self.things).insert(thing.to_owned());
+        self.any.store(true, Ordering::SeqCst);
     }
 
     /// Whether `thing`'s records are forsaken.
     pub fn skips(&self, thing: &str) -> bool {
-        let things = lock(&self.things);
-        !things.is_empty() && things.contains(thing)
+        self.any.load(Ordering::SeqCst) && lock(&self.things).contains(thing)
     }
 
     /// `things` moved back here: lifted by [`Forsaken::lift_returned`], which the loop calls
@@ -44,11 +47,12 @@ impl Forsaken {
             for thing in &returned {
                 things.remove(thing);
             }
+            self.any.store(!things.is_empty(), Ordering::SeqCst);
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        lock(&self.things).is_empty()
+        !self.any.load(Ordering::SeqCst)
     }
 }
 

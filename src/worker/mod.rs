@@ -633,10 +633,14 @@ impl WorkerHandle {
     /// backlog drained (what the source still keeps comes back; the other sinks skip it as
     /// stored). Call it every few seconds.
     pub async fn heal(&mut self) {
-        let mut dropped: BTreeMap<String, i64> = BTreeMap::new();
+        // Per thing, the oldest `created` any sink dropped.
+        let mut dropped: BTreeMap<String, Option<i64>> = BTreeMap::new();
         for (thing, oldest) in self.backlogs.iter().flat_map(|b| b.heal()) {
             let from = dropped.entry(thing).or_insert(oldest);
-            *from = (*from).min(oldest);
+            *from = match (*from, oldest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         for (name, oldest_dropped) in dropped {
             let Some(config) = self.things.get(&name).map(|t| t.config.clone()) else {
@@ -646,7 +650,7 @@ impl WorkerHandle {
             if let Some(mark) = self.watermarks.get(&name) {
                 mark.store(NO_WATERMARK, std::sync::atomic::Ordering::SeqCst);
             }
-            self.start_thing(config, false, Some(oldest_dropped));
+            self.start_thing(config, false, oldest_dropped);
         }
     }
 
