@@ -289,6 +289,52 @@ fn spawn_simulator(url: &str, things: usize, count: u64) -> anyhow::Result<Child
         .context("starting the simulator")
 }
 
+/// The simulator's own count of dweets the sandbox accepted, read from the progress line it
+/// logs every 5 s: what the first stage of a fan-in delivered.
+#[derive(Clone, Default)]
+struct SimulatorCount(Arc<std::sync::Mutex<Option<(Instant, u64)>>>);
+
+impl SimulatorCount {
+    /// [`spawn_simulator`], following the simulator's progress.
+    fn spawn(url: &str, things: usize, count: u64) -> anyhow::Result<(Child, SimulatorCount)> {
+        let mut child = Command::new(DWEETPIPE)
+            .args(["--server", url, "simulate", "--things", &things.to_string()])
+            .args(["--interval", "1", "--count", &count.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the simulator")?;
+        let counted = SimulatorCount::default();
+        let mut lines = BufReader::new(child.stderr.take().context("simulator stderr")?).lines();
+        let latest = Arc::clone(&counted.0);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let sent = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("sent=")?.parse::<u64>().ok());
+                if let Some(sent) = sent {
+                    *latest.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((Instant::now(), sent));
+                }
+            }
+        });
+        Ok((child, counted))
+    }
+
+    fn latest(&self) -> Option<(Instant, u64)> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Dweets per second between two progress readings.
+fn sent_rate(from: Option<(Instant, u64)>, to: Option<(Instant, u64)>) -> Option<f64> {
+    let ((from_at, from_sent), (to_at, to_sent)) = (from?, to?);
+    let secs = to_at.duration_since(from_at).as_secs_f64();
+    (secs > 0.0).then(|| to_sent.saturating_sub(from_sent) as f64 / secs)
+}
+
 fn streams_up(metrics: &Metrics) -> usize {
     metrics.value("dweetpipe_stream_up", &[]) as usize
 }
@@ -331,13 +377,31 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
     let idle_to = usage()?;
 
     let received_before = metrics.value("dweetpipe_dweets_received_total", &[]);
-    let mut simulator = spawn_simulator(&url, args.things, args.load_secs + 2)?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut simulator, simulated) = SimulatorCount::spawn(&url, args.things, args.load_secs + 8)?;
+    // Past the simulator's first progress line, so the sent rate spans the same load.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stages = |pid: Option<u32>| pid.and_then(|pid| usage_of(&pid.to_string()).ok());
+    let (sandbox_pid, simulator_pid) = (sandbox.id(), simulator.id());
     let load_from = usage()?;
+    let stage_from = (
+        stages(sandbox_pid),
+        stages(simulator_pid),
+        simulated.latest(),
+    );
     let received_from = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let backfilled_from =
+        metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]);
+    let ended_from = metrics.value("dweetpipe_stream_disconnects_total", &[]);
     tokio::time::sleep(Duration::from_secs(args.load_secs)).await;
     let load_to = usage()?;
+    let stage_to = (
+        stages(sandbox_pid),
+        stages(simulator_pid),
+        simulated.latest(),
+    );
     let received_to = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let backfilled_to = metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]);
+    let ended_to = metrics.value("dweetpipe_stream_disconnects_total", &[]);
     let _ = simulator.kill().await;
 
     worker.shutdown(Duration::from_secs(30)).await?;
@@ -376,6 +440,22 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
     println!(
         "  dweets received in all       {:>8.0}",
         received_to - received_before
+    );
+    // Each stage under the same load: what the simulator got the sandbox to accept, what
+    // each process spent, and what reached the worker by stream or by backfill.
+    let percent = |from: Option<Usage>, to: Option<Usage>| match (from, to) {
+        (Some(from), Some(to)) => format!("{:.1}%", cpu_percent(from, to)),
+        _ => "?".to_owned(),
+    };
+    println!(
+        "  stages: simulator sent {} dweets/s (CPU {} of one core); sandbox CPU {}; worker CPU {:.1}%, {:.0} received/s ({:.0} of them by backfill), {:.0} streams ended",
+        sent_rate(stage_from.2, stage_to.2).map_or("?".to_owned(), |rate| format!("{rate:.0}")),
+        percent(stage_from.1, stage_to.1),
+        percent(stage_from.0, stage_to.0),
+        cpu_percent(load_from, load_to),
+        (received_to - received_from) / load_to.at.duration_since(load_from.at).as_secs_f64(),
+        backfilled_to - backfilled_from,
+        ended_to - ended_from
     );
     match dweepy {
         None => {}
