@@ -54,6 +54,10 @@ struct Segment {
     bytes: u64,
     /// Record ranges that copy batches held in memory: skipped unless the process restarted.
     skip: Vec<Range<usize>>,
+    /// The things it holds, each with its oldest `created`, when this run wrote it: what is
+    /// lost if it cannot be read back. Empty for an earlier run's segment (the start's
+    /// backfill, from below anything spooled, covers those).
+    things: HashMap<String, i64>,
 }
 
 struct Queued {
@@ -187,6 +191,7 @@ impl Backlog {
                 path,
                 bytes,
                 skip: Vec::new(),
+                things: HashMap::new(),
             });
         }
         if !state.segments.is_empty() {
@@ -289,12 +294,7 @@ impl Backlog {
 
     fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
         self.metrics.spool_dropped(self.sink, batch.len() as u64);
-        for record in batch {
-            if let Some(thing) = record.thing() {
-                let oldest = state.lost.entry(thing.to_owned()).or_insert(i64::MAX);
-                *oldest = (*oldest).min(record.created_ms().unwrap_or(i64::MAX));
-            }
-        }
+        note_oldest(&mut state.lost, batch);
 
         self.health.set_sink_loss(
             self.sink,
@@ -332,8 +332,13 @@ impl Backlog {
             skip.push(at..at + batch.len());
             at += batch.len();
         }
+        let mut things = HashMap::new();
+        for batch in &held {
+            note_oldest(&mut things, batch);
+        }
         for queued in state.memory.iter().filter(|q| !q.shadowed) {
             spool::encode(&queued.records, &mut text);
+            note_oldest(&mut things, &queued.records);
         }
         self.check_room(state, text.len() as u64)?;
         let number = state.next_segment;
@@ -354,6 +359,7 @@ impl Backlog {
             path,
             bytes: text.len() as u64,
             skip,
+            things,
         });
         state.appending = Some(file);
         state.spool_bytes += text.len() as u64;
@@ -384,6 +390,7 @@ impl Backlog {
                 path,
                 bytes: 0,
                 skip: Vec::new(),
+                things: HashMap::new(),
             });
         }
         let file = state.appending.as_mut().ok_or("no open segment")?;
@@ -394,6 +401,7 @@ impl Backlog {
         }
         if let Some(segment) = state.segments.back_mut() {
             segment.bytes += text.len() as u64;
+            note_oldest(&mut segment.things, batch);
         }
         state.spool_bytes += text.len() as u64;
         Ok(())
@@ -508,12 +516,13 @@ impl Backlog {
             if memory_first {
                 let queued = state.memory.pop_front()?;
                 state.memory_records -= queued.records.len();
+                let records = self.past_a_hole_dropped(&state, queued.records);
                 state
                     .in_flight
-                    .push((queued.seq, Arc::clone(&queued.records), queued.shadowed));
+                    .push((queued.seq, Arc::clone(&records), queued.shadowed));
                 self.publish(&state);
                 return Some(Taken {
-                    records: queued.records,
+                    records,
                     origin: Origin::Memory { seq: queued.seq },
                 });
             }
@@ -524,27 +533,72 @@ impl Backlog {
             }
             drop(state);
             match self.read_segment(&segment) {
-                Ok(records) => {
+                Ok((records, damaged)) => {
+                    let mut state = self.lock();
+                    if damaged {
+                        self.lose_segment(&mut state, &segment, "a damaged spool record");
+                    }
+                    let records = self.past_a_hole_dropped(&state, Arc::new(records));
                     return Some(Taken {
-                        records: Arc::new(records),
+                        records,
                         origin: Origin::Segment(segment),
                     });
                 }
                 Err(error) => {
                     let aside = segment.path.with_extension(&SET_ASIDE_SUFFIX[1..]);
                     self.metrics.spool_unreadable(self.sink);
-                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside and tried again at the next start (a newer build may read it); until then its records are missing from this sink, and later records of the same things are stored past them");
+                    tracing::error!(sink = self.sink.as_str(), path = %segment.path.display(), %error, set_aside = %aside.display(), "an unreadable spool segment is set aside and tried again at the next start (a newer build may read it); the things it held are backfilled again from the source once the sink catches up");
                     let _ = fs::rename(&segment.path, &aside);
                     let mut state = self.lock();
                     state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
+                    self.lose_segment(&mut state, &segment, "an unreadable spool segment");
                     self.publish(&state);
                 }
             }
         }
     }
 
-    /// The segment's records, less the copies this run skips; damage is counted and logged.
-    fn read_segment(&self, segment: &Segment) -> Result<Vec<Record>, String> {
+    /// The things of a segment this run wrote and could not read back whole are lost, as if
+    /// the spool had dropped them: their records from the segment's oldest on are dropped
+    /// until the sink catches up, then the things are backfilled again ([`Backlog::heal`]).
+    fn lose_segment(&self, state: &mut State, segment: &Segment, what: &str) {
+        if segment.things.is_empty() {
+            return;
+        }
+        for (thing, oldest) in &segment.things {
+            let lost = state.lost.entry(thing.clone()).or_insert(*oldest);
+            *lost = (*lost).min(*oldest);
+        }
+        self.health.set_sink_loss(
+            self.sink,
+            Some(format!(
+                "{what} cost records; {} thing(s) are backfilled again once the sink catches up",
+                state.lost.len()
+            )),
+        );
+    }
+
+    /// `batch` less the records of lost things from their oldest lost `created` on: those
+    /// would carry the thing's mark past the hole.
+    fn past_a_hole_dropped(&self, state: &State, batch: Batch) -> Batch {
+        let past_a_hole = |r: &Record| match (r.thing(), r.created_ms()) {
+            (Some(thing), Some(created)) => {
+                state.lost.get(thing).is_some_and(|from| created >= *from)
+            }
+            _ => false,
+        };
+        if state.lost.is_empty() || !batch.iter().any(past_a_hole) {
+            return batch;
+        }
+        let kept: Vec<Record> = batch.iter().filter(|r| !past_a_hole(r)).cloned().collect();
+        self.metrics
+            .spool_dropped(self.sink, (batch.len() - kept.len()) as u64);
+        Arc::new(kept)
+    }
+
+    /// The segment's records, less the copies this run skips, and whether some were damaged;
+    /// damage is counted and logged.
+    fn read_segment(&self, segment: &Segment) -> Result<(Vec<Record>, bool), String> {
         let bytes = fs::read(&segment.path).map_err(|e| e.to_string())?;
         let decoded = spool::decode(&bytes).map_err(|e| e.to_string())?;
         for damage in &decoded.damaged {
@@ -560,16 +614,18 @@ impl Backlog {
             self.metrics
                 .spool_corrupt(self.sink, decoded.damaged.len() as u64);
         }
+        let damaged = !decoded.damaged.is_empty();
         if segment.skip.is_empty() {
-            return Ok(decoded.records);
+            return Ok((decoded.records, damaged));
         }
-        Ok(decoded
+        let records = decoded
             .records
             .into_iter()
             .enumerate()
             .filter(|(i, _)| !segment.skip.iter().any(|range| range.contains(i)))
             .map(|(_, record)| record)
-            .collect())
+            .collect();
+        Ok((records, damaged))
     }
 
     /// Keeps, from now on, the newest durable `created` per thing (see [`Backlog::durable`]).
@@ -654,6 +710,20 @@ impl Backlog {
         self.lock().closed = true;
         self.ready.notify_waiters();
         self.ready.notify_one();
+    }
+}
+
+/// Adds each thing of `records` to `things` with its oldest `created` (`i64::MAX` while it has
+/// only records without one).
+fn note_oldest(things: &mut HashMap<String, i64>, records: &[Record]) {
+    for record in records {
+        if let Some(thing) = record.thing() {
+            let oldest = match things.get_mut(thing) {
+                Some(oldest) => oldest,
+                None => things.entry(thing.to_owned()).or_insert(i64::MAX),
+            };
+            *oldest = (*oldest).min(record.created_ms().unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -853,6 +923,48 @@ mod tests {
             vec![("a".to_owned(), Some(2)), ("c".to_owned(), None)]
         );
         assert!(backlog.heal().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_segment_damaged_while_running_loses_its_things_until_they_are_backfilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        // No memory: every batch goes to the one segment this run writes.
+        let backlog = open(dir.path(), 0, 1 << 20, &metrics);
+        backlog.push(batch("a", 10, 3));
+        backlog.push(batch("b", 20, 1));
+        backlog.push(batch("c", 30, 1));
+        let segment = &segments(dir.path())[0];
+        let mut bytes = fs::read(segment).unwrap();
+        // Inside a's second record: damage on disk after the write.
+        let second = spool::HEADER_LEN + (bytes.len() - spool::HEADER_LEN) / 5 + 20;
+        bytes[second] ^= 0xff;
+        fs::write(segment, bytes).unwrap();
+
+        // Every record the segment held of its things, from their oldest on, is dropped: what
+        // survived of a would carry its mark past the hole.
+        let taken = backlog.try_take().expect("the segment");
+        assert_eq!(created(&taken), Vec::<i64>::new());
+        backlog.done(taken);
+        let said = backlog.health.readiness().unwrap_err();
+        assert!(
+            said.contains("a damaged spool record cost records"),
+            "{said}"
+        );
+        backlog.push(batch("a", 13, 1)); // later: dropped too, the hole stays before the mark
+        backlog.push(batch("d", 0, 1)); // a thing the segment did not hold is unaffected
+        backlog.close();
+        assert_eq!(replay_all(&backlog).await, vec![0]);
+
+        // Drained: the three things come back to be backfilled from their oldest record.
+        let mut healed = Vec::new();
+        for _ in 0..3 {
+            healed.extend(backlog.heal());
+        }
+        healed.sort();
+        let expected = [("a", 10), ("b", 20), ("c", 30)].map(|(t, c)| (t.to_owned(), Some(c)));
+        assert_eq!(healed, expected);
+        assert!(backlog.health.readiness().is_ok());
     }
 
     #[tokio::test]
