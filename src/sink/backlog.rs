@@ -254,7 +254,7 @@ impl Backlog {
     /// (written and fsynced before this returns).
     pub fn push(&self, batch: Batch) {
         let mut state = self.lock();
-        let batch = self.without_lost(&state, batch);
+        let batch = self.past_a_hole_dropped(&state, batch);
         if batch.is_empty() {
             return;
         }
@@ -279,17 +279,6 @@ impl Backlog {
         self.publish(&state);
         drop(state);
         self.ready.notify_one();
-    }
-
-    fn without_lost(&self, state: &State, batch: Batch) -> Batch {
-        let is_lost = |r: &Record| r.thing().is_some_and(|t| state.lost.contains_key(t));
-        if state.lost.is_empty() || !batch.iter().any(is_lost) {
-            return batch;
-        }
-        let kept: Vec<Record> = batch.iter().filter(|r| !is_lost(r)).cloned().collect();
-        self.metrics
-            .spool_dropped(self.sink, (batch.len() - kept.len()) as u64);
-        Arc::new(kept)
     }
 
     fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
@@ -579,7 +568,8 @@ impl Backlog {
     }
 
     /// `batch` less the records of lost things from their oldest lost `created` on: those
-    /// would carry the thing's mark past the hole.
+    /// would carry the thing's mark past the hole. Applied when a batch is pushed and when it
+    /// is taken (records queued behind a segment found damaged).
     fn past_a_hole_dropped(&self, state: &State, batch: Batch) -> Batch {
         let past_a_hole = |r: &Record| match (r.thing(), r.created_ms()) {
             (Some(thing), Some(created)) => {
