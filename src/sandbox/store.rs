@@ -396,7 +396,7 @@ impl Store {
     /// The gate a writer to `thing` holds from [`Store::write`] to [`Store::publish`].
     pub fn write_gate(&self, thing: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut shard = self.shard(thing);
-        Arc::clone(&shard.entry(thing.to_owned()).or_default().write_gate)
+        with_thing(&mut shard, thing, |entry| Arc::clone(&entry.write_gate))
     }
 
     /// Prepares a dweet: checks access and the rate, gives it its `created`, and says what to
@@ -487,20 +487,21 @@ impl Store {
             return;
         };
         let mut shard = self.shard(thing);
-        let entry = shard.entry(thing.clone()).or_default();
-        if let Some(listeners) = &entry.listeners
-            && listeners.receiver_count() > 0
-        {
-            // An error only means every listener left since the check.
-            let _ = listeners.send(Bytes::from(protocol::encode_stream_frame(json)));
-        }
-        entry.history.push_back(Kept {
-            json: Arc::clone(json),
-            created_ms: *created_ms,
+        with_thing(&mut shard, thing, |entry| {
+            if let Some(listeners) = &entry.listeners
+                && listeners.receiver_count() > 0
+            {
+                // An error only means every listener left since the check.
+                let _ = listeners.send(Bytes::from(protocol::encode_stream_frame(json)));
+            }
+            entry.history.push_back(Kept {
+                json: Arc::clone(json),
+                created_ms: *created_ms,
+            });
+            while entry.history.len() > self.limits.max_history {
+                entry.history.pop_front();
+            }
         });
-        while entry.history.len() > self.limits.max_history {
-            entry.history.pop_front();
-        }
     }
 
     /// Stops running the alert's condition (the one `evaluated` ran), until it is set anew.
@@ -816,6 +817,19 @@ impl Store {
                 return name;
             }
         }
+    }
+}
+
+/// Runs `act` on `thing`'s entry, made when it has none: its name is copied only then, so the
+/// lookups a write adds (its gate, its publication) allocate nothing for a known thing.
+fn with_thing<R>(
+    shard: &mut HashMap<String, Thing>,
+    thing: &str,
+    act: impl FnOnce(&mut Thing) -> R,
+) -> R {
+    match shard.get_mut(thing) {
+        Some(entry) => act(entry),
+        None => act(shard.entry(thing.to_owned()).or_default()),
     }
 }
 

@@ -284,7 +284,6 @@ impl Backlog {
     fn drop_batch(&self, state: &mut State, batch: &[Record], error: &str) {
         self.metrics.spool_dropped(self.sink, batch.len() as u64);
         note_oldest(&mut state.lost, batch);
-
         self.health.set_sink_loss(
             self.sink,
             Some(format!(
