@@ -196,16 +196,19 @@ impl ParquetSink {
     }
 
     /// Reads the generations other members sealed into a shared directory since the last
-    /// look, so what they hold is not written again (a thing that moved here). Returns how
-    /// many files were read.
+    /// look, so what they hold is not written again (a thing that moved here); then the
+    /// forsaken things that came back are lifted, their records now skipped as held where
+    /// the others stored them. Returns how many files were read.
     pub fn absorb_others(&mut self) -> Result<usize, DatasetError> {
-        recovery::absorb(
+        let read = recovery::absorb(
             &self.config.dir,
             recovery_horizon(now_ms(), self.replay),
             self.config.member.as_deref(),
             &mut self.absorbed,
             &mut self.durable,
-        )
+        )?;
+        self.forsaken.lift_returned();
+        Ok(read)
     }
 
     /// What this member gave up and must not store (shared with the worker's handle).

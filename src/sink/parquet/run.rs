@@ -146,7 +146,6 @@ fn spawn(
     requests.housekeeping.store(housekeeping, Ordering::SeqCst);
     let state = Loop {
         requests: Arc::clone(&requests),
-        forsaken: Arc::clone(&forsaken),
         beat: health.register_loop("Parquet sink"),
         sink,
         backlog,
@@ -185,7 +184,6 @@ struct Loop {
     failing_since: Option<Instant>,
     beat: LoopBeat,
     requests: Arc<Requests>,
-    forsaken: Arc<crate::sink::Forsaken>,
     housekept_at: Option<Instant>,
 }
 
@@ -289,15 +287,11 @@ impl Loop {
         let started = Instant::now();
         let mut outcome = Ok(());
         // Taken after the request: records of a thing that moved here come after it.
-        if self.requests.absorb.swap(false, Ordering::SeqCst) {
-            match self.sink.absorb_others() {
-                // What the others hold is known now: what came back is skipped as held.
-                Ok(_) => self.forsaken.lift_returned(),
-                Err(error) => {
-                    self.requests.absorb.store(true, Ordering::SeqCst);
-                    outcome = Err(error);
-                }
-            }
+        if self.requests.absorb.swap(false, Ordering::SeqCst)
+            && let Err(error) = self.sink.absorb_others()
+        {
+            self.requests.absorb.store(true, Ordering::SeqCst);
+            outcome = Err(error);
         }
         for batch in &taken {
             if outcome.is_err() {
