@@ -72,7 +72,8 @@ pub enum ImportError {
 /// What the input files held.
 #[derive(Debug, Default)]
 pub struct Imported {
-    by_thing: HashMap<String, Vec<RawDweet>>,
+    /// Each thing's dweets with their `created` in ms, parsed once as they are read.
+    by_thing: HashMap<String, Timed>,
     dead_letters: Vec<Record>,
     pub lines: u64,
     pub dweets: u64,
@@ -88,28 +89,39 @@ impl Imported {
     ) -> std::io::Result<()> {
         for (index, line) in input.split(b'\n').enumerate() {
             let line = line?;
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim();
-            if text.is_empty() {
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             self.lines += 1;
-            match serde_json::from_str::<RawDweet>(text) {
+            // Parsed from the bytes: serde_json checks the UTF-8 of what it keeps, so the
+            // whole line need not be checked (or copied) first; only a refused line is.
+            match serde_json::from_slice::<RawDweet>(&line) {
                 Ok(dweet) => {
                     self.dweets += 1;
-                    self.by_thing
-                        .entry(dweet.thing.clone())
-                        .or_default()
-                        .push(dweet);
+                    let created_ms = dweet.created.to_ms();
+                    match self.by_thing.get_mut(&dweet.thing) {
+                        Some(dweets) => dweets.push((created_ms, dweet)),
+                        None => {
+                            self.by_thing
+                                .insert(dweet.thing.clone(), vec![(created_ms, dweet)]);
+                        }
+                    }
                 }
-                Err(error) => self.dead_letters.push(Record::DeadLetter(DeadLetter {
-                    thing: None,
-                    created: None,
-                    created_ms: None,
-                    received_ms,
-                    payload: text.chars().take(crate::client::EXCERPT_BYTES).collect(),
-                    reason: format!("{name} line {}: not a dweet: {error}", index + 1),
-                })),
+                Err(error) => {
+                    let text = String::from_utf8_lossy(&line);
+                    self.dead_letters.push(Record::DeadLetter(DeadLetter {
+                        thing: None,
+                        created: None,
+                        created_ms: None,
+                        received_ms,
+                        payload: text
+                            .trim()
+                            .chars()
+                            .take(crate::client::EXCERPT_BYTES)
+                            .collect(),
+                        reason: format!("{name} line {}: not a dweet: {error}", index + 1),
+                    }))
+                }
             }
         }
         Ok(())
@@ -125,10 +137,11 @@ impl Imported {
         let (things, repeats) = sorted_by_thing(self.by_thing);
         for (_, dweets) in things {
             let mut normalizer = Normalizer::default();
-            records.extend(dweets.into_iter().map(|dweet| {
-                let created_ms = dweet.created.to_ms();
-                normalizer.normalize(dweet, created_ms, received_ms)
-            }));
+            records.extend(
+                dweets.into_iter().map(|(created_ms, dweet)| {
+                    normalizer.normalize(dweet, created_ms, received_ms)
+                }),
+            );
         }
         // Stable: each thing keeps its order, and letters without a time stay first.
         records.sort_by_key(Record::created_ms);
@@ -139,20 +152,25 @@ impl Imported {
     /// were not dweets, as dead letters.
     pub fn into_dweets(self) -> (Vec<(String, Vec<RawDweet>)>, Vec<Record>) {
         let (things, _) = sorted_by_thing(self.by_thing);
+        let things = things
+            .into_iter()
+            .map(|(thing, dweets)| (thing, dweets.into_iter().map(|(_, dweet)| dweet).collect()))
+            .collect();
         (things, self.dead_letters)
     }
 }
 
-fn sorted_by_thing(
-    by_thing: HashMap<String, Vec<RawDweet>>,
-) -> (Vec<(String, Vec<RawDweet>)>, u64) {
+/// A thing's dweets, each with its `created` in ms.
+type Timed = Vec<(Option<i64>, RawDweet)>;
+
+fn sorted_by_thing(by_thing: HashMap<String, Timed>) -> (Vec<(String, Timed)>, u64) {
     let mut repeats = 0;
     let mut things: Vec<_> = by_thing.into_iter().collect();
     things.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, dweets) in &mut things {
-        dweets.sort_by_cached_key(|dweet| dweet.created.to_datetime());
+        dweets.sort_by_key(|(created_ms, _)| *created_ms);
         let before = dweets.len();
-        dweets.dedup_by(|later, earlier| later.created == earlier.created);
+        dweets.dedup_by(|later, earlier| later.1.created == earlier.1.created);
         repeats += (before - dweets.len()) as u64;
     }
     (things, repeats)
@@ -205,5 +223,29 @@ mod tests {
             order,
             vec![("a", 1000), ("b", 1000), ("b", 2000), ("a", 3000)]
         );
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf_8_is_a_dead_letter_not_a_mended_dweet() {
+        let mut input =
+            br#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"n":"#.to_vec();
+        input.extend_from_slice(b"\"\xff\"}}\r\n");
+        input.extend_from_slice(
+            b"{\"thing\":\"a\",\"created\":\"2026-01-01T00:00:02.000Z\",\"content\":{\"v\":2}}\r\n",
+        );
+        let mut imported = Imported::default();
+        imported.read("in.jsonl", &input[..], 9).unwrap();
+        assert_eq!((imported.lines, imported.dweets), (2, 1));
+        let (records, _) = imported.into_records(9);
+        let Record::DeadLetter(letter) = &records[0] else {
+            panic!("{records:?}")
+        };
+        assert!(
+            letter.reason.starts_with("in.jsonl line 1: not a dweet"),
+            "{}",
+            letter.reason
+        );
+        assert!(letter.payload.contains('\u{fffd}'), "{}", letter.payload);
+        assert!(matches!(&records[1], Record::Dweet(d) if d.created_ms % 10_000 == 2_000));
     }
 }

@@ -9,6 +9,10 @@ use clap::Parser;
 use dweetpipe::client;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than glibc's allocator: see its line in Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let filter = EnvFilter::try_from_default_env()

@@ -31,9 +31,40 @@ pub fn format_created(at: DateTime<Utc>) -> String {
 /// Parses a `created` string. Accepts any RFC 3339 instant so that clones with other precision
 /// still decode; the original string is kept by [`crate::client::Created`] for round trips.
 pub fn parse_created(text: &str) -> Option<DateTime<Utc>> {
+    if is_canonical_created(text) {
+        // Nearly every dweet: the fields are read straight off their fixed places, which
+        // costs a tenth of a general RFC 3339 parse (and a parse happens once per dweet).
+        let number = |range: std::ops::Range<usize>| {
+            text.as_bytes()[range]
+                .iter()
+                .fold(0u32, |n, digit| n * 10 + u32::from(digit - b'0'))
+        };
+        let year = i32::try_from(number(0..4)).ok()?;
+        return chrono::NaiveDate::from_ymd_opt(year, number(5..7), number(8..10))?
+            .and_hms_milli_opt(
+                number(11..13),
+                number(14..16),
+                number(17..19),
+                number(20..23),
+            )
+            .map(|at| at.and_utc());
+    }
     DateTime::parse_from_rfc3339(text)
         .ok()
         .map(|at| at.with_timezone(&Utc))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` with digits where digits go and a second below 60: the shape
+/// [`format_created`] writes, so a text of it that parses is its own canonical form.
+pub fn is_canonical_created(text: &str) -> bool {
+    const SHAPE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    let bytes = text.as_bytes();
+    bytes.len() == SHAPE.len()
+        && bytes.iter().zip(SHAPE).all(|(byte, shape)| match shape {
+            b'0' => byte.is_ascii_digit(),
+            _ => byte == shape,
+        })
+        && bytes[17] < b'6'
 }
 
 /// How a `k=v` value becomes content: a value that reads as a JSON number becomes one (`18.5`,
@@ -159,6 +190,42 @@ pub fn is_plausible_email(address: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_canonical_shape_parses_exactly_as_rfc_3339_does() {
+        let general = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|at| at.with_timezone(&Utc))
+        };
+        let texts = [
+            "2014-03-19T10:38:46.010Z",
+            "0000-01-01T00:00:00.000Z",
+            "9999-12-31T23:59:59.999Z",
+            "2024-02-29T12:00:00.500Z",
+            "2023-02-29T12:00:00.500Z",
+            "2026-13-01T00:00:00.000Z",
+            "2026-00-10T00:00:00.000Z",
+            "2026-04-31T00:00:00.000Z",
+            "2026-01-01T24:00:00.000Z",
+            "2026-01-01T23:60:00.000Z",
+            "2016-12-31T23:59:60.500Z",
+        ];
+        for text in texts {
+            assert_eq!(parse_created(text), general(text), "{text}");
+        }
+        // Instants across four centuries, each through its own canonical text.
+        let mut ms = -2_000_000_000_000i64;
+        while ms < 10_000_000_000_000 {
+            let text = format_created(DateTime::from_timestamp_millis(ms).expect("in range"));
+            assert!(is_canonical_created(&text), "{text}");
+            assert_eq!(
+                parse_created(&text).map(|at| at.timestamp_millis()),
+                Some(ms)
+            );
+            ms += 987_654_321_987;
+        }
+    }
 
     #[test]
     fn created_has_milliseconds_and_z() {

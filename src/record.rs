@@ -38,25 +38,11 @@ impl Normalized {
 /// What [`Normalized::created_text`] keeps of `text`, which parsed to `created_ms`: nothing
 /// when dweet.io's own format of that instant is the same text.
 pub fn created_text_to_keep(text: &str, created_ms: i64) -> Option<Box<str>> {
-    if is_canonical_created(text) {
+    if crate::protocol::is_canonical_created(text) {
         return None;
     }
     let canonical = crate::protocol::format_created(ms_to_datetime(created_ms));
     (canonical != text).then(|| text.into())
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` with digits where digits go and a second below 60: the shape
-/// `format_created` writes, so a text of it that parsed is its own canonical form. Checked
-/// without formatting because nearly every dweet has it.
-fn is_canonical_created(text: &str) -> bool {
-    const SHAPE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
-    let bytes = text.as_bytes();
-    bytes.len() == SHAPE.len()
-        && bytes.iter().zip(SHAPE).all(|(byte, shape)| match shape {
-            b'0' => byte.is_ascii_digit(),
-            _ => byte == shape,
-        })
-        && bytes[17] < b'6'
 }
 
 /// One numeric leaf; its time and thing are the dweet's. The sensor name is shared: a board

@@ -21,6 +21,11 @@ use dweetpipe::worker;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The worker runs in this process: the allocator the `dweetpipe` binary ships with, so its
+/// CPU and memory are what `dweetpipe run` spends.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Many things subscribed from one worker: RSS and CPU idle and under load.
@@ -328,6 +333,44 @@ impl SimulatorCount {
     }
 }
 
+/// The worker's histogram of a dweet's `created` (the sandbox's clock, as it accepted it) to
+/// its arrival: the fan-in's end-to-end latency.
+const INGEST_DELAY: &str = "dweetpipe_ingest_delay_seconds";
+
+/// The `q` quantile of what a histogram counted between two readings of its cumulative
+/// buckets, interpolated within its bucket as Prometheus' `histogram_quantile` does.
+fn quantile(from: &[(f64, u64)], to: &[(f64, u64)], q: f64) -> Option<f64> {
+    let counts: Vec<(f64, u64)> = to
+        .iter()
+        .zip(
+            from.iter()
+                .map(|(_, count)| *count)
+                .chain(std::iter::repeat(0)),
+        )
+        .map(|((upper, later), earlier)| (*upper, later.saturating_sub(earlier)))
+        .collect();
+    let total = counts.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower, mut below) = (0.0, 0u64);
+    for (upper, cumulative) in counts {
+        if cumulative as f64 >= rank {
+            let within = (cumulative - below) as f64;
+            let share = if within > 0.0 {
+                (rank - below as f64) / within
+            } else {
+                1.0
+            };
+            return Some(lower + (upper - lower) * share);
+        }
+        (lower, below) = (upper, cumulative);
+    }
+    // Beyond the last finite bucket: its bound is all that is known.
+    Some(lower)
+}
+
 /// Dweets per second between two progress readings.
 fn sent_rate(from: Option<(Instant, u64)>, to: Option<(Instant, u64)>) -> Option<f64> {
     let ((from_at, from_sent), (to_at, to_sent)) = (from?, to?);
@@ -389,6 +432,7 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
         simulated.latest(),
     );
     let received_from = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let delays_from = metrics.buckets(INGEST_DELAY);
     let backfilled_from =
         metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]);
     let ended_from = metrics.value("dweetpipe_stream_disconnects_total", &[]);
@@ -400,6 +444,7 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
         simulated.latest(),
     );
     let received_to = metrics.value("dweetpipe_dweets_received_total", &[]);
+    let delays_to = metrics.buckets(INGEST_DELAY);
     let backfilled_to = metrics.value("dweetpipe_dweets_received_total", &[("source", "backfill")]);
     let ended_to = metrics.value("dweetpipe_stream_disconnects_total", &[]);
     let _ = simulator.kill().await;
@@ -456,6 +501,14 @@ async fn fanin(args: FaninArgs) -> anyhow::Result<()> {
         (received_to - received_from) / load_to.at.duration_since(load_from.at).as_secs_f64(),
         backfilled_to - backfilled_from,
         ended_to - ended_from
+    );
+    let delay = |q: f64| {
+        quantile(&delays_from, &delays_to, q).map_or("?".to_owned(), |s| format!("{:.1}", s * 1e3))
+    };
+    println!(
+        "  end to end (accepted by the sandbox → received by the worker, its ingest-delay histogram): p50 {} ms, p99 {} ms",
+        delay(0.5),
+        delay(0.99)
     );
     match dweepy {
         None => {}

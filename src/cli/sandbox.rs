@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use dweetpipe::client::{Client, Key};
 use dweetpipe::sandbox::notify::{LogNotifier, Notify, OutboxNotifier, SmtpNotifier};
-use dweetpipe::sandbox::simulator::{FleetConfig, FleetStats, run_fleet};
+use dweetpipe::sandbox::simulator::{DEFAULT_CONNECTIONS, FleetConfig, FleetStats, run_fleet};
 use dweetpipe::sandbox::{EvaluationLimits, Limits, SandboxConfig};
 use dweetpipe::settings::Secret;
 
@@ -243,6 +243,11 @@ pub struct SimulateArgs {
     /// Seed for the boards' values; the same seed sends the same values.
     #[arg(long, default_value_t = 0x5D9)]
     seed: u64,
+    /// At most N dweets in flight: N keep-alive connections carry the whole fleet, which is
+    /// what lets one machine simulate 10,000 boards. Real boards hold a connection each; set
+    /// N to --things to load a server that way.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNECTIONS, value_parser = super::numbers::whole(1, 100_000))]
+    connections: usize,
     #[command(flatten)]
     key: KeyArgs,
 }
@@ -257,6 +262,7 @@ pub async fn simulate(client: Client, args: SimulateArgs) -> anyhow::Result<()> 
         key: args.key.optional()?,
         odd_every: args.odd_every,
         seed: args.seed,
+        connections: args.connections,
     };
     let stats = Arc::new(FleetStats::default());
     let fleet = run_fleet(client, config, Arc::clone(&stats));

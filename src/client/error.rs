@@ -42,6 +42,10 @@ pub enum Error {
         context: &'static str,
         detail: String,
     },
+    /// The content to send does not serialise to JSON (a map with keys that are not text,
+    /// a `Serialize` implementation that failed).
+    #[error("the content cannot be sent as JSON: {0}")]
+    Encode(serde_json::Error),
     /// The base URL or a client option is unusable.
     #[error("invalid client configuration: {0}")]
     Config(String),

@@ -24,8 +24,8 @@ mod types;
 use std::time::Duration;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -205,20 +205,21 @@ impl Client {
     }
 
     /// Dweets `content` to a thing whose name the server makes up; the answer carries it.
-    pub async fn dweet(&self, content: &Value) -> Result<Dweet> {
+    pub async fn dweet(&self, content: &(impl Serialize + ?Sized)) -> Result<Dweet> {
         let url = self.url("/dweet", &[], None);
-        self.call(self.post_json(url, content), "dweet").await
+        self.call(self.post_json(url, content)?, "dweet").await
     }
 
-    /// Dweets `content` (normally a JSON object) to `thing`.
+    /// Dweets `content` (normally a JSON object: a [`Value`] or anything that serialises to
+    /// one) to `thing`.
     pub async fn dweet_for(
         &self,
         thing: &str,
-        content: &Value,
+        content: &(impl Serialize + ?Sized),
         key: Option<&Key>,
     ) -> Result<Dweet> {
         let url = self.url("/dweet/for/", &[thing], key);
-        self.call(self.post_json(url, content), "dweet_for").await
+        self.call(self.post_json(url, content)?, "dweet_for").await
     }
 
     /// Like [`Client::dweet_for`] but the server answers `204 No Content`: less to send back
@@ -226,11 +227,11 @@ impl Client {
     pub async fn dweet_quietly_for(
         &self,
         thing: &str,
-        content: &Value,
+        content: &(impl Serialize + ?Sized),
         key: Option<&Key>,
     ) -> Result<()> {
         let url = self.url("/dweet/quietly/for/", &[thing], key);
-        let request = self.post_json(url, content);
+        let request = self.post_json(url, content)?;
         let (status, body) = self.send(request).await?;
         if status == reqwest::StatusCode::NO_CONTENT {
             return Ok(());
@@ -426,11 +427,17 @@ impl Client {
         self.call(self.http.get(url), "remove_alert").await
     }
 
-    fn post_json(&self, url: String, content: &Value) -> reqwest::RequestBuilder {
-        self.http
+    fn post_json(
+        &self,
+        url: String,
+        content: &(impl Serialize + ?Sized),
+    ) -> Result<reqwest::RequestBuilder> {
+        let body = serde_json::to_string(content).map_err(Error::Encode)?;
+        Ok(self
+            .http
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(content.to_string())
+            .body(body))
     }
 
     fn url(&self, path: &str, segments: &[&str], key: Option<&Key>) -> String {

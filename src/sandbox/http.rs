@@ -417,10 +417,14 @@ impl App {
         if let Some(evaluation) = written.evaluation {
             self.evaluate_alert(thing, evaluation).await;
         }
-        let dweet = written.dweet;
         if quietly {
             return Ok(Reply::NoContent);
         }
+        // Only the answer carries a transaction id, so only an answer pays for one.
+        let dweet = crate::client::Dweet {
+            transaction: Some(uuid::Uuid::new_v4().to_string()),
+            ..written.dweet
+        };
         Ok(Reply::Json(encode(&Success::new(
             "dweeting", "dweet", &dweet,
         ))))

@@ -415,7 +415,13 @@ impl Store {
         };
         let now = Instant::now();
         let mut shard = self.shard(thing);
-        let entry = shard.entry(thing.to_owned()).or_default();
+        // The name is copied only for a thing not seen before.
+        if !shard.contains_key(thing) {
+            shard.insert(thing.to_owned(), Thing::default());
+        }
+        let entry = shard
+            .get_mut(thing)
+            .ok_or_else(|| Refusal::new(500, "the thing vanished while being written"))?;
         self.take_token(entry, now)?;
         if entry.expired(now, self.limits.retention) {
             entry.history.clear();
@@ -430,7 +436,7 @@ impl Store {
             }
         }
         let created_at = truncate_to_millis(created_at);
-        let mut dweet = Dweet {
+        let dweet = Dweet {
             thing: thing.to_owned(),
             created: Created::from_datetime(created_at),
             content: Value::Object(content),
@@ -459,7 +465,6 @@ impl Store {
         });
         entry.last_dweet_at = Some(now);
         entry.last_created = Some(created_at);
-        dweet.transaction = Some(uuid::Uuid::new_v4().to_string());
         let change = Change::Dweet {
             thing: thing.to_owned(),
             created_ms: created_at.timestamp_millis(),
@@ -636,7 +641,13 @@ impl Store {
         self.lock_table().check_access(thing, key)?;
         let now = Instant::now();
         let mut shard = self.shard(thing);
-        let entry = shard.entry(thing.to_owned()).or_default();
+        // The name is copied only for a thing not seen before.
+        if !shard.contains_key(thing) {
+            shard.insert(thing.to_owned(), Thing::default());
+        }
+        let entry = shard
+            .get_mut(thing)
+            .ok_or_else(|| Refusal::new(500, "the thing vanished while being written"))?;
         self.take_token(entry, now)?;
         let sender = entry
             .listeners

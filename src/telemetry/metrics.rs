@@ -599,6 +599,27 @@ impl Metrics {
             .sum::<f64>()
             + 0.0
     }
+
+    /// A histogram's buckets as `(upper bound, cumulative count)`, summed over its series
+    /// (empty when `name` is no histogram): two readings give the distribution between them.
+    pub fn buckets(&self, name: &str) -> Vec<(f64, u64)> {
+        let mut buckets: Vec<(f64, u64)> = Vec::new();
+        let families = self.registry.gather();
+        let histograms = families
+            .iter()
+            .filter(|family| family.name() == name)
+            .filter(|family| family.get_field_type() == prometheus::proto::MetricType::HISTOGRAM)
+            .flat_map(|family| family.get_metric());
+        for metric in histograms {
+            for (at, bucket) in metric.get_histogram().get_bucket().iter().enumerate() {
+                match buckets.get_mut(at) {
+                    Some((_, count)) => *count += bucket.cumulative_count(),
+                    None => buckets.push((bucket.upper_bound(), bucket.cumulative_count())),
+                }
+            }
+        }
+        buckets
+    }
 }
 
 #[cfg(test)]
@@ -617,6 +638,30 @@ mod tests {
             .filter_map(|pair| pair[1].strip_prefix('"')?.split('"').next())
             .map(|name| format!("dweetpipe_{name}"))
             .collect()
+    }
+
+    #[test]
+    fn a_histograms_buckets_are_read_back_cumulative_and_nothing_else_has_any() {
+        let metrics = Metrics::new().unwrap();
+        for delay in [0.001, 0.02, 0.02, 7.0] {
+            metrics.ingest_delay.observe(delay);
+        }
+        let buckets = metrics.buckets("dweetpipe_ingest_delay_seconds");
+        let count_at = |bound: f64| {
+            buckets
+                .iter()
+                .find(|(upper, _)| *upper == bound)
+                .map(|b| b.1)
+        };
+        assert_eq!(count_at(0.005), Some(1));
+        assert_eq!(count_at(0.025), Some(3));
+        assert_eq!(count_at(5.0), Some(3));
+        assert_eq!(count_at(10.0), Some(4));
+        assert!(
+            metrics
+                .buckets("dweetpipe_dweets_received_total")
+                .is_empty()
+        );
     }
 
     #[test]
