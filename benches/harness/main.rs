@@ -60,6 +60,9 @@ pub struct CatchupArgs {
     /// The sandbox's rate limit (requests per second per thing); off when not given.
     #[arg(long, value_name = "PER_SECOND")]
     rate_limit: Option<f64>,
+    /// `[postgres] max_rows`: records per transaction (the default when not given).
+    #[arg(long, value_name = "ROWS")]
+    max_rows: Option<usize>,
     /// A server to create a scratch database on.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     database_url: String,
@@ -1201,8 +1204,12 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
             ..ParquetConfig::new(data.join("parquet"))
         },
     );
+    let defaults = dweetpipe::sink::postgres::PostgresConfig::new(
+        dweetpipe::sink::postgres::DatabaseUrl::new(scratch.url.clone()),
+    );
     config.postgres = Some(dweetpipe::sink::postgres::PostgresConfig {
         spool_dir: data.join("spool"),
+        max_rows: args.max_rows.unwrap_or(defaults.max_rows),
         ..dweetpipe::sink::postgres::PostgresConfig::new(
             dweetpipe::sink::postgres::DatabaseUrl::new(scratch.url.clone()),
         )
@@ -1219,6 +1226,8 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
     };
     let (mut postgres_at, mut live_at) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(600);
+    // Where the time goes: every half second, what each stage has done so far.
+    let mut timeline: Vec<CatchupSample> = Vec::new();
     // Parquet seals every 5 minutes by default: its catch-up is "received", sealed at the
     // next rotation; PostgreSQL's is committed rows.
     while postgres_at.is_none() || live_at.is_none() {
@@ -1235,6 +1244,24 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
         if live_at.is_none() && streams_up(&metrics) == args.things {
             live_at = Some(started.elapsed());
         }
+        let at = started.elapsed();
+        if timeline
+            .last()
+            .is_none_or(|last| at >= last.at + Duration::from_millis(500))
+        {
+            timeline.push(CatchupSample {
+                at,
+                streams_up: streams_up(&metrics),
+                by_stream: metrics
+                    .value("dweetpipe_dweets_received_total", &[("source", "stream")]),
+                by_backfill: metrics
+                    .value("dweetpipe_dweets_received_total", &[("source", "backfill")]),
+                postgres: written("postgres"),
+                parquet_held: metrics.value("dweetpipe_sink_buffer_rows", &[("sink", "parquet")]),
+                postgres_waiting: metrics
+                    .value("dweetpipe_sink_buffer_rows", &[("sink", "postgres")]),
+            });
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let received = metrics.value("dweetpipe_dweets_received_total", &[]);
@@ -1245,6 +1272,7 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
     worker.shutdown(Duration::from_secs(60)).await?;
     let parquet_rows = written("parquet");
     let _ = sandbox.kill().await;
+    let ceiling = two_session_ceiling(&scratch.url, &data).await;
     scratch.drop().await;
     let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_dir_all(&state);
@@ -1278,5 +1306,96 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
         "  refused or failed connects   {refused:>8.0}   ({:.1} connection attempts per thing in all)",
         attempts / args.things as f64
     );
+    match ceiling {
+        Ok(ceiling) => println!(
+            "  the same rows by two psql \\copy at once, split by thing, into tables of the same shape: {:.1} s; the catch-up took {:.2}x that",
+            ceiling.as_secs_f64(),
+            postgres_at.unwrap_or_default().as_secs_f64() / ceiling.as_secs_f64().max(0.001)
+        ),
+        Err(why) => println!("  two-session ceiling: skipped ({why:#})"),
+    }
+    println!(
+        "  timeline (s: streams up, received by stream + by backfill, in PostgreSQL, held by the Parquet and PostgreSQL sinks):"
+    );
+    for sample in timeline.iter().step_by(2) {
+        println!(
+            "    {:>5.1}  {:>5} up  {:>7.0} + {:>7.0} received  {:>7.0} in PostgreSQL  {:>7.0} / {:>7.0} held",
+            sample.at.as_secs_f64(),
+            sample.streams_up,
+            sample.by_stream,
+            sample.by_backfill,
+            sample.postgres,
+            sample.parquet_held,
+            sample.postgres_waiting
+        );
+    }
     Ok(())
+}
+
+/// One reading of a catch-up's progress.
+struct CatchupSample {
+    at: Duration,
+    streams_up: usize,
+    by_stream: f64,
+    by_backfill: f64,
+    postgres: f64,
+    parquet_held: f64,
+    postgres_waiting: f64,
+}
+
+/// The reference for a catch-up: the rows it stored, exported, emptied out and loaded again
+/// by two `psql \copy` sessions at once (the things split between them) into the same
+/// tables: PostgreSQL's own ceiling for those rows on this machine, in the same run.
+async fn two_session_ceiling(url: &str, work: &std::path::Path) -> anyhow::Result<Duration> {
+    let psql = |commands: &[String]| {
+        let mut command = tokio::process::Command::new("psql");
+        command.arg(url).args(["-v", "ON_ERROR_STOP=1", "-q"]);
+        for sql in commands {
+            command.arg("-c").arg(sql);
+        }
+        command
+    };
+    let file = |table: &str, half: u8| work.join(format!("{table}.{half}"));
+    let half_of = |half: u8| format!("abs(hashtext(thing)) % 2 = {half}");
+    for half in 0..2 {
+        let status = psql(&[
+            format!(
+                "\\copy (SELECT thing, created, received_at, content FROM dweets WHERE {}) TO '{}'",
+                half_of(half),
+                file("dweets", half).display()
+            ),
+            format!(
+                "\\copy (SELECT time, thing, sensor, value FROM readings WHERE {}) TO '{}'",
+                half_of(half),
+                file("readings", half).display()
+            ),
+        ])
+        .status()
+        .await
+        .context("running psql (apt-get install postgresql-client)")?;
+        if !status.success() {
+            bail!("psql could not export the stored rows");
+        }
+    }
+    truncate(url).await?;
+    let load = |half: u8| {
+        psql(&[
+            format!(
+                "\\copy dweets (thing, created, received_at, content) FROM '{}'",
+                file("dweets", half).display()
+            ),
+            format!(
+                "\\copy readings (time, thing, sensor, value) FROM '{}'",
+                file("readings", half).display()
+            ),
+        ])
+        .status()
+    };
+    let started = Instant::now();
+    let (first, second) = tokio::join!(load(0), load(1));
+    let elapsed = started.elapsed();
+    if !(first?.success() && second?.success()) {
+        bail!("the two psql \\copy sessions failed");
+    }
+    Ok(elapsed)
 }
