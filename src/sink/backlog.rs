@@ -68,6 +68,54 @@ struct Queued {
     shadowed: bool,
 }
 
+/// The memory batches a sink holds, oldest first, each with whether a spool segment also
+/// holds it (shadowed), and the records of those that only memory holds. A live sink takes
+/// thousands of one-dweet batches at a time and finishes them in order: both the finish and
+/// the count stay O(1) there.
+#[derive(Default)]
+struct InFlight {
+    batches: VecDeque<(u64, Batch, bool)>,
+    unshadowed_records: usize,
+}
+
+impl InFlight {
+    fn push(&mut self, seq: u64, batch: Batch, shadowed: bool) {
+        if !shadowed {
+            self.unshadowed_records += batch.len();
+        }
+        self.batches.push_back((seq, batch, shadowed));
+    }
+
+    /// Takes batch `seq` out; returns whether it was shadowed.
+    fn remove(&mut self, seq: u64) -> Option<bool> {
+        let at = match self.batches.front() {
+            Some((first, _, _)) if *first == seq => 0,
+            _ => self.batches.iter().position(|(held, _, _)| *held == seq)?,
+        };
+        let (_, batch, shadowed) = self.batches.remove(at)?;
+        if !shadowed {
+            self.unshadowed_records -= batch.len();
+        }
+        Some(shadowed)
+    }
+
+    /// Marks every batch held as also on disk.
+    fn shadow_all(&mut self) {
+        for entry in self.batches.iter_mut() {
+            entry.2 = true;
+        }
+        self.unshadowed_records = 0;
+    }
+
+    /// The batches only memory holds.
+    fn unshadowed(&self) -> impl Iterator<Item = &Batch> {
+        self.batches
+            .iter()
+            .filter(|(_, _, shadowed)| !shadowed)
+            .map(|(_, batch, _)| batch)
+    }
+}
+
 #[derive(Default)]
 struct State {
     memory: VecDeque<Queued>,
@@ -75,8 +123,8 @@ struct State {
     /// Oldest first; the last one may still be open for appends.
     segments: VecDeque<Segment>,
     appending: Option<File>,
-    /// Memory batches the sink holds (taken, not yet done or given back): seq → shadowed.
-    in_flight: Vec<(u64, Batch, bool)>,
+    /// Memory batches the sink holds (taken, not yet done or given back).
+    in_flight: InFlight,
     spool_bytes: u64,
     next_segment: u64,
     next_seq: u64,
@@ -225,14 +273,10 @@ impl Backlog {
     /// durable) and bytes on disk.
     fn publish(&self, state: &State) {
         self.metrics.set_spool_bytes(self.sink, state.spool_bytes);
-        let held: usize = state
-            .in_flight
-            .iter()
-            .filter(|(_, _, shadowed)| !shadowed)
-            .map(|(_, batch, _)| batch.len())
-            .sum();
-        self.metrics
-            .set_sink_buffer(self.sink, state.memory_records + held);
+        self.metrics.set_sink_buffer(
+            self.sink,
+            state.memory_records + state.in_flight.unshadowed_records,
+        );
     }
 
     /// Bytes on disk in the spool now.
@@ -302,12 +346,7 @@ impl Backlog {
     /// Moves to disk what only memory holds: the batches the sink holds (as copies, skipped in
     /// this run) and the queued ones, oldest first, in one new segment at the end.
     fn persist_memory(&self, state: &mut State) -> Result<(), String> {
-        let held: Vec<Batch> = state
-            .in_flight
-            .iter()
-            .filter(|(_, _, shadowed)| !shadowed)
-            .map(|(_, batch, _)| Arc::clone(batch))
-            .collect();
+        let held: Vec<Batch> = state.in_flight.unshadowed().map(Arc::clone).collect();
         let queued_unshadowed = state.memory.iter().any(|q| !q.shadowed);
         if held.is_empty() && !queued_unshadowed {
             return Ok(());
@@ -335,9 +374,7 @@ impl Backlog {
         file.write_all(&text)
             .and_then(|()| file.sync_data())
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        for entry in state.in_flight.iter_mut() {
-            entry.2 = true;
-        }
+        state.in_flight.shadow_all();
         let kept: VecDeque<Queued> = state.memory.drain(..).filter(|q| q.shadowed).collect();
         state.memory_records = kept.iter().map(|q| q.records.len()).sum();
         state.memory = kept;
@@ -507,7 +544,7 @@ impl Backlog {
                 let records = self.past_a_hole_dropped(&state, queued.records);
                 state
                     .in_flight
-                    .push((queued.seq, Arc::clone(&records), queued.shadowed));
+                    .push(queued.seq, Arc::clone(&records), queued.shadowed);
                 self.publish(&state);
                 return Some(Taken {
                     records,
@@ -638,7 +675,9 @@ impl Backlog {
             }
         }
         match taken.origin {
-            Origin::Memory { seq } => state.in_flight.retain(|(held, _, _)| *held != seq),
+            Origin::Memory { seq } => {
+                state.in_flight.remove(seq);
+            }
             Origin::Segment(segment) => {
                 let _ = fs::remove_file(&segment.path);
                 state.spool_bytes = state.spool_bytes.saturating_sub(segment.bytes);
@@ -653,12 +692,7 @@ impl Backlog {
         for batch in taken.into_iter().rev() {
             match batch.origin {
                 Origin::Memory { seq } => {
-                    let shadowed = state
-                        .in_flight
-                        .iter()
-                        .find(|(held, _, _)| *held == seq)
-                        .is_some_and(|(_, _, shadowed)| *shadowed);
-                    state.in_flight.retain(|(held, _, _)| *held != seq);
+                    let shadowed = state.in_flight.remove(seq).unwrap_or(false);
                     state.memory_records += batch.records.len();
                     state.memory.push_front(Queued {
                         seq,
