@@ -27,6 +27,10 @@ pub struct Written {
     pub parquet_skipped: usize,
     /// Closed readings partitions re-keyed by board (the import filled them by time).
     pub partitions_arranged: Vec<String>,
+    /// How long bringing PostgreSQL's rollups up to date took, after the last batch.
+    pub rollups_took: std::time::Duration,
+    /// How long re-keying the closed partitions took, after that.
+    pub arranging_took: std::time::Duration,
 }
 
 /// Writes `records` (from [`Imported::into_records`]) to the sinks, batch by batch, then
@@ -51,8 +55,12 @@ pub async fn write_to_sinks(
         progress(done);
     }
     if let Some(sink) = postgres {
+        let started = std::time::Instant::now();
         sink.history().refresh_rollups().await?;
+        written.rollups_took = started.elapsed();
+        let started = std::time::Instant::now();
         written.partitions_arranged = sink.history().arrange(crate::record::now_ms()).await?;
+        written.arranging_took = started.elapsed();
     }
     if let Some(sink) = parquet {
         sink.close()?;

@@ -139,10 +139,12 @@ fn summarise(
     }
     if let Some(sink) = postgres {
         println!(
-            "  PostgreSQL: {}; those already stored skipped; {} older than [postgres] retention skipped; {} closed partition(s) re-keyed by board for reading",
+            "  PostgreSQL: {}; those already stored skipped; {} older than [postgres] retention skipped; rollups brought up to date in {:.1} s; {} closed partition(s) re-keyed by board for reading in {:.1} s",
             stored("postgres"),
             sink.past_retention(),
-            written.partitions_arranged.len()
+            written.rollups_took.as_secs_f64(),
+            written.partitions_arranged.len(),
+            written.arranging_took.as_secs_f64()
         );
     }
 }
