@@ -17,6 +17,11 @@ use dweetpipe::sandbox::simulator::S5d9Board;
 use dweetpipe::sink::parquet::{ParquetConfig, ParquetSink};
 use dweetpipe::telemetry::Metrics;
 
+/// The allocator the `dweetpipe` binary ships with, so the instructions counted are the
+/// worker's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DWEETS: usize = 20_000;
 
 fn stream_bytes() -> Vec<u8> {
