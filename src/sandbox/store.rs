@@ -415,67 +415,63 @@ impl Store {
         };
         let now = Instant::now();
         let mut shard = self.shard(thing);
-        // The name is copied only for a thing not seen before.
-        if !shard.contains_key(thing) {
-            shard.insert(thing.to_owned(), Thing::default());
-        }
-        let entry = shard
-            .get_mut(thing)
-            .ok_or_else(|| Refusal::new(500, "the thing vanished while being written"))?;
-        self.take_token(entry, now)?;
-        if entry.expired(now, self.limits.retention) {
-            entry.history.clear();
-        }
-        // Strictly increasing per thing: (thing, created) identifies a dweet downstream, so two
-        // dweets in one millisecond must not share it.
-        let mut created_at = Utc::now();
-        if let Some(last) = entry.last_created {
-            let next = last + chrono::Duration::milliseconds(1);
-            if created_at < next {
-                created_at = next;
+        with_thing(&mut shard, thing, |entry| {
+            self.take_token(entry, now)?;
+            if entry.expired(now, self.limits.retention) {
+                entry.history.clear();
             }
-        }
-        let created_at = truncate_to_millis(created_at);
-        let dweet = Dweet {
-            thing: thing.to_owned(),
-            created: Created::from_datetime(created_at),
-            content: Value::Object(content),
-            transaction: None,
-        };
-        let json: Arc<str> = serde_json::to_string(&dweet)
-            .map_err(|e| Refusal::new(500, format!("could not encode the dweet: {e}")))?
-            .into();
-        let evaluation = match &entry.alert {
-            Some(alert) if !alert.suspended => Some(PendingEvaluation {
-                condition: Arc::clone(&alert.condition),
-                content_json: serde_json::to_string(&dweet.content)
-                    .map_err(|e| Refusal::new(500, format!("could not encode the dweet: {e}")))?,
-                generation: alert.generation,
-                created_at,
-                created: dweet.created.clone(),
-            }),
-            _ => None,
-        };
-        // The oldest kept dweet's time, less a millisecond: everything up to it goes once this
-        // one is kept.
-        let evicted_through = (entry.history.len() >= self.limits.max_history).then(|| {
-            let evicted = entry.history.len() + 1 - self.limits.max_history;
-            let oldest_kept = entry.history.get(evicted);
-            oldest_kept.map_or(created_at.timestamp_millis(), |kept| kept.created_ms) - 1
-        });
-        entry.last_dweet_at = Some(now);
-        entry.last_created = Some(created_at);
-        let change = Change::Dweet {
-            thing: thing.to_owned(),
-            created_ms: created_at.timestamp_millis(),
-            json,
-            evicted_through,
-            stored: locked,
-        };
-        Ok(Written {
-            dweet,
-            evaluation,
-            change,
+            // Strictly increasing per thing: (thing, created) identifies a dweet downstream, so two
+            // dweets in one millisecond must not share it.
+            let mut created_at = Utc::now();
+            if let Some(last) = entry.last_created {
+                let next = last + chrono::Duration::milliseconds(1);
+                if created_at < next {
+                    created_at = next;
+                }
+            }
+            let created_at = truncate_to_millis(created_at);
+            let dweet = Dweet {
+                thing: thing.to_owned(),
+                created: Created::from_datetime(created_at),
+                content: Value::Object(content),
+                transaction: None,
+            };
+            let json: Arc<str> = serde_json::to_string(&dweet)
+                .map_err(|e| Refusal::new(500, format!("could not encode the dweet: {e}")))?
+                .into();
+            let evaluation = match &entry.alert {
+                Some(alert) if !alert.suspended => Some(PendingEvaluation {
+                    condition: Arc::clone(&alert.condition),
+                    content_json: serde_json::to_string(&dweet.content).map_err(|e| {
+                        Refusal::new(500, format!("could not encode the dweet: {e}"))
+                    })?,
+                    generation: alert.generation,
+                    created_at,
+                    created: dweet.created.clone(),
+                }),
+                _ => None,
+            };
+            // The oldest kept dweet's time, less a millisecond: everything up to it goes once this
+            // one is kept.
+            let evicted_through = (entry.history.len() >= self.limits.max_history).then(|| {
+                let evicted = entry.history.len() + 1 - self.limits.max_history;
+                let oldest_kept = entry.history.get(evicted);
+                oldest_kept.map_or(created_at.timestamp_millis(), |kept| kept.created_ms) - 1
+            });
+            entry.last_dweet_at = Some(now);
+            entry.last_created = Some(created_at);
+            let change = Change::Dweet {
+                thing: thing.to_owned(),
+                created_ms: created_at.timestamp_millis(),
+                json,
+                evicted_through,
+                stored: locked,
+            };
+            Ok(Written {
+                dweet,
+                evaluation,
+                change,
+            })
         })
     }
 
@@ -641,13 +637,7 @@ impl Store {
         self.lock_table().check_access(thing, key)?;
         let now = Instant::now();
         let mut shard = self.shard(thing);
-        // The name is copied only for a thing not seen before.
-        if !shard.contains_key(thing) {
-            shard.insert(thing.to_owned(), Thing::default());
-        }
-        let entry = shard
-            .get_mut(thing)
-            .ok_or_else(|| Refusal::new(500, "the thing vanished while being written"))?;
+        let entry = shard.entry(thing.to_owned()).or_default();
         self.take_token(entry, now)?;
         let sender = entry
             .listeners
