@@ -589,6 +589,19 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn content_that_is_not_json_is_refused_before_anything_is_sent() {
+        // Nothing listens on port 9 here: an attempt to send would be a transport error.
+        let client = Client::new("http://127.0.0.1:9").unwrap();
+        let pairs: std::collections::BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        let refused = client.dweet_quietly_for("t", &pairs, None).await;
+        assert!(matches!(refused, Err(Error::Encode(_))), "{refused:?}");
+        assert!(matches!(
+            client.dweet_for("t", &pairs, None).await,
+            Err(Error::Encode(_))
+        ));
+    }
+
     #[test]
     fn urls_encode_segments_and_put_the_key_last() {
         let client = Client::new("http://h:1/p").unwrap();

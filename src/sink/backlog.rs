@@ -783,6 +783,27 @@ mod tests {
         )
     }
 
+    #[test]
+    fn held_batches_finish_in_any_order_and_only_unshadowed_ones_count() {
+        let mut held = InFlight::default();
+        held.push(1, batch("a", 0, 3), false);
+        held.push(2, batch("b", 0, 5), true);
+        held.push(3, batch("c", 0, 7), false);
+        assert_eq!(held.unshadowed_records, 10);
+        assert_eq!(held.remove(3), Some(false), "out of order");
+        assert_eq!(held.unshadowed_records, 3);
+        assert_eq!(held.remove(3), None, "once only");
+        assert_eq!(held.remove(2), Some(true));
+        assert_eq!(held.unshadowed_records, 3, "a shadowed batch never counted");
+        held.push(4, batch("d", 0, 2), false);
+        held.shadow_all();
+        assert_eq!(held.unshadowed_records, 0);
+        assert_eq!(held.unshadowed().count(), 0);
+        assert_eq!(held.remove(1), Some(true));
+        assert_eq!(held.remove(4), Some(true));
+        assert!(held.batches.is_empty());
+    }
+
     fn open(dir: &Path, memory: usize, spool: u64, metrics: &Arc<Metrics>) -> Backlog {
         let health = Arc::new(Health::new(Duration::ZERO, Duration::from_secs(30)));
         Backlog::open(
