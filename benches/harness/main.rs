@@ -772,22 +772,8 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
             std::io::Write::flush(&mut output)?;
         }
     }
-    let psql_copy = |dweets: &str, readings: &str| {
-        let mut command = tokio::process::Command::new("psql");
-        command
-            .arg(&scratch.url)
-            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
-            .arg(format!(
-                "\\copy dweets (thing, created, received_at, content) FROM '{}'",
-                files(dweets).display()
-            ))
-            .args(["-c"])
-            .arg(format!(
-                "\\copy readings (time, thing, sensor, value) FROM '{}'",
-                files(readings).display()
-            ));
-        command
-    };
+    let psql_copy =
+        |dweets: &str, readings: &str| psql_copy_in(&scratch.url, &files(dweets), &files(readings));
     truncate(&scratch.url).await?;
     let started = Instant::now();
     let status = psql_copy("dweets.copy", "readings.copy")
@@ -1214,16 +1200,14 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
             ..ParquetConfig::new(data.join("parquet"))
         },
     );
-    let defaults = dweetpipe::sink::postgres::PostgresConfig::new(
+    let mut postgres = dweetpipe::sink::postgres::PostgresConfig::new(
         dweetpipe::sink::postgres::DatabaseUrl::new(scratch.url.clone()),
     );
-    config.postgres = Some(dweetpipe::sink::postgres::PostgresConfig {
-        spool_dir: data.join("spool"),
-        max_rows: args.max_rows.unwrap_or(defaults.max_rows),
-        ..dweetpipe::sink::postgres::PostgresConfig::new(
-            dweetpipe::sink::postgres::DatabaseUrl::new(scratch.url.clone()),
-        )
-    });
+    postgres.spool_dir = data.join("spool");
+    if let Some(rows) = args.max_rows {
+        postgres.max_rows = rows;
+    }
+    config.postgres = Some(postgres);
     let before = usage()?;
     let started = Instant::now();
     let worker = worker::start(config).await?;
@@ -1357,29 +1341,24 @@ struct CatchupSample {
 /// by two `psql \copy` sessions at once (the things split between them) into the same
 /// tables: PostgreSQL's own ceiling for those rows on this machine, in the same run.
 async fn two_session_ceiling(url: &str, work: &std::path::Path) -> anyhow::Result<Duration> {
-    let psql = |commands: &[String]| {
-        let mut command = tokio::process::Command::new("psql");
-        command.arg(url).args(["-v", "ON_ERROR_STOP=1", "-q"]);
-        for sql in commands {
-            command.arg("-c").arg(sql);
-        }
-        command
-    };
     let file = |table: &str, half: u8| work.join(format!("{table}.{half}"));
     let half_of = |half: u8| format!("abs(hashtext(thing)) % 2 = {half}");
     for half in 0..2 {
-        let status = psql(&[
-            format!(
-                "\\copy (SELECT thing, created, received_at, content FROM dweets WHERE {}) TO '{}'",
-                half_of(half),
-                file("dweets", half).display()
-            ),
-            format!(
-                "\\copy (SELECT time, thing, sensor, value FROM readings WHERE {}) TO '{}'",
-                half_of(half),
-                file("readings", half).display()
-            ),
-        ])
+        let status = psql(
+            url,
+            &[
+                format!(
+                    "\\copy (SELECT {DWEETS_COLUMNS} FROM dweets WHERE {}) TO '{}'",
+                    half_of(half),
+                    file("dweets", half).display()
+                ),
+                format!(
+                    "\\copy (SELECT {READINGS_COLUMNS} FROM readings WHERE {}) TO '{}'",
+                    half_of(half),
+                    file("readings", half).display()
+                ),
+            ],
+        )
         .status()
         .await
         .context("running psql (apt-get install postgresql-client)")?;
@@ -1388,19 +1367,8 @@ async fn two_session_ceiling(url: &str, work: &std::path::Path) -> anyhow::Resul
         }
     }
     truncate(url).await?;
-    let load = |half: u8| {
-        psql(&[
-            format!(
-                "\\copy dweets (thing, created, received_at, content) FROM '{}'",
-                file("dweets", half).display()
-            ),
-            format!(
-                "\\copy readings (time, thing, sensor, value) FROM '{}'",
-                file("readings", half).display()
-            ),
-        ])
-        .status()
-    };
+    let load =
+        |half: u8| psql_copy_in(url, &file("dweets", half), &file("readings", half)).status();
     let started = Instant::now();
     let (first, second) = tokio::join!(load(0), load(1));
     let elapsed = started.elapsed();
@@ -1408,4 +1376,35 @@ async fn two_session_ceiling(url: &str, work: &std::path::Path) -> anyhow::Resul
         bail!("the two psql \\copy sessions failed");
     }
     Ok(elapsed)
+}
+
+/// The columns `psql \\copy` moves, in the order `copy_text` writes them.
+const DWEETS_COLUMNS: &str = "thing, created, received_at, content";
+const READINGS_COLUMNS: &str = "time, thing, sensor, value";
+
+/// `psql` running `commands` against `url`, stopping at the first that fails.
+fn psql(url: &str, commands: &[String]) -> Command {
+    let mut command = Command::new("psql");
+    command.arg(url).args(["-v", "ON_ERROR_STOP=1", "-q"]);
+    for sql in commands {
+        command.arg("-c").arg(sql);
+    }
+    command
+}
+
+/// One `psql` session loading a dweets file and a readings file (COPY text) into their tables.
+fn psql_copy_in(url: &str, dweets: &std::path::Path, readings: &std::path::Path) -> Command {
+    psql(
+        url,
+        &[
+            format!(
+                "\\copy dweets ({DWEETS_COLUMNS}) FROM '{}'",
+                dweets.display()
+            ),
+            format!(
+                "\\copy readings ({READINGS_COLUMNS}) FROM '{}'",
+                readings.display()
+            ),
+        ],
+    )
 }
