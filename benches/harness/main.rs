@@ -720,7 +720,9 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         ..PostgresConfig::new(url.clone())
     };
     let mut sink =
-        PostgresSink::connect(&sink_config, Arc::clone(&metrics), Duration::from_secs(10)).await?;
+        PostgresSink::connect(&sink_config, Arc::clone(&metrics), Duration::from_secs(10))
+            .await?
+            .for_bulk_load();
     let written =
         dweetpipe::import::write_to_sinks(&records, None, Some(&mut sink), |_| {}).await?;
     let ours = started.elapsed();

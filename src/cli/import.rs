@@ -65,7 +65,8 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 Arc::clone(&metrics),
                 std::time::Duration::from_secs(30),
             )
-            .await?,
+            .await?
+            .for_bulk_load(),
         ),
         None => None,
     };

@@ -456,6 +456,70 @@ async fn closed_readings_partitions_are_rekeyed_by_board_and_each_step_can_be_re
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_load_keys_closed_readings_partitions_by_board_from_the_start() {
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .for_bulk_load();
+    let today = now_ms() / DAY * DAY;
+    // Two boards, a dweet every ten minutes from three days ago, and one in today's first
+    // minute. Yesterday closes an hour into today, so only the two days before it are sure to
+    // have closed.
+    let records: Vec<Record> = (0..2 * 3 * 144 + 2)
+        .map(|i| {
+            dweet(
+                &format!("b{}", i % 2),
+                today - 3 * DAY + (i / 2) * 10 * MINUTE,
+                i as f64,
+            )
+        })
+        .collect();
+    sink.write(&records).await;
+    let mut connection = db.connect().await;
+    let partition = |ms: i64| dweetpipe::sink::postgres::partitions::partition_name("readings", ms);
+    for closed in [partition(today - 3 * DAY), partition(today - 2 * DAY)] {
+        assert_eq!(
+            index_keys(&mut connection, &closed).await,
+            [format!("{closed}_by_board")],
+            "made closed: keyed by board at once"
+        );
+    }
+    let today_partition = partition(today);
+    assert_eq!(
+        index_keys(&mut connection, &today_partition).await,
+        [format!("{today_partition}_by_time")],
+        "today is open: keyed for writing"
+    );
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM dweetpipe_partitions WHERE parent = 'readings' AND arranged"
+        )
+        .await,
+        2 + i64::from(now_ms() - today >= 60 * MINUTE),
+        "the catalog says which key each has"
+    );
+    assert!(
+        sink.history().arrange(now_ms()).await.unwrap().is_empty(),
+        "nothing is left to re-key"
+    );
+    // Written again (a rerun of the import): the board-led key refuses every repeat.
+    let stored = count(&mut connection, "SELECT count(*) FROM readings").await;
+    assert!(stored >= records.len() as i64, "{stored} readings stored");
+    sink.write(&records).await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM readings").await,
+        stored
+    );
+    sink.history().refresh_rollups().await.unwrap();
+    assert_rollups_exact(&mut connection).await;
+    drop(connection);
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn prune_drops_whole_old_partitions_and_keeps_the_rest() {
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,9 @@
 //! between them is finished by the next run: a half-built (invalid) index is dropped and built
 //! again, a partition with both keys loses the time-led one. Both keys are unique on the same
 //! columns, so a late dweet is refused as a repeat at every step.
+//!
+//! A bulk load (`import`) skips all this for the closed partitions it makes: they get the
+//! board-led key when created (see `PostgresSink::for_bulk_load`).
 
 use std::time::Duration;
 
@@ -37,6 +40,20 @@ pub fn create_time_key(partition: &str) -> String {
         "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {partition} (time, thing, sensor)",
         time_key(partition)
     )
+}
+
+/// The statement that gives a readings partition its read-friendly key; `CONCURRENTLY` where
+/// writers may be at the table.
+fn board_key_statement(partition: &str, concurrently: &str) -> String {
+    format!(
+        "CREATE UNIQUE INDEX {concurrently} IF NOT EXISTS {} ON {partition} (thing, time, sensor) INCLUDE (value)",
+        board_key(partition)
+    )
+}
+
+/// The statement that gives a new, still empty readings partition its read-friendly key.
+pub fn create_board_key(partition: &str) -> String {
+    board_key_statement(partition, "")
 }
 
 /// Re-keys every readings partition that ended at least [`ARRANGE_AFTER`] before `now_ms`
@@ -104,13 +121,7 @@ async fn arrange(connection: &mut PgConnection, name: &str) -> Result<(), sqlx::
         )
         .await?;
     }
-    execute(
-        connection,
-        format!(
-            "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {board_key} ON {name} (thing, time, sensor) INCLUDE (value)"
-        ),
-    )
-    .await?;
+    execute(connection, board_key_statement(name, "CONCURRENTLY")).await?;
     // Marked before the time-led key goes: the rollups read a partition per board as soon as
     // they see it marked, and must never find it without the key they read by.
     sqlx::query("UPDATE dweetpipe_partitions SET arranged = true WHERE name = $1")

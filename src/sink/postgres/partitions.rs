@@ -130,6 +130,20 @@ impl Partitions {
         parent: &'static str,
         times: impl IntoIterator<Item = i64>,
     ) -> Result<(), sqlx::Error> {
+        self.ensure_keyed(pool, parent, times, None).await
+    }
+
+    /// [`Self::ensure`], except that a readings partition it makes for a span that ended
+    /// before `board_keyed_before_ms` is keyed by board from the start (and marked arranged),
+    /// as re-keying would leave it: for a bulk load of old history, which then needs no
+    /// re-keying (see `arrange`).
+    pub async fn ensure_keyed(
+        &self,
+        pool: &PgPool,
+        parent: &'static str,
+        times: impl IntoIterator<Item = i64>,
+        board_keyed_before_ms: Option<i64>,
+    ) -> Result<(), sqlx::Error> {
         let mut missing: Vec<i64> = {
             let known = self.lock_known();
             let spans = known.get(parent).map(Vec::as_slice).unwrap_or_default();
@@ -142,7 +156,7 @@ impl Partitions {
         missing.dedup();
         let mut connection = pool.acquire().await?;
         let mut spans = self
-            .create_covering(&mut connection, parent, &missing)
+            .create_covering(&mut connection, parent, &missing, board_keyed_before_ms)
             .await?;
         spans.sort_unstable();
         self.lock_known().insert(parent, spans);
@@ -156,6 +170,7 @@ impl Partitions {
         connection: &mut PgConnection,
         parent: &'static str,
         times: &[i64],
+        board_keyed_before_ms: Option<i64>,
     ) -> Result<Vec<Span>, sqlx::Error> {
         let mut tx = sqlx::Connection::begin(connection).await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -182,9 +197,13 @@ impl Partitions {
             let mut statements = vec![format!(
                 "CREATE TABLE IF NOT EXISTS {name} (LIKE {parent} INCLUDING ALL)"
             )];
-            if parent == "readings" {
-                // The parent has no key to copy: each partition is keyed for writing until it
-                // closes (see `arrange`).
+            // The parent has no key to copy: each readings partition is keyed for writing
+            // until it closes (see `arrange`), or by board when it is made closed.
+            let board_keyed = parent == "readings"
+                && board_keyed_before_ms.is_some_and(|before| span.to_ms <= before);
+            if board_keyed {
+                statements.push(super::arrange::create_board_key(&name));
+            } else if parent == "readings" {
                 statements.push(super::arrange::create_time_key(&name));
             }
             statements.push(format!(
@@ -196,13 +215,14 @@ impl Partitions {
                     .await?;
             }
             sqlx::query(
-                "INSERT INTO dweetpipe_partitions (name, parent, from_time, to_time)
-                 VALUES ($1, $2, to_timestamp($3::double precision / 1000), to_timestamp($4::double precision / 1000))",
+                "INSERT INTO dweetpipe_partitions (name, parent, from_time, to_time, arranged)
+                 VALUES ($1, $2, to_timestamp($3::double precision / 1000), to_timestamp($4::double precision / 1000), $5)",
             )
             .bind(&name)
             .bind(parent)
             .bind(epoch_ms_or_infinity(span.from_ms))
             .bind(epoch_ms_or_infinity(span.to_ms))
+            .bind(board_keyed)
             .execute(&mut *tx)
             .await?;
             tracing::info!(partition = %name, from = %sql_time(span.from_ms.max(0)), "created a partition");

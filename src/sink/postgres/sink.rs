@@ -55,6 +55,9 @@ pub struct PostgresSink {
     /// one-shot imports.
     pub(super) health: Option<(Arc<Health>, LoopBeat)>,
     pub(super) partitions: Arc<Partitions>,
+    /// Readings partitions made for spans that closed are keyed by board from the start: a
+    /// bulk load of old history (see [`Self::for_bulk_load`]).
+    pub(super) bulk_load: bool,
     /// `[postgres] retention`: older dweets are not stored.
     pub(super) retention: Option<Duration>,
     pub(super) past_retention: u64,
@@ -166,6 +169,7 @@ impl PostgresSink {
             metrics,
             health: None,
             partitions: Arc::new(Partitions::new(config.partition)),
+            bulk_load: false,
             retention: config.retention,
             past_retention: 0,
         })
@@ -178,6 +182,22 @@ impl PostgresSink {
             url: self.url.clone(),
             partitions: Arc::clone(&self.partitions),
         }
+    }
+
+    /// For a bulk load of history (`import`): a readings partition this sink makes for a span
+    /// that closed at least [`arrange::ARRANGE_AFTER`] ago gets the board-led key at once, as
+    /// re-keying would leave it. Building that key after the load took longer than the load
+    /// itself; filling it as the load goes costs the load little (issue 26). The live worker
+    /// does not: its partitions are made open, and a backfill into a closed day is small.
+    pub fn for_bulk_load(mut self) -> Self {
+        self.bulk_load = true;
+        self
+    }
+
+    /// Readings partitions for spans ending before this are made keyed by board.
+    pub(super) fn board_keyed_before_ms(&self) -> Option<i64> {
+        self.bulk_load
+            .then(|| crate::record::ms_before(crate::record::now_ms(), arrange::ARRANGE_AFTER))
     }
 
     /// Dweets skipped because they were older than `[postgres] retention`.

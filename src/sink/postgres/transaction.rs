@@ -190,12 +190,15 @@ impl PostgresSink {
                 mark.1 = mark.1.max(record.received_ms());
             }
         }
+        let board_keyed_before_ms = self.board_keyed_before_ms();
         for parent in ["dweets", "readings"] {
             let times = records
                 .iter()
                 .filter_map(|r| r.as_dweet())
                 .map(|d| d.created_ms);
-            self.partitions.ensure(&self.pool, parent, times).await?;
+            self.partitions
+                .ensure_keyed(&self.pool, parent, times, board_keyed_before_ms)
+                .await?;
         }
         let mut tx = self.pool.begin().await?;
         let (dweets, readings, dead_letters) =
