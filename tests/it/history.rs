@@ -116,7 +116,7 @@ async fn a_schema_3_database_is_partitioned_in_place_and_keeps_every_row() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("2 migration(s) applied now"));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("3 migration(s) applied now"));
     assert_eq!(
         index_keys(&mut connection, "readings_legacy").await,
         ["readings_legacy_by_board"],
@@ -456,7 +456,7 @@ async fn closed_readings_partitions_are_rekeyed_by_board_and_each_step_can_be_re
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bulk_load_keys_closed_readings_partitions_by_board_from_the_start() {
+async fn a_bulk_load_keys_closed_partitions_by_board_and_adds_its_minutes_as_it_goes() {
     let db = TestDatabase::create().await;
     let metrics = std::sync::Arc::new(Metrics::new().unwrap());
     let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
@@ -464,20 +464,39 @@ async fn a_bulk_load_keys_closed_readings_partitions_by_board_from_the_start() {
         .unwrap()
         .for_bulk_load();
     let today = now_ms() / DAY * DAY;
-    // Two boards, a dweet every ten minutes from three days ago, and one in today's first
-    // minute. Yesterday closes an hour into today, so only the two days before it are sure to
-    // have closed.
-    let records: Vec<Record> = (0..2 * 3 * 144 + 2)
+    // Two boards, a dweet every 30 s from three days ago, and one in today's first minute:
+    // COPY-sized batches. Yesterday closes an hour into today, so only the two days before it
+    // are sure to have closed.
+    let records: Vec<Record> = (0..2 * 3 * 2880 + 2)
         .map(|i| {
             dweet(
                 &format!("b{}", i % 2),
-                today - 3 * DAY + (i / 2) * 10 * MINUTE,
-                i as f64,
+                today - 3 * DAY + (i / 2) * 30_000,
+                (i % 101) as f64 / 7.0,
             )
         })
         .collect();
-    sink.write(&records).await;
+    // Written in two halves split inside a minute, the rollups refreshed between: the second
+    // half adds to minutes that already have rows.
+    let split = today - 2 * DAY + 30_000;
+    let (first, second): (Vec<&Record>, Vec<&Record>) = records
+        .iter()
+        .partition(|r| r.created_ms().is_some_and(|ms| ms < split));
+    sink.write(first).await;
+    sink.history().refresh_rollups().await.unwrap();
+    sink.write(second).await;
     let mut connection = db.connect().await;
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM rollup_pending WHERE NOT minute_known"
+        )
+        .await,
+        0,
+        "a bulk COPY adds its minutes itself and leaves only their hours noted"
+    );
+    assert!(count(&mut connection, "SELECT count(*) FROM readings_1m").await > 0);
+
     let partition = |ms: i64| dweetpipe::sink::postgres::partitions::partition_name("readings", ms);
     for closed in [partition(today - 3 * DAY), partition(today - 2 * DAY)] {
         assert_eq!(
@@ -505,15 +524,37 @@ async fn a_bulk_load_keys_closed_readings_partitions_by_board_from_the_start() {
         sink.history().arrange(now_ms()).await.unwrap().is_empty(),
         "nothing is left to re-key"
     );
+
+    // A late dweet in a minute the bulk write added itself, before any refresh: its note
+    // takes the minute back to a whole recomputation.
+    let noted = count(&mut connection, "SELECT count(*) FROM rollup_pending").await;
+    sink.write(&[dweet("b0", split - 15_000, 1e6)]).await;
+    assert_eq!(
+        count(
+            &mut connection,
+            "SELECT count(*) FROM rollup_pending WHERE NOT minute_known"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM rollup_pending").await,
+        noted,
+        "the same note, its mark cleared"
+    );
     // Written again (a rerun of the import): the board-led key refuses every repeat.
     let stored = count(&mut connection, "SELECT count(*) FROM readings").await;
-    assert!(stored >= records.len() as i64, "{stored} readings stored");
+    assert_eq!(stored, 2 * records.len() as i64 + 2, "two readings a dweet");
     sink.write(&records).await;
     assert_eq!(
         count(&mut connection, "SELECT count(*) FROM readings").await,
         stored
     );
     sink.history().refresh_rollups().await.unwrap();
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM rollup_pending").await,
+        0
+    );
     assert_rollups_exact(&mut connection).await;
     drop(connection);
     db.drop_now().await;

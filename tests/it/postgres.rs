@@ -113,7 +113,7 @@ pub(crate) fn assert_same(stored: Vec<(String, i64)>, expected: &BTreeSet<(Strin
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_creates_the_schema_once() {
     let db = TestDatabase::create().await;
-    for expected in ["5 migration(s) applied now", "0 migration(s) applied now"] {
+    for expected in ["6 migration(s) applied now", "0 migration(s) applied now"] {
         let output = Command::new(BIN)
             .args(["migrate", "--database-url", &db.url])
             .output()

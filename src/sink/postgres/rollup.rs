@@ -10,7 +10,7 @@
 //! writers of the same database (an import beside a worker, cluster members) never interleave
 //! a recomputation.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
@@ -52,11 +52,100 @@ pub fn to_note<'a>(records: &[&'a Record]) -> (Vec<&'a str>, Vec<DateTime<Utc>>)
 }
 
 /// A common table expression noting `(thing, bucket)` pairs, bound as `$4` (things) and `$5`
-/// (bucket starts), in `rollup_pending`. The sink puts it in front of its watermark statement,
-/// so noting costs no round trip of its own.
+/// (bucket starts), in `rollup_pending`; `$6` says whether the write added them to the minutes
+/// itself ([`add_minutes`]), so that only their hours are left to recompute. A note without
+/// that mark clears it: the minute is then recomputed whole. The sink puts it in front of its
+/// watermark statement, so noting costs no round trip of its own.
 pub const NOTE_BUCKETS: &str = "noted AS (
-    INSERT INTO rollup_pending (thing, bucket)
-    SELECT * FROM unnest($4::text[], $5::timestamptz[]) ON CONFLICT DO NOTHING)";
+    INSERT INTO rollup_pending (thing, bucket, minute_known)
+    SELECT thing, bucket, $6::boolean FROM unnest($4::text[], $5::timestamptz[]) AS n(thing, bucket)
+    ON CONFLICT (thing, bucket) DO UPDATE SET minute_known = false
+     WHERE rollup_pending.minute_known AND NOT EXCLUDED.minute_known)";
+
+/// One write's readings summed per board, sensor and minute, as the columns of
+/// [`add_minutes`].
+#[derive(Debug, Default, PartialEq)]
+pub struct MinuteTotals<'a> {
+    buckets: Vec<DateTime<Utc>>,
+    things: Vec<&'a str>,
+    sensors: Vec<&'a str>,
+    counts: Vec<i64>,
+    sums: Vec<f64>,
+    mins: Vec<f64>,
+    maxes: Vec<f64>,
+}
+
+impl<'a> MinuteTotals<'a> {
+    /// Sums `records` in their order (each thing's oldest first, as the sink writes them).
+    /// A recomputation adds in the order its plan reads the rows, so the two sums may differ
+    /// in the last bits, as two recomputations by different plans may.
+    pub fn of(records: &[&'a Record]) -> Self {
+        let mut slots: HashMap<(&'a str, i64, &'a str), usize> = HashMap::new();
+        let mut totals = MinuteTotals::default();
+        for dweet in records.iter().filter_map(|r| r.as_dweet()) {
+            let minute = dweet.created_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+            for reading in &dweet.readings {
+                let key = (dweet.thing.as_str(), minute, &*reading.sensor);
+                let value = reading.value;
+                match slots.get(&key) {
+                    Some(&slot) => {
+                        totals.counts[slot] += 1;
+                        totals.sums[slot] += value;
+                        totals.mins[slot] = totals.mins[slot].min(value);
+                        totals.maxes[slot] = totals.maxes[slot].max(value);
+                    }
+                    None => {
+                        slots.insert(key, totals.counts.len());
+                        totals.buckets.push(ms_to_datetime(minute));
+                        totals.things.push(key.0);
+                        totals.sensors.push(key.2);
+                        totals.counts.push(1);
+                        totals.sums.push(value);
+                        totals.mins.push(value);
+                        totals.maxes.push(value);
+                    }
+                }
+            }
+        }
+        totals
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    /// The minutes, for making their partitions.
+    pub fn minutes_ms(&self) -> impl Iterator<Item = i64> + '_ {
+        self.buckets.iter().map(DateTime::timestamp_millis)
+    }
+}
+
+/// Adds `totals` to `readings_1m`, inside the transaction that stores their rows by COPY: all
+/// of those rows are stored or none, so each minute's row gains exactly what was committed.
+/// The notes of the same write carry `minute_known`, and a refresh recomputes only the hours.
+pub async fn add_minutes(
+    connection: &mut PgConnection,
+    totals: &MinuteTotals<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO readings_1m (bucket, thing, sensor, n, sum, min, max)
+         SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bigint[],
+                              $5::double precision[], $6::double precision[], $7::double precision[])
+         ON CONFLICT (thing, bucket, sensor) DO UPDATE
+            SET n = readings_1m.n + EXCLUDED.n, sum = readings_1m.sum + EXCLUDED.sum,
+                min = least(readings_1m.min, EXCLUDED.min), max = greatest(readings_1m.max, EXCLUDED.max)",
+    )
+    .bind(&totals.buckets)
+    .bind(&totals.things)
+    .bind(&totals.sensors)
+    .bind(&totals.counts)
+    .bind(&totals.sums)
+    .bind(&totals.mins)
+    .bind(&totals.maxes)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
 
 fn columns<'a>(pairs: &[(&'a str, i64)]) -> (Vec<&'a str>, Vec<DateTime<Utc>>) {
     pairs
@@ -66,7 +155,8 @@ fn columns<'a>(pairs: &[(&'a str, i64)]) -> (Vec<&'a str>, Vec<DateTime<Utc>>) {
 }
 
 /// Recomputes up to [`REFRESH_BUCKETS`] noted minutes that start before `before_ms` (all
-/// when `None`) and their hours; returns how many minutes it recomputed (0: nothing left).
+/// when `None`) and their hours (only the hours of minutes a bulk write added itself);
+/// returns how many noted minutes it cleared (0: nothing left).
 pub async fn refresh(
     pool: &PgPool,
     partitions: &Partitions,
@@ -77,8 +167,8 @@ pub async fn refresh(
         .bind(LOCK_KEY)
         .execute(&mut *tx)
         .await?;
-    let pending: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT thing, (extract(epoch FROM bucket) * 1000)::bigint
+    let pending: Vec<(String, i64, bool)> = sqlx::query_as(
+        "SELECT thing, (extract(epoch FROM bucket) * 1000)::bigint, minute_known
            FROM rollup_pending
           WHERE $2::double precision IS NULL OR bucket < to_timestamp($2 / 1000)
           ORDER BY bucket LIMIT $1",
@@ -90,8 +180,14 @@ pub async fn refresh(
     if pending.is_empty() {
         return Ok(0);
     }
-    let minutes: Vec<(&str, i64)> = pending.iter().map(|(t, ms)| (t.as_str(), *ms)).collect();
+    let minutes: Vec<(&str, i64)> = pending.iter().map(|(t, ms, _)| (t.as_str(), *ms)).collect();
     let hours = buckets(minutes.iter().copied(), HOUR_MS);
+    // A bulk write added its minutes as it stored them: only their hours are left.
+    let unknown: Vec<(&str, i64)> = pending
+        .iter()
+        .filter(|(_, _, known)| !known)
+        .map(|(t, ms, _)| (t.as_str(), *ms))
+        .collect();
     partitions
         .ensure(pool, "readings_1m", minutes.iter().map(|(_, ms)| *ms))
         .await?;
@@ -101,7 +197,7 @@ pub async fn refresh(
     // Where the readings partition is keyed by time (still open), a minute's rows are one
     // contiguous range for the whole fleet: read it once, not once per board.
     let by_board = arranged_readings(&mut tx).await?;
-    let (board_minutes, fleet_minutes): (Vec<(&str, i64)>, Vec<_>) = minutes
+    let (board_minutes, fleet_minutes): (Vec<(&str, i64)>, Vec<_>) = unknown
         .iter()
         .copied()
         .partition(|(_, ms)| super::partitions::covers(&by_board, *ms));
@@ -263,5 +359,61 @@ mod tests {
             3,
             "a and b at hour 0, a before 1970"
         );
+    }
+
+    fn reading_dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Record {
+        Record::Dweet(crate::record::Normalized {
+            thing: thing.to_owned(),
+            created_ms,
+            created_text: None,
+            received_ms: created_ms,
+            content: "{}".to_owned(),
+            readings: readings
+                .iter()
+                .map(|(sensor, value)| crate::record::Reading {
+                    sensor: (*sensor).into(),
+                    value: *value,
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn minute_totals_count_sum_and_bound_each_board_sensor_and_minute() {
+        let at = |m: i64, s: i64| m * MINUTE_MS + s * 1000;
+        let records = [
+            reading_dweet("a", at(10, 0), &[("t", 1.5), ("h", 40.0)]),
+            reading_dweet("b", at(10, 5), &[("t", -3.0)]),
+            reading_dweet("a", at(10, 30), &[("t", -2.0), ("h", 41.0)]),
+            reading_dweet("a", at(10, 59), &[("t", 4.0)]),
+            reading_dweet("a", at(11, 0), &[("t", 7.0)]),
+            reading_dweet("c", at(-1, 0), &[]),
+        ];
+        let refs: Vec<&Record> = records.iter().collect();
+        let totals = MinuteTotals::of(&refs);
+        let rows: Vec<_> = (0..totals.counts.len())
+            .map(|i| {
+                (
+                    totals.things[i],
+                    totals.buckets[i].timestamp_millis(),
+                    totals.sensors[i],
+                    totals.counts[i],
+                    totals.sums[i],
+                    totals.mins[i],
+                    totals.maxes[i],
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("a", at(10, 0), "t", 3, 3.5, -2.0, 4.0),
+                ("a", at(10, 0), "h", 2, 81.0, 40.0, 41.0),
+                ("b", at(10, 0), "t", 1, -3.0, -3.0, -3.0),
+                ("a", at(11, 0), "t", 1, 7.0, 7.0, 7.0),
+            ],
+            "in first-seen order; a dweet without readings adds no minute"
+        );
+        assert!(MinuteTotals::of(&[]).is_empty());
     }
 }

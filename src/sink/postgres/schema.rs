@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "readings arranged when closed",
         include_str!("../../../migrations/0005_readings_arranged_when_closed.sql"),
     ),
+    (
+        6,
+        "rollup minutes known",
+        include_str!("../../../migrations/0006_rollup_minutes_known.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations (idempotent); returns how many were newly applied.

@@ -200,34 +200,44 @@ impl PostgresSink {
                 .ensure_keyed(&self.pool, parent, times, board_keyed_before_ms)
                 .await?;
         }
+        let by_copy = !tolerant && insert::readings_in(records) >= insert::COPY_FROM_READINGS;
+        // A bulk load adds its minutes as it stores their rows (see `rollup::add_minutes`).
+        let minute_totals = (by_copy && self.bulk_load).then(|| rollup::MinuteTotals::of(records));
+        if let Some(totals) = &minute_totals {
+            self.partitions
+                .ensure(&self.pool, "readings_1m", totals.minutes_ms())
+                .await?;
+        }
         let mut tx = self.pool.begin().await?;
-        let (dweets, readings, dead_letters) =
-            if tolerant || insert::readings_in(records) < insert::COPY_FROM_READINGS {
-                insert::insert(&mut tx, records, tolerant).await?
-            } else {
-                let rows = BinaryRows::of(records.iter().filter_map(|r| r.as_dweet()));
-                (
-                    copy_into(
-                        &mut tx,
-                        "dweets",
-                        "thing, created, received_at, content",
-                        &rows.dweets,
-                        rows.dweet_count,
-                    )
-                    .await?,
-                    copy_into(
-                        &mut tx,
-                        "readings",
-                        "time, thing, sensor, value",
-                        &rows.readings,
-                        rows.reading_count,
-                    )
-                    .await?,
-                    // Letters may repeat whatever the watermark says (they have no order of
-                    // their own): always the conflict-tolerant INSERT.
-                    insert::insert_letters(&mut tx, records).await?,
+        let (dweets, readings, dead_letters) = if !by_copy {
+            insert::insert(&mut tx, records, tolerant).await?
+        } else {
+            let rows = BinaryRows::of(records.iter().filter_map(|r| r.as_dweet()));
+            (
+                copy_into(
+                    &mut tx,
+                    "dweets",
+                    "thing, created, received_at, content",
+                    &rows.dweets,
+                    rows.dweet_count,
                 )
-            };
+                .await?,
+                copy_into(
+                    &mut tx,
+                    "readings",
+                    "time, thing, sensor, value",
+                    &rows.readings,
+                    rows.reading_count,
+                )
+                .await?,
+                // Letters may repeat whatever the watermark says (they have no order of
+                // their own): always the conflict-tolerant INSERT.
+                insert::insert_letters(&mut tx, records).await?,
+            )
+        };
+        if let Some(totals) = minute_totals.as_ref().filter(|t| !t.is_empty()) {
+            rollup::add_minutes(&mut tx, totals).await?;
+        }
         let written = [
             (Table::Dweets, dweets),
             (Table::Readings, readings),
@@ -260,6 +270,7 @@ impl PostgresSink {
                 .bind(&received)
                 .bind(&noted_things)
                 .bind(&noted_buckets)
+                .bind(minute_totals.is_some())
                 .execute(&mut *tx)
                 .await?;
         }
