@@ -864,6 +864,10 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
         rate(ours) / rate(reference),
         rate(two_sessions) / rate(reference)
     );
+    println!(
+        "  ratio to two psql, history work included (>= 0.95)  {:>8.2}",
+        rate(ours) / rate(two_sessions)
+    );
     match python {
         Ok(elapsed) => {
             println!(
