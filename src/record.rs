@@ -118,6 +118,25 @@ pub fn ms_to_datetime(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
+/// A dweet record for unit tests: received as created, empty content, the given readings.
+#[cfg(test)]
+pub(crate) fn test_dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Record {
+    Record::Dweet(Normalized {
+        thing: thing.to_owned(),
+        created_ms,
+        created_text: None,
+        received_ms: created_ms,
+        content: "{}".to_owned(),
+        readings: readings
+            .iter()
+            .map(|(sensor, value)| Reading {
+                sensor: (*sensor).into(),
+                value: *value,
+            })
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -361,33 +361,16 @@ mod tests {
         );
     }
 
-    fn reading_dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Record {
-        Record::Dweet(crate::record::Normalized {
-            thing: thing.to_owned(),
-            created_ms,
-            created_text: None,
-            received_ms: created_ms,
-            content: "{}".to_owned(),
-            readings: readings
-                .iter()
-                .map(|(sensor, value)| crate::record::Reading {
-                    sensor: (*sensor).into(),
-                    value: *value,
-                })
-                .collect(),
-        })
-    }
-
     #[test]
     fn minute_totals_count_sum_and_bound_each_board_sensor_and_minute() {
         let at = |m: i64, s: i64| m * MINUTE_MS + s * 1000;
         let records = [
-            reading_dweet("a", at(10, 0), &[("t", 1.5), ("h", 40.0)]),
-            reading_dweet("b", at(10, 5), &[("t", -3.0)]),
-            reading_dweet("a", at(10, 30), &[("t", -2.0), ("h", 41.0)]),
-            reading_dweet("a", at(10, 59), &[("t", 4.0)]),
-            reading_dweet("a", at(11, 0), &[("t", 7.0)]),
-            reading_dweet("c", at(-1, 0), &[]),
+            crate::record::test_dweet("a", at(10, 0), &[("t", 1.5), ("h", 40.0)]),
+            crate::record::test_dweet("b", at(10, 5), &[("t", -3.0)]),
+            crate::record::test_dweet("a", at(10, 30), &[("t", -2.0), ("h", 41.0)]),
+            crate::record::test_dweet("a", at(10, 59), &[("t", 4.0)]),
+            crate::record::test_dweet("a", at(11, 0), &[("t", 7.0)]),
+            crate::record::test_dweet("c", at(-1, 0), &[]),
         ];
         let refs: Vec<&Record> = records.iter().collect();
         let totals = MinuteTotals::of(&refs);

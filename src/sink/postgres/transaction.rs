@@ -334,14 +334,7 @@ mod tests {
     use super::*;
 
     fn dweet(thing: &str, created_ms: i64) -> Record {
-        Record::Dweet(crate::record::Normalized {
-            thing: thing.to_owned(),
-            created_ms,
-            created_text: None,
-            received_ms: created_ms,
-            content: "{}".to_owned(),
-            readings: Vec::new(),
-        })
+        crate::record::test_dweet(thing, created_ms, &[])
     }
 
     #[test]
