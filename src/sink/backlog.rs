@@ -760,25 +760,12 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Normalized, Reading};
     use std::time::Duration;
 
     fn batch(thing: &str, from: i64, count: i64) -> Batch {
         Arc::new(
             (from..from + count)
-                .map(|created_ms| {
-                    Record::Dweet(Normalized {
-                        thing: thing.to_owned(),
-                        created_ms,
-                        created_text: None,
-                        received_ms: created_ms,
-                        content: "{}".to_owned(),
-                        readings: vec![Reading {
-                            sensor: "v".into(),
-                            value: 1.0,
-                        }],
-                    })
-                })
+                .map(|created_ms| crate::record::test_dweet(thing, created_ms, &[("v", 1.0)]))
                 .collect(),
         )
     }

@@ -504,7 +504,7 @@ pub fn retire_before(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Normalized, Reading, Record};
+    use crate::record::Record;
     use crate::sink::parquet::{ParquetConfig, ParquetSink};
     use crate::telemetry::Metrics;
 
@@ -514,17 +514,7 @@ mod tests {
     const NOW: i64 = DEC3 + 12 * 60 * 60 * 1000;
 
     fn dweet(thing: &str, created_ms: i64) -> Record {
-        Record::Dweet(Normalized {
-            thing: thing.to_owned(),
-            created_ms,
-            created_text: None,
-            received_ms: created_ms,
-            content: "{}".to_owned(),
-            readings: vec![Reading {
-                sensor: "t".into(),
-                value: created_ms as f64,
-            }],
-        })
+        crate::record::test_dweet(thing, created_ms, &[("t", created_ms as f64)])
     }
 
     fn open(dir: &Path) -> ParquetSink {
