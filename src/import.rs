@@ -6,7 +6,8 @@
 //! exact repeats are dropped before anything is written. A line that is not a dweet becomes a
 //! dead letter naming its file and line.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::BufRead;
 
 use crate::client::RawDweet;
@@ -92,18 +93,24 @@ impl Imported {
     pub fn read(
         &mut self,
         name: &str,
-        input: impl BufRead,
+        mut input: impl BufRead,
         received_ms: i64,
     ) -> std::io::Result<()> {
-        for (index, line) in input.split(b'\n').enumerate() {
-            let line = line?;
+        // One buffer for every line: `split` would allocate (and grow) one per line.
+        let mut buffer = Vec::new();
+        for index in 0usize.. {
+            buffer.clear();
+            if input.read_until(b'\n', &mut buffer)? == 0 {
+                break;
+            }
+            let line = buffer.strip_suffix(b"\n").unwrap_or(&buffer);
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             self.lines += 1;
             // Parsed from the bytes: serde_json checks the UTF-8 of what it keeps, so the
             // whole line need not be checked (or copied) first; only a refused line is.
-            match serde_json::from_slice::<RawDweet>(&line) {
+            match serde_json::from_slice::<RawDweet>(line) {
                 Ok(dweet) => {
                     self.dweets += 1;
                     let created_ms = dweet.created.to_ms();
@@ -116,7 +123,7 @@ impl Imported {
                     }
                 }
                 Err(error) => {
-                    let text = String::from_utf8_lossy(&line);
+                    let text = String::from_utf8_lossy(line);
                     self.dead_letters.push(Record::DeadLetter(DeadLetter {
                         thing: None,
                         created: None,
@@ -141,18 +148,31 @@ impl Imported {
     /// thing in every batch so sessions share the work evenly. Returns them with the number
     /// of repeats.
     pub fn into_records(self, received_ms: i64) -> (Vec<Record>, u64) {
-        let mut records = self.dead_letters;
         let (things, repeats) = sorted_by_thing(self.by_thing);
-        for (_, dweets) in things {
-            let mut normalizer = Normalizer::default();
-            records.extend(
-                dweets.into_iter().map(|(created_ms, dweet)| {
-                    normalizer.normalize(dweet, created_ms, received_ms)
-                }),
-            );
+        let total = self.dead_letters.len() + things.iter().map(|(_, d)| d.len()).sum::<usize>();
+        let mut records = Vec::with_capacity(total);
+        // Letters without a time first, then a merge of the things' sorted dweets by time, ties
+        // to the things in name order: what a stable sort of them all would give, without
+        // moving every record again (the sort cost about 800 instructions a dweet).
+        records.extend(self.dead_letters);
+        let mut streams: Vec<_> = things
+            .into_iter()
+            .map(|(_, dweets)| (Normalizer::default(), dweets.into_iter().peekable()))
+            .collect();
+        let mut next: BinaryHeap<Reverse<(Option<i64>, usize)>> = streams
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(index, (_, dweets))| dweets.peek().map(|(at, _)| Reverse((*at, index))))
+            .collect();
+        while let Some(Reverse((_, index))) = next.pop() {
+            let (normalizer, dweets) = &mut streams[index];
+            if let Some((created_ms, dweet)) = dweets.next() {
+                records.push(normalizer.normalize(dweet, created_ms, received_ms));
+            }
+            if let Some((at, _)) = dweets.peek() {
+                next.push(Reverse((*at, index)));
+            }
         }
-        // Stable: each thing keeps its order, and letters without a time stay first.
-        records.sort_by_key(Record::created_ms);
         (records, repeats)
     }
 
@@ -231,6 +251,25 @@ mod tests {
             order,
             vec![("a", 1000), ("b", 1000), ("b", 2000), ("a", 3000)]
         );
+    }
+
+    #[test]
+    fn a_last_line_without_a_newline_is_read_and_lines_are_counted_from_one() {
+        let input = concat!(
+            "\r\n",
+            r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
+            "\r\n[1]\n",
+            r#"{"thing":"a","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
+        );
+        let mut imported = Imported::default();
+        imported.read("-", input.as_bytes(), 9).unwrap();
+        assert_eq!((imported.lines, imported.dweets), (3, 2));
+        let (records, _) = imported.into_records(9);
+        assert_eq!(records.len(), 3);
+        let Record::DeadLetter(letter) = &records[0] else {
+            panic!("{records:?}")
+        };
+        assert!(letter.reason.starts_with("- line 3: "), "{}", letter.reason);
     }
 
     #[test]
