@@ -237,16 +237,25 @@ impl Scanner<'_, '_, '_> {
             Some((b'-', digits)) => (true, digits),
             _ => (false, text),
         };
-        if !digits.is_empty() && digits.len() <= 19 && digits.iter().all(u8::is_ascii_digit) {
-            let magnitude = digits
-                .iter()
-                .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            // serde_json reads "-0" as the integer 0, so it is +0.0, not -0.0.
-            return Ok(match (negative, magnitude) {
-                (_, 0) => 0.0,
-                (true, m) => -(m as f64),
-                (false, m) => m as f64,
-            });
+        match plain_decimal(digits) {
+            // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
+            Some((0, None)) => return Ok(0.0),
+            Some((magnitude, None)) => {
+                return Ok(if negative {
+                    -(magnitude as f64)
+                } else {
+                    magnitude as f64
+                });
+            }
+            // Both operands exact, so one correctly rounded division: the value the full
+            // parse would give (Clinger's fast path), at a fraction of its cost.
+            Some((mantissa, Some(places)))
+                if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() =>
+            {
+                let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[places];
+                return Ok(if negative { -magnitude } else { magnitude });
+            }
+            _ => {}
         }
         self.json
             .get(start..self.at)
@@ -273,6 +282,41 @@ impl Scanner<'_, '_, '_> {
     }
 }
 
+/// The powers of ten a double holds exactly.
+const EXACT_POWERS_OF_TEN: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Digits with at most one decimal point and no exponent (`12`, `0.65`), as the integer of
+/// all their digits and the number of them after the point (`None` without a point); `None`
+/// for anything else, or more than 19 digits (they might not fit 64 bits).
+fn plain_decimal(digits: &[u8]) -> Option<(u64, Option<usize>)> {
+    if !digits.first()?.is_ascii_digit() || digits.len() > 20 {
+        return None;
+    }
+    let mut value = 0u64;
+    let mut count = 0;
+    let mut places = None;
+    for &byte in digits {
+        match byte {
+            b'0'..=b'9' => {
+                if count == 19 {
+                    return None;
+                }
+                value = value * 10 + u64::from(byte - b'0');
+                count += 1;
+                if let Some(places) = places.as_mut() {
+                    *places += 1;
+                }
+            }
+            b'.' if places.is_none() => places = Some(0),
+            _ => return None,
+        }
+    }
+    Some((value, places))
+}
+
 /// `n` in decimal, written into `buffer`.
 fn itoa(mut n: usize, buffer: &mut [u8; 20]) -> &str {
     let mut at = buffer.len();
@@ -285,4 +329,110 @@ fn itoa(mut n: usize, buffer: &mut [u8; 20]) -> &str {
         }
     }
     std::str::from_utf8(&buffer[at..]).unwrap_or("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The one reading of `{"v":<number>}`.
+    fn read(number: &str) -> f64 {
+        let text = format!(r#"{{"v":{number}}}"#);
+        let (readings, _) = walk(&text, &[], &mut String::new()).unwrap();
+        readings[0].value
+    }
+
+    #[test]
+    fn numbers_read_exactly_as_serde_json_reads_them() {
+        let fixed = [
+            "0",
+            "0.0",
+            "-0.0",
+            "0.1",
+            "-0.65",
+            "101830",
+            "1.5e3",
+            "-2E-5",
+            "0.000123",
+            "9007199254740992.0",
+            "9007199254740993.0",
+            "9007199254740993",
+            "123456789012345678.9",
+            "1234567890123456789",
+            "12345678901234567890",
+            "18446744073709551615",
+            "18446744073709551616",
+            "0.1234567890123456789",
+            "3.141592653589793238462643",
+            "1.7976931348623157e308",
+        ];
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(26);
+        let random = (0..20_000).map(|_| {
+            let digits = rng.random_range(1..=21);
+            let mut text = String::new();
+            if rng.random_bool(0.5) {
+                text.push('-');
+            }
+            let point = rng.random_range(0..=digits);
+            for place in 0..digits {
+                if place == point && place > 0 {
+                    text.push('.');
+                }
+                let digit = if place == 0 && digits > 1 && point != 1 {
+                    rng.random_range(1..=9)
+                } else {
+                    rng.random_range(0..=9)
+                };
+                text.push(char::from(b'0' + digit));
+            }
+            text
+        });
+        // "-0" is the one deliberate difference: see `an_integer_zero_has_no_sign`.
+        for number in fixed
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain(random)
+            .filter(|number| number != "-0")
+        {
+            let expected: f64 = serde_json::from_str::<serde_json::Value>(&number)
+                .unwrap_or_else(|e| panic!("{number}: {e}"))
+                .as_f64()
+                .unwrap_or_else(|| panic!("{number}"));
+            assert_eq!(
+                read(&number).to_bits(),
+                expected.to_bits(),
+                "{number}: {} against serde_json's {expected}",
+                read(&number)
+            );
+        }
+    }
+
+    #[test]
+    fn an_integer_zero_has_no_sign() {
+        assert!(read("-0").is_sign_positive());
+        assert!(read("-0.0").is_sign_negative());
+    }
+
+    #[test]
+    fn plain_decimals_are_told_from_the_rest() {
+        assert_eq!(plain_decimal(b"0.65"), Some((65, Some(2))));
+        assert_eq!(plain_decimal(b"241"), Some((241, None)));
+        assert_eq!(plain_decimal(b"1."), Some((1, Some(0))));
+        assert_eq!(
+            plain_decimal(b"1234567890123456789"),
+            Some((1_234_567_890_123_456_789, None))
+        );
+        for other in [
+            "",
+            ".5",
+            "1.2.3",
+            "1e5",
+            "1+2",
+            "12345678901234567890",
+            "1.2345678901234567890",
+        ] {
+            assert_eq!(plain_decimal(other.as_bytes()), None, "{other}");
+        }
+    }
 }

@@ -247,7 +247,7 @@ mod tests {
         );
         assert!(
             n.readings[2].value.is_sign_positive(),
-            "-0 is the integer 0, as serde_json reads it"
+            "-0 is the integer 0, which has no sign"
         );
     }
 
