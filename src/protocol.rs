@@ -187,6 +187,38 @@ pub fn is_plausible_email(address: &str) -> bool {
         && !address.chars().any(char::is_whitespace)
 }
 
+/// Where the first byte a JSON string literal cannot hold as it is (a quote, a backslash or
+/// a control character) sits in `bytes`. Eight bytes at a time: in a double-encoded frame an
+/// escape comes every few bytes, too often for a vectorised search to pay for its start-up
+/// and too rarely for a byte loop to be the cheapest way past the plain runs; the
+/// normaliser's names and string values are as short.
+pub fn first_special(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    // The high bit of each byte of `word` below `n` (exact for the lowest such byte, which
+    // is all that is read: borrows only ever mark bytes above a true one).
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let mut chunks = bytes.chunks_exact(8);
+    let mut offset = 0;
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        let found = below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1)
+            | below(word, 0x20);
+        if found != 0 {
+            return Some(offset + (found.trailing_zeros() / 8) as usize);
+        }
+        offset += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|at| offset + at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

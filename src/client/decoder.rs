@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::types::Dweet;
+use crate::protocol::first_special;
 
 /// The default longest line kept: far above the protocol's 2000-character content limit, even
 /// double-encoded, and small enough to bound the memory of ten thousand streams.
@@ -226,37 +227,6 @@ fn decode_object<D: DeserializeOwned>(json: &str) -> Result<Decoded<D>, SkipReas
             _ => Err(SkipReason::NotADweet(dweet_error.to_string())),
         },
     }
-}
-
-/// Where the first byte a JSON string literal cannot hold as it is (a quote, a backslash or
-/// a control character) sits in `bytes`. Eight bytes at a time: in a double-encoded frame an
-/// escape comes every few bytes, too often for a vectorised search to pay for its start-up
-/// and too rarely for a byte loop to be the cheapest way past the plain runs.
-fn first_special(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
-    // The high bit of each byte of `word` below `n` (exact for the lowest such byte, which
-    // is all that is read: borrows only ever mark bytes above a true one).
-    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
-    let mut chunks = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut chunks {
-        let mut word = [0; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
-        let found = below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1)
-            | below(word, 0x20);
-        if found != 0 {
-            return Some(offset + (found.trailing_zeros() / 8) as usize);
-        }
-        offset += 8;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .map(|at| offset + at)
 }
 
 /// The text of the JSON string literal that is the whole of `line`, unescaped into `out`;

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use super::{MAX_DEPTH, MAX_READINGS};
+use crate::protocol::first_special;
 use crate::record::Reading;
 
 /// The readings of the JSON object `text`, in document order, and whether every sensor name
@@ -200,8 +201,7 @@ impl Scanner<'_, '_, '_> {
     }
 
     /// Skips a string; returns the byte range of its text between the quotes and whether
-    /// that text holds escapes. Names and string values are short, so a plain loop beats a
-    /// vectorised search here.
+    /// that text holds escapes.
     fn string(&mut self) -> Result<((usize, usize), bool), Stop> {
         if self.peek() != Some(b'"') {
             return Err(self.broken());
@@ -210,17 +210,19 @@ impl Scanner<'_, '_, '_> {
         let mut at = start;
         let mut escaped = false;
         loop {
-            match self.text.get(at) {
-                Some(b'"') => {
+            let rest = self.text.get(at..).ok_or_else(|| self.broken())?;
+            at += first_special(rest).ok_or_else(|| self.broken())?;
+            match self.text[at] {
+                b'"' => {
                     self.at = at + 1;
                     return Ok(((start, at), escaped));
                 }
-                Some(b'\\') => {
+                b'\\' => {
                     escaped = true;
                     at += 2;
                 }
-                Some(_) => at += 1,
-                None => return Err(self.broken()),
+                // A raw control character: not JSON, but serde_json has refused those already.
+                _ => at += 1,
             }
         }
     }
