@@ -9,6 +9,9 @@
 //! adds no raw row, so recomputing changes nothing. Refreshes take one advisory lock, so two
 //! writers of the same database (an import beside a worker, cluster members) never interleave
 //! a recomputation.
+//!
+//! A bulk load's COPY adds its own minutes instead ([`add_minutes`]), holding that lock shared
+//! until it commits, and its notes ask only for the hours.
 
 use std::collections::{HashMap, HashSet};
 
@@ -123,10 +126,18 @@ impl<'a> MinuteTotals<'a> {
 /// Adds `totals` to `readings_1m`, inside the transaction that stores their rows by COPY: all
 /// of those rows are stored or none, so each minute's row gains exactly what was committed.
 /// The notes of the same write carry `minute_known`, and a refresh recomputes only the hours.
+///
+/// It holds the refreshes' lock shared until it commits: a refresh that read a minute before
+/// this commit would otherwise write its recomputation over the addition, and then clear the
+/// note that stood for it.
 pub async fn add_minutes(
     connection: &mut PgConnection,
     totals: &MinuteTotals<'_>,
 ) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *connection)
+        .await?;
     sqlx::query(
         "INSERT INTO readings_1m (bucket, thing, sensor, n, sum, min, max)
          SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::bigint[],
