@@ -561,6 +561,53 @@ async fn a_bulk_load_keys_closed_partitions_by_board_and_adds_its_minutes_as_it_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_copy_waits_for_a_refresh_in_progress_before_adding_its_minutes() {
+    let db = TestDatabase::create().await;
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .for_bulk_load();
+    // A refresh in progress: it holds the rollups' lock (rollup.rs, LOCK_KEY) until it ends.
+    let mut refresher = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT pg_advisory_xact_lock(7239366412440961026)")
+        .execute(&mut refresher)
+        .await
+        .unwrap();
+    let start = (now_ms() / DAY - 3) * DAY;
+    let records: Vec<Record> = (0..3000)
+        .map(|i| dweet("b0", start + i * 1000, i as f64))
+        .collect();
+    let write = tokio::spawn(async move {
+        sink.write(&records).await;
+        sink
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !write.is_finished(),
+        "the COPY does not commit its minutes while a refresh may be reading them"
+    );
+    let mut connection = db.connect().await;
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM readings").await,
+        0
+    );
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut refresher)
+        .await
+        .unwrap();
+    let sink = write.await.unwrap();
+    assert_eq!(
+        count(&mut connection, "SELECT count(*) FROM readings").await,
+        6000
+    );
+    sink.history().refresh_rollups().await.unwrap();
+    assert_rollups_exact(&mut connection).await;
+    drop((connection, refresher));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn prune_drops_whole_old_partitions_and_keeps_the_rest() {
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
