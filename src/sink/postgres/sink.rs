@@ -55,8 +55,7 @@ pub struct PostgresSink {
     /// one-shot imports.
     pub(super) health: Option<(Arc<Health>, LoopBeat)>,
     pub(super) partitions: Arc<Partitions>,
-    /// Readings partitions made for spans that closed are keyed by board from the start: a
-    /// bulk load of old history (see [`Self::for_bulk_load`]).
+    /// A bulk load of old history (see [`Self::for_bulk_load`]).
     pub(super) bulk_load: bool,
     /// `[postgres] retention`: older dweets are not stored.
     pub(super) retention: Option<Duration>,
@@ -184,11 +183,16 @@ impl PostgresSink {
         }
     }
 
-    /// For a bulk load of history (`import`): a readings partition this sink makes for a span
-    /// that closed at least [`arrange::ARRANGE_AFTER`] ago gets the board-led key at once, as
-    /// re-keying would leave it. Building that key after the load took longer than the load
-    /// itself; filling it as the load goes costs the load little (issue 26). The live worker
-    /// does not: its partitions are made open, and a backfill into a closed day is small.
+    /// For a bulk load of history (`import`), two things the load would otherwise do after
+    /// its last batch, at more cost than the rows themselves (issue 26):
+    /// - a readings partition this sink makes for a span that closed at least
+    ///   [`arrange::ARRANGE_AFTER`] ago gets the board-led key at once, as re-keying would
+    ///   leave it;
+    /// - each COPY adds its minutes to `readings_1m` itself ([`rollup::add_minutes`]), so the
+    ///   rollups' refresh recomputes only the hours.
+    ///
+    /// The live worker does neither: its partitions are made open, a backfill into a closed
+    /// day is small, and its refresher defers while a catch-up drains.
     pub fn for_bulk_load(mut self) -> Self {
         self.bulk_load = true;
         self
