@@ -75,6 +75,14 @@ fn dweet(thing: &str, created_ms: i64, value: f64) -> Record {
     })
 }
 
+/// A sink of its own on `db`, with metrics of its own.
+async fn connect_sink(db: &TestDatabase) -> PostgresSink {
+    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+    PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
 async fn count(connection: &mut PgConnection, query: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(query.to_owned()))
         .fetch_one(connection)
@@ -158,10 +166,7 @@ async fn a_schema_3_database_is_partitioned_in_place_and_keeps_every_row() {
 
     // The sink goes on: a dweet of tomorrow gets a partition of its own, one inside the old
     // range lands in the legacy partition, a repeat changes nothing.
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut sink = connect_sink(&db).await;
     let tomorrow = now_ms() + DAY;
     let old = now_ms() - 2 * DAY + 30_000;
     let records = [dweet("board-0", tomorrow, 1.0), dweet("board-9", old, 2.0)];
@@ -206,10 +211,7 @@ async fn a_schema_3_database_is_partitioned_in_place_and_keeps_every_row() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rollups_agree_with_the_raw_rows_after_bulk_live_late_and_repeated_writes() {
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut sink = connect_sink(&db).await;
     let start = (now_ms() / DAY - 3) * DAY;
     // Bulk: three boards, a dweet a minute each over three days (COPY-sized batches).
     let bulk: Vec<Record> = (0..3 * 4320)
@@ -292,10 +294,7 @@ async fn index_keys(connection: &mut PgConnection, table: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn closed_readings_partitions_are_rekeyed_by_board_and_each_step_can_be_repeated() {
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut sink = connect_sink(&db).await;
     let today = now_ms() / DAY * DAY;
     // Three boards, a dweet every ten minutes, from four days ago to today's first minute.
     let records: Vec<Record> = (0..3 * 4 * 144 + 3)
@@ -458,11 +457,7 @@ async fn closed_readings_partitions_are_rekeyed_by_board_and_each_step_can_be_re
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bulk_load_keys_closed_partitions_by_board_and_adds_its_minutes_as_it_goes() {
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .for_bulk_load();
+    let mut sink = connect_sink(&db).await.for_bulk_load();
     let today = now_ms() / DAY * DAY;
     // Two boards, a dweet every 30 s from three days ago, and one in today's first minute:
     // COPY-sized batches. Yesterday closes an hour into today, so only the two days before it
@@ -563,11 +558,7 @@ async fn a_bulk_load_keys_closed_partitions_by_board_and_adds_its_minutes_as_it_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bulk_copy_waits_for_a_refresh_in_progress_before_adding_its_minutes() {
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap()
-        .for_bulk_load();
+    let mut sink = connect_sink(&db).await.for_bulk_load();
     // A refresh in progress: it holds the rollups' lock (rollup.rs, LOCK_KEY) until it ends.
     let mut refresher = db.connect().await;
     sqlx::raw_sql("BEGIN; SELECT pg_advisory_xact_lock(7239366412440961026)")
@@ -639,10 +630,7 @@ async fn prune_drops_whole_old_partitions_and_keeps_the_rest() {
     );
 
     // Five days of one board, a dweet an hour.
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut sink = connect_sink(&db).await;
     let today = now_ms() / DAY * DAY;
     let records: Vec<Record> = (0..5 * 24)
         .map(|h| dweet("old-board", today - 4 * DAY + h * 60 * MINUTE, h as f64))
@@ -744,10 +732,7 @@ async fn panel_rows(connection: &mut PgConnection, sql: &str) -> Vec<(f64, Strin
 async fn every_sensor_panel_downsamples_and_matches_the_raw_rows() {
     use crate::grafana::Query;
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut sink = connect_sink(&db).await;
     // Two boards, a dweet every 5 minutes for 35 days, with every sensor the panels show.
     let sensors = [
         "sensors.TemperatureC",
@@ -1100,10 +1085,7 @@ async fn closed_parquet_dates_are_compacted_by_hand_and_by_run_and_old_ones_prun
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partition_dropped_under_a_running_sink_is_made_again_not_dead_lettered() {
     let db = TestDatabase::create().await;
-    let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-    let mut sink = PostgresSink::connect(&db.sink_config(), metrics, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut sink = connect_sink(&db).await;
     let day = (now_ms() / DAY - 1) * DAY;
     sink.write(&[dweet("gone-board", day + MINUTE, 1.0)]).await;
     // Another process (a retention elsewhere) drops the day this sink knows exists.
