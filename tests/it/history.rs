@@ -599,6 +599,61 @@ async fn a_bulk_copy_waits_for_a_refresh_in_progress_before_adding_its_minutes()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_write_that_commits_while_a_refresh_runs_keeps_its_note() {
+    let db = TestDatabase::create().await;
+    let mut sink = connect_sink(&db).await;
+    let minute = (now_ms() / DAY - 1) * DAY + 10 * MINUTE;
+    sink.write(&[dweet("b0", minute, 1.0)]).await;
+    // A writer in the middle of its commit holds the minute's note...
+    let mut writer = db.connect().await;
+    sqlx::raw_sql("BEGIN; SELECT 1 FROM rollup_pending FOR UPDATE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let history = sink.history();
+    let refresh = tokio::spawn(async move { history.refresh_rollups_once(None).await });
+    // ...while a refresh recomputes the minute and then waits to clear that note.
+    let mut watcher = db.connect().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count(
+        &mut watcher,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND query LIKE '%DELETE FROM rollup_pending%'",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh never reached its DELETE"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The writer commits a reading the recomputation did not see, noting the minute again.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO readings (time, thing, sensor, value)
+         VALUES (to_timestamp({}), 'b0', 't', 5.0);
+         UPDATE rollup_pending SET minute_known = minute_known;
+         COMMIT",
+        (minute + 5_000) as f64 / 1000.0
+    )))
+    .execute(&mut writer)
+    .await
+    .unwrap();
+    refresh.await.unwrap().unwrap();
+    assert_eq!(
+        count(&mut watcher, "SELECT count(*) FROM rollup_pending").await,
+        1,
+        "the note of the write that committed meanwhile stays for the next refresh"
+    );
+    sink.history().refresh_rollups().await.unwrap();
+    assert_rollups_exact(&mut watcher).await;
+    drop((watcher, writer));
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn prune_drops_whole_old_partitions_and_keeps_the_rest() {
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();

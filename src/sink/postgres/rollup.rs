@@ -59,11 +59,14 @@ pub fn to_note<'a>(records: &[&'a Record]) -> (Vec<&'a str>, Vec<DateTime<Utc>>)
 /// itself ([`add_minutes`]), so that only their hours are left to recompute. A note without
 /// that mark clears it: the minute is then recomputed whole. The sink puts it in front of its
 /// watermark statement, so noting costs no round trip of its own.
+///
+/// A note already there is updated all the same: the new row version tells a refresh that
+/// read the note before this commit not to clear it (see [`refresh`]).
 pub const NOTE_BUCKETS: &str = "noted AS (
     INSERT INTO rollup_pending (thing, bucket, minute_known)
     SELECT thing, bucket, $6::boolean FROM unnest($4::text[], $5::timestamptz[]) AS n(thing, bucket)
-    ON CONFLICT (thing, bucket) DO UPDATE SET minute_known = false
-     WHERE rollup_pending.minute_known AND NOT EXCLUDED.minute_known)";
+    ON CONFLICT (thing, bucket) DO UPDATE
+       SET minute_known = rollup_pending.minute_known AND EXCLUDED.minute_known)";
 
 /// One write's readings summed per board, sensor and minute, as the columns of
 /// [`add_minutes`].
@@ -178,8 +181,8 @@ pub async fn refresh(
         .bind(LOCK_KEY)
         .execute(&mut *tx)
         .await?;
-    let pending: Vec<(String, i64, bool)> = sqlx::query_as(
-        "SELECT thing, (extract(epoch FROM bucket) * 1000)::bigint, minute_known
+    let pending: Vec<(String, i64, bool, String)> = sqlx::query_as(
+        "SELECT thing, (extract(epoch FROM bucket) * 1000)::bigint, minute_known, xmin::text
            FROM rollup_pending
           WHERE $2::double precision IS NULL OR bucket < to_timestamp($2 / 1000)
           ORDER BY bucket LIMIT $1",
@@ -191,13 +194,16 @@ pub async fn refresh(
     if pending.is_empty() {
         return Ok(0);
     }
-    let minutes: Vec<(&str, i64)> = pending.iter().map(|(t, ms, _)| (t.as_str(), *ms)).collect();
+    let minutes: Vec<(&str, i64)> = pending
+        .iter()
+        .map(|(t, ms, _, _)| (t.as_str(), *ms))
+        .collect();
     let hours = buckets(minutes.iter().copied(), HOUR_MS);
     // A bulk write added its minutes as it stored them: only their hours are left.
     let unknown: Vec<(&str, i64)> = pending
         .iter()
-        .filter(|(_, _, known)| !known)
-        .map(|(t, ms, _)| (t.as_str(), *ms))
+        .filter(|(_, _, known, _)| !known)
+        .map(|(t, ms, _, _)| (t.as_str(), *ms))
         .collect();
     partitions
         .ensure(pool, "readings_1m", minutes.iter().map(|(_, ms)| *ms))
@@ -227,13 +233,19 @@ pub async fn refresh(
         columns(&hours),
     )
     .await?;
+    // Only the notes as they were read: a write that committed since (after the
+    // recomputation had taken its snapshot, perhaps) noted its minute again, as a new row
+    // version, and that note stays for the next refresh.
     let (things, starts) = columns(&minutes);
+    let versions: Vec<&str> = pending.iter().map(|(_, _, _, v)| v.as_str()).collect();
     sqlx::query(
-        "DELETE FROM rollup_pending p USING unnest($1::text[], $2::timestamptz[]) AS d(thing, bucket)
-          WHERE p.thing = d.thing AND p.bucket = d.bucket",
+        "DELETE FROM rollup_pending p
+          USING unnest($1::text[], $2::timestamptz[], $3::text[]) AS d(thing, bucket, version)
+          WHERE p.thing = d.thing AND p.bucket = d.bucket AND p.xmin::text = d.version",
     )
     .bind(&things)
     .bind(&starts)
+    .bind(&versions)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
