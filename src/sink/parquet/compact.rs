@@ -399,12 +399,16 @@ fn compact_one(
     let (sorted, watermarks) = read_sorted(folder, inputs, dataset)?;
     let rows = sorted.num_rows();
     let group = (rows / ROW_GROUPS).max(MIN_GROUP_ROWS);
-    let properties = properties
+    let mut properties = properties
         .clone()
         .into_builder()
         .set_max_row_group_row_count(Some(group))
-        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page)
-        .build();
+        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page);
+    // Written once and kept long: the names' dictionary is worth its cost here.
+    for column in super::batch::NAME_COLUMNS {
+        properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), true);
+    }
+    let properties = properties.build();
     let name = format!("{COMPACTED}{newest}.parquet");
     let tmp = folder.join(format!(".{name}.tmp"));
     let replaced: Vec<&String> = inputs.to_vec();
@@ -588,7 +592,7 @@ mod tests {
     }
 
     fn properties() -> WriterProperties {
-        WriterProperties::builder().build()
+        crate::sink::parquet::writer_properties()
     }
 
     /// Compacts as a run two hours from now would (the fresh generations settled).
@@ -740,6 +744,10 @@ mod tests {
                 .iter()
                 .position(|c| c.column_path().string() == "thing")
                 .unwrap();
+            assert!(
+                groups[0].column(thing).dictionary_page_offset().is_some(),
+                "{dataset:?}: compacted names get their dictionary back"
+            );
             let admitting = groups
                 .iter()
                 .filter(|group| match group.column(thing).statistics() {

@@ -144,34 +144,7 @@ impl ParquetSink {
             removed_incomplete: recovered.removed_incomplete,
             things_with_watermark: recovered.watermarks.len(),
         };
-        let mut properties = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_max_row_group_row_count(Some(1024 * 1024));
-        // A dweet's content and a dead letter's payload are unique per row: a dictionary
-        // never pays for itself there, and nobody filters on their minimum and maximum, so
-        // both are skipped (together a sixth of the CPU the sink spent on them).
-        for column in batch::UNIQUE_TEXT_COLUMNS {
-            let column = ColumnPath::from(column);
-            properties = properties
-                .set_column_dictionary_enabled(column.clone(), false)
-                .set_column_statistics_enabled(column, EnabledStatistics::None);
-        }
-        // A dictionary of times or measured values grows with the file and gets hashed on
-        // every row for almost no saving; their statistics stay: readers prune by time.
-        for column in batch::SELDOM_REPEATED_COLUMNS {
-            properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), false);
-        }
-        // A time repeats for each reading of a dweet and then grows a little: deltas store
-        // that in a few bits a row.
-        for column in batch::TIME_COLUMNS {
-            properties = properties
-                .set_column_encoding(ColumnPath::from(column), Encoding::DELTA_BINARY_PACKED);
-        }
-        for column in batch::UNPRUNABLE_COLUMNS {
-            properties = properties
-                .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
-        }
-        let properties = properties.build();
+        let properties = writer_properties();
         let sink = ParquetSink {
             config,
             properties,
@@ -505,6 +478,42 @@ impl ParquetSink {
     }
 }
 
+/// How the sink writes its files; compaction starts from the same.
+pub(crate) fn writer_properties() -> WriterProperties {
+    let mut properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_max_row_group_row_count(Some(1024 * 1024));
+    // A dweet's content and a dead letter's payload are unique per row: a dictionary
+    // never pays for itself there, and nobody filters on their minimum and maximum, so
+    // both are skipped (together a sixth of the CPU the sink spent on them).
+    for column in batch::UNIQUE_TEXT_COLUMNS {
+        let column = ColumnPath::from(column);
+        properties = properties
+            .set_column_dictionary_enabled(column.clone(), false)
+            .set_column_statistics_enabled(column, EnabledStatistics::None);
+    }
+    // A dictionary of times or measured values grows with the file and gets hashed on
+    // every row for almost no saving; their statistics stay: readers prune by time.
+    for column in batch::SELDOM_REPEATED_COLUMNS {
+        properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    // A time repeats for each reading of a dweet and then grows a little: deltas store
+    // that in a few bits a row.
+    for column in batch::TIME_COLUMNS {
+        properties =
+            properties.set_column_encoding(ColumnPath::from(column), Encoding::DELTA_BINARY_PACKED);
+    }
+    for column in batch::UNPRUNABLE_COLUMNS {
+        properties = properties
+            .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
+    }
+    // Names are written plain (see NAME_COLUMNS); compaction turns their dictionary back on.
+    for column in batch::NAME_COLUMNS {
+        properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    properties.build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,12 +649,19 @@ mod tests {
         assert_eq!(columns.len(), 8);
         for column in &columns {
             let name = column.column_path().string();
-            let unique = batch::UNIQUE_TEXT_COLUMNS.contains(&name.as_str());
-            let seldom_repeated = batch::SELDOM_REPEATED_COLUMNS.contains(&name.as_str());
-            assert_eq!(
+            assert!(
                 column.dictionary_page_offset().is_none(),
-                unique || seldom_repeated,
-                "{name}: a dictionary only where values repeat"
+                "{name}: no dictionary as written (unique, seldom repeated, or a name)"
+            );
+            assert!(
+                [
+                    &batch::UNIQUE_TEXT_COLUMNS[..],
+                    &batch::SELDOM_REPEATED_COLUMNS,
+                    &batch::NAME_COLUMNS
+                ]
+                .iter()
+                .any(|columns| columns.contains(&name.as_str())),
+                "{name}: every column is in one of the lists that turn its dictionary off"
             );
             if batch::TIME_COLUMNS.contains(&name.as_str()) {
                 assert!(
@@ -655,6 +671,7 @@ mod tests {
                     "{name}: times as deltas"
                 );
             }
+            let unique = batch::UNIQUE_TEXT_COLUMNS.contains(&name.as_str());
             let unprunable = batch::UNPRUNABLE_COLUMNS.contains(&name.as_str());
             assert_eq!(
                 column.statistics().is_none(),
