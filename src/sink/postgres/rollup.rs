@@ -70,7 +70,7 @@ pub const NOTE_BUCKETS: &str = "noted AS (
 
 /// One write's readings summed per board, sensor and minute, as the columns of
 /// [`add_minutes`].
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct MinuteTotals<'a> {
     buckets: Vec<DateTime<Utc>>,
     things: Vec<&'a str>,
