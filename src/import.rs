@@ -10,9 +10,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::BufRead;
 
-use crate::client::RawDweet;
-use crate::normalize::Normalizer;
-use crate::record::{DeadLetter, Record};
+use crate::client::{RawDweet, TextDweet};
+use crate::normalize::{Normalizer, normalize_walked, read_dweet_line};
+use crate::record::{DeadLetter, Reading, Record};
 use crate::sink::parquet::DatasetError;
 use crate::sink::parquet::ParquetSink;
 use crate::sink::postgres::PostgresSink;
@@ -83,6 +83,9 @@ pub enum ImportError {
 pub struct Imported {
     /// Each thing's dweets with their `created` in ms, parsed once as they are read.
     by_thing: HashMap<String, Timed>,
+    /// Names the readings of the lines read in one pass (shared across things: only equal
+    /// names are shared, whichever board sent them).
+    normalizer: Normalizer,
     dead_letters: Vec<Record>,
     pub lines: u64,
     pub dweets: u64,
@@ -108,17 +111,23 @@ impl Imported {
                 continue;
             }
             self.lines += 1;
-            // Parsed from the bytes: serde_json checks the UTF-8 of what it keeps, so the
-            // whole line need not be checked (or copied) first; only a refused line is.
-            match serde_json::from_slice::<RawDweet>(line) {
-                Ok(dweet) => {
+            // The common line is read in one strict pass; anything else by serde_json, from
+            // the bytes (it checks the UTF-8 of what it keeps, so only a refused line is
+            // copied).
+            let parsed = match read_dweet_line(line, &mut self.normalizer) {
+                Some((dweet, readings)) => Ok((dweet, Some(readings))),
+                None => serde_json::from_slice::<RawDweet>(line).map(|raw| (raw.into(), None)),
+            };
+            match parsed {
+                Ok((dweet, readings)) => {
                     self.dweets += 1;
-                    let created_ms = dweet.created.to_ms();
-                    match self.by_thing.get_mut(&dweet.thing) {
-                        Some(dweets) => dweets.push((created_ms, dweet)),
+                    let created_ms = dweet.created().to_ms();
+                    match self.by_thing.get_mut(dweet.thing()) {
+                        Some(dweets) => dweets.push((created_ms, dweet, readings)),
                         None => {
+                            let thing = dweet.thing().to_owned();
                             self.by_thing
-                                .insert(dweet.thing.clone(), vec![(created_ms, dweet)]);
+                                .insert(thing, vec![(created_ms, dweet, readings)]);
                         }
                     }
                 }
@@ -162,14 +171,17 @@ impl Imported {
         let mut next: BinaryHeap<Reverse<(Option<i64>, usize)>> = streams
             .iter_mut()
             .enumerate()
-            .filter_map(|(index, (_, dweets))| dweets.peek().map(|(at, _)| Reverse((*at, index))))
+            .filter_map(|(index, (_, dweets))| dweets.peek().map(|(at, ..)| Reverse((*at, index))))
             .collect();
         while let Some(Reverse((_, index))) = next.pop() {
             let (normalizer, dweets) = &mut streams[index];
-            if let Some((created_ms, dweet)) = dweets.next() {
-                records.push(normalizer.normalize(dweet, created_ms, received_ms));
+            if let Some((created_ms, dweet, readings)) = dweets.next() {
+                records.push(match readings {
+                    Some(readings) => normalize_walked(dweet, created_ms, received_ms, readings),
+                    None => normalizer.normalize(dweet, created_ms, received_ms),
+                });
             }
-            if let Some((at, _)) = dweets.peek() {
+            if let Some((at, ..)) = dweets.peek() {
                 next.push(Reverse((*at, index)));
             }
         }
@@ -178,27 +190,33 @@ impl Imported {
 
     /// Each thing's dweets, oldest first, repeats removed, things by name; with the lines that
     /// were not dweets, as dead letters.
-    pub fn into_dweets(self) -> (Vec<(String, Vec<RawDweet>)>, Vec<Record>) {
+    pub fn into_dweets(self) -> (Vec<(String, Vec<TextDweet>)>, Vec<Record>) {
         let (things, _) = sorted_by_thing(self.by_thing);
         let things = things
             .into_iter()
-            .map(|(thing, dweets)| (thing, dweets.into_iter().map(|(_, dweet)| dweet).collect()))
+            .map(|(thing, dweets)| {
+                (
+                    thing,
+                    dweets.into_iter().map(|(_, dweet, _)| dweet).collect(),
+                )
+            })
             .collect();
         (things, self.dead_letters)
     }
 }
 
-/// A thing's dweets, each with its `created` in ms.
-type Timed = Vec<(Option<i64>, RawDweet)>;
+/// A thing's dweets, each with its `created` in ms, and its readings when the line reader
+/// found them already.
+type Timed = Vec<(Option<i64>, TextDweet, Option<Vec<Reading>>)>;
 
 fn sorted_by_thing(by_thing: HashMap<String, Timed>) -> (Vec<(String, Timed)>, u64) {
     let mut repeats = 0;
     let mut things: Vec<_> = by_thing.into_iter().collect();
     things.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, dweets) in &mut things {
-        dweets.sort_by_key(|(created_ms, _)| *created_ms);
+        dweets.sort_by_key(|(created_ms, ..)| *created_ms);
         let before = dweets.len();
-        dweets.dedup_by(|later, earlier| later.1.created == earlier.1.created);
+        dweets.dedup_by(|later, earlier| later.1.created() == earlier.1.created());
         repeats += (before - dweets.len()) as u64;
     }
     (things, repeats)

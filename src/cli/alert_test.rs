@@ -59,12 +59,12 @@ pub fn run(args: AlertTestArgs) -> anyhow::Result<()> {
         let mut open = false;
         for dweet in recorded {
             dweets += 1;
-            let content = dweet.content.to_string();
-            let verdict = match engine.evaluate(&args.when, &content) {
+            let content = dweet.content();
+            let verdict = match engine.evaluate(&args.when, content) {
                 Ok(verdict) => verdict,
                 Err(error) => {
                     errors += 1;
-                    writeln!(out, "{}  {thing}  ERROR  {error}", dweet.created)?;
+                    writeln!(out, "{}  {thing}  ERROR  {error}", dweet.created())?;
                     continue;
                 }
             };
@@ -79,16 +79,16 @@ pub fn run(args: AlertTestArgs) -> anyhow::Result<()> {
                 Some(NotificationKind::Opened) => {
                     open = true;
                     opened += 1;
-                    writeln!(out, "{}  {thing}  OPEN   {message}", dweet.created)?;
+                    writeln!(out, "{}  {thing}  OPEN   {message}", dweet.created())?;
                 }
                 Some(NotificationKind::Closed) => {
                     open = false;
                     closed += 1;
-                    writeln!(out, "{}  {thing}  CLOSE", dweet.created)?;
+                    writeln!(out, "{}  {thing}  CLOSE", dweet.created())?;
                 }
                 None if args.every => {
                     let state = if open { "open " } else { "quiet" };
-                    writeln!(out, "{}  {thing}  {state}  {message}", dweet.created)?;
+                    writeln!(out, "{}  {thing}  {state}  {message}", dweet.created())?;
                 }
                 None => {}
             }

@@ -36,6 +36,7 @@ pub use error::{Error, Result};
 pub use listen::{DweetStream, ListenEvent, ListenOptions, ListenStats};
 pub use types::{
     Alert, AlertStatus, Created, Dweet, Key, RawDweet, Recipient, StoredAlert, StoredWindow,
+    TextDweet,
 };
 
 /// The public service's address, kept as the default for users of other compatible hosts.

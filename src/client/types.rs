@@ -34,6 +34,66 @@ pub struct RawDweet {
     pub content: Box<RawValue>,
 }
 
+/// A dweet whose content is JSON text already checked: what an import holds and the
+/// normaliser reads. It comes only from a [`RawDweet`] (serde_json checked it) or from the
+/// normaliser's line reader (which holds it to JSON's grammar as it walks it), so its content
+/// is always JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextDweet {
+    thing: String,
+    created: Created,
+    content: String,
+}
+
+impl TextDweet {
+    /// Only for content checked to be JSON.
+    pub(crate) fn from_checked_parts(thing: String, created: Created, content: String) -> Self {
+        TextDweet {
+            thing,
+            created,
+            content,
+        }
+    }
+
+    pub fn thing(&self) -> &str {
+        &self.thing
+    }
+
+    pub fn created(&self) -> &Created {
+        &self.created
+    }
+
+    pub fn content(&self) -> &str {
+        &self.content
+    }
+
+    pub fn into_parts(self) -> (String, Created, String) {
+        (self.thing, self.created, self.content)
+    }
+
+    /// The dweet as JSON, as a [`RawDweet`] serialises: its content byte for byte.
+    pub fn to_json(&self) -> String {
+        let text = |value: &str| serde_json::to_string(value).unwrap_or_default();
+        format!(
+            r#"{{"thing":{},"created":{},"content":{}}}"#,
+            text(&self.thing),
+            text(self.created.as_str()),
+            self.content
+        )
+    }
+}
+
+impl From<RawDweet> for TextDweet {
+    fn from(raw: RawDweet) -> Self {
+        let content: Box<str> = raw.content.into();
+        TextDweet {
+            thing: raw.thing,
+            created: raw.created,
+            content: content.into_string(),
+        }
+    }
+}
+
 /// A dweet's `created` timestamp, kept as the exact string the server sent so it round-trips
 /// byte for byte (dedupe keys and re-exports must match what the server said, not our
 /// re-rendering of it).
@@ -148,6 +208,14 @@ mod tests {
         let dweet: Dweet = serde_json::from_str(text).unwrap();
         assert_eq!(serde_json::to_string(&dweet).unwrap(), text);
         assert_eq!(dweet.created.as_str(), "2014-03-19T10:38:46.010Z");
+    }
+
+    #[test]
+    fn a_text_dweet_is_written_as_its_raw_dweet_is() {
+        let text = r#"{"thing":"t\"\u00e9\n","created":"2014-03-19T10:38:46Z","content":{ "z" : [6816513845, "\u00e9"] }}"#;
+        let raw: RawDweet = serde_json::from_str(text).unwrap();
+        let expected = serde_json::to_string(&raw).unwrap();
+        assert_eq!(TextDweet::from(raw).to_json(), expected);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The numeric leaves of a content's JSON text, found in one pass without building a tree.
 //!
 //! This is the ingest path's hot loop, so it is a small scanner rather than a serde visitor:
-//! the text comes from a `RawValue`, which serde_json has already validated, and the scanner
-//! only has to find values, name them by their dotted path and parse numbers the way
-//! serde_json does (integers exactly, floats correctly rounded). It never trusts that
-//! validation for memory safety: anything unexpected ends the walk with an error.
+//! it finds values, names them by their dotted path and parses numbers the way serde_json
+//! does (integers exactly, floats correctly rounded). It also holds the text to JSON's
+//! grammar, so that an import's line needs no other check of its content ([`super::line`]):
+//! text it stops at as `NotJson` is never JSON, and JSON deeper or wider than the limits
+//! stops it as `TooDeep` or `TooMany`.
 
 use std::sync::Arc;
 
@@ -20,7 +21,9 @@ pub(super) fn walk(
     known: &[Arc<str>],
     path: &mut String,
 ) -> Result<(Vec<Reading>, bool), String> {
-    walk_or_stop(text, known, path).map_err(|stop| stop.reason())
+    walk_or_stop(text, known, path)
+        .map(|(readings, all_known, _)| (readings, all_known))
+        .map_err(|stop| stop.reason())
 }
 
 /// Why a walk stopped. Small and `Copy`, so the scanner's many returns stay cheap; the text
@@ -42,11 +45,21 @@ impl Stop {
     }
 }
 
+/// Like [`walk`], for the JSON value at the start of `text`: also where that value ends;
+/// `None` where `walk` would give an error.
+pub(super) fn walk_at_start(
+    text: &str,
+    known: &[Arc<str>],
+    path: &mut String,
+) -> Option<(Vec<Reading>, bool, usize)> {
+    walk_or_stop(text, known, path).ok()
+}
+
 fn walk_or_stop(
     text: &str,
     known: &[Arc<str>],
     path: &mut String,
-) -> Result<(Vec<Reading>, bool), Stop> {
+) -> Result<(Vec<Reading>, bool, usize), Stop> {
     let mut scanner = Scanner {
         json: text,
         text: text.as_bytes(),
@@ -57,7 +70,7 @@ fn walk_or_stop(
         all_known: true,
     };
     scanner.value(0)?;
-    Ok((scanner.readings, scanner.all_known))
+    Ok((scanner.readings, scanner.all_known, scanner.at))
 }
 
 struct Scanner<'t, 'p, 'k> {
@@ -219,10 +232,10 @@ impl Scanner<'_, '_, '_> {
                 }
                 b'\\' => {
                     escaped = true;
-                    at += 2;
+                    at += 1 + escape_length(&self.text[at + 1..]).ok_or_else(|| self.broken())?;
                 }
-                // A raw control character: not JSON, but serde_json has refused those already.
-                _ => at += 1,
+                // A raw control character: not JSON.
+                _ => return Err(Stop::NotJson { at }),
             }
         }
     }
@@ -239,6 +252,9 @@ impl Scanner<'_, '_, '_> {
             Some((b'-', digits)) => (true, digits),
             _ => (false, text),
         };
+        if !is_json_number(digits) {
+            return Err(Stop::NotJson { at: start });
+        }
         match plain_decimal(digits) {
             // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
             Some((0, None)) => return Ok(0.0),
@@ -282,6 +298,55 @@ impl Scanner<'_, '_, '_> {
         self.readings.push(Reading { sensor, value });
         Ok(())
     }
+}
+
+/// The length of the escape after a backslash in `rest` (`n`, `u00e9`), when it is one JSON
+/// has. serde_json takes any four hex digits after `u`, paired surrogates or not, and so does
+/// this.
+fn escape_length(rest: &[u8]) -> Option<usize> {
+    match rest.first()? {
+        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(1),
+        b'u' => rest
+            .get(1..5)?
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+            .then_some(5),
+        _ => None,
+    }
+}
+
+/// Whether `digits` (a number's text after its minus sign) is as JSON writes numbers:
+/// `0` or digits without a leading zero, then `.digits` and `e±digits`, both optional.
+fn is_json_number(digits: &[u8]) -> bool {
+    let run = |from: usize| {
+        digits.get(from..).map_or(0, |rest| {
+            rest.iter().take_while(|b| b.is_ascii_digit()).count()
+        })
+    };
+    let mut at = match digits.first() {
+        Some(b'0') => 1,
+        Some(b'1'..=b'9') => run(0),
+        _ => return false,
+    };
+    if digits.get(at) == Some(&b'.') {
+        let fraction = run(at + 1);
+        if fraction == 0 {
+            return false;
+        }
+        at += 1 + fraction;
+    }
+    if let Some(b'e' | b'E') = digits.get(at) {
+        at += 1;
+        if let Some(b'+' | b'-') = digits.get(at) {
+            at += 1;
+        }
+        let exponent = run(at);
+        if exponent == 0 {
+            return false;
+        }
+        at += exponent;
+    }
+    at == digits.len()
 }
 
 /// The powers of ten a double holds exactly.

@@ -7,13 +7,16 @@
 //! silently and nothing here can panic.
 
 mod leaves;
+mod line;
+
+pub use line::read_dweet_line;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::client::{Dweet, RawDweet};
+use crate::client::{Dweet, RawDweet, TextDweet};
 use crate::record::{DeadLetter, Normalized, Reading, Record, created_text_to_keep};
 
 /// Deeper content is refused: no sensor payload nests this far, and recursion must be bounded.
@@ -52,47 +55,25 @@ impl Normalizer {
     /// parsed (to ms; `None` when it is not a timestamp) so the hot path parses it once.
     pub fn normalize(
         &mut self,
-        dweet: RawDweet,
+        dweet: impl Into<TextDweet>,
         created_ms: Option<i64>,
         received_ms: i64,
     ) -> Record {
-        let dead = |dweet: &RawDweet, reason: String| {
-            Record::DeadLetter(DeadLetter {
-                thing: Some(dweet.thing.clone()),
-                created: Some(dweet.created.as_str().to_owned()),
-                created_ms,
-                received_ms,
-                payload: serde_json::to_string(dweet).unwrap_or_default(),
-                reason,
-            })
-        };
-        if dweet.thing.is_empty() {
-            return dead(&dweet, "the dweet has an empty thing name".to_owned());
-        }
-        let Some(created_ms) = created_ms else {
-            let reason = format!(
-                "`created` {:?} is not an RFC 3339 timestamp",
-                dweet.created.as_str()
-            );
-            return dead(&dweet, reason);
-        };
-        let kind = json_kind(dweet.content.get());
-        if kind != "an object" {
-            return dead(&dweet, format!("the content is {kind}, not a JSON object"));
-        }
-        let readings = match self.readings(dweet.content.get()) {
-            Ok(readings) => readings,
-            Err(reason) => return dead(&dweet, reason),
-        };
-        let content: Box<str> = dweet.content.into();
-        Record::Dweet(Normalized {
-            created_text: created_text_to_keep(dweet.created.as_str(), created_ms),
-            thing: dweet.thing,
-            created_ms,
-            received_ms,
-            content: content.into_string(),
-            readings,
+        assemble(dweet.into(), created_ms, received_ms, |content| {
+            self.readings(content)
         })
+    }
+
+    /// The readings of the JSON value at the start of `text` and where it ends, with the
+    /// sensor names shared as [`Normalizer::normalize`] shares them; `None` where the walk
+    /// stops (not JSON, too deep, too many readings), which `normalize` then reports.
+    fn readings_at_start(&mut self, text: &str) -> Option<(Vec<Reading>, usize)> {
+        let mut path = std::mem::take(&mut self.path);
+        path.clear();
+        let walked = leaves::walk_at_start(text, &self.sensors, &mut path);
+        self.path = path;
+        let (readings, all_known, end) = walked?;
+        Some((self.keep(readings, all_known), end))
     }
 
     /// The readings of an object's JSON text, in document order. A name that repeats within
@@ -102,14 +83,77 @@ impl Normalizer {
         path.clear();
         let walked = leaves::walk(content, &self.sensors, &mut path);
         self.path = path;
-        let (mut readings, all_known) = walked?;
-        // Names all reused from a list with none alike cannot repeat; anything else is checked.
+        let (readings, all_known) = walked?;
+        Ok(self.keep(readings, all_known))
+    }
+
+    /// Names all reused from a list with none alike cannot repeat; anything else is checked,
+    /// and becomes the list the next dweet's names are compared with.
+    fn keep(&mut self, mut readings: Vec<Reading>, all_known: bool) -> Vec<Reading> {
         if !all_known {
             keep_last_of_repeated_names(&mut readings);
             self.sensors = readings.iter().map(|r| Arc::clone(&r.sensor)).collect();
         }
-        Ok(readings)
+        readings
     }
+}
+
+/// A dweet whose readings an import's line reader found already (they are `readings` only if
+/// its content is an object); otherwise as [`Normalizer::normalize`] has it.
+pub fn normalize_walked(
+    dweet: TextDweet,
+    created_ms: Option<i64>,
+    received_ms: i64,
+    readings: Vec<Reading>,
+) -> Record {
+    assemble(dweet, created_ms, received_ms, |_| Ok(readings))
+}
+
+/// The checks every dweet goes through, in order, with its readings from `readings` once it
+/// is known to have an object for content.
+fn assemble(
+    dweet: TextDweet,
+    created_ms: Option<i64>,
+    received_ms: i64,
+    readings: impl FnOnce(&str) -> Result<Vec<Reading>, String>,
+) -> Record {
+    let dead = |dweet: &TextDweet, reason: String| {
+        Record::DeadLetter(DeadLetter {
+            thing: Some(dweet.thing().to_owned()),
+            created: Some(dweet.created().as_str().to_owned()),
+            created_ms,
+            received_ms,
+            payload: dweet.to_json(),
+            reason,
+        })
+    };
+    if dweet.thing().is_empty() {
+        return dead(&dweet, "the dweet has an empty thing name".to_owned());
+    }
+    let Some(created_ms) = created_ms else {
+        let reason = format!(
+            "`created` {:?} is not an RFC 3339 timestamp",
+            dweet.created().as_str()
+        );
+        return dead(&dweet, reason);
+    };
+    let kind = json_kind(dweet.content());
+    if kind != "an object" {
+        return dead(&dweet, format!("the content is {kind}, not a JSON object"));
+    }
+    let readings = match readings(dweet.content()) {
+        Ok(readings) => readings,
+        Err(reason) => return dead(&dweet, reason),
+    };
+    let (thing, created, content) = dweet.into_parts();
+    Record::Dweet(Normalized {
+        created_text: created_text_to_keep(created.as_str(), created_ms),
+        thing,
+        created_ms,
+        received_ms,
+        content,
+        readings,
+    })
 }
 
 fn keep_last_of_repeated_names(readings: &mut Vec<Reading>) {
