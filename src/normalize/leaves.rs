@@ -252,10 +252,11 @@ impl Scanner<'_, '_, '_> {
             Some((b'-', digits)) => (true, digits),
             _ => (false, text),
         };
-        if !is_json_number(digits) {
-            return Err(Stop::NotJson { at: start });
-        }
-        match plain_decimal(digits) {
+        // The plain decimals JSON has (no leading zero, no bare point) are read at once; the
+        // rest is held to the whole grammar first.
+        let bare_point = digits.last() == Some(&b'.');
+        let leading_zero = digits.len() > 1 && digits[0] == b'0' && digits[1] != b'.';
+        match plain_decimal(digits).filter(|_| !bare_point && !leading_zero) {
             // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
             Some((0, None)) => return Ok(0.0),
             Some((magnitude, None)) => {
@@ -274,6 +275,9 @@ impl Scanner<'_, '_, '_> {
                 return Ok(if negative { -magnitude } else { magnitude });
             }
             _ => {}
+        }
+        if !is_json_number(digits) {
+            return Err(Stop::NotJson { at: start });
         }
         self.json
             .get(start..self.at)
