@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group};
-use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder, RawDweet};
-use dweetpipe::normalize::Normalizer;
+use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
+use dweetpipe::normalize::{Normalizer, read_dweet_text};
 use dweetpipe::protocol::encode_stream_frame;
 use dweetpipe::record::Record;
 use dweetpipe::sandbox::simulator::S5d9Board;
@@ -52,18 +52,20 @@ fn run_pipeline(bytes: &[u8], dir: &std::path::Path) -> usize {
     )
     .expect("sink opens");
     let mut decoder = FrameDecoder::new();
-    // The worker's path: content kept as its JSON text. The worker has a normaliser per
-    // thing, found without a lookup; all boards here send one shape, so one normaliser does
-    // the same work.
+    // The worker's path: a common line read with its readings in one pass by the stream's
+    // reader, content kept as its JSON text. The worker has a normaliser per thing, found
+    // without a lookup; all boards here send one shape, so one normaliser does the same work.
     let mut normalizer = Normalizer::default();
+    let mut names = Normalizer::default();
+    let mut reader = |json: &str| read_dweet_text(json, &mut names);
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
     let mut dweets = 0;
     for read in bytes.chunks(16 * 1024) {
         decoder.push(read);
-        while let Some(event) = decoder.next_event_as::<RawDweet>() {
-            if let Decoded::Dweet(dweet) = event {
-                let created_ms = dweet.created.to_datetime().map(|at| at.timestamp_millis());
-                batch.push(normalizer.normalize(dweet, created_ms, 0));
+        while let Some(event) = decoder.next_event_read_by(&mut reader) {
+            if let Decoded::Dweet(read) = event {
+                let created_ms = read.dweet.created().to_ms();
+                batch.push(read.normalize(&mut normalizer, created_ms, 0));
                 dweets += 1;
             }
         }

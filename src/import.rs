@@ -10,9 +10,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::BufRead;
 
-use crate::client::{RawDweet, TextDweet};
-use crate::normalize::{Normalizer, normalize_walked, read_dweet_line};
-use crate::record::{DeadLetter, Reading, Record};
+use crate::client::TextDweet;
+use crate::normalize::{Normalizer, ReadDweet, read_dweet_line};
+use crate::record::{DeadLetter, Record};
 use crate::sink::parquet::DatasetError;
 use crate::sink::parquet::ParquetSink;
 use crate::sink::postgres::PostgresSink;
@@ -115,19 +115,18 @@ impl Imported {
             // the bytes (it checks the UTF-8 of what it keeps, so only a refused line is
             // copied).
             let parsed = match read_dweet_line(line, &mut self.normalizer) {
-                Some((dweet, readings)) => Ok((dweet, Some(readings))),
-                None => serde_json::from_slice::<RawDweet>(line).map(|raw| (raw.into(), None)),
+                Some(read) => Ok(read),
+                None => serde_json::from_slice::<ReadDweet>(line),
             };
             match parsed {
-                Ok((dweet, readings)) => {
+                Ok(read) => {
                     self.dweets += 1;
-                    let created_ms = dweet.created().to_ms();
-                    match self.by_thing.get_mut(dweet.thing()) {
-                        Some(dweets) => dweets.push((created_ms, dweet, readings)),
+                    let created_ms = read.dweet.created().to_ms();
+                    match self.by_thing.get_mut(read.dweet.thing()) {
+                        Some(dweets) => dweets.push((created_ms, read)),
                         None => {
-                            let thing = dweet.thing().to_owned();
-                            self.by_thing
-                                .insert(thing, vec![(created_ms, dweet, readings)]);
+                            let thing = read.dweet.thing().to_owned();
+                            self.by_thing.insert(thing, vec![(created_ms, read)]);
                         }
                     }
                 }
@@ -175,11 +174,8 @@ impl Imported {
             .collect();
         while let Some(Reverse((_, index))) = next.pop() {
             let (normalizer, dweets) = &mut streams[index];
-            if let Some((created_ms, dweet, readings)) = dweets.next() {
-                records.push(match readings {
-                    Some(readings) => normalize_walked(dweet, created_ms, received_ms, readings),
-                    None => normalizer.normalize(dweet, created_ms, received_ms),
-                });
+            if let Some((created_ms, read)) = dweets.next() {
+                records.push(read.normalize(normalizer, created_ms, received_ms));
             }
             if let Some((at, ..)) = dweets.peek() {
                 next.push(Reverse((*at, index)));
@@ -197,7 +193,7 @@ impl Imported {
             .map(|(thing, dweets)| {
                 (
                     thing,
-                    dweets.into_iter().map(|(_, dweet, _)| dweet).collect(),
+                    dweets.into_iter().map(|(_, read)| read.dweet).collect(),
                 )
             })
             .collect();
@@ -205,9 +201,8 @@ impl Imported {
     }
 }
 
-/// A thing's dweets, each with its `created` in ms, and its readings when the line reader
-/// found them already.
-type Timed = Vec<(Option<i64>, TextDweet, Option<Vec<Reading>>)>;
+/// A thing's dweets, each with its `created` in ms.
+type Timed = Vec<(Option<i64>, ReadDweet)>;
 
 fn sorted_by_thing(by_thing: HashMap<String, Timed>) -> (Vec<(String, Timed)>, u64) {
     let mut repeats = 0;
@@ -216,7 +211,7 @@ fn sorted_by_thing(by_thing: HashMap<String, Timed>) -> (Vec<(String, Timed)>, u
     for (_, dweets) in &mut things {
         dweets.sort_by_key(|(created_ms, ..)| *created_ms);
         let before = dweets.len();
-        dweets.dedup_by(|later, earlier| later.1.created() == earlier.1.created());
+        dweets.dedup_by(|later, earlier| later.1.dweet.created() == earlier.1.dweet.created());
         repeats += (before - dweets.len()) as u64;
     }
     (things, repeats)

@@ -130,6 +130,16 @@ impl FrameDecoder {
 
     /// [`FrameDecoder::next_event`], decoding each dweet as `D`.
     pub fn next_event_as<D: DeserializeOwned>(&mut self) -> Option<Decoded<D>> {
+        self.next_event_read_by(&mut |_| None)
+    }
+
+    /// [`FrameDecoder::next_event_as`], offering each JSON object's text to `reader` first:
+    /// what it makes a `D` of is the dweet, and serde_json reads what it declines (`None`).
+    /// A reader must accept only what serde_json would read as a `D`, and give the same.
+    pub fn next_event_read_by<D: DeserializeOwned>(
+        &mut self,
+        reader: &mut dyn FnMut(&str) -> Option<D>,
+    ) -> Option<Decoded<D>> {
         loop {
             let pending = &self.buf[self.consumed..];
             match memchr::memchr(b'\n', pending) {
@@ -139,7 +149,8 @@ impl FrameDecoder {
                     if end > self.max_line {
                         return Some(skipped(SkipReason::TooLong, &self.buf[line_range]));
                     }
-                    if let Some(event) = classify_line(&self.buf[line_range], &mut self.literal) {
+                    let line = &self.buf[line_range];
+                    if let Some(event) = classify_line(line, &mut self.literal, reader) {
                         return Some(event);
                     }
                 }
@@ -163,7 +174,16 @@ impl FrameDecoder {
 
     /// [`FrameDecoder::finish`], decoding a dweet as `D`.
     pub fn finish_as<D: DeserializeOwned>(&mut self) -> Option<Decoded<D>> {
-        let last = classify_line(&self.buf[self.consumed..], &mut self.literal);
+        self.finish_read_by(&mut |_| None)
+    }
+
+    /// [`FrameDecoder::finish_as`] with a `reader` as [`FrameDecoder::next_event_read_by`]
+    /// has it.
+    pub fn finish_read_by<D: DeserializeOwned>(
+        &mut self,
+        reader: &mut dyn FnMut(&str) -> Option<D>,
+    ) -> Option<Decoded<D>> {
+        let last = classify_line(&self.buf[self.consumed..], &mut self.literal, reader);
         self.clear();
         self.discarding = false;
         last
@@ -189,21 +209,26 @@ struct FailureLine {
 }
 
 /// Decodes one line without its newline; `None` for lines that carry no dweet by design
-/// (blank lines, hex chunk lengths). `literal` is scratch space for a string literal's text.
-fn classify_line<D: DeserializeOwned>(line: &[u8], literal: &mut Vec<u8>) -> Option<Decoded<D>> {
+/// (blank lines, hex chunk lengths). `literal` is scratch space for a string literal's text;
+/// `reader` is offered each object first.
+fn classify_line<D: DeserializeOwned>(
+    line: &[u8],
+    literal: &mut Vec<u8>,
+    reader: &mut dyn FnMut(&str) -> Option<D>,
+) -> Option<Decoded<D>> {
     let line = line.trim_ascii();
     if line.is_empty() || is_hex_length(line) {
         return None;
     }
     let reason = match line[0] {
         b'"' => match unescape_literal(line, literal) {
-            Some(inner) => match decode_object(inner) {
+            Some(inner) => match decode_object(inner, reader) {
                 Ok(event) => return Some(event),
                 Err(reason) => reason,
             },
             None => SkipReason::NotJson,
         },
-        b'{' => match std::str::from_utf8(line).map(decode_object) {
+        b'{' => match std::str::from_utf8(line).map(|json| decode_object(json, reader)) {
             Ok(Ok(event)) => return Some(event),
             Ok(Err(reason)) => reason,
             Err(_) => SkipReason::NotJson,
@@ -213,9 +238,15 @@ fn classify_line<D: DeserializeOwned>(line: &[u8], literal: &mut Vec<u8>) -> Opt
     Some(skipped(reason, line))
 }
 
-/// Decodes a JSON object; from `&str`, so serde_json does not check the UTF-8 again in
-/// every string it reads.
-fn decode_object<D: DeserializeOwned>(json: &str) -> Result<Decoded<D>, SkipReason> {
+/// Decodes a JSON object, `reader` first; from `&str`, so serde_json does not check the UTF-8
+/// again in every string it reads.
+fn decode_object<D: DeserializeOwned>(
+    json: &str,
+    reader: &mut dyn FnMut(&str) -> Option<D>,
+) -> Result<Decoded<D>, SkipReason> {
+    if let Some(dweet) = reader(json) {
+        return Ok(Decoded::Dweet(dweet));
+    }
     match serde_json::from_str::<D>(json) {
         Ok(dweet) => Ok(Decoded::Dweet(dweet)),
         Err(dweet_error) => match serde_json::from_str::<FailureLine>(json) {
@@ -293,6 +324,7 @@ fn is_hex_length(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::Created;
     use crate::protocol::encode_stream_frame;
 
     const DWEET: &str = r#"{"thing":"my-thing","created":"2014-03-19T10:45:28.934Z","content":{"some_key":"some_value","n":6816513845}}"#;
@@ -306,6 +338,45 @@ mod tests {
             .iter()
             .filter(|e| matches!(e, Decoded::Dweet(_)))
             .count()
+    }
+
+    #[test]
+    fn a_reader_is_offered_each_object_first_and_serde_json_reads_what_it_declines() {
+        let mut decoder = FrameDecoder::new();
+        let other = DWEET.replace("my-thing", "other-thing");
+        let failure = r#"{"this":"failed","with":403,"because":"locked"}"#;
+        let mut input = encode_stream_frame(DWEET);
+        input.extend_from_slice(format!("{other}\n{failure}\n[1]\n").as_bytes());
+        decoder.push(&input);
+        let mut offered = Vec::new();
+        let mut reader = |json: &str| {
+            offered.push(json.to_owned());
+            json.contains("my-thing").then(|| Dweet {
+                thing: "read by the reader".to_owned(),
+                created: Created::new("c"),
+                content: serde_json::Value::Null,
+                transaction: None,
+            })
+        };
+        let events: Vec<Decoded> =
+            std::iter::from_fn(|| decoder.next_event_read_by(&mut reader)).collect();
+        assert_eq!(offered, vec![DWEET.to_owned(), other, failure.to_owned()]);
+        let things: Vec<&str> = events
+            .iter()
+            .filter_map(|event| match event {
+                Decoded::Dweet(dweet) => Some(dweet.thing.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(things, vec!["read by the reader", "other-thing"]);
+        assert!(matches!(
+            events[2],
+            Decoded::Failure {
+                code: Some(403),
+                ..
+            }
+        ));
+        assert!(matches!(events[3], Decoded::Skipped(_)), "{events:?}");
     }
 
     proptest::proptest! {

@@ -6,7 +6,6 @@
 //! reconnect policy (the ingest worker, with backoff and backfill) use a single connection and
 //! reopen it themselves.
 
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,8 +147,12 @@ struct Listener<D> {
     body: Option<BoxStream<'static, Result<Bytes>>>,
     stats: Arc<ListenStats>,
     finished: bool,
-    decodes: PhantomData<fn() -> D>,
+    /// Offered each object before serde_json (see [`FrameDecoder::next_event_read_by`]).
+    reader: LineReader<D>,
 }
+
+/// What a listen stream offers each JSON object before serde_json reads it as a dweet.
+pub type LineReader<D> = Box<dyn FnMut(&str) -> Option<D> + Send>;
 
 /// Opens the first connection before returning, so that once this resolves the server has
 /// subscribed us: a dweet sent afterwards is delivered. A refusal or a failure to connect is
@@ -159,6 +162,7 @@ pub(super) async fn open<D: DeserializeOwned + Send + 'static>(
     transport: Transport,
     url: String,
     options: ListenOptions,
+    reader: LineReader<D>,
 ) -> Result<DweetStream<D>> {
     let stats = Arc::new(ListenStats::default());
     let mut listener = Listener {
@@ -171,7 +175,7 @@ pub(super) async fn open<D: DeserializeOwned + Send + 'static>(
         body: None,
         stats: Arc::clone(&stats),
         finished: false,
-        decodes: PhantomData,
+        reader,
     };
     listener.connect().await?;
     let inner = futures_util::stream::unfold(listener, |mut listener| async move {
@@ -219,7 +223,7 @@ impl<D: DeserializeOwned> Listener<D> {
     }
 
     async fn step(&mut self) -> Step<D> {
-        if let Some(event) = self.decoder.next_event_as() {
+        if let Some(event) = self.decoder.next_event_read_by(&mut self.reader) {
             return self.on_event(event);
         }
         if self.deadline_passed() {
@@ -242,7 +246,7 @@ impl<D: DeserializeOwned> Listener<D> {
                     Ok(None) => {
                         // The server ended the stream (idle close): normal, and a last line
                         // without a newline still counts.
-                        let last = self.decoder.finish_as();
+                        let last = self.decoder.finish_read_by(&mut self.reader);
                         let step = self.connection_lost(None);
                         match last {
                             Some(event) => self.on_event(event),

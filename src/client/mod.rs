@@ -291,11 +291,37 @@ impl Client {
         self.listen_as(thing, key, options).await
     }
 
+    /// [`Client::listen_for_dweets_from`] with each dweet a `D`: `reader` is offered each
+    /// line's JSON object first, and serde_json reads what it declines (`None`). It must
+    /// accept only what serde_json would read as a `D`, and give the same; the ingest path
+    /// reads a common dweet and finds its readings in one pass this way.
+    pub async fn listen_for_dweets_read_by<D: DeserializeOwned + Send + 'static>(
+        &self,
+        thing: &str,
+        key: Option<&Key>,
+        options: ListenOptions,
+        reader: impl FnMut(&str) -> Option<D> + Send + 'static,
+    ) -> Result<DweetStream<D>> {
+        self.listen_read_by(thing, key, options, Box::new(reader))
+            .await
+    }
+
     async fn listen_as<D: DeserializeOwned + Send + 'static>(
         &self,
         thing: &str,
         key: Option<&Key>,
         options: ListenOptions,
+    ) -> Result<DweetStream<D>> {
+        self.listen_read_by(thing, key, options, Box::new(|_| None))
+            .await
+    }
+
+    async fn listen_read_by<D: DeserializeOwned + Send + 'static>(
+        &self,
+        thing: &str,
+        key: Option<&Key>,
+        options: ListenOptions,
+        reader: listen::LineReader<D>,
     ) -> Result<DweetStream<D>> {
         let url = self.url("/listen/for/dweets/from/", &[thing], key);
         listen::open(
@@ -303,6 +329,7 @@ impl Client {
             self.listen_transport.clone(),
             url,
             options,
+            reader,
         )
         .await
     }

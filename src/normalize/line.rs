@@ -1,5 +1,6 @@
-//! An import's common line (`{"thing":…,"created":…,"content":{…}}`, no escapes in the two
-//! names) read and normalised in one pass over its content.
+//! The common dweet line (`{"thing":…,"created":…,"content":{…}}`, no escapes in the two
+//! names), from an import's file or a listen stream, read and normalised in one pass over its
+//! content.
 //!
 //! serde_json checks a content by walking it, and the normaliser then walks it again for its
 //! numbers: the first walk cost about 4,000 instructions of an import's dweet. Here the
@@ -9,19 +10,19 @@
 //! and the caller parses it with serde_json as before. So a line it accepts is one serde_json
 //! accepts, with the same fields, and every other line gets serde_json's answer and error.
 
-use super::Normalizer;
+use super::{Normalizer, ReadDweet};
 use crate::client::{Created, TextDweet};
 use crate::protocol::first_special;
-use crate::record::Reading;
 
 /// The dweet on `line` with the readings of its content (named as `normalizer` names them),
 /// when the line is JSON of the common shape; `None` means "ask serde_json", never "not a
 /// dweet".
-pub fn read_dweet_line(
-    line: &[u8],
-    normalizer: &mut Normalizer,
-) -> Option<(TextDweet, Vec<Reading>)> {
-    let text = std::str::from_utf8(line).ok()?;
+pub fn read_dweet_line(line: &[u8], normalizer: &mut Normalizer) -> Option<ReadDweet> {
+    read_dweet_text(std::str::from_utf8(line).ok()?, normalizer)
+}
+
+/// [`read_dweet_line`] for a line already known to be UTF-8.
+pub fn read_dweet_text(text: &str, normalizer: &mut Normalizer) -> Option<ReadDweet> {
     let mut scan = Envelope {
         bytes: text.as_bytes(),
         at: 0,
@@ -70,7 +71,10 @@ pub fn read_dweet_line(
         Created::new(&text[created?]),
         text[content?].to_owned(),
     );
-    Some((dweet, readings?))
+    Some(ReadDweet {
+        dweet,
+        readings: Some(readings?),
+    })
 }
 
 /// A cursor over the line around the content; each step answers `None` for what it does not
@@ -120,14 +124,10 @@ mod tests {
     }
 
     fn by_line_reader(line: &[u8]) -> Option<Record> {
-        let (dweet, readings) = read_dweet_line(line, &mut Normalizer::default())?;
-        let created_ms = dweet.created().to_ms();
-        Some(super::super::normalize_walked(
-            dweet,
-            created_ms,
-            RECEIVED_MS,
-            readings,
-        ))
+        let mut normalizer = Normalizer::default();
+        let read = read_dweet_line(line, &mut normalizer)?;
+        let created_ms = read.dweet.created().to_ms();
+        Some(read.normalize(&mut normalizer, created_ms, RECEIVED_MS))
     }
 
     #[test]

@@ -9,11 +9,12 @@
 mod leaves;
 mod line;
 
-pub use line::read_dweet_line;
+pub use line::{read_dweet_line, read_dweet_text};
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::client::{Dweet, RawDweet, TextDweet};
@@ -98,15 +99,38 @@ impl Normalizer {
     }
 }
 
-/// A dweet whose readings an import's line reader found already (they are `readings` only if
-/// its content is an object); otherwise as [`Normalizer::normalize`] has it.
-pub fn normalize_walked(
-    dweet: TextDweet,
-    created_ms: Option<i64>,
-    received_ms: i64,
-    readings: Vec<Reading>,
-) -> Record {
-    assemble(dweet, created_ms, received_ms, |_| Ok(readings))
+/// A dweet as an ingest source read it: its text, and its readings when the line reader
+/// ([`read_dweet_line`]) found them already; a dweet serde_json read has none yet.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "RawDweet")]
+pub struct ReadDweet {
+    pub dweet: TextDweet,
+    pub readings: Option<Vec<Reading>>,
+}
+
+impl From<RawDweet> for ReadDweet {
+    fn from(raw: RawDweet) -> Self {
+        ReadDweet {
+            dweet: raw.into(),
+            readings: None,
+        }
+    }
+}
+
+impl ReadDweet {
+    /// The record, with the readings already found or found now by `normalizer`.
+    pub fn normalize(
+        self,
+        normalizer: &mut Normalizer,
+        created_ms: Option<i64>,
+        received_ms: i64,
+    ) -> Record {
+        match self.readings {
+            // They are only used once the content is known to be an object.
+            Some(readings) => assemble(self.dweet, created_ms, received_ms, |_| Ok(readings)),
+            None => normalizer.normalize(self.dweet, created_ms, received_ms),
+        }
+    }
 }
 
 /// The checks every dweet goes through, in order, with its readings from `readings` once it

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SourceConfig, SourceMode, ThingConfig};
 use crate::backoff::Backoff;
-use crate::client::{self, Client, ListenEvent, ListenOptions, RawDweet};
-use crate::normalize::{self, Normalizer};
+use crate::client::{self, Client, ListenEvent, ListenOptions, TextDweet};
+use crate::normalize::{self, Normalizer, ReadDweet};
 use crate::record::{Record, now_ms};
 use crate::telemetry::{ConnectOutcome, Disconnect, DweetSource, Health, Metrics};
 
@@ -68,10 +68,10 @@ pub const UNPLACED_KEPT: usize = 1024;
 
 impl Unplaced {
     /// Whether `dweet` (by its `created` text and content) is seen here for the first time.
-    fn first_time(&mut self, dweet: &RawDweet) -> bool {
+    fn first_time(&mut self, dweet: &TextDweet) -> bool {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        dweet.created.as_str().hash(&mut hasher);
-        dweet.content.get().hash(&mut hasher);
+        dweet.created().as_str().hash(&mut hasher);
+        dweet.content().hash(&mut hasher);
         let key = hasher.finish();
         if !self.seen.insert(key) {
             return false;
@@ -177,9 +177,13 @@ impl Subscription {
             idle_timeout: self.source.idle_timeout,
             ..ListenOptions::default()
         };
+        // The stream reads a common dweet and its readings in one pass, with names of its own
+        // (only equal names are shared); serde_json reads any other line.
+        let mut names = Normalizer::default();
+        let reader = move |json: &str| normalize::read_dweet_text(json, &mut names);
         let opened = tokio::select! {
             _ = self.cancel.cancelled() => return Ended::Stopped,
-            opened = self.client.listen_for_raw_dweets_from(&self.thing.name, self.thing.key.as_ref(), options) => opened,
+            opened = self.client.listen_for_dweets_read_by(&self.thing.name, self.thing.key.as_ref(), options, reader) => opened,
         };
         let mut stream = match opened {
             Ok(stream) => stream.events(),
@@ -302,9 +306,10 @@ impl Subscription {
 
     /// Normalises and sends one dweet unless it is not newer than the watermark. Returns
     /// false when the pipeline is gone.
-    async fn emit(&mut self, dweet: RawDweet, source: DweetSource) -> bool {
+    async fn emit(&mut self, dweet: impl Into<ReadDweet>, source: DweetSource) -> bool {
+        let read = dweet.into();
         let received_ms = now_ms();
-        let created_ms = dweet.created.to_ms();
+        let created_ms = read.dweet.created().to_ms();
         if let Some(created_ms) = created_ms {
             if created_ms <= self.watermark.load(Ordering::Relaxed) {
                 self.metrics.duplicates_dropped.inc();
@@ -316,12 +321,12 @@ impl Subscription {
                 let delay = (received_ms - created_ms).max(0) as f64 / 1000.0;
                 self.metrics.ingest_delay.observe(delay);
             }
-        } else if !self.unplaced.first_time(&dweet) {
+        } else if !self.unplaced.first_time(&read.dweet) {
             self.metrics.duplicates_dropped.inc();
             return true;
         }
         self.metrics.dweet_received(source);
-        let record = self.normalizer.normalize(dweet, created_ms, received_ms);
+        let record = read.normalize(&mut self.normalizer, created_ms, received_ms);
         if matches!(record, Record::DeadLetter(_)) {
             self.metrics.dead_letters.inc();
         }
