@@ -152,7 +152,7 @@ struct Listener<D> {
 }
 
 /// What a listen stream offers each JSON object before serde_json reads it as a dweet.
-pub type LineReader<D> = Box<dyn FnMut(&str) -> Option<D> + Send>;
+pub(super) type LineReader<D> = Box<dyn FnMut(&str) -> Option<D> + Send>;
 
 /// Opens the first connection before returning, so that once this resolves the server has
 /// subscribed us: a dweet sent afterwards is delivered. A refusal or a failure to connect is

@@ -277,18 +277,20 @@ impl Client {
         key: Option<&Key>,
         options: ListenOptions,
     ) -> Result<DweetStream> {
-        self.listen_as(thing, key, options).await
+        self.listen_for_dweets_read_by(thing, key, options, |_| None)
+            .await
     }
 
     /// [`Client::listen_for_dweets_from`] with each content kept as the JSON text the server
-    /// sent: the ingest path, which parses content once for its readings.
+    /// sent, for a caller that parses it once itself.
     pub async fn listen_for_raw_dweets_from(
         &self,
         thing: &str,
         key: Option<&Key>,
         options: ListenOptions,
     ) -> Result<DweetStream<RawDweet>> {
-        self.listen_as(thing, key, options).await
+        self.listen_for_dweets_read_by(thing, key, options, |_| None)
+            .await
     }
 
     /// [`Client::listen_for_dweets_from`] with each dweet a `D`: `reader` is offered each
@@ -302,34 +304,13 @@ impl Client {
         options: ListenOptions,
         reader: impl FnMut(&str) -> Option<D> + Send + 'static,
     ) -> Result<DweetStream<D>> {
-        self.listen_read_by(thing, key, options, Box::new(reader))
-            .await
-    }
-
-    async fn listen_as<D: DeserializeOwned + Send + 'static>(
-        &self,
-        thing: &str,
-        key: Option<&Key>,
-        options: ListenOptions,
-    ) -> Result<DweetStream<D>> {
-        self.listen_read_by(thing, key, options, Box::new(|_| None))
-            .await
-    }
-
-    async fn listen_read_by<D: DeserializeOwned + Send + 'static>(
-        &self,
-        thing: &str,
-        key: Option<&Key>,
-        options: ListenOptions,
-        reader: listen::LineReader<D>,
-    ) -> Result<DweetStream<D>> {
         let url = self.url("/listen/for/dweets/from/", &[thing], key);
         listen::open(
             self.http.clone(),
             self.listen_transport.clone(),
             url,
             options,
-            reader,
+            Box::new(reader),
         )
         .await
     }

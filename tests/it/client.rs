@@ -7,7 +7,8 @@ use dweetpipe::protocol;
 use serde_json::json;
 
 use crate::common::{
-    self, KEY, LOCK, OTHER_KEY, OTHER_LOCK, client_for, key, sandbox, sandbox_with, thing,
+    self, KEY, LOCK, OTHER_KEY, OTHER_LOCK, client_for, install_tls_provider, key, sandbox,
+    sandbox_with, thing,
 };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -362,6 +363,7 @@ async fn base_url_with_a_prefix() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_existing_reqwest_client_can_be_reused() {
     let server = sandbox().await;
+    install_tls_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
         .build()

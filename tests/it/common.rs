@@ -139,12 +139,16 @@ pub fn assert_created_format(created: &str) {
     );
 }
 
-/// A plain HTTP client for tests that talk to pages and metrics directly. reqwest is built
-/// without a default TLS provider; the library installs ring when it builds its own client,
-/// and this does the same so a test may come first.
+/// A plain HTTP client for tests that talk to pages and metrics directly.
 pub fn http() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_tls_provider();
     reqwest::Client::new()
+}
+
+/// reqwest is built without a default TLS provider; the library installs ring when it builds
+/// its own client, and a test that builds one itself does the same, so it may come first.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The body of a GET of `url` (empty when it does not answer).
