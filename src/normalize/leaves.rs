@@ -3,9 +3,9 @@
 //! This is the ingest path's hot loop, so it is a small scanner rather than a serde visitor:
 //! it finds values, names them by their dotted path and parses numbers the way serde_json
 //! does (integers exactly, floats correctly rounded). It also holds the text to JSON's
-//! grammar, so that an import's line needs no other check of its content ([`super::line`]):
-//! text it stops at as `NotJson` is never JSON, and JSON deeper or wider than the limits
-//! stops it as `TooDeep` or `TooMany`.
+//! grammar, so that a common dweet line, an import's or a listen stream's, needs no other
+//! check of its content ([`super::line`]): text it stops at as `NotJson` is never JSON, and
+//! JSON deeper or wider than the limits stops it as `TooDeep` or `TooMany`.
 
 use std::sync::Arc;
 
