@@ -13,30 +13,17 @@ use super::{MAX_DEPTH, MAX_READINGS};
 use crate::protocol::first_special;
 use crate::record::Reading;
 
-/// The readings of the JSON object `text`, in document order, and whether every sensor name
-/// was reused from `known` (the previous dweet's names, reused where the same path comes at
-/// the same place). `path` is scratch space and starts empty.
-pub(super) fn walk(
-    text: &str,
-    known: &[Arc<str>],
-    path: &mut String,
-) -> Result<(Vec<Reading>, bool), String> {
-    walk_or_stop(text, known, path)
-        .map(|(readings, all_known, _)| (readings, all_known))
-        .map_err(|stop| stop.reason())
-}
-
 /// Why a walk stopped. Small and `Copy`, so the scanner's many returns stay cheap; the text
 /// is written once, for the dead letter.
 #[derive(Debug, Clone, Copy)]
-enum Stop {
+pub(super) enum Stop {
     NotJson { at: usize },
     TooDeep,
     TooMany,
 }
 
 impl Stop {
-    fn reason(self) -> String {
+    pub(super) fn reason(self) -> String {
         match self {
             Stop::NotJson { at } => format!("the content is not valid JSON at byte {at}"),
             Stop::TooDeep => format!("the content nests deeper than {MAX_DEPTH} levels"),
@@ -45,17 +32,11 @@ impl Stop {
     }
 }
 
-/// Like [`walk`], for the JSON value at the start of `text`: also where that value ends;
-/// `None` where `walk` would give an error.
-pub(super) fn walk_at_start(
-    text: &str,
-    known: &[Arc<str>],
-    path: &mut String,
-) -> Option<(Vec<Reading>, bool, usize)> {
-    walk_or_stop(text, known, path).ok()
-}
-
-fn walk_or_stop(
+/// The readings of the JSON value at the start of `text`, in document order; whether every
+/// sensor name was reused from `known` (the previous dweet's names, reused where the same
+/// path comes at the same place); and where the value ends. `path` is scratch space and
+/// starts empty.
+pub(super) fn walk(
     text: &str,
     known: &[Arc<str>],
     path: &mut String,
@@ -410,7 +391,7 @@ mod tests {
     /// The one reading of `{"v":<number>}`.
     fn read(number: &str) -> f64 {
         let text = format!(r#"{{"v":{number}}}"#);
-        let (readings, _) = walk(&text, &[], &mut String::new()).unwrap();
+        let (readings, ..) = walk(&text, &[], &mut String::new()).unwrap();
         readings[0].value
     }
 

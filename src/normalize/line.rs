@@ -27,7 +27,7 @@ pub fn read_dweet_text(text: &str, normalizer: &mut Normalizer) -> Option<ReadDw
         bytes: text.as_bytes(),
         at: 0,
     };
-    let (mut thing, mut created, mut content, mut readings) = (None, None, None, None);
+    let (mut thing, mut created, mut content) = (None, None, None);
     scan.space();
     scan.byte(b'{')?;
     loop {
@@ -41,10 +41,9 @@ pub fn read_dweet_text(text: &str, normalizer: &mut Normalizer) -> Option<ReadDw
             "created" => created.replace(scan.string()?).is_some(),
             "content" => {
                 let start = scan.at;
-                let (found, length) = normalizer.readings_at_start(text.get(start..)?)?;
+                let (readings, length) = normalizer.readings_at_start(text.get(start..)?)?;
                 scan.at += length;
-                readings = Some(found);
-                content.replace(start..scan.at).is_some()
+                content.replace((start..scan.at, readings)).is_some()
             }
             // Ignored, as serde ignores a field it does not know (`transaction`).
             _ => scan.string().map(|_| false)?,
@@ -66,14 +65,15 @@ pub fn read_dweet_text(text: &str, normalizer: &mut Normalizer) -> Option<ReadDw
     if scan.at != scan.bytes.len() {
         return None;
     }
+    let (content, readings) = content?;
     let dweet = TextDweet::from_checked_parts(
         text[thing?].to_owned(),
         Created::new(&text[created?]),
-        text[content?].to_owned(),
+        text[content].to_owned(),
     );
     Some(ReadDweet {
         dweet,
-        readings: Some(readings?),
+        readings: Some(readings),
     })
 }
 

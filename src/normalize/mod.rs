@@ -65,37 +65,34 @@ impl Normalizer {
         })
     }
 
-    /// The readings of the JSON value at the start of `text` and where it ends, with the
-    /// sensor names shared as [`Normalizer::normalize`] shares them; `None` where the walk
-    /// stops (not JSON, too deep, too many readings), which `normalize` then reports.
-    fn readings_at_start(&mut self, text: &str) -> Option<(Vec<Reading>, usize)> {
-        let mut path = std::mem::take(&mut self.path);
-        path.clear();
-        let walked = leaves::walk_at_start(text, &self.sensors, &mut path);
-        self.path = path;
-        let (readings, all_known, end) = walked?;
-        Some((self.keep(readings, all_known), end))
-    }
-
     /// The readings of an object's JSON text, in document order. A name that repeats within
     /// one object keeps its first place and its last value, as a parsed JSON object would.
     fn readings(&mut self, content: &str) -> Result<Vec<Reading>, String> {
-        let mut path = std::mem::take(&mut self.path);
-        path.clear();
-        let walked = leaves::walk(content, &self.sensors, &mut path);
-        self.path = path;
-        let (readings, all_known) = walked?;
-        Ok(self.keep(readings, all_known))
+        self.walk(content)
+            .map(|(readings, _)| readings)
+            .map_err(leaves::Stop::reason)
     }
 
-    /// Names all reused from a list with none alike cannot repeat; anything else is checked,
-    /// and becomes the list the next dweet's names are compared with.
-    fn keep(&mut self, mut readings: Vec<Reading>, all_known: bool) -> Vec<Reading> {
+    /// The readings of the JSON value at the start of `text` and where it ends (for the line
+    /// reader, which finds the content's end this way); `None` where the walk stops (not
+    /// JSON, too deep, too many readings), which `normalize` then reports.
+    fn readings_at_start(&mut self, text: &str) -> Option<(Vec<Reading>, usize)> {
+        self.walk(text).ok()
+    }
+
+    fn walk(&mut self, text: &str) -> Result<(Vec<Reading>, usize), leaves::Stop> {
+        let mut path = std::mem::take(&mut self.path);
+        path.clear();
+        let walked = leaves::walk(text, &self.sensors, &mut path);
+        self.path = path;
+        let (mut readings, all_known, end) = walked?;
+        // Names all reused from a list with none alike cannot repeat; anything else is
+        // checked, and becomes the list the next dweet's names are compared with.
         if !all_known {
             keep_last_of_repeated_names(&mut readings);
             self.sensors = readings.iter().map(|r| Arc::clone(&r.sensor)).collect();
         }
-        readings
+        Ok((readings, end))
     }
 }
 
