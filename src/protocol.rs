@@ -193,22 +193,13 @@ pub fn is_plausible_email(address: &str) -> bool {
 /// and too rarely for a byte loop to be the cheapest way past the plain runs; the
 /// normaliser's names and string values are as short.
 pub fn first_special(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
-    // The high bit of each byte of `word` below `n` (exact for the lowest such byte, which
-    // is all that is read: borrows only ever mark bytes above a true one).
-    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
     let mut chunks = bytes.chunks_exact(8);
     let mut offset = 0;
     for chunk in &mut chunks {
         let mut word = [0; 8];
         word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
-        let found = below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1)
-            | below(word, 0x20);
-        if found != 0 {
-            return Some(offset + (found.trailing_zeros() / 8) as usize);
+        if let Some(at) = first_special_in_word(word) {
+            return Some(offset + at);
         }
         offset += 8;
     }
@@ -217,6 +208,20 @@ pub fn first_special(bytes: &[u8]) -> Option<usize> {
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
         .map(|at| offset + at)
+}
+
+/// [`first_special`] within eight bytes.
+pub fn first_special_in_word(word: [u8; 8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    // The high bit of each byte of `word` below `n` (exact for the lowest such byte, which
+    // is all that is read: borrows only ever mark bytes above a true one).
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let word = u64::from_le_bytes(word);
+    let found = below(word ^ (ONES * u64::from(b'"')), 1)
+        | below(word ^ (ONES * u64::from(b'\\')), 1)
+        | below(word, 0x20);
+    (found != 0).then(|| (found.trailing_zeros() / 8) as usize)
 }
 
 #[cfg(test)]
