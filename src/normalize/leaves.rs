@@ -225,39 +225,63 @@ impl Scanner<'_, '_, '_> {
     /// the nearest double), everything else correctly rounded from its decimal text.
     fn number(&mut self) -> Result<f64, Stop> {
         let start = self.at;
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.at += 1;
+        }
+        // The plain decimals JSON has (no leading zero, no bare point, at most 19 digits) are
+        // read as they are scanned; anything else is scanned on and held to the whole
+        // grammar first.
+        let digits = self.at;
+        let mut mantissa = 0u64;
+        let mut count = 0;
+        let mut places = None;
+        loop {
+            match self.peek() {
+                Some(byte @ b'0'..=b'9') if count < 19 => {
+                    mantissa = mantissa * 10 + u64::from(byte - b'0');
+                    count += 1;
+                    if let Some(places) = places.as_mut() {
+                        *places += 1;
+                    }
+                }
+                Some(b'.') if places.is_none() && count > 0 => places = Some(0),
+                _ => break,
+            }
+            self.at += 1;
+        }
+        let plain = count > 0
+            && places != Some(0)
+            && !matches!(
+                self.peek(),
+                Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+            )
+            && !(self.text[digits] == b'0'
+                && self.text.get(digits + 1) != Some(&b'.')
+                && count > 1);
+        if plain {
+            match (mantissa, places) {
+                // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
+                (0, None) => return Ok(0.0),
+                (magnitude, None) => {
+                    let magnitude = magnitude as f64;
+                    return Ok(if negative { -magnitude } else { magnitude });
+                }
+                // Both operands exact, so one correctly rounded division: the value the full
+                // parse would give (Clinger's fast path), at a fraction of its cost.
+                (mantissa, Some(places))
+                    if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() =>
+                {
+                    let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[places];
+                    return Ok(if negative { -magnitude } else { magnitude });
+                }
+                _ => {}
+            }
+        }
         while let Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') = self.peek() {
             self.at += 1;
         }
-        let text = &self.text[start..self.at];
-        let (negative, digits) = match text.split_first() {
-            Some((b'-', digits)) => (true, digits),
-            _ => (false, text),
-        };
-        // The plain decimals JSON has (no leading zero, no bare point) are read at once; the
-        // rest is held to the whole grammar first.
-        let bare_point = digits.last() == Some(&b'.');
-        let leading_zero = digits.len() > 1 && digits[0] == b'0' && digits[1] != b'.';
-        match plain_decimal(digits).filter(|_| !bare_point && !leading_zero) {
-            // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
-            Some((0, None)) => return Ok(0.0),
-            Some((magnitude, None)) => {
-                return Ok(if negative {
-                    -(magnitude as f64)
-                } else {
-                    magnitude as f64
-                });
-            }
-            // Both operands exact, so one correctly rounded division: the value the full
-            // parse would give (Clinger's fast path), at a fraction of its cost.
-            Some((mantissa, Some(places)))
-                if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() =>
-            {
-                let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[places];
-                return Ok(if negative { -magnitude } else { magnitude });
-            }
-            _ => {}
-        }
-        if !is_json_number(digits) {
+        if !is_json_number(&self.text[digits..self.at]) {
             return Err(Stop::NotJson { at: start });
         }
         self.json
@@ -339,35 +363,6 @@ const EXACT_POWERS_OF_TEN: [f64; 23] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
-
-/// Digits with at most one decimal point and no exponent (`12`, `0.65`), as the integer of
-/// all their digits and the number of them after the point (`None` without a point); `None`
-/// for anything else, or more than 19 digits (they might not fit 64 bits).
-fn plain_decimal(digits: &[u8]) -> Option<(u64, Option<usize>)> {
-    if !digits.first()?.is_ascii_digit() || digits.len() > 20 {
-        return None;
-    }
-    let mut value = 0u64;
-    let mut count = 0;
-    let mut places = None;
-    for &byte in digits {
-        match byte {
-            b'0'..=b'9' => {
-                if count == 19 {
-                    return None;
-                }
-                value = value * 10 + u64::from(byte - b'0');
-                count += 1;
-                if let Some(places) = places.as_mut() {
-                    *places += 1;
-                }
-            }
-            b'.' if places.is_none() => places = Some(0),
-            _ => return None,
-        }
-    }
-    Some((value, places))
-}
 
 /// `n` in decimal, written into `buffer`.
 fn itoa(mut n: usize, buffer: &mut [u8; 20]) -> &str {
@@ -467,24 +462,21 @@ mod tests {
     }
 
     #[test]
-    fn plain_decimals_are_told_from_the_rest() {
-        assert_eq!(plain_decimal(b"0.65"), Some((65, Some(2))));
-        assert_eq!(plain_decimal(b"241"), Some((241, None)));
-        assert_eq!(plain_decimal(b"1."), Some((1, Some(0))));
-        assert_eq!(
-            plain_decimal(b"1234567890123456789"),
-            Some((1_234_567_890_123_456_789, None))
-        );
-        for other in [
-            "",
-            ".5",
-            "1.2.3",
-            "1e5",
-            "1+2",
-            "12345678901234567890",
-            "1.2345678901234567890",
+    fn numbers_json_does_not_have_stop_the_walk_where_they_start() {
+        for number in [
+            "01", "-01", "00.5", "1.", "-1.", ".5", "1.2.3", "--1", "-", "1e", "1.5e", "1e+",
+            "1-2", "+1", "1.e5",
         ] {
-            assert_eq!(plain_decimal(other.as_bytes()), None, "{other}");
+            let text = format!(r#"{{"v":{number}}}"#);
+            match walk(&text, &[], &mut String::new()) {
+                Err(Stop::NotJson { at: 5 }) => {}
+                // `+` and `.` cannot start a value at all; the stop is at the same place.
+                other => panic!("{number}: {:?}", other.map(|(readings, ..)| readings)),
+            }
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&text).is_err(),
+                "{number}"
+            );
         }
     }
 }
