@@ -12,9 +12,12 @@ use std::collections::hash_map;
 
 use serde::{Deserialize, Serialize};
 
+/// Names hashed by foldhash, seeded per process as std's SipHash is: the Parquet sink looks
+/// each dweet's thing up here two or three times, and SipHash cost 512 instructions a dweet
+/// more (`run_pipeline`, issue 26).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Watermarks(HashMap<String, i64>);
+pub struct Watermarks(HashMap<String, i64, foldhash::fast::RandomState>);
 
 impl Watermarks {
     pub fn new() -> Self {
