@@ -181,9 +181,12 @@ impl Rows {
                 sensor,
                 value,
             } => {
+                // The dweet's time and board repeat on each of its readings: appended as
+                // runs, column by column.
+                let readings = dweet.readings.len();
+                time.append_value_n(dweet.created_ms, readings);
+                thing.append_value_n(&dweet.thing, readings);
                 for reading in &dweet.readings {
-                    time.append_value(dweet.created_ms);
-                    thing.append_value(&dweet.thing);
                     sensor.append_value(&reading.sensor);
                     value.append_value(reading.value);
                 }
