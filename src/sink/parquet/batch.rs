@@ -281,3 +281,63 @@ fn take_times(builder: &mut TimestampMillisecondBuilder) -> ArrayRef {
     *builder = TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC");
     Arc::new(array)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Reading;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, TimestampMillisecondType};
+
+    fn dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Normalized {
+        Normalized {
+            thing: thing.to_owned(),
+            created_ms,
+            created_text: None,
+            received_ms: created_ms + 5,
+            content: "{}".to_owned(),
+            readings: readings
+                .iter()
+                .map(|(sensor, value)| Reading {
+                    sensor: (*sensor).into(),
+                    value: *value,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn each_reading_row_carries_its_dweets_time_and_board() {
+        let mut rows = Rows::new(Dataset::Readings);
+        rows.push_dweet(&dweet("a", 10, &[("t", 1.0), ("h", 2.0)]));
+        rows.push_dweet(&dweet("b", 20, &[]));
+        rows.push_dweet(&dweet("c", 30, &[("t", 3.0)]));
+        for round in 0..2 {
+            let batch = rows.take_batch(&Dataset::Readings.schema()).unwrap();
+            let text = |column: usize| -> Vec<String> {
+                let array = batch.column(column).as_string::<i32>();
+                array
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_owned())
+                    .collect()
+            };
+            let times: Vec<i64> = batch
+                .column(0)
+                .as_primitive::<TimestampMillisecondType>()
+                .values()
+                .to_vec();
+            let values: Vec<f64> = batch
+                .column(3)
+                .as_primitive::<Float64Type>()
+                .values()
+                .to_vec();
+            assert_eq!(times, [10, 10, 30], "round {round}");
+            assert_eq!(text(1), ["a", "a", "c"], "round {round}");
+            assert_eq!(text(2), ["t", "h", "t"], "round {round}");
+            assert_eq!(values, [1.0, 2.0, 3.0], "round {round}");
+            // The buffers are left sized for another batch like it: the same rows again.
+            rows.push_dweet(&dweet("a", 10, &[("t", 1.0), ("h", 2.0)]));
+            rows.push_dweet(&dweet("c", 30, &[("t", 3.0)]));
+        }
+    }
+}
