@@ -285,24 +285,13 @@ fn take_times(builder: &mut TimestampMillisecondBuilder) -> ArrayRef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Reading;
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Float64Type, TimestampMillisecondType};
 
     fn dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Normalized {
-        Normalized {
-            thing: thing.to_owned(),
-            created_ms,
-            created_text: None,
-            received_ms: created_ms + 5,
-            content: "{}".to_owned(),
-            readings: readings
-                .iter()
-                .map(|(sensor, value)| Reading {
-                    sensor: (*sensor).into(),
-                    value: *value,
-                })
-                .collect(),
+        match crate::record::test_dweet(thing, created_ms, readings) {
+            crate::record::Record::Dweet(dweet) => dweet,
+            other => panic!("test_dweet made {other:?}"),
         }
     }
 
