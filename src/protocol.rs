@@ -191,7 +191,8 @@ pub fn is_plausible_email(address: &str) -> bool {
 /// a control character) sits in `bytes`. Eight bytes at a time: in a double-encoded frame an
 /// escape comes every few bytes, too often for a vectorised search to pay for its start-up
 /// and too rarely for a byte loop to be the cheapest way past the plain runs; the
-/// normaliser's names and string values are as short.
+/// normaliser's names and string values are as short. The stream's unescaper takes the words
+/// itself ([`first_special_in_word`]), to copy each one whole as it goes.
 pub fn first_special(bytes: &[u8]) -> Option<usize> {
     let mut chunks = bytes.chunks_exact(8);
     let mut offset = 0;

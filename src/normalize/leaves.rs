@@ -250,15 +250,11 @@ impl Scanner<'_, '_, '_> {
             }
             self.at += 1;
         }
-        let plain = count > 0
-            && places != Some(0)
-            && !matches!(
-                self.peek(),
-                Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-            )
-            && !(self.text[digits] == b'0'
-                && self.text.get(digits + 1) != Some(&b'.')
-                && count > 1);
+        let leading_zero = || {
+            self.text[digits] == b'0' && self.text.get(digits + 1).is_some_and(u8::is_ascii_digit)
+        };
+        let plain =
+            count > 0 && places != Some(0) && !continues_a_number(self.peek()) && !leading_zero();
         if plain {
             match (mantissa, places) {
                 // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
@@ -278,7 +274,7 @@ impl Scanner<'_, '_, '_> {
                 _ => {}
             }
         }
-        while let Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') = self.peek() {
+        while continues_a_number(self.peek()) {
             self.at += 1;
         }
         if !is_json_number(&self.text[digits..self.at]) {
@@ -356,6 +352,11 @@ fn is_json_number(digits: &[u8]) -> bool {
         at += exponent;
     }
     at == digits.len()
+}
+
+/// Whether `byte` can be part of a number's text: what is scanned before the grammar check.
+fn continues_a_number(byte: Option<u8>) -> bool {
+    matches!(byte, Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
 }
 
 /// The powers of ten a double holds exactly.
