@@ -503,10 +503,15 @@ pub(crate) fn writer_properties() -> WriterProperties {
             .set_column_encoding(column.clone(), Encoding::PLAIN)
             .set_column_statistics_enabled(column, EnabledStatistics::None);
     }
-    // A dictionary of times or measured values grows with the file and gets hashed on
-    // every row for almost no saving; their statistics stay: readers prune by time.
+    // A dictionary of times grows with the file and gets hashed on every row for almost no
+    // saving; their statistics stay: readers prune by time.
     for column in batch::SELDOM_REPEATED_COLUMNS {
         properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    // Past its 1 MiB limit a dictionary falls back to plain values for the rest of the
+    // row group, which bounds what values that do not repeat can cost (see QUANTISED_COLUMNS).
+    for column in batch::QUANTISED_COLUMNS {
+        properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), true);
     }
     // A time repeats for each reading of a dweet and then grows a little: deltas store
     // that in a few bits a row.
@@ -664,7 +669,7 @@ mod tests {
                 for page in row_group.get_column_page_reader(column).unwrap() {
                     let page = page.unwrap();
                     assert!(
-                        matches!(page, Page::DataPageV2 { .. }),
+                        matches!(page, Page::DataPageV2 { .. } | Page::DictionaryPage { .. }),
                         "{dataset} column {column}: version 2 data pages, not {:?}",
                         page.page_type()
                     );
@@ -674,21 +679,30 @@ mod tests {
         assert_eq!(columns.len(), 8);
         for column in &columns {
             let name = column.column_path().string();
-            assert!(
-                column.dictionary_page_offset().is_none(),
-                "{name}: no dictionary as written (unique, seldom repeated, or a name)"
+            let encodings: Vec<Encoding> = column.encodings().collect();
+            let quantised = batch::QUANTISED_COLUMNS.contains(&name.as_str());
+            assert_eq!(
+                column.dictionary_page_offset().is_some(),
+                quantised,
+                "{name}: a dictionary only for measured values (not unique, seldom repeated, or a name)"
             );
             assert!(
                 [
                     &batch::UNIQUE_TEXT_COLUMNS[..],
                     &batch::SELDOM_REPEATED_COLUMNS,
-                    &batch::NAME_COLUMNS
+                    &batch::NAME_COLUMNS,
+                    &batch::QUANTISED_COLUMNS
                 ]
                 .iter()
                 .any(|columns| columns.contains(&name.as_str())),
-                "{name}: every column is in one of the lists that turn its dictionary off"
+                "{name}: every column is in one of the lists that set its dictionary"
             );
-            let encodings: Vec<Encoding> = column.encodings().collect();
+            if quantised {
+                assert!(
+                    encodings.contains(&Encoding::RLE_DICTIONARY),
+                    "{name}: values as dictionary indices: {encodings:?}"
+                );
+            }
             if batch::TIME_COLUMNS.contains(&name.as_str()) || name == "created" {
                 assert!(
                     encodings.contains(&Encoding::DELTA_BINARY_PACKED),
