@@ -96,6 +96,7 @@ impl Envelope<'_> {
     }
 
     /// A string without escapes or control characters: the range of its text.
+    #[inline]
     fn string(&mut self) -> Option<std::ops::Range<usize>> {
         self.byte(b'"')?;
         let start = self.at;

@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::file::properties::{
+    EnabledStatistics, WriterProperties, WriterPropertiesBuilder, WriterVersion,
+};
 use parquet::schema::types::ColumnPath;
 
 pub use batch::Dataset;
@@ -89,7 +91,7 @@ fn recovery_horizon(now_ms: i64, replay: Duration) -> i64 {
 
 pub struct ParquetSink {
     config: ParquetConfig,
-    properties: WriterProperties,
+    file_properties: FileProperties,
     /// What is durable: the maximum `created` per thing over sealed generations.
     durable: Watermarks,
     last_generation: i64,
@@ -144,10 +146,9 @@ impl ParquetSink {
             removed_incomplete: recovered.removed_incomplete,
             things_with_watermark: recovered.watermarks.len(),
         };
-        let properties = writer_properties();
         let sink = ParquetSink {
             config,
-            properties,
+            file_properties: FileProperties::new(),
             durable: recovered.watermarks,
             last_generation: recovered.newest_generation,
             open: None,
@@ -315,7 +316,7 @@ impl ParquetSink {
             &self.config.dir,
             now_ms,
             self.config.compact_after,
-            &self.properties,
+            &writer_properties(),
             None,
         )
     }
@@ -381,7 +382,7 @@ impl ParquetSink {
                 dataset,
                 date,
                 (self.config.member.as_deref(), id, sequence),
-                self.properties.clone(),
+                self.file_properties.of(dataset).clone(),
             )?),
         };
         add(&mut file.rows);
@@ -478,8 +479,43 @@ impl ParquetSink {
     }
 }
 
-/// How the sink writes its files; compaction starts from the same.
+/// How the sink writes a new file, built once: the datasets differ only in their names.
+struct FileProperties {
+    names_plain: WriterProperties,
+    names_in_dictionary: WriterProperties,
+}
+
+impl FileProperties {
+    fn new() -> FileProperties {
+        // Names are written plain where Dataset::writes_names_plain says so (see
+        // NAME_COLUMNS); compaction turns their dictionary back on.
+        let mut names_plain = writer_properties_builder();
+        for column in batch::NAME_COLUMNS {
+            names_plain =
+                names_plain.set_column_dictionary_enabled(ColumnPath::from(column), false);
+        }
+        FileProperties {
+            names_plain: names_plain.build(),
+            names_in_dictionary: writer_properties(),
+        }
+    }
+
+    fn of(&self, dataset: Dataset) -> &WriterProperties {
+        if dataset.writes_names_plain() {
+            &self.names_plain
+        } else {
+            &self.names_in_dictionary
+        }
+    }
+}
+
+/// How a file is written where its names get a dictionary; the sink's readings files differ
+/// only in that ([`FileProperties`]), and compaction starts from the same.
 pub(crate) fn writer_properties() -> WriterProperties {
+    writer_properties_builder().build()
+}
+
+fn writer_properties_builder() -> WriterPropertiesBuilder {
     let mut properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_max_row_group_row_count(Some(1024 * 1024))
@@ -523,13 +559,12 @@ pub(crate) fn writer_properties() -> WriterProperties {
         properties = properties
             .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
     }
-    // Names are written plain (see NAME_COLUMNS); compaction turns their dictionary back on.
+    // A name without a dictionary, or past a full one, stays plain text as the unique text
+    // columns do, not version 2's DELTA_BYTE_ARRAY fallback.
     for column in batch::NAME_COLUMNS {
-        properties = properties
-            .set_column_dictionary_enabled(ColumnPath::from(column), false)
-            .set_column_encoding(ColumnPath::from(column), Encoding::PLAIN);
+        properties = properties.set_column_encoding(ColumnPath::from(column), Encoding::PLAIN);
     }
-    properties.build()
+    properties
 }
 
 #[cfg(test)]
@@ -660,31 +695,43 @@ mod tests {
                 .clone()
         };
         let mut columns = Vec::new();
-        for dataset in ["dweets", "readings"] {
-            let reader =
-                SerializedFileReader::new(std::fs::File::open(file_of(dataset)).unwrap()).unwrap();
-            columns.extend(reader.metadata().row_group(0).columns().iter().cloned());
+        for dataset in [Dataset::Dweets, Dataset::Readings] {
+            let reader = SerializedFileReader::new(
+                std::fs::File::open(file_of(dataset.dir_name())).unwrap(),
+            )
+            .unwrap();
+            columns.extend(
+                reader
+                    .metadata()
+                    .row_group(0)
+                    .columns()
+                    .iter()
+                    .map(|column| (dataset, column.clone())),
+            );
             let row_group = reader.get_row_group(0).unwrap();
             for column in 0..row_group.num_columns() {
                 for page in row_group.get_column_page_reader(column).unwrap() {
                     let page = page.unwrap();
                     assert!(
                         matches!(page, Page::DataPageV2 { .. } | Page::DictionaryPage { .. }),
-                        "{dataset} column {column}: version 2 data pages, not {:?}",
+                        "{dataset:?} column {column}: version 2 data pages, not {:?}",
                         page.page_type()
                     );
                 }
             }
         }
         assert_eq!(columns.len(), 8);
-        for column in &columns {
+        for (dataset, column) in &columns {
             let name = column.column_path().string();
             let encodings: Vec<Encoding> = column.encodings().collect();
             let quantised = batch::QUANTISED_COLUMNS.contains(&name.as_str());
+            let name_once_a_dweet =
+                batch::NAME_COLUMNS.contains(&name.as_str()) && !dataset.writes_names_plain();
             assert_eq!(
                 column.dictionary_page_offset().is_some(),
-                quantised,
-                "{name}: a dictionary only for measured values (not unique, seldom repeated, or a name)"
+                quantised || name_once_a_dweet,
+                "{dataset:?}.{name}: a dictionary only for measured values and names that come \
+                 once a dweet (not unique, seldom repeated, or a name on every reading)"
             );
             assert!(
                 [
