@@ -121,7 +121,7 @@ impl Created {
 
     /// Milliseconds since the Unix epoch, as records carry it.
     pub fn to_ms(&self) -> Option<i64> {
-        self.to_datetime().map(|at| at.timestamp_millis())
+        protocol::created_ms(&self.0)
     }
 }
 
