@@ -304,7 +304,10 @@ mod tests {
         /// drawn often, where the calendar has its exceptions.
         #[test]
         fn canonical_texts_read_as_rfc_3339_reads_them(
-            year in proptest::prop_oneof![0u32..10_000, proptest::strategy::Strategy::prop_map(0u32..100, |c| c * 100)],
+            year in proptest::prop_oneof![
+                0u32..10_000,
+                proptest::strategy::Strategy::prop_map(0u32..100, |century| century * 100),
+            ],
             month in 0u32..14,
             day in proptest::prop_oneof![0u32..33, 28u32..32],
             hour in 0u32..25,
@@ -315,10 +318,13 @@ mod tests {
             let text = format!(
                 "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z"
             );
-            let general = DateTime::parse_from_rfc3339(&text).ok().map(|at| at.with_timezone(&Utc));
+            let general = DateTime::parse_from_rfc3339(&text)
+                .ok()
+                .map(|at| at.with_timezone(&Utc));
             proptest::prop_assert!(is_canonical_created(&text));
             proptest::prop_assert_eq!(parse_created(&text), general, "{}", text);
-            proptest::prop_assert_eq!(created_ms(&text), general.map(|at| at.timestamp_millis()), "{}", text);
+            let general_ms = general.map(|at| at.timestamp_millis());
+            proptest::prop_assert_eq!(created_ms(&text), general_ms, "{}", text);
         }
     }
 

@@ -34,19 +34,9 @@ pub const QUANTISED_COLUMNS: [&str; 1] = ["value"];
 /// became 39.5). Compaction gives them their dictionary back for the files kept long.
 pub const NAME_COLUMNS: [&str; 2] = ["thing", "sensor"];
 
-impl Dataset {
-    /// Whether a file of this dataset writes its names plain (see [`NAME_COLUMNS`]). Only
-    /// `readings` repeats them on every row: where a board's name comes once a dweet, one
-    /// dictionary lookup costs less than zstd spends finding the repeats among a fleet's
-    /// interleaved names (150 instructions a dweet fewer over 20 boards, 2% fewer bytes).
-    pub fn writes_names_plain(self) -> bool {
-        self == Dataset::Readings
-    }
-}
-
 /// Columns that are timestamps in every dataset that has them (not `created`: a dead
-/// letter keeps it as the text it came as). One set of writer properties serves all
-/// datasets, and an integer encoding on a text column makes the writer refuse to start.
+/// letter keeps it as the text it came as). The datasets share their writer properties but
+/// for names, and an integer encoding on a text column makes the writer refuse to start.
 pub const TIME_COLUMNS: [&str; 2] = ["time", "received_at"];
 
 /// Columns whose minimum and maximum never let a reader skip anything in a file as the sink
@@ -69,6 +59,14 @@ pub enum Dataset {
 
 impl Dataset {
     pub const ALL: [Dataset; 3] = [Dataset::Readings, Dataset::Dweets, Dataset::DeadLetters];
+
+    /// Whether a file of this dataset writes its names plain (see [`NAME_COLUMNS`]). Only
+    /// `readings` repeats them on every row: where a board's name comes once a dweet, one
+    /// dictionary lookup costs less than zstd spends finding the repeats among a fleet's
+    /// interleaved names (150 instructions a dweet fewer over 20 boards, 2% fewer bytes).
+    pub fn writes_names_plain(self) -> bool {
+        self == Dataset::Readings
+    }
 
     pub fn dir_name(self) -> &'static str {
         match self {
