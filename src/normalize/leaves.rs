@@ -35,18 +35,22 @@ impl Stop {
 /// The readings of the JSON value at the start of `text`, in document order; whether every
 /// sensor name was reused from `known` (the previous dweet's names, reused where the same
 /// path comes at the same place); and where the value ends. `path` is scratch space and
-/// starts empty.
+/// starts empty; `slots` is cleared and gets where each reading's value sits in `text`, one
+/// slot per reading, for [`super::shape`].
 pub(super) fn walk(
     text: &str,
     known: &[Arc<str>],
     path: &mut String,
+    slots: &mut Vec<Slot>,
 ) -> Result<(Vec<Reading>, bool, usize), Stop> {
+    slots.clear();
     let mut scanner = Scanner {
         json: text,
         text: text.as_bytes(),
         at: 0,
         path,
         readings: Vec::with_capacity(known.len()),
+        slots,
         known,
         all_known: true,
     };
@@ -54,17 +58,38 @@ pub(super) fn walk(
     Ok((scanner.readings, scanner.all_known, scanner.at))
 }
 
-struct Scanner<'t, 'p, 'k> {
+/// Where a value that can change from one dweet to the next sits in the text the walk read:
+/// a reading's, or a string's.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Slot {
+    pub kind: Held,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// What a [`Slot`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// A number: a reading.
+    Number,
+    /// `true` or `false`: a reading of 1 or 0.
+    Boolean,
+    /// A string (not a name): no reading.
+    Text,
+}
+
+struct Scanner<'t, 'p, 's, 'k> {
     json: &'t str,
     text: &'t [u8],
     at: usize,
     path: &'p mut String,
     readings: Vec<Reading>,
+    slots: &'s mut Vec<Slot>,
     known: &'k [Arc<str>],
     all_known: bool,
 }
 
-impl Scanner<'_, '_, '_> {
+impl Scanner<'_, '_, '_, '_> {
     fn peek(&self) -> Option<u8> {
         self.text.get(self.at).copied()
     }
@@ -97,13 +122,32 @@ impl Scanner<'_, '_, '_> {
         match self.peek() {
             Some(b'{') => self.object(depth),
             Some(b'[') => self.array(depth),
-            Some(b'"') => self.string().map(|_| ()),
+            Some(b'"') => {
+                let start = self.at;
+                self.string()?;
+                let end = self.at;
+                self.slots.push(Slot {
+                    kind: Held::Text,
+                    start,
+                    end,
+                });
+                Ok(())
+            }
             Some(b't') => self.literal(b"true", Some(1.0)),
             Some(b'f') => self.literal(b"false", Some(0.0)),
             Some(b'n') => self.literal(b"null", None),
             Some(b'-' | b'0'..=b'9') => {
-                let number = self.number()?;
-                self.reading(number)
+                let start = self.at;
+                let value = number(self.json, &mut self.at)?;
+                let end = self.at;
+                self.reading(
+                    value,
+                    Slot {
+                        kind: Held::Number,
+                        start,
+                        end,
+                    },
+                )
             }
             _ => Err(self.broken()),
         }
@@ -113,8 +157,13 @@ impl Scanner<'_, '_, '_> {
         if !self.text[self.at..].starts_with(word) {
             return Err(self.broken());
         }
+        let start = self.at;
         self.at += word.len();
-        number.map_or(Ok(()), |number| self.reading(number))
+        let end = self.at;
+        number.map_or(Ok(()), |value| {
+            let kind = Held::Boolean;
+            self.reading(value, Slot { kind, start, end })
+        })
     }
 
     fn object(&mut self, depth: usize) -> Result<(), Stop> {
@@ -197,96 +246,10 @@ impl Scanner<'_, '_, '_> {
     /// Skips a string; returns the byte range of its text between the quotes and whether
     /// that text holds escapes.
     fn string(&mut self) -> Result<((usize, usize), bool), Stop> {
-        if self.peek() != Some(b'"') {
-            return Err(self.broken());
-        }
-        let start = self.at + 1;
-        let mut at = start;
-        let mut escaped = false;
-        loop {
-            let rest = self.text.get(at..).ok_or_else(|| self.broken())?;
-            at += first_special(rest).ok_or_else(|| self.broken())?;
-            match self.text[at] {
-                b'"' => {
-                    self.at = at + 1;
-                    return Ok(((start, at), escaped));
-                }
-                b'\\' => {
-                    escaped = true;
-                    at += 1 + escape_length(&self.text[at + 1..]).ok_or_else(|| self.broken())?;
-                }
-                // A raw control character: not JSON.
-                _ => return Err(Stop::NotJson { at }),
-            }
-        }
+        string(self.text, &mut self.at)
     }
 
-    /// A number as serde_json reads it: integers that fit 64 bits exactly (then rounded to
-    /// the nearest double), everything else correctly rounded from its decimal text.
-    fn number(&mut self) -> Result<f64, Stop> {
-        let start = self.at;
-        let negative = self.peek() == Some(b'-');
-        if negative {
-            self.at += 1;
-        }
-        // The plain decimals JSON has (no leading zero, no bare point, at most 19 digits) are
-        // read as they are scanned; anything else is scanned on and held to the whole
-        // grammar first.
-        let digits = self.at;
-        let mut mantissa = 0u64;
-        let mut count = 0;
-        let mut places = None;
-        loop {
-            match self.peek() {
-                Some(byte @ b'0'..=b'9') if count < 19 => {
-                    mantissa = mantissa * 10 + u64::from(byte - b'0');
-                    count += 1;
-                    if let Some(places) = places.as_mut() {
-                        *places += 1;
-                    }
-                }
-                Some(b'.') if places.is_none() && count > 0 => places = Some(0),
-                _ => break,
-            }
-            self.at += 1;
-        }
-        let leading_zero = || {
-            self.text[digits] == b'0' && self.text.get(digits + 1).is_some_and(u8::is_ascii_digit)
-        };
-        let plain =
-            count > 0 && places != Some(0) && !continues_a_number(self.peek()) && !leading_zero();
-        if plain {
-            match (mantissa, places) {
-                // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
-                (0, None) => return Ok(0.0),
-                (magnitude, None) => {
-                    let magnitude = magnitude as f64;
-                    return Ok(if negative { -magnitude } else { magnitude });
-                }
-                // Both operands exact, so one correctly rounded division: the value the full
-                // parse would give (Clinger's fast path), at a fraction of its cost.
-                (mantissa, Some(places))
-                    if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() =>
-                {
-                    let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[places];
-                    return Ok(if negative { -magnitude } else { magnitude });
-                }
-                _ => {}
-            }
-        }
-        while continues_a_number(self.peek()) {
-            self.at += 1;
-        }
-        if !is_json_number(&self.text[digits..self.at]) {
-            return Err(Stop::NotJson { at: start });
-        }
-        self.json
-            .get(start..self.at)
-            .and_then(|text| text.parse::<f64>().ok())
-            .ok_or_else(|| self.broken())
-    }
-
-    fn reading(&mut self, value: f64) -> Result<(), Stop> {
+    fn reading(&mut self, value: f64, slot: Slot) -> Result<(), Stop> {
         if !value.is_finite() {
             return Ok(());
         }
@@ -301,7 +264,103 @@ impl Scanner<'_, '_, '_> {
             }
         };
         self.readings.push(Reading { sensor, value });
+        self.slots.push(slot);
         Ok(())
+    }
+}
+
+/// The number whose text starts at `*at` in `json`, as serde_json reads it: integers that fit
+/// 64 bits exactly (then rounded to the nearest double), everything else correctly rounded
+/// from its decimal text. `*at` moves past the number's text (past what was scanned, when it
+/// is not a number).
+pub(super) fn number(json: &str, at: &mut usize) -> Result<f64, Stop> {
+    let text = json.as_bytes();
+    let peek = |at: usize| text.get(at).copied();
+    let start = *at;
+    let negative = peek(*at) == Some(b'-');
+    if negative {
+        *at += 1;
+    }
+    // The plain decimals JSON has (no leading zero, no bare point, at most 19 digits) are
+    // read as they are scanned; anything else is scanned on and held to the whole grammar
+    // first.
+    let digits = *at;
+    let mut mantissa = 0u64;
+    let mut count = 0;
+    let mut places = None;
+    loop {
+        match peek(*at) {
+            Some(byte @ b'0'..=b'9') if count < 19 => {
+                mantissa = mantissa * 10 + u64::from(byte - b'0');
+                count += 1;
+                if let Some(places) = places.as_mut() {
+                    *places += 1;
+                }
+            }
+            Some(b'.') if places.is_none() && count > 0 => places = Some(0),
+            _ => break,
+        }
+        *at += 1;
+    }
+    let leading_zero =
+        || text[digits] == b'0' && text.get(digits + 1).is_some_and(u8::is_ascii_digit);
+    let plain = count > 0 && places != Some(0) && !continues_a_number(peek(*at)) && !leading_zero();
+    if plain {
+        match (mantissa, places) {
+            // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
+            (0, None) => return Ok(0.0),
+            (magnitude, None) => {
+                let magnitude = magnitude as f64;
+                return Ok(if negative { -magnitude } else { magnitude });
+            }
+            // Both operands exact, so one correctly rounded division: the value the full
+            // parse would give (Clinger's fast path), at a fraction of its cost.
+            (mantissa, Some(places))
+                if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() =>
+            {
+                let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[places];
+                return Ok(if negative { -magnitude } else { magnitude });
+            }
+            _ => {}
+        }
+    }
+    while continues_a_number(peek(*at)) {
+        *at += 1;
+    }
+    if !is_json_number(&text[digits..*at]) {
+        return Err(Stop::NotJson { at: start });
+    }
+    json.get(start..*at)
+        .and_then(|text| text.parse::<f64>().ok())
+        .ok_or(Stop::NotJson { at: *at })
+}
+
+/// Steps `*at` past the string that starts there; returns the byte range of its text between
+/// the quotes and whether that text holds escapes. What is not a whole string stops where it
+/// starts, or at a raw control character in it.
+pub(super) fn string(text: &[u8], at: &mut usize) -> Result<((usize, usize), bool), Stop> {
+    let broken = Stop::NotJson { at: *at };
+    if text.get(*at) != Some(&b'"') {
+        return Err(broken);
+    }
+    let start = *at + 1;
+    let mut end = start;
+    let mut escaped = false;
+    loop {
+        let rest = text.get(end..).ok_or(broken)?;
+        end += first_special(rest).ok_or(broken)?;
+        match text[end] {
+            b'"' => {
+                *at = end + 1;
+                return Ok(((start, end), escaped));
+            }
+            b'\\' => {
+                escaped = true;
+                end += 1 + escape_length(&text[end + 1..]).ok_or(broken)?;
+            }
+            // A raw control character: not JSON.
+            _ => return Err(Stop::NotJson { at: end }),
+        }
     }
 }
 
@@ -387,7 +446,7 @@ mod tests {
     /// The one reading of `{"v":<number>}`.
     fn read(number: &str) -> f64 {
         let text = format!(r#"{{"v":{number}}}"#);
-        let (readings, ..) = walk(&text, &[], &mut String::new()).unwrap();
+        let (readings, ..) = walk(&text, &[], &mut String::new(), &mut Vec::new()).unwrap();
         readings[0].value
     }
 
@@ -469,7 +528,7 @@ mod tests {
             "1-2", "+1", "1.e5",
         ] {
             let text = format!(r#"{{"v":{number}}}"#);
-            match walk(&text, &[], &mut String::new()) {
+            match walk(&text, &[], &mut String::new(), &mut Vec::new()) {
                 Err(Stop::NotJson { at: 5 }) => {}
                 // `+` and `.` cannot start a value at all; the stop is at the same place.
                 other => panic!("{number}: {:?}", other.map(|(readings, ..)| readings)),
