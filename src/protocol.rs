@@ -83,14 +83,41 @@ fn canonical_created_ms(text: &str) -> Option<i64> {
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` with digits where digits go and a second below 60: the shape
 /// [`format_created`] writes, so a text of it that parses is its own canonical form.
 pub fn is_canonical_created(text: &str) -> bool {
+    // Eight bytes at a time (every dweet's `created` is checked, twice): digits where the
+    // shape has `0`, its own bytes elsewhere. A byte is a digit when, less `0`, its high
+    // nibble is clear and adding six keeps it clear (10 to 15 carry into it).
     const SHAPE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    const DIGITS: [u64; 3] = places_of(SHAPE, true);
+    const OTHERS: [u64; 3] = places_of(SHAPE, false);
+    const LOW_NIBBLES: u64 = u64::from_le_bytes([0x0f; 8]);
+    const SIX: u64 = u64::from_le_bytes([0x06; 8]);
+    const ZEROS: u64 = u64::from_le_bytes([b'0'; 8]);
     let bytes = text.as_bytes();
-    bytes.len() == SHAPE.len()
-        && bytes.iter().zip(SHAPE).all(|(byte, shape)| match shape {
-            b'0' => byte.is_ascii_digit(),
-            _ => byte == shape,
-        })
-        && bytes[17] < b'6'
+    if bytes.len() != SHAPE.len() || bytes[17] >= b'6' {
+        return false;
+    }
+    bytes.chunks_exact(8).enumerate().all(|(at, word)| {
+        let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or_default());
+        let shape =
+            u64::from_le_bytes(<[u8; 8]>::try_from(&SHAPE[at * 8..at * 8 + 8]).unwrap_or_default());
+        let digits = (word ^ ZEROS) & DIGITS[at];
+        digits & !LOW_NIBBLES == 0
+            && digits.wrapping_add(SIX) & !LOW_NIBBLES & DIGITS[at] == 0
+            && (word ^ shape) & OTHERS[at] == 0
+    })
+}
+
+/// Masks of the bytes of `shape` that are `0` (`digits`) or are not, eight to a word.
+const fn places_of(shape: &[u8; 24], digits: bool) -> [u64; 3] {
+    let mut masks = [0u64; 3];
+    let mut at = 0;
+    while at < shape.len() {
+        if (shape[at] == b'0') == digits {
+            masks[at / 8] |= 0xff << (at % 8 * 8);
+        }
+        at += 1;
+    }
+    masks
 }
 
 /// How a `k=v` value becomes content: a value that reads as a JSON number becomes one (`18.5`,
@@ -171,13 +198,20 @@ pub const CORS_ALLOW_METHODS: &str = "GET,POST,OPTIONS";
 /// Non-ASCII characters are written as `\uXXXX` escapes (surrogate pairs beyond the BMP):
 /// dweepy decodes each stream read as ASCII, and a raw UTF-8 byte kills its listener.
 pub fn encode_stream_frame(dweet_json: &str) -> Vec<u8> {
-    // Encoding a &str as JSON cannot fail.
-    let literal = ascii_only(&serde_json::to_string(dweet_json).unwrap_or_default());
+    let literal = stream_literal(dweet_json);
     let mut frame = Vec::with_capacity(literal.len() + 12);
     frame.extend_from_slice(format!("{:x}\r\n", literal.len()).as_bytes());
     frame.extend_from_slice(literal.as_bytes());
     frame.extend_from_slice(b"\r\n");
     frame
+}
+
+/// `text` as the listen stream's frames write it: a JSON string literal, quotes included, with
+/// every non-ASCII character escaped. Each character is written on its own, so the literal of
+/// a text is the literals of its pieces, joined without their quotes.
+pub fn stream_literal(text: &str) -> String {
+    // Encoding a &str as JSON cannot fail.
+    ascii_only(&serde_json::to_string(text).unwrap_or_default())
 }
 
 /// JSON text with every non-ASCII character as a `\uXXXX` escape; any JSON parser reads it
@@ -283,6 +317,38 @@ mod tests {
                 "{text}"
             );
         }
+        // Every byte of the shape, each wrong way: a digit's place holds no other byte, and
+        // the other places only their own.
+        let canonical = *b"2014-03-19T10:38:46.010Z";
+        assert!(is_canonical_created("2014-03-19T10:38:46.010Z"));
+        for at in 0..canonical.len() {
+            for wrong in [
+                b'/',
+                b':',
+                b'a',
+                b'T',
+                b'Z',
+                b'-',
+                b'.',
+                b' ',
+                0x7f,
+                b'0' + 10,
+                b'0' - 1,
+            ] {
+                let mut text = canonical;
+                if text[at] == wrong || (text[at].is_ascii_digit() && wrong.is_ascii_digit()) {
+                    continue;
+                }
+                text[at] = wrong;
+                let text = std::str::from_utf8(&text).unwrap_or_default();
+                assert!(!is_canonical_created(text), "{text}");
+            }
+        }
+        assert!(!is_canonical_created("2014-03-19T10:38:46.010é"));
+        assert!(
+            !is_canonical_created("2014-03-19T10:38:66.010Z"),
+            "a second below 60"
+        );
         // Instants across four centuries, each through its own canonical text.
         let mut ms = -2_000_000_000_000i64;
         while ms < 10_000_000_000_000 {
