@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
-use dweetpipe::normalize::{Normalizer, read_dweet_text};
+use dweetpipe::normalize::{Normalizer, StreamReader};
 use dweetpipe::protocol::encode_stream_frame;
 use dweetpipe::record::Record;
 use dweetpipe::sandbox::simulator::S5d9Board;
@@ -52,12 +52,11 @@ fn run_pipeline(bytes: &[u8], dir: &std::path::Path) -> usize {
     )
     .expect("sink opens");
     let mut decoder = FrameDecoder::new();
-    // The worker's path: a common line read with its readings in one pass by the stream's
-    // reader, content kept as its JSON text. The worker has a normaliser per thing, found
-    // without a lookup; all boards here send one shape, so one normaliser does the same work.
+    // The worker's path: a frame read with its readings in one pass by the stream's reader,
+    // content kept as its JSON text. The worker has a reader per thing, found without a
+    // lookup; all boards here send one shape, so one reader does the same work.
     let mut normalizer = Normalizer::default();
-    let mut names = Normalizer::default();
-    let mut reader = |json: &str| read_dweet_text(json, &mut names);
+    let mut reader = StreamReader::default();
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
     let mut dweets = 0;
     for read in bytes.chunks(16 * 1024) {

@@ -72,6 +72,27 @@ impl fmt::Display for SkipReason {
     }
 }
 
+/// What a listen stream offers each line's JSON object before serde_json reads it as a `D`.
+/// What a reader accepts must be what serde_json would read as a `D` from the same object,
+/// and give the same; `None` means "ask serde_json". A closure over the object's text is one.
+pub trait ObjectReader<D> {
+    /// A double-encoded frame's literal as it came, still escaped (the bytes between its
+    /// quotes). A reader that can read it without unescaping it answers here; `None` has the
+    /// decoder unescape it and offer the text to [`ObjectReader::read`].
+    fn read_literal(&mut self, _literal: &[u8]) -> Option<D> {
+        None
+    }
+
+    /// A JSON object's text.
+    fn read(&mut self, json: &str) -> Option<D>;
+}
+
+impl<D, F: FnMut(&str) -> Option<D>> ObjectReader<D> for F {
+    fn read(&mut self, json: &str) -> Option<D> {
+        self(json)
+    }
+}
+
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
@@ -130,7 +151,7 @@ impl FrameDecoder {
 
     /// [`FrameDecoder::next_event`], decoding each dweet as `D`.
     pub fn next_event_as<D: DeserializeOwned>(&mut self) -> Option<Decoded<D>> {
-        self.next_event_read_by(&mut |_| None)
+        self.next_event_read_by(&mut |_: &str| None)
     }
 
     /// [`FrameDecoder::next_event_as`], offering each JSON object's text to `reader` first:
@@ -138,7 +159,7 @@ impl FrameDecoder {
     /// A reader must accept only what serde_json would read as a `D`, and give the same.
     pub fn next_event_read_by<D: DeserializeOwned>(
         &mut self,
-        reader: &mut dyn FnMut(&str) -> Option<D>,
+        reader: &mut dyn ObjectReader<D>,
     ) -> Option<Decoded<D>> {
         loop {
             let pending = &self.buf[self.consumed..];
@@ -174,14 +195,14 @@ impl FrameDecoder {
 
     /// [`FrameDecoder::finish`], decoding a dweet as `D`.
     pub fn finish_as<D: DeserializeOwned>(&mut self) -> Option<Decoded<D>> {
-        self.finish_read_by(&mut |_| None)
+        self.finish_read_by(&mut |_: &str| None)
     }
 
     /// [`FrameDecoder::finish_as`] with a `reader` as [`FrameDecoder::next_event_read_by`]
     /// has it.
     pub fn finish_read_by<D: DeserializeOwned>(
         &mut self,
-        reader: &mut dyn FnMut(&str) -> Option<D>,
+        reader: &mut dyn ObjectReader<D>,
     ) -> Option<Decoded<D>> {
         let last = classify_line(&self.buf[self.consumed..], &mut self.literal, reader);
         self.clear();
@@ -214,11 +235,18 @@ struct FailureLine {
 fn classify_line<D: DeserializeOwned>(
     line: &[u8],
     literal: &mut Vec<u8>,
-    reader: &mut dyn FnMut(&str) -> Option<D>,
+    reader: &mut dyn ObjectReader<D>,
 ) -> Option<Decoded<D>> {
     let line = line.trim_ascii();
     if line.is_empty() || is_hex_length(line) {
         return None;
+    }
+    if let Some(body) = line
+        .strip_prefix(b"\"")
+        .and_then(|rest| rest.strip_suffix(b"\""))
+        && let Some(dweet) = reader.read_literal(body)
+    {
+        return Some(Decoded::Dweet(dweet));
     }
     let reason = match line[0] {
         b'"' => match unescape_literal(line, literal) {
@@ -242,9 +270,9 @@ fn classify_line<D: DeserializeOwned>(
 /// again in every string it reads.
 fn decode_object<D: DeserializeOwned>(
     json: &str,
-    reader: &mut dyn FnMut(&str) -> Option<D>,
+    reader: &mut dyn ObjectReader<D>,
 ) -> Result<Decoded<D>, SkipReason> {
-    if let Some(dweet) = reader(json) {
+    if let Some(dweet) = reader.read(json) {
         return Ok(Decoded::Dweet(dweet));
     }
     match serde_json::from_str::<D>(json) {

@@ -17,7 +17,7 @@ use futures_util::stream::{BoxStream, Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use super::decoder::{Decoded, FrameDecoder, SkippedLine};
+use super::decoder::{Decoded, FrameDecoder, ObjectReader, SkippedLine};
 use super::error::{Error, Result};
 use super::types::Dweet;
 
@@ -152,7 +152,7 @@ struct Listener<D> {
 }
 
 /// What a listen stream offers each JSON object before serde_json reads it as a dweet.
-pub(super) type LineReader<D> = Box<dyn FnMut(&str) -> Option<D> + Send>;
+pub(super) type LineReader<D> = Box<dyn ObjectReader<D> + Send>;
 
 /// Opens the first connection before returning, so that once this resolves the server has
 /// subscribed us: a dweet sent afterwards is delivered. A refusal or a failure to connect is
@@ -223,7 +223,7 @@ impl<D: DeserializeOwned> Listener<D> {
     }
 
     async fn step(&mut self) -> Step<D> {
-        if let Some(event) = self.decoder.next_event_read_by(&mut self.reader) {
+        if let Some(event) = self.decoder.next_event_read_by(&mut *self.reader) {
             return self.on_event(event);
         }
         if self.deadline_passed() {
@@ -246,7 +246,7 @@ impl<D: DeserializeOwned> Listener<D> {
                     Ok(None) => {
                         // The server ended the stream (idle close): normal, and a last line
                         // without a newline still counts.
-                        let last = self.decoder.finish_read_by(&mut self.reader);
+                        let last = self.decoder.finish_read_by(&mut *self.reader);
                         let step = self.connection_lost(None);
                         match last {
                             Some(event) => self.on_event(event),

@@ -30,7 +30,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 pub use decoder::{
-    DEFAULT_MAX_LINE, Decoded, EXCERPT_BYTES, FrameDecoder, SkipReason, SkippedLine,
+    DEFAULT_MAX_LINE, Decoded, EXCERPT_BYTES, FrameDecoder, ObjectReader, SkipReason, SkippedLine,
 };
 pub use error::{Error, Result};
 pub use listen::{DweetStream, ListenEvent, ListenOptions, ListenStats};
@@ -277,7 +277,7 @@ impl Client {
         key: Option<&Key>,
         options: ListenOptions,
     ) -> Result<DweetStream> {
-        self.listen_for_dweets_read_by(thing, key, options, |_| None)
+        self.listen_for_dweets_read_by(thing, key, options, |_: &str| None)
             .await
     }
 
@@ -289,7 +289,7 @@ impl Client {
         key: Option<&Key>,
         options: ListenOptions,
     ) -> Result<DweetStream<RawDweet>> {
-        self.listen_for_dweets_read_by(thing, key, options, |_| None)
+        self.listen_for_dweets_read_by(thing, key, options, |_: &str| None)
             .await
     }
 
@@ -302,7 +302,7 @@ impl Client {
         thing: &str,
         key: Option<&Key>,
         options: ListenOptions,
-        reader: impl FnMut(&str) -> Option<D> + Send + 'static,
+        reader: impl ObjectReader<D> + Send + 'static,
     ) -> Result<DweetStream<D>> {
         let url = self.url("/listen/for/dweets/from/", &[thing], key);
         listen::open(

@@ -138,7 +138,7 @@ impl Scanner<'_, '_, '_, '_> {
             Some(b'n') => self.literal(b"null", None),
             Some(b'-' | b'0'..=b'9') => {
                 let start = self.at;
-                let value = number(self.json, &mut self.at)?;
+                let value = number(self.text, &mut self.at)?;
                 let end = self.at;
                 self.reading(
                     value,
@@ -269,12 +269,11 @@ impl Scanner<'_, '_, '_, '_> {
     }
 }
 
-/// The number whose text starts at `*at` in `json`, as serde_json reads it: integers that fit
+/// The number whose text starts at `*at` in `text`, as serde_json reads it: integers that fit
 /// 64 bits exactly (then rounded to the nearest double), everything else correctly rounded
 /// from its decimal text. `*at` moves past the number's text (past what was scanned, when it
 /// is not a number).
-pub(super) fn number(json: &str, at: &mut usize) -> Result<f64, Stop> {
-    let text = json.as_bytes();
+pub(super) fn number(text: &[u8], at: &mut usize) -> Result<f64, Stop> {
     let peek = |at: usize| text.get(at).copied();
     let start = *at;
     let negative = peek(*at) == Some(b'-');
@@ -330,8 +329,10 @@ pub(super) fn number(json: &str, at: &mut usize) -> Result<f64, Stop> {
     if !is_json_number(&text[digits..*at]) {
         return Err(Stop::NotJson { at: start });
     }
-    json.get(start..*at)
-        .and_then(|text| text.parse::<f64>().ok())
+    // The grammar held, so the text is ASCII.
+    std::str::from_utf8(&text[start..*at])
+        .ok()
+        .and_then(|number| number.parse::<f64>().ok())
         .ok_or(Stop::NotJson { at: *at })
 }
 

@@ -10,6 +10,8 @@
 //! and the caller parses it with serde_json as before. So a line it accepts is one serde_json
 //! accepts, with the same fields, and every other line gets serde_json's answer and error.
 
+use std::ops::Range;
+
 use super::{Normalizer, ReadDweet};
 use crate::client::{Created, TextDweet};
 use crate::protocol::first_special;
@@ -23,6 +25,23 @@ pub fn read_dweet_line(line: &[u8], normalizer: &mut Normalizer) -> Option<ReadD
 
 /// [`read_dweet_line`] for a line already known to be UTF-8.
 pub fn read_dweet_text(text: &str, normalizer: &mut Normalizer) -> Option<ReadDweet> {
+    read_dweet_parts(text, normalizer).map(|(read, _)| read)
+}
+
+/// Where a common line's parts are in its text.
+pub(super) struct LineParts {
+    /// The thing's and `created`'s texts, between their quotes.
+    pub thing: Range<usize>,
+    pub created: Range<usize>,
+    /// The content's JSON text.
+    pub content: Range<usize>,
+}
+
+/// [`read_dweet_text`], with where it found the line's parts.
+pub(super) fn read_dweet_parts(
+    text: &str,
+    normalizer: &mut Normalizer,
+) -> Option<(ReadDweet, LineParts)> {
     let mut scan = Envelope {
         bytes: text.as_bytes(),
         at: 0,
@@ -66,15 +85,21 @@ pub fn read_dweet_text(text: &str, normalizer: &mut Normalizer) -> Option<ReadDw
         return None;
     }
     let (content, readings) = content?;
+    let parts = LineParts {
+        thing: thing?,
+        created: created?,
+        content,
+    };
     let dweet = TextDweet::from_checked_parts(
-        text[thing?].to_owned(),
-        Created::new(&text[created?]),
-        text[content].to_owned(),
+        text[parts.thing.clone()].to_owned(),
+        Created::new(&text[parts.created.clone()]),
+        text[parts.content.clone()].to_owned(),
     );
-    Some(ReadDweet {
+    let read = ReadDweet {
         dweet,
         readings: Some(readings),
-    })
+    };
+    Some((read, parts))
 }
 
 /// A cursor over the line around the content; each step answers `None` for what it does not
@@ -99,7 +124,7 @@ impl Envelope<'_> {
     // Inline in the line reader, whatever the codegen units: one change elsewhere once left
     // it a call, 150 instructions a dweet more (`run_pipeline`).
     #[inline]
-    fn string(&mut self) -> Option<std::ops::Range<usize>> {
+    fn string(&mut self) -> Option<Range<usize>> {
         self.byte(b'"')?;
         let start = self.at;
         let end = start + first_special(self.bytes.get(start..)?)?;

@@ -6,10 +6,12 @@
 //! that was not a dweet at all) becomes a dead letter with the reason: nothing is dropped
 //! silently and nothing here can panic.
 
+mod frame;
 mod leaves;
 mod line;
 mod shape;
 
+pub use frame::StreamReader;
 pub use line::{read_dweet_line, read_dweet_text};
 
 use std::collections::HashMap;

@@ -42,29 +42,11 @@ impl Shape {
             at = matching(bytes, at, &shape[from..slot.start])?;
             from = slot.end;
             let value = match slot.kind {
-                Held::Number => {
-                    if !matches!(bytes.get(at), Some(b'-' | b'0'..=b'9')) {
-                        return None;
-                    }
-                    Some(
-                        number(text, &mut at)
-                            .ok()
-                            .filter(|value| value.is_finite())?,
-                    )
-                }
-                Held::Boolean => {
-                    let (value, length) = match bytes.get(at..)? {
-                        [b't', b'r', b'u', b'e', ..] => (1.0, 4),
-                        [b'f', b'a', b'l', b's', b'e', ..] => (0.0, 5),
-                        _ => return None,
-                    };
-                    at += length;
-                    Some(value)
-                }
                 Held::Text => {
                     string(bytes, &mut at).ok()?;
                     None
                 }
+                kind => Some(reading_at(kind, bytes, &mut at)?),
             };
             if let Some(value) = value {
                 let sensor = Arc::clone(names.next()?);
@@ -98,14 +80,38 @@ impl Shape {
     }
 }
 
+/// The reading a slot of `kind` (a number or a boolean) finds at `*at` in `bytes`, stepping
+/// past it; `None` for anything else there: another kind of value, a number that does not
+/// parse or is not finite.
+pub(super) fn reading_at(kind: Held, bytes: &[u8], at: &mut usize) -> Option<f64> {
+    match kind {
+        Held::Number => {
+            if !matches!(bytes.get(*at), Some(b'-' | b'0'..=b'9')) {
+                return None;
+            }
+            number(bytes, at).ok().filter(|value| value.is_finite())
+        }
+        Held::Boolean => {
+            let (value, length) = match bytes.get(*at..)? {
+                [b't', b'r', b'u', b'e', ..] => (1.0, 4),
+                [b'f', b'a', b'l', b's', b'e', ..] => (0.0, 5),
+                _ => return None,
+            };
+            *at += length;
+            Some(value)
+        }
+        Held::Text => None,
+    }
+}
+
 /// Where `bytes` goes on after `expected` when it holds `expected` at `at`.
-fn matching(bytes: &[u8], at: usize, expected: &[u8]) -> Option<usize> {
+pub(super) fn matching(bytes: &[u8], at: usize, expected: &[u8]) -> Option<usize> {
     let end = at + expected.len();
     (bytes.get(at..end)? == expected).then_some(end)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::Normalizer;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -181,7 +187,7 @@ mod tests {
         }
     }
 
-    fn content(rng: &mut StdRng) -> String {
+    pub(in crate::normalize) fn content(rng: &mut StdRng) -> String {
         let mut text = String::new();
         let mut rest = TEMPLATE;
         while let Some(at) = ["{N}", "{B}", "{T}"]

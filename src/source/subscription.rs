@@ -177,10 +177,10 @@ impl Subscription {
             idle_timeout: self.source.idle_timeout,
             ..ListenOptions::default()
         };
-        // The stream reads a common dweet and its readings in one pass, with names of its own
-        // (only equal names are shared); serde_json reads any other line.
-        let mut names = Normalizer::default();
-        let reader = move |json: &str| normalize::read_dweet_text(json, &mut names);
+        // The stream reads a common dweet and its readings in one pass, by the shape of the
+        // last frame where it fits, with names of its own (only equal names are shared);
+        // serde_json reads any other line.
+        let reader = normalize::StreamReader::default();
         let opened = tokio::select! {
             _ = self.cancel.cancelled() => return Ended::Stopped,
             opened = self.client.listen_for_dweets_read_by(&self.thing.name, self.thing.key.as_ref(), options, reader) => opened,

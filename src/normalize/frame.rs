@@ -1,0 +1,373 @@
+//! A listen stream's frames read without unescaping them, by the shape of the thing's last
+//! frame.
+//!
+//! A frame is the dweet's line written a second time as a JSON string literal, so every quote
+//! in it comes escaped, and unescaping a frame cost more than reading its content. A thing's
+//! frames differ only in their values (when it was created, the numbers, now and then a
+//! string). So once a frame's line has been read, the next frame is compared, still escaped,
+//! with the last one's literal between the values, and the values are read where they sit:
+//! numbers and booleans are written alike escaped or not, and a string with nothing to escape
+//! is the same string in the frame as in the line. The frame then stands for the last line
+//! with these values in their places, which the line reader reads the same way (the text
+//! around the values is a line it accepted, and each value is read by the walk's parsers).
+//!
+//! Anything else (other text, a value of another kind, a string with escapes, a number that
+//! does not parse or is not finite) goes to the decoder to unescape and to the line reader,
+//! and that line becomes the shape for the next frame. The last line's literal is written here
+//! as the sandbox writes frames ([`protocol::stream_literal`]); a server that escapes otherwise
+//! gets the line reader every time, after a few failed tries.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::leaves::{self, Held, Slot};
+use super::line::{LineParts, read_dweet_parts};
+use super::shape::{matching, reading_at};
+use super::{Normalizer, ReadDweet};
+use crate::client::{Created, ObjectReader, TextDweet};
+use crate::protocol::{first_special, stream_literal};
+use crate::record::Reading;
+
+/// Reads one listen stream's frames: by the last frame's shape where it fits, by the line
+/// reader ([`super::read_dweet_text`]) where it does not. serde_json reads what neither does.
+#[derive(Debug, Default)]
+pub struct StreamReader {
+    names: Normalizer,
+    frame: FrameShape,
+    /// Frames since the shape last fitted one. After four, the shape is tried (and kept anew)
+    /// on one frame in 64: a stream whose every frame has a new shape pays for few failed
+    /// tries and few shapes built.
+    misses: u32,
+    /// Whether the last frame was tried against the shape: its line then becomes the shape.
+    tried: bool,
+}
+
+impl ObjectReader<ReadDweet> for StreamReader {
+    fn read_literal(&mut self, literal: &[u8]) -> Option<ReadDweet> {
+        self.tried = self.misses < 4 || self.misses.is_multiple_of(64);
+        if self.tried
+            && let Some(read) = self.frame.read(literal)
+        {
+            self.misses = 0;
+            self.tried = false;
+            return Some(read);
+        }
+        // A line with no shape a frame can be read by (a string that needs escapes, say)
+        // counts too: building its shape is what costs.
+        self.misses = self.misses.wrapping_add(1);
+        None
+    }
+
+    fn read(&mut self, json: &str) -> Option<ReadDweet> {
+        let (read, parts) = read_dweet_parts(json, &mut self.names)?;
+        if std::mem::take(&mut self.tried) {
+            let readings = read.readings.as_deref().unwrap_or_default();
+            self.frame.keep(json, &parts, readings);
+        }
+        Some(read)
+    }
+}
+
+/// The last frame's line, its literal, and where its values sit in both.
+#[derive(Debug, Default)]
+struct FrameShape {
+    /// The line; empty when there is no shape to match.
+    line: String,
+    /// The line as a frame writes it, between the literal's quotes.
+    literal: Vec<u8>,
+    slots: Vec<FrameSlot>,
+    /// The names of the readings, one for each slot that holds one.
+    names: Vec<Arc<str>>,
+    /// Where the content is in `line`.
+    content: Range<usize>,
+    /// Which slots hold the thing and `created`.
+    thing: usize,
+    created: usize,
+    /// Room for a walk of the content, kept between shapes.
+    path: String,
+    walked: Vec<Slot>,
+}
+
+/// A value's place: in the literal, and in the line (a string's quotes included in both).
+#[derive(Debug, Clone)]
+struct FrameSlot {
+    kind: Held,
+    literal: Range<usize>,
+    line: Range<usize>,
+}
+
+impl FrameShape {
+    /// Keeps `line`, which the line reader read into `parts` and `readings`, as the shape;
+    /// forgets the shape when the line has none a frame can be read by.
+    fn keep(&mut self, line: &str, parts: &LineParts, readings: &[Reading]) {
+        self.line.clear();
+        // The content's values, found again (a content read by its own shape has no places
+        // of its own); its readings' names are reused, so this allocates no name.
+        let names: Vec<Arc<str>> = readings.iter().map(|r| Arc::clone(&r.sensor)).collect();
+        self.path.clear();
+        let Ok((found, ..)) = leaves::walk(
+            &line[parts.content.clone()],
+            &names,
+            &mut self.path,
+            &mut self.walked,
+        ) else {
+            return;
+        };
+        // Readings merged under a repeated name are not one per slot: no shape holds them.
+        if found.len() != readings.len() {
+            return;
+        }
+        let content_slots = &self.walked;
+        let quoted = |text: &Range<usize>| text.start - 1..text.end + 1;
+        let mut places: Vec<(Held, Range<usize>)> = Vec::with_capacity(content_slots.len() + 2);
+        places.push((Held::Text, quoted(&parts.thing)));
+        places.push((Held::Text, quoted(&parts.created)));
+        let offset = parts.content.start;
+        places.extend(
+            content_slots
+                .iter()
+                .map(|slot| (slot.kind, offset + slot.start..offset + slot.end)),
+        );
+        places.sort_by_key(|(_, place)| place.start);
+        self.literal.clear();
+        self.slots.clear();
+        let mut from = 0;
+        for (kind, place) in places {
+            push_escaped(&mut self.literal, &line[from..place.start]);
+            let start = self.literal.len();
+            let value = &line[place.clone()];
+            if kind == Held::Text {
+                let text = &value[1..value.len() - 1];
+                if !is_plain(text.as_bytes()) {
+                    return;
+                }
+                self.literal.extend_from_slice(b"\\\"");
+                self.literal.extend_from_slice(text.as_bytes());
+                self.literal.extend_from_slice(b"\\\"");
+            } else {
+                self.literal.extend_from_slice(value.as_bytes());
+            }
+            let literal = start..self.literal.len();
+            from = place.end;
+            self.slots.push(FrameSlot {
+                kind,
+                literal,
+                line: place,
+            });
+        }
+        push_escaped(&mut self.literal, &line[from..]);
+        let slot_of = |text: &Range<usize>| {
+            let place = quoted(text);
+            self.slots.iter().position(|slot| slot.line == place)
+        };
+        let (Some(thing), Some(created)) = (slot_of(&parts.thing), slot_of(&parts.created)) else {
+            return;
+        };
+        self.thing = thing;
+        self.created = created;
+        self.content = parts.content.clone();
+        self.names = names;
+        self.line.push_str(line);
+    }
+
+    /// The dweet the frame whose literal is `literal` carries, when it is of this shape.
+    fn read(&self, literal: &[u8]) -> Option<ReadDweet> {
+        if self.line.is_empty() {
+            return None;
+        }
+        // Bytes, checked as UTF-8 once at the end: the line's pieces are text, the values
+        // ASCII or checked.
+        let mut content = Vec::with_capacity(self.content.len() + 16);
+        let mut readings = Vec::with_capacity(self.names.len());
+        let mut names = self.names.iter();
+        let (mut thing, mut created) = ("", "");
+        let (mut from, mut at) = (0, 0);
+        for (index, slot) in self.slots.iter().enumerate() {
+            at = matching(literal, at, &self.literal[from..slot.literal.start])?;
+            self.push_line(&mut content, from_line(self, index)..slot.line.start);
+            let start = at;
+            let value = match slot.kind {
+                Held::Text => {
+                    let text = plain_string(literal, &mut at)?;
+                    if index == self.thing {
+                        thing = text;
+                    } else if index == self.created {
+                        created = text;
+                    } else if self.content.contains(&slot.line.start) {
+                        content.push(b'"');
+                        content.extend_from_slice(text.as_bytes());
+                        content.push(b'"');
+                    }
+                    None
+                }
+                kind => Some(reading_at(kind, literal, &mut at)?),
+            };
+            if let Some(value) = value {
+                // What was read is what the line holds.
+                content.extend_from_slice(&literal[start..at]);
+                let sensor = Arc::clone(names.next()?);
+                readings.push(Reading { sensor, value });
+            }
+            from = slot.literal.end;
+        }
+        if matching(literal, at, &self.literal[from..])? != literal.len() {
+            return None;
+        }
+        let last = self.slots.last().map_or(0, |slot| slot.line.end);
+        self.push_line(&mut content, last..self.line.len());
+        let content = String::from_utf8(content).ok()?;
+        let dweet = TextDweet::from_checked_parts(thing.to_owned(), Created::new(created), content);
+        Some(ReadDweet {
+            dweet,
+            readings: Some(readings),
+        })
+    }
+
+    /// Adds the part of the line's text in `range` that lies in the content.
+    fn push_line(&self, content: &mut Vec<u8>, range: Range<usize>) {
+        let start = range.start.max(self.content.start);
+        let end = range.end.min(self.content.end);
+        if let Some(text) = self.line.as_bytes().get(start..end).filter(|_| start < end) {
+            content.extend_from_slice(text);
+        }
+    }
+}
+
+/// Where the line's text after the slot before `index` starts.
+fn from_line(shape: &FrameShape, index: usize) -> usize {
+    index
+        .checked_sub(1)
+        .and_then(|before| shape.slots.get(before))
+        .map_or(0, |slot| slot.line.end)
+}
+
+/// The text of the escaped string (`\"…\"`) at `*at` in a literal, stepping past it, when
+/// nothing in it is escaped: the same string in the line, for the line is the unescaped
+/// literal.
+fn plain_string<'l>(literal: &'l [u8], at: &mut usize) -> Option<&'l str> {
+    let start = *at + 2;
+    if literal.get(*at..start)? != b"\\\"" {
+        return None;
+    }
+    let end = start + first_special(literal.get(start..)?)?;
+    if literal.get(end..end + 2)? != b"\\\"" {
+        return None;
+    }
+    let text = std::str::from_utf8(literal.get(start..end)?).ok()?;
+    *at = end + 2;
+    Some(text)
+}
+
+/// Whether `text` needs no escape in a string literal, and is ASCII as the frames write it.
+fn is_plain(text: &[u8]) -> bool {
+    text.is_ascii() && first_special(text).is_none()
+}
+
+/// Appends `text` as a frame's literal writes it, without the quotes.
+fn push_escaped(out: &mut Vec<u8>, text: &str) {
+    let literal = stream_literal(text);
+    let inner = literal
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_default();
+    out.extend_from_slice(inner.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::FrameDecoder;
+    use crate::normalize::shape::tests::content;
+    use crate::normalize::{Normalizer, read_dweet_text};
+    use crate::protocol::encode_stream_frame;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// What a decoder makes of `frame` with `reader`, as text that tells -0 from 0.
+    fn decoded(frame: &[u8], reader: &mut dyn ObjectReader<ReadDweet>) -> Vec<String> {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(frame);
+        let mut events: Vec<String> = std::iter::from_fn(|| decoder.next_event_read_by(reader))
+            .map(|event| format!("{event:?}"))
+            .collect();
+        events.extend(
+            decoder
+                .finish_read_by(reader)
+                .map(|event| format!("{event:?}")),
+        );
+        events
+    }
+
+    /// The literal of the frame, between its quotes, when it has them.
+    fn literal_of(frame: &[u8]) -> Option<&[u8]> {
+        let line = frame.split(|&byte| byte == b'\n').nth(1)?.trim_ascii();
+        line.strip_prefix(b"\"")?.strip_suffix(b"\"")
+    }
+
+    /// A stream reader that has seen frames goes on decoding others as the decoder and a
+    /// fresh line reader do, whatever changes in them, damage included.
+    #[test]
+    fn a_frame_read_by_its_shape_is_read_as_its_unescaped_line_is() {
+        let things = ["S5D9-0001", "S5D9-0002", r#"board "quoted""#, "café", ""];
+        let mut rng = StdRng::seed_from_u64(26);
+        let mut kept = StreamReader::default();
+        let (mut by_shape, mut unescaped) = (0, 0);
+        for round in 0..20_000 {
+            let thing = match rng.random_range(0..20) {
+                0 => things[rng.random_range(2..things.len())],
+                pick => things[pick % 2],
+            };
+            let created = match rng.random_range(0..30) {
+                0 => "yesterday".to_owned(),
+                1 => "2026-13-01T00:00:00.000Z".to_owned(),
+                _ => format!(
+                    "2026-12-04T18:{:02}:{:02}.{:03}Z",
+                    round / 1000 % 60,
+                    round % 60,
+                    round % 1000
+                ),
+            };
+            let mut line = format!(
+                r#"{{"thing":{},"created":{},"content":{}}}"#,
+                serde_json::to_string(thing).unwrap_or_default(),
+                serde_json::to_string(&created).unwrap_or_default(),
+                content(&mut rng),
+            );
+            if round % 53 == 0 {
+                line = line.replacen('{', r#"{"transaction":"t","#, 1);
+            }
+            let mut frame = encode_stream_frame(&line);
+            if round % 7 == 0 {
+                let at = rng.random_range(4..frame.len() - 2);
+                let byte = b"\\\"{}[]:,0-e tnu"[rng.random_range(0..15)];
+                match rng.random_range(0..3) {
+                    0 => frame[at] = byte,
+                    1 => {
+                        frame.remove(at);
+                    }
+                    _ => frame.insert(at, byte),
+                }
+            }
+            let expected = decoded(&frame, &mut |json: &str| {
+                read_dweet_text(json, &mut Normalizer::default())
+            });
+            let fits = literal_of(&frame).is_some_and(|literal| kept.frame.read(literal).is_some());
+            assert_eq!(
+                decoded(&frame, &mut kept),
+                expected,
+                "{}",
+                String::from_utf8_lossy(&frame)
+            );
+            if fits {
+                by_shape += 1;
+            } else {
+                unescaped += 1;
+            }
+        }
+        assert!(
+            by_shape > 5_000,
+            "many frames were read by their shape: {by_shape}"
+        );
+        assert!(unescaped > 5_000, "and the rest unescaped: {unescaped}");
+    }
+}
