@@ -154,9 +154,10 @@ impl FrameDecoder {
         self.next_event_read_by(&mut |_: &str| None)
     }
 
-    /// [`FrameDecoder::next_event_as`], offering each JSON object's text to `reader` first:
-    /// what it makes a `D` of is the dweet, and serde_json reads what it declines (`None`).
-    /// A reader must accept only what serde_json would read as a `D`, and give the same.
+    /// [`FrameDecoder::next_event_as`], offering each JSON object to `reader` first (a frame's
+    /// literal still escaped, then its text): what it makes a `D` of is the dweet, and
+    /// serde_json reads what it declines (`None`). A reader must accept only what serde_json
+    /// would read as a `D`, and give the same.
     pub fn next_event_read_by<D: DeserializeOwned>(
         &mut self,
         reader: &mut dyn ObjectReader<D>,

@@ -294,9 +294,9 @@ impl Client {
     }
 
     /// [`Client::listen_for_dweets_from`] with each dweet a `D`: `reader` is offered each
-    /// line's JSON object first, and serde_json reads what it declines (`None`). It must
-    /// accept only what serde_json would read as a `D`, and give the same; the ingest path
-    /// reads a common dweet and finds its readings in one pass this way.
+    /// line's JSON object first (see [`ObjectReader`]), and serde_json reads what it declines
+    /// (`None`). It must accept only what serde_json would read as a `D`, and give the same;
+    /// the ingest path reads a common dweet and finds its readings in one pass this way.
     pub async fn listen_for_dweets_read_by<D: DeserializeOwned + Send + 'static>(
         &self,
         thing: &str,

@@ -14,8 +14,8 @@
 //! Anything else (other text, a value of another kind, a string with escapes, a number that
 //! does not parse or is not finite) goes to the decoder to unescape and to the line reader,
 //! and that line becomes the shape for the next frame. The last line's literal is written here
-//! as the sandbox writes frames ([`protocol::stream_literal`]); a server that escapes otherwise
-//! gets the line reader every time, after a few failed tries.
+//! as the sandbox writes frames ([`crate::protocol::stream_literal`]); a server that escapes
+//! otherwise gets the line reader every time, after a few failed tries.
 
 use std::ops::Range;
 use std::sync::Arc;
