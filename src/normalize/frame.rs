@@ -20,7 +20,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::leaves::{self, Held, Slot};
+use super::leaves::{self, Held};
 use super::line::{LineParts, read_dweet_parts};
 use super::shape::{matching, reading_at};
 use super::{Normalizer, ReadDweet};
@@ -63,6 +63,10 @@ impl ObjectReader<ReadDweet> for StreamReader {
         if std::mem::take(&mut self.tried) {
             let readings = read.readings.as_deref().unwrap_or_default();
             self.frame.keep(json, &parts, readings);
+            // While frames are read by their shape the content's is not used.
+            if !self.frame.line.is_empty() {
+                self.names.drop_shape();
+            }
         }
         Some(read)
     }
@@ -83,9 +87,6 @@ struct FrameShape {
     /// Which slots hold the thing and `created`.
     thing: usize,
     created: usize,
-    /// Room for a walk of the content, kept between shapes.
-    path: String,
-    walked: Vec<Slot>,
 }
 
 /// A value's place: in the literal, and in the line (a string's quotes included in both).
@@ -104,12 +105,12 @@ impl FrameShape {
         // The content's values, found again (a content read by its own shape has no places
         // of its own); its readings' names are reused, so this allocates no name.
         let names: Vec<Arc<str>> = readings.iter().map(|r| Arc::clone(&r.sensor)).collect();
-        self.path.clear();
+        let mut content_slots = Vec::new();
         let Ok((found, ..)) = leaves::walk(
             &line[parts.content.clone()],
             &names,
-            &mut self.path,
-            &mut self.walked,
+            &mut String::new(),
+            &mut content_slots,
         ) else {
             return;
         };
@@ -117,7 +118,6 @@ impl FrameShape {
         if found.len() != readings.len() {
             return;
         }
-        let content_slots = &self.walked;
         let quoted = |text: &Range<usize>| text.start - 1..text.end + 1;
         let mut places: Vec<(Held, Range<usize>)> = Vec::with_capacity(content_slots.len() + 2);
         places.push((Held::Text, quoted(&parts.thing)));

@@ -56,9 +56,8 @@ pub struct Normalizer {
     /// anew) on one content in 64: a thing whose every content has a new shape (two kinds of
     /// board interleaved in one import, a name that changes) pays for few failed tries.
     misses: u32,
-    /// Room for a leaf's dotted path and the walk's slots, kept between dweets.
+    /// Room for a leaf's dotted path, kept between dweets.
     path: String,
-    slots: Vec<leaves::Slot>,
 }
 
 impl Normalizer {
@@ -90,6 +89,12 @@ impl Normalizer {
         self.walk(text).ok()
     }
 
+    /// Frees the last content's shape, for a reader that keeps a shape of its own: ten
+    /// thousand streams each holding both cost 8 MiB more than they need.
+    fn drop_shape(&mut self) {
+        self.shape = shape::Shape::default();
+    }
+
     fn walk(&mut self, text: &str) -> Result<(Vec<Reading>, usize), leaves::Stop> {
         let tried = self.shape.is_empty() || self.misses < 4 || self.misses.is_multiple_of(64);
         if tried && let Some(read) = self.shape.read(text) {
@@ -101,7 +106,9 @@ impl Normalizer {
         }
         let mut path = std::mem::take(&mut self.path);
         path.clear();
-        let walked = leaves::walk(text, &self.sensors, &mut path, &mut self.slots);
+        // The walk's slots are the shape's from then on: a thing keeps one set, not two.
+        let mut slots = Vec::new();
+        let walked = leaves::walk(text, &self.sensors, &mut path, &mut slots);
         self.path = path;
         // Content the walk stops at leaves the shape as it was, for the next content.
         let (mut readings, all_known, end) = walked?;
@@ -115,7 +122,7 @@ impl Normalizer {
         // Readings merged under a repeated name are not one per slot: no shape holds them.
         match text.get(..end) {
             Some(content) if tried && !merged => {
-                self.shape.keep(content, &mut self.slots, &readings);
+                self.shape.keep(content, slots, &readings);
             }
             _ if tried => self.shape.forget(),
             _ => {}

@@ -57,13 +57,12 @@ impl Shape {
         Some((readings, end))
     }
 
-    /// Keeps `text`, which the walk read as far as its end, with the walk's `slots` (taken,
-    /// and `slots` left with the last shape's room) and the `readings` it found there, one
-    /// for each slot that holds one.
-    pub(super) fn keep(&mut self, text: &str, slots: &mut Vec<Slot>, readings: &[Reading]) {
+    /// Keeps `text`, which the walk read as far as its end, with the walk's `slots` and the
+    /// `readings` it found there, one for each slot that holds one.
+    pub(super) fn keep(&mut self, text: &str, slots: Vec<Slot>, readings: &[Reading]) {
         self.text.clear();
         self.text.push_str(text);
-        std::mem::swap(&mut self.slots, slots);
+        self.slots = slots;
         self.names.clear();
         self.names
             .extend(readings.iter().map(|reading| Arc::clone(&reading.sensor)));
