@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use super::leaves::{self, Held};
 use super::line::{LineParts, read_dweet_parts};
-use super::shape::{matching, reading_at};
+use super::shape::{Tries, matching, reading_at};
 use super::{Normalizer, ReadDweet};
 use crate::client::{Created, ObjectReader, TextDweet};
 use crate::protocol::{first_special, stream_literal};
@@ -34,27 +34,22 @@ use crate::record::Reading;
 pub struct StreamReader {
     names: Normalizer,
     frame: FrameShape,
-    /// Frames since the shape last fitted one. After four, the shape is tried (and kept anew)
-    /// on one frame in 64: a stream whose every frame has a new shape pays for few failed
-    /// tries and few shapes built.
-    misses: u32,
+    tries: Tries,
     /// Whether the last frame was tried against the shape: its line then becomes the shape.
     tried: bool,
 }
 
 impl ObjectReader<ReadDweet> for StreamReader {
     fn read_literal(&mut self, literal: &[u8]) -> Option<ReadDweet> {
-        self.tried = self.misses < 4 || self.misses.is_multiple_of(64);
+        self.tried = self.tries.due();
         if self.tried
             && let Some(read) = self.frame.read(literal)
         {
-            self.misses = 0;
+            self.tries.fitted();
             self.tried = false;
             return Some(read);
         }
-        // A line with no shape a frame can be read by (a string that needs escapes, say)
-        // counts too: building its shape is what costs.
-        self.misses = self.misses.wrapping_add(1);
+        self.tries.missed();
         None
     }
 

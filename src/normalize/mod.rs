@@ -52,10 +52,7 @@ pub struct Normalizer {
     sensors: Vec<Arc<str>>,
     /// The last content walked: the next one of the same shape is read without a walk.
     shape: shape::Shape,
-    /// Contents since the shape last fitted one. After four, the shape is tried (and kept
-    /// anew) on one content in 64: a thing whose every content has a new shape (two kinds of
-    /// board interleaved in one import, a name that changes) pays for few failed tries.
-    misses: u32,
+    tries: shape::Tries,
     /// Room for a leaf's dotted path, kept between dweets.
     path: String,
 }
@@ -89,21 +86,19 @@ impl Normalizer {
         self.walk(text).ok()
     }
 
-    /// Frees the last content's shape, for a reader that keeps a shape of its own: ten
-    /// thousand streams each holding both cost 8 MiB more than they need.
+    /// Frees the last content's shape, for a reader that keeps a shape of its own (5 MiB of
+    /// ten thousand streams' memory at load, measured by the fan-in harness).
     fn drop_shape(&mut self) {
         self.shape = shape::Shape::default();
     }
 
     fn walk(&mut self, text: &str) -> Result<(Vec<Reading>, usize), leaves::Stop> {
-        let tried = self.shape.is_empty() || self.misses < 4 || self.misses.is_multiple_of(64);
+        let tried = self.tries.due();
         if tried && let Some(read) = self.shape.read(text) {
-            self.misses = 0;
+            self.tries.fitted();
             return Ok(read);
         }
-        if !self.shape.is_empty() {
-            self.misses = self.misses.wrapping_add(1);
-        }
+        self.tries.missed();
         let mut path = std::mem::take(&mut self.path);
         path.clear();
         // The walk's slots are the shape's from then on: a thing keeps one set, not two.

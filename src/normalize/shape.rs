@@ -68,14 +68,31 @@ impl Shape {
             .extend(readings.iter().map(|reading| Arc::clone(&reading.sensor)));
     }
 
-    /// Whether there is no shape to match (none kept yet, or the last content's was
-    /// forgotten).
-    pub(super) fn is_empty(&self) -> bool {
-        self.text.is_empty()
-    }
-
     pub(super) fn forget(&mut self) {
         self.text.clear();
+    }
+}
+
+/// When a reader tries its shape: on every content or frame while the shape fits, and after
+/// four misses in a row on one in 64, the shape built anew from each one tried. A thing whose
+/// every dweet has a new shape (two kinds of board interleaved in one import, a string that
+/// needs escapes in every frame) pays for few failed tries and few shapes built.
+#[derive(Debug, Default)]
+pub(super) struct Tries {
+    misses: u32,
+}
+
+impl Tries {
+    pub(super) fn due(&self) -> bool {
+        self.misses < 4 || self.misses.is_multiple_of(64)
+    }
+
+    pub(super) fn fitted(&mut self) {
+        self.misses = 0;
+    }
+
+    pub(super) fn missed(&mut self) {
+        self.misses = self.misses.wrapping_add(1);
     }
 }
 
