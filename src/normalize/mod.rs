@@ -101,8 +101,9 @@ impl Normalizer {
         self.tries.missed();
         let mut path = std::mem::take(&mut self.path);
         path.clear();
-        // The walk's slots are the shape's from then on: a thing keeps one set, not two.
-        let mut slots = Vec::new();
+        // The walk's slots are the shape's from then on: a thing keeps one set, not two. Sized
+        // as the last names were, they are allocated once.
+        let mut slots = Vec::with_capacity(self.sensors.len() + 4);
         let walked = leaves::walk(text, &self.sensors, &mut path, &mut slots);
         self.path = path;
         // Content the walk stops at leaves the shape as it was, for the next content.
