@@ -87,6 +87,7 @@ pub fn is_canonical_created(text: &str) -> bool {
     // shape has `0`, its own bytes elsewhere. A byte is a digit when, less `0`, its high
     // nibble is clear and adding six keeps it clear (10 to 15 carry into it).
     const SHAPE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
+    const WORDS: [u64; 3] = words_of(SHAPE);
     const DIGITS: [u64; 3] = places_of(SHAPE, true);
     const OTHERS: [u64; 3] = places_of(SHAPE, false);
     const LOW_NIBBLES: u64 = u64::from_le_bytes([0x0f; 8]);
@@ -98,13 +99,22 @@ pub fn is_canonical_created(text: &str) -> bool {
     }
     bytes.chunks_exact(8).enumerate().all(|(at, word)| {
         let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or_default());
-        let shape =
-            u64::from_le_bytes(<[u8; 8]>::try_from(&SHAPE[at * 8..at * 8 + 8]).unwrap_or_default());
         let digits = (word ^ ZEROS) & DIGITS[at];
         digits & !LOW_NIBBLES == 0
             && digits.wrapping_add(SIX) & !LOW_NIBBLES & DIGITS[at] == 0
-            && (word ^ shape) & OTHERS[at] == 0
+            && (word ^ WORDS[at]) & OTHERS[at] == 0
     })
+}
+
+/// `shape`'s bytes, eight to a word, as `is_canonical_created` reads the text's.
+const fn words_of(shape: &[u8; 24]) -> [u64; 3] {
+    let mut words = [0u64; 3];
+    let mut at = 0;
+    while at < shape.len() {
+        words[at / 8] |= (shape[at] as u64) << (at % 8 * 8);
+        at += 1;
+    }
+    words
 }
 
 /// Masks of the bytes of `shape` that are `0` (`digits`) or are not, eight to a word.

@@ -35,8 +35,8 @@ impl Stop {
 /// The readings of the JSON value at the start of `text`, in document order; whether every
 /// sensor name was reused from `known` (the previous dweet's names, reused where the same
 /// path comes at the same place); and where the value ends. `path` is scratch space and
-/// starts empty; `slots` is cleared and gets where each reading's value sits in `text`, one
-/// slot per reading, for [`super::shape`].
+/// starts empty; `slots` is cleared and gets where each value that can change sits in `text`
+/// (one slot per reading, and one per string that is not a name), for [`super::shape`].
 pub(super) fn walk(
     text: &str,
     known: &[Arc<str>],

@@ -52,6 +52,7 @@ pub struct Normalizer {
     sensors: Vec<Arc<str>>,
     /// The last content walked: the next one of the same shape is read without a walk.
     shape: shape::Shape,
+    /// When that shape is tried.
     tries: shape::Tries,
     /// Room for a leaf's dotted path, kept between dweets.
     path: String,
