@@ -273,57 +273,84 @@ impl Scanner<'_, '_, '_, '_> {
 /// 64 bits exactly (then rounded to the nearest double), everything else correctly rounded
 /// from its decimal text. `*at` moves past the number's text (past what was scanned, when it
 /// is not a number).
+///
+/// Inlined where it is called: nearly every number is a plain decimal, read in one pass with
+/// no call (a shape reads a dozen a dweet); anything else takes the full path.
+#[inline]
 pub(super) fn number(text: &[u8], at: &mut usize) -> Result<f64, Stop> {
-    let peek = |at: usize| text.get(at).copied();
-    let start = *at;
-    let negative = peek(*at) == Some(b'-');
-    if negative {
-        *at += 1;
+    match plain_decimal(text, *at) {
+        Some((value, end)) => {
+            *at = end;
+            Ok(value)
+        }
+        None => number_in_full(text, at),
     }
-    // The plain decimals JSON has (no leading zero, no bare point, at most 19 digits) are
-    // read as they are scanned; anything else is scanned on and held to the whole grammar
-    // first.
-    let digits = *at;
+}
+
+/// The value of the plain decimal JSON has at `at` (an optional minus, at most 19 digits with
+/// no leading zero, at most one point with digits after it, nothing that continues a number
+/// after it) and where its text ends, when the exact parse is one operation: an integer
+/// converted, or an exact mantissa divided by an exact power of ten, one correctly rounded
+/// division (Clinger's fast path).
+#[inline]
+fn plain_decimal(text: &[u8], at: usize) -> Option<(f64, usize)> {
+    let negative = text.get(at) == Some(&b'-');
+    let digits = at + usize::from(negative);
+    // Past 19 digits the mantissa wraps; such a number is refused below.
     let mut mantissa = 0u64;
-    let mut count = 0;
-    let mut places = None;
-    loop {
-        match peek(*at) {
-            Some(byte @ b'0'..=b'9') if count < 19 => {
-                mantissa = mantissa * 10 + u64::from(byte - b'0');
-                count += 1;
-                if let Some(places) = places.as_mut() {
-                    *places += 1;
-                }
-            }
-            Some(b'.') if places.is_none() && count > 0 => places = Some(0),
-            _ => break,
+    let mut end = digits;
+    while let Some(digit) = text.get(end).map(|byte| byte.wrapping_sub(b'0'))
+        && digit < 10
+    {
+        mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
+        end += 1;
+    }
+    let whole = end - digits;
+    if whole == 0 || (whole > 1 && text[digits] == b'0') {
+        return None;
+    }
+    let mut places = 0;
+    if text.get(end) == Some(&b'.') {
+        let fraction = end + 1;
+        end = fraction;
+        while let Some(digit) = text.get(end).map(|byte| byte.wrapping_sub(b'0'))
+            && digit < 10
+        {
+            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
+            end += 1;
         }
+        places = end - fraction;
+        if places == 0 {
+            return None;
+        }
+    }
+    if whole + places > 19 || continues_a_number(text.get(end).copied()) {
+        return None;
+    }
+    let magnitude = if places == 0 {
+        // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
+        if mantissa == 0 {
+            return Some((0.0, end));
+        }
+        mantissa as f64
+    } else if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() {
+        mantissa as f64 / EXACT_POWERS_OF_TEN[places]
+    } else {
+        return None;
+    };
+    Some((if negative { -magnitude } else { magnitude }, end))
+}
+
+/// [`number`] for what is not a plain decimal: the text is scanned on, held to the whole
+/// grammar, then parsed.
+#[inline(never)]
+fn number_in_full(text: &[u8], at: &mut usize) -> Result<f64, Stop> {
+    let start = *at;
+    if text.get(*at) == Some(&b'-') {
         *at += 1;
     }
-    let leading_zero =
-        || text[digits] == b'0' && text.get(digits + 1).is_some_and(u8::is_ascii_digit);
-    let plain = count > 0 && places != Some(0) && !continues_a_number(peek(*at)) && !leading_zero();
-    if plain {
-        match (mantissa, places) {
-            // An integer zero has no sign: "-0" is +0.0 (serde_json's `Value` says -0.0).
-            (0, None) => return Ok(0.0),
-            (magnitude, None) => {
-                let magnitude = magnitude as f64;
-                return Ok(if negative { -magnitude } else { magnitude });
-            }
-            // Both operands exact, so one correctly rounded division: the value the full
-            // parse would give (Clinger's fast path), at a fraction of its cost.
-            (mantissa, Some(places))
-                if mantissa <= 1 << 53 && places < EXACT_POWERS_OF_TEN.len() =>
-            {
-                let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[places];
-                return Ok(if negative { -magnitude } else { magnitude });
-            }
-            _ => {}
-        }
-    }
-    while continues_a_number(peek(*at)) {
+    let digits = *at;
+    while continues_a_number(text.get(*at).copied()) {
         *at += 1;
     }
     if !is_json_number(&text[digits..*at]) {

@@ -99,6 +99,7 @@ impl Tries {
 /// The reading a slot of `kind` (a number or a boolean) finds at `*at` in `bytes`, stepping
 /// past it; `None` for anything else there: another kind of value, a number that does not
 /// parse or is not finite.
+#[inline]
 pub(super) fn reading_at(kind: Held, bytes: &[u8], at: &mut usize) -> Option<f64> {
     match kind {
         Held::Number => {
