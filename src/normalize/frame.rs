@@ -79,17 +79,22 @@ struct FrameShape {
     names: Vec<Arc<str>>,
     /// Where the content is in `line`.
     content: Range<usize>,
+    /// The content's text after the last slot, in `line`.
+    content_after: Range<usize>,
     /// Which slots hold the thing and `created`.
     thing: usize,
     created: usize,
 }
 
-/// A value's place: in the literal, and in the line (a string's quotes included in both).
+/// A value's place in the literal (a string's quotes included), and what the line has of the
+/// content before it.
 #[derive(Debug, Clone)]
 struct FrameSlot {
     kind: Held,
     literal: Range<usize>,
-    line: Range<usize>,
+    /// The content's text between the last slot and this one, in the line (empty where the
+    /// slot is outside the content): worked out once, not for every frame.
+    content_before: Range<usize>,
 }
 
 impl FrameShape {
@@ -126,6 +131,8 @@ impl FrameShape {
         places.sort_by_key(|(_, place)| place.start);
         self.literal.clear();
         self.slots.clear();
+        let (thing, created) = (quoted(&parts.thing), quoted(&parts.created));
+        let (mut thing_slot, mut created_slot) = (None, None);
         let mut from = 0;
         for (kind, place) in places {
             push_escaped(&mut self.literal, &line[from..place.start]);
@@ -143,24 +150,26 @@ impl FrameShape {
                 self.literal.extend_from_slice(value.as_bytes());
             }
             let literal = start..self.literal.len();
-            from = place.end;
+            if place == thing {
+                thing_slot = Some(self.slots.len());
+            } else if place == created {
+                created_slot = Some(self.slots.len());
+            }
             self.slots.push(FrameSlot {
                 kind,
                 literal,
-                line: place,
+                content_before: within(&parts.content, from..place.start),
             });
+            from = place.end;
         }
         push_escaped(&mut self.literal, &line[from..]);
-        let slot_of = |text: &Range<usize>| {
-            let place = quoted(text);
-            self.slots.iter().position(|slot| slot.line == place)
-        };
-        let (Some(thing), Some(created)) = (slot_of(&parts.thing), slot_of(&parts.created)) else {
+        let (Some(thing), Some(created)) = (thing_slot, created_slot) else {
             return;
         };
         self.thing = thing;
         self.created = created;
         self.content = parts.content.clone();
+        self.content_after = within(&parts.content, from..line.len());
         self.names = names;
         self.line.push_str(line);
     }
@@ -176,12 +185,12 @@ impl FrameShape {
         let mut readings = Vec::with_capacity(self.names.len());
         let mut names = self.names.iter();
         let (mut thing, mut created) = ("", "");
-        // Where the text after the last slot starts: in the shape's literal, in the frame's,
-        // and in the line.
-        let (mut from, mut at, mut from_line) = (0, 0, 0);
+        let line = self.line.as_bytes();
+        // Where the text after the last slot starts: in the shape's literal and in the frame's.
+        let (mut from, mut at) = (0, 0);
         for (index, slot) in self.slots.iter().enumerate() {
             at = matching(literal, at, &self.literal[from..slot.literal.start])?;
-            self.push_line(&mut content, from_line..slot.line.start);
+            content.extend_from_slice(line.get(slot.content_before.clone())?);
             let start = at;
             let value = match slot.kind {
                 Held::Text => {
@@ -190,7 +199,8 @@ impl FrameShape {
                         thing = text;
                     } else if index == self.created {
                         created = text;
-                    } else if self.content.contains(&slot.line.start) {
+                    } else {
+                        // Every slot but the thing's and `created`'s is the content's.
                         content.push(b'"');
                         content.extend_from_slice(text.as_bytes());
                         content.push(b'"');
@@ -206,12 +216,11 @@ impl FrameShape {
                 readings.push(Reading { sensor, value });
             }
             from = slot.literal.end;
-            from_line = slot.line.end;
         }
         if matching(literal, at, &self.literal[from..])? != literal.len() {
             return None;
         }
-        self.push_line(&mut content, from_line..self.line.len());
+        content.extend_from_slice(line.get(self.content_after.clone())?);
         let content = String::from_utf8(content).ok()?;
         let dweet = TextDweet::from_checked_parts(thing.to_owned(), Created::new(created), content);
         Some(ReadDweet {
@@ -219,15 +228,12 @@ impl FrameShape {
             readings: Some(readings),
         })
     }
+}
 
-    /// Adds the part of the line's text in `range` that lies in the content.
-    fn push_line(&self, content: &mut Vec<u8>, range: Range<usize>) {
-        let start = range.start.max(self.content.start);
-        let end = range.end.min(self.content.end);
-        if let Some(text) = self.line.as_bytes().get(start..end).filter(|_| start < end) {
-            content.extend_from_slice(text);
-        }
-    }
+/// The part of `range` that lies in `content`; empty (and at 0) where none does.
+fn within(content: &Range<usize>, range: Range<usize>) -> Range<usize> {
+    let (start, end) = (range.start.max(content.start), range.end.min(content.end));
+    if start < end { start..end } else { 0..0 }
 }
 
 /// The text of the escaped string (`\"…\"`) at `*at` in a literal, stepping past it, when
