@@ -117,6 +117,9 @@ pub struct ParquetSink {
     _lock: DirLock,
 }
 
+/// A day's milliseconds: a date partition's span.
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
 /// Dates whose dweets `held_on` keeps at once: an import goes date by date.
 const HELD_DATES: usize = 3;
 
@@ -288,7 +291,6 @@ impl ParquetSink {
     /// The UTC date of `ms`. Records come day by day: the last day's date is kept, where
     /// working it out cost about 100 instructions a dweet.
     fn date_of(&mut self, ms: i64) -> NaiveDate {
-        const DAY_MS: i64 = 86_400_000;
         let day = ms.div_euclid(DAY_MS);
         if day != self.last_day.0 {
             self.last_day = (day, ms_to_datetime(ms).date_naive());
@@ -585,8 +587,6 @@ fn writer_properties_builder() -> WriterPropertiesBuilder {
 mod tests {
     use super::*;
     use crate::record::{DeadLetter, Normalized, Reading};
-
-    const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
     fn dweet(thing: &str, created_ms: i64) -> Record {
         Record::Dweet(Normalized {
