@@ -102,12 +102,9 @@ impl Tries {
 #[inline]
 pub(super) fn reading_at(kind: Held, bytes: &[u8], at: &mut usize) -> Option<f64> {
     match kind {
-        Held::Number => {
-            if !matches!(bytes.get(*at), Some(b'-' | b'0'..=b'9')) {
-                return None;
-            }
-            number(bytes, at).ok().filter(|value| value.is_finite())
-        }
+        // What does not start a number (a string, a literal) is refused by the number's
+        // own grammar.
+        Held::Number => number(bytes, at).ok().filter(|value| value.is_finite()),
         Held::Boolean => {
             let (value, length) = match bytes.get(*at..)? {
                 [b't', b'r', b'u', b'e', ..] => (1.0, 4),
