@@ -84,6 +84,9 @@ struct FrameShape {
     /// Which slots hold the thing and `created`.
     thing: usize,
     created: usize,
+    /// The thing's name in `line`: a stream carries one thing's dweets, so a frame's name is
+    /// this text, already known to be text, almost always.
+    thing_name: Range<usize>,
 }
 
 /// A value's place in the literal (a string's quotes included), and what the line has of the
@@ -168,6 +171,7 @@ impl FrameShape {
         };
         self.thing = thing;
         self.created = created;
+        self.thing_name = parts.thing.clone();
         self.content = parts.content.clone();
         self.content_after = within(&parts.content, from..line.len());
         self.names = names;
@@ -196,13 +200,14 @@ impl FrameShape {
                 Held::Text => {
                     let text = plain_string(literal, &mut at)?;
                     if index == self.thing {
-                        thing = text;
+                        thing = self.name_of_thing(text)?;
                     } else if index == self.created {
-                        created = text;
+                        created = std::str::from_utf8(text).ok()?;
                     } else {
-                        // Every slot but the thing's and `created`'s is the content's.
+                        // Every slot but the thing's and `created`'s is the content's, whose
+                        // text is checked whole.
                         content.push(b'"');
-                        content.extend_from_slice(text.as_bytes());
+                        content.extend_from_slice(text);
                         content.push(b'"');
                     }
                     None
@@ -228,6 +233,14 @@ impl FrameShape {
             readings: Some(readings),
         })
     }
+
+    /// A frame's thing name as text: the shape's own where it is the same.
+    fn name_of_thing<'a>(&'a self, name: &'a [u8]) -> Option<&'a str> {
+        match self.line.get(self.thing_name.clone()) {
+            Some(known) if known.as_bytes() == name => Some(known),
+            _ => std::str::from_utf8(name).ok(),
+        }
+    }
 }
 
 /// The part of `range` that lies in `content`; empty (and at 0) where none does.
@@ -236,10 +249,10 @@ fn within(content: &Range<usize>, range: Range<usize>) -> Range<usize> {
     if start < end { start..end } else { 0..0 }
 }
 
-/// The text of the escaped string (`\"…\"`) at `*at` in a literal, stepping past it, when
+/// The bytes of the escaped string (`\"…\"`) at `*at` in a literal, stepping past it, when
 /// nothing in it is escaped: the same string in the line, for the line is the unescaped
-/// literal.
-fn plain_string<'l>(literal: &'l [u8], at: &mut usize) -> Option<&'l str> {
+/// literal. Not checked as UTF-8 here: the caller knows where it ends up.
+fn plain_string<'l>(literal: &'l [u8], at: &mut usize) -> Option<&'l [u8]> {
     let start = *at + 2;
     if literal.get(*at..start)? != b"\\\"" {
         return None;
@@ -248,7 +261,7 @@ fn plain_string<'l>(literal: &'l [u8], at: &mut usize) -> Option<&'l str> {
     if literal.get(end..end + 2)? != b"\\\"" {
         return None;
     }
-    let text = std::str::from_utf8(literal.get(start..end)?).ok()?;
+    let text = literal.get(start..end)?;
     *at = end + 2;
     Some(text)
 }
@@ -340,7 +353,9 @@ mod tests {
             };
             if round % 7 == 0 {
                 let at = rng.random_range(4..frame.len() - 2);
-                let byte = b"\\\"{}[]:,0-e tnu"[rng.random_range(0..15)];
+                // ASCII that means something in a frame, and bytes that are not UTF-8.
+                let bytes = b"\\\"{}[]:,0-e tnu\xff\xc3";
+                let byte = bytes[rng.random_range(0..bytes.len())];
                 match rng.random_range(0..3) {
                     0 => frame[at] = byte,
                     1 => {
