@@ -3,10 +3,8 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::{
-    ArrayBuilder, Float64Builder, StringBuilder, TimestampMillisecondBuilder,
-};
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::builder::{ArrayBuilder, StringBuilder, TimestampMillisecondBuilder};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch, TimestampMillisecondArray};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::record::{DeadLetter, Normalized};
@@ -137,10 +135,10 @@ fn timestamps() -> TimestampMillisecondBuilder {
 /// Rows of one dataset waiting to become a record batch.
 pub enum Rows {
     Readings {
-        time: TimestampMillisecondBuilder,
+        time: Vec<i64>,
         thing: StringBuilder,
         sensor: StringBuilder,
-        value: Float64Builder,
+        value: Vec<f64>,
     },
     Dweets {
         thing: StringBuilder,
@@ -161,10 +159,10 @@ impl Rows {
     pub fn new(dataset: Dataset) -> Self {
         match dataset {
             Dataset::Readings => Rows::Readings {
-                time: timestamps(),
+                time: Vec::new(),
                 thing: StringBuilder::new(),
                 sensor: StringBuilder::new(),
-                value: Float64Builder::new(),
+                value: Vec::new(),
             },
             Dataset::Dweets => Rows::Dweets {
                 thing: StringBuilder::new(),
@@ -202,12 +200,12 @@ impl Rows {
                 // The dweet's time and board repeat on each of its readings: appended as
                 // runs, column by column.
                 let readings = dweet.readings.len();
-                time.append_value_n(dweet.created_ms, readings);
+                time.resize(time.len() + readings, dweet.created_ms);
                 thing.append_value_n(&dweet.thing, readings);
                 for reading in &dweet.readings {
                     sensor.append_value(&reading.sensor);
-                    value.append_value(reading.value);
                 }
+                value.extend(dweet.readings.iter().map(|reading| reading.value));
             }
             Rows::Dweets {
                 thing,
@@ -251,12 +249,15 @@ impl Rows {
                 thing,
                 sensor,
                 value,
-            } => vec![take_times(time), take_text(thing), take_text(sensor), {
-                let rows = value.len();
-                let array = value.finish();
-                *value = Float64Builder::with_capacity(rows);
-                Arc::new(array)
-            }],
+            } => vec![
+                {
+                    let times = take_sized(time).into();
+                    Arc::new(TimestampMillisecondArray::new(times, None).with_timezone("UTC"))
+                },
+                take_text(thing),
+                take_text(sensor),
+                Arc::new(Float64Array::new(take_sized(value).into(), None)),
+            ],
             Rows::Dweets {
                 thing,
                 created,
@@ -291,6 +292,12 @@ fn take_text(builder: &mut StringBuilder) -> ArrayRef {
     let array = builder.finish();
     *builder = StringBuilder::with_capacity(rows, bytes);
     Arc::new(array)
+}
+
+/// What `values` holds, leaving it empty with room for as many.
+fn take_sized<T>(values: &mut Vec<T>) -> Vec<T> {
+    let room = Vec::with_capacity(values.len());
+    std::mem::replace(values, room)
 }
 
 fn take_times(builder: &mut TimestampMillisecondBuilder) -> ArrayRef {
