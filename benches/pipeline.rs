@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use criterion::{Criterion, Throughput, criterion_group};
 use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
 use dweetpipe::normalize::{Normalizer, StreamReader};
@@ -24,7 +26,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const DWEETS: usize = 20_000;
 
-fn stream_bytes() -> Vec<u8> {
+/// The size of each read off the connection.
+const READ_BYTES: usize = 16 * 1024;
+
+fn stream_bytes() -> Bytes {
     let mut boards: Vec<S5d9Board> = (0..20).map(S5d9Board::new).collect();
     let start = 1_795_000_000_000i64;
     (0..DWEETS)
@@ -39,11 +44,12 @@ fn stream_bytes() -> Vec<u8> {
             };
             encode_stream_frame(&serde_json::to_string(&dweet).expect("encodes"))
         })
-        .collect()
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 #[inline(never)]
-fn run_pipeline(bytes: &[u8], dir: &std::path::Path) -> usize {
+fn run_pipeline(bytes: &Bytes, dir: &std::path::Path) -> usize {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let (mut sink, _) = ParquetSink::open(
         ParquetConfig::new(dir),
@@ -59,8 +65,9 @@ fn run_pipeline(bytes: &[u8], dir: &std::path::Path) -> usize {
     let mut reader = StreamReader::default();
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
     let mut dweets = 0;
-    for read in bytes.chunks(16 * 1024) {
-        decoder.push(read);
+    // Reads as the network hands them to the worker: slices of the connection's buffer.
+    for start in (0..bytes.len()).step_by(READ_BYTES) {
+        decoder.push_read(bytes.slice(start..bytes.len().min(start + READ_BYTES)));
         while let Some(event) = decoder.next_event_read_by(&mut reader) {
             if let Decoded::Dweet(read) = event {
                 let created_ms = read.dweet.created().to_ms();

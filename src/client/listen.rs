@@ -239,7 +239,7 @@ impl<D: DeserializeOwned> Listener<D> {
             Some(body) => {
                 match tokio::time::timeout(wait, body.next()).await {
                     Ok(Some(Ok(bytes))) => {
-                        self.decoder.push(&bytes);
+                        self.decoder.push_read(bytes);
                         Step::Continue
                     }
                     Ok(Some(Err(error))) => self.connection_lost(Some(error)),
