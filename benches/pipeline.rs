@@ -60,7 +60,8 @@ fn run_pipeline(bytes: &Bytes, dir: &std::path::Path) -> usize {
     let mut decoder = FrameDecoder::new();
     // The worker's path: a frame read with its readings in one pass by the stream's reader,
     // content kept as its JSON text. The worker has a reader per thing, found without a
-    // lookup; all boards here send one shape, so one reader does the same work.
+    // lookup; all boards here send one shape, so one reader does the same work but for the
+    // thing's name, which it checks as UTF-8 where a worker's reader finds it unchanged.
     let mut normalizer = Normalizer::default();
     let mut reader = StreamReader::default();
     let mut batch: Vec<Record> = Vec::with_capacity(8192);
