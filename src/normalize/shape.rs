@@ -256,8 +256,6 @@ pub(super) mod tests {
         text
     }
 
-    /// A normaliser that has seen one content keeps reading others as a fresh one walks them,
-    /// whatever is in the places of its values and whatever else changes.
     /// The inline compare says what slice equality says, at every length around its word
     /// sizes, with the two slices equal or apart in any one byte.
     #[test]
@@ -281,6 +279,8 @@ pub(super) mod tests {
         }
     }
 
+    /// A normaliser that has seen one content keeps reading others as a fresh one walks them,
+    /// whatever is in the places of its values and whatever else changes.
     #[test]
     fn a_content_read_by_its_shape_is_read_as_the_walk_reads_it() {
         let mut rng = StdRng::seed_from_u64(26);
