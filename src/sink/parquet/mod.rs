@@ -164,6 +164,7 @@ impl ParquetSink {
             past_retention: 0,
             forsaken: Arc::default(),
             forsaken_records: 0,
+            // Day 0's date is the epoch's, which is `NaiveDate`'s default.
             last_day: (0, NaiveDate::default()),
             _lock: lock,
         };
