@@ -706,6 +706,21 @@ mod tests {
         );
     }
 
+    /// A board whose clock was never set dweets from 1970-01-01, the sink's first day kept.
+    #[test]
+    fn a_first_record_on_the_epoch_s_day_lands_on_its_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, _) = open(dir.path());
+        sink.write(&[dweet("unset-clock", 5)]).unwrap();
+        sink.close().unwrap();
+        let held =
+            held::dweets_on(dir.path(), NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).unwrap();
+        assert_eq!(
+            held.into_iter().collect::<Vec<_>>(),
+            [("unset-clock".to_owned(), 5)]
+        );
+    }
+
     #[test]
     fn a_forsaken_thing_is_not_stored_until_it_returns() {
         let dir = tempfile::tempdir().unwrap();
