@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::builder::{ArrayBuilder, StringBuilder, TimestampMillisecondBuilder};
+use arrow_array::builder::{ArrayBuilder, StringBuilder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, TimestampMillisecondArray};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 
@@ -97,7 +97,7 @@ impl Dataset {
         let time = |name: &str| {
             Field::new(
                 name,
-                DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                DataType::Timestamp(TimeUnit::Millisecond, Some(TIME_ZONE.into())),
                 false,
             )
         };
@@ -128,14 +128,13 @@ impl Dataset {
     }
 }
 
-fn timestamps() -> TimestampMillisecondBuilder {
-    TimestampMillisecondBuilder::new().with_timezone("UTC")
-}
+/// The time zone of every time column: times are milliseconds since the epoch, in UTC.
+const TIME_ZONE: &str = "UTC";
 
-/// Rows of one dataset waiting to become a record batch.
+/// Rows of one dataset waiting to become a record batch. Times and values, never null, are
+/// plain vectors: they become their columns without a copy, and need none of a builder's
+/// checks for nulls.
 pub enum Rows {
-    /// Times and values are plain vectors: they become their columns without a copy, and
-    /// need none of a builder's checks for nulls.
     Readings {
         time: Vec<i64>,
         thing: StringBuilder,
@@ -144,14 +143,14 @@ pub enum Rows {
     },
     Dweets {
         thing: StringBuilder,
-        created: TimestampMillisecondBuilder,
-        received_at: TimestampMillisecondBuilder,
+        created: Vec<i64>,
+        received_at: Vec<i64>,
         content: StringBuilder,
     },
     DeadLetters {
         thing: StringBuilder,
         created: StringBuilder,
-        received_at: TimestampMillisecondBuilder,
+        received_at: Vec<i64>,
         payload: StringBuilder,
         reason: StringBuilder,
     },
@@ -168,14 +167,14 @@ impl Rows {
             },
             Dataset::Dweets => Rows::Dweets {
                 thing: StringBuilder::new(),
-                created: timestamps(),
-                received_at: timestamps(),
+                created: Vec::new(),
+                received_at: Vec::new(),
                 content: StringBuilder::new(),
             },
             Dataset::DeadLetters => Rows::DeadLetters {
                 thing: StringBuilder::new(),
                 created: StringBuilder::new(),
-                received_at: timestamps(),
+                received_at: Vec::new(),
                 payload: StringBuilder::new(),
                 reason: StringBuilder::new(),
             },
@@ -216,8 +215,8 @@ impl Rows {
                 content,
             } => {
                 thing.append_value(&dweet.thing);
-                created.append_value(dweet.created_ms);
-                received_at.append_value(dweet.received_ms);
+                created.push(dweet.created_ms);
+                received_at.push(dweet.received_ms);
                 content.append_value(&dweet.content);
             }
             Rows::DeadLetters { .. } => {}
@@ -235,7 +234,7 @@ impl Rows {
         {
             thing.append_option(letter.thing.as_deref());
             created.append_option(letter.created.as_deref());
-            received_at.append_value(letter.received_ms);
+            received_at.push(letter.received_ms);
             payload.append_value(&letter.payload);
             reason.append_value(&letter.reason);
         }
@@ -252,10 +251,7 @@ impl Rows {
                 sensor,
                 value,
             } => vec![
-                {
-                    let times = take_sized(time).into();
-                    Arc::new(TimestampMillisecondArray::new(times, None).with_timezone("UTC"))
-                },
+                take_times(time),
                 take_text(thing),
                 take_text(sensor),
                 Arc::new(Float64Array::new(take_sized(value).into(), None)),
@@ -302,11 +298,9 @@ fn take_sized<T>(values: &mut Vec<T>) -> Vec<T> {
     std::mem::replace(values, room)
 }
 
-fn take_times(builder: &mut TimestampMillisecondBuilder) -> ArrayRef {
-    let rows = builder.len();
-    let array = builder.finish();
-    *builder = TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC");
-    Arc::new(array)
+fn take_times(times: &mut Vec<i64>) -> ArrayRef {
+    let times = take_sized(times).into();
+    Arc::new(TimestampMillisecondArray::new(times, None).with_timezone(TIME_ZONE))
 }
 
 #[cfg(test)]
