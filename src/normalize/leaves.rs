@@ -298,13 +298,7 @@ fn plain_decimal(text: &[u8], at: usize) -> Option<(f64, usize)> {
     let digits = at + usize::from(negative);
     // Past 19 digits the mantissa wraps; such a number is refused below.
     let mut mantissa = 0u64;
-    let mut end = digits;
-    while let Some(digit) = text.get(end).map(|byte| byte.wrapping_sub(b'0'))
-        && digit < 10
-    {
-        mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
-        end += 1;
-    }
+    let mut end = fold_digits(text, digits, &mut mantissa);
     let whole = end - digits;
     if whole == 0 || (whole > 1 && text[digits] == b'0') {
         return None;
@@ -312,13 +306,7 @@ fn plain_decimal(text: &[u8], at: usize) -> Option<(f64, usize)> {
     let mut places = 0;
     if text.get(end) == Some(&b'.') {
         let fraction = end + 1;
-        end = fraction;
-        while let Some(digit) = text.get(end).map(|byte| byte.wrapping_sub(b'0'))
-            && digit < 10
-        {
-            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
-            end += 1;
-        }
+        end = fold_digits(text, fraction, &mut mantissa);
         places = end - fraction;
         if places == 0 {
             return None;
@@ -339,6 +327,19 @@ fn plain_decimal(text: &[u8], at: usize) -> Option<(f64, usize)> {
         return None;
     };
     Some((if negative { -magnitude } else { magnitude }, end))
+}
+
+/// Folds the digits of `text` from `at` into `mantissa` (wrapping past 19 digits, which the
+/// caller refuses); where they end.
+#[inline]
+fn fold_digits(text: &[u8], mut at: usize, mantissa: &mut u64) -> usize {
+    while let Some(digit) = text.get(at).map(|byte| byte.wrapping_sub(b'0'))
+        && digit < 10
+    {
+        *mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
+        at += 1;
+    }
+    at
 }
 
 /// [`number`] for what is not a plain decimal: the text is scanned on, held to the whole
