@@ -7,6 +7,7 @@ use arrow_array::builder::{ArrayBuilder, StringBuilder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch, TimestampMillisecondArray};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 
+use super::names::NameKeys;
 use crate::record::{DeadLetter, Normalized};
 use crate::telemetry::Table;
 
@@ -30,7 +31,8 @@ pub const QUANTISED_COLUMNS: [&str; 1] = ["value"];
 /// Names that repeat row after row (a board on each of its readings, the same sensors in
 /// every dweet). Written plain as they arrive: interning every row into a dictionary cost
 /// about 1,400 instructions a dweet, and zstd folds the repeats instead (37.4 bytes a dweet
-/// became 39.5). Compaction gives them their dictionary back for the files kept long.
+/// became 39.5). Compaction gives them their dictionary back for the files kept long. The
+/// readings rows hold them as keys until they are written (see `names`).
 pub const NAME_COLUMNS: [&str; 2] = ["thing", "sensor"];
 
 /// Columns that are timestamps in every dataset that has them (not `created`: a dead
@@ -126,6 +128,30 @@ impl Dataset {
             ],
         }))
     }
+
+    /// The schema of the batches the sink hands `parquet`: the file's [`schema`](Self::schema)
+    /// but for the readings' names, which arrive as keys into the names a file has seen
+    /// (see `names`) and are written as their text.
+    pub fn batch_schema(self) -> SchemaRef {
+        let file = self.schema();
+        if self != Dataset::Readings {
+            return file;
+        }
+        let keyed = DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8));
+        let fields: Vec<Field> = file
+            .fields()
+            .iter()
+            .map(|field| {
+                let field = field.as_ref().clone();
+                if NAME_COLUMNS.contains(&field.name().as_str()) {
+                    field.with_data_type(keyed.clone())
+                } else {
+                    field
+                }
+            })
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
 }
 
 /// The time zone of every time column: times are milliseconds since the epoch, in UTC.
@@ -137,9 +163,10 @@ const TIME_ZONE: &str = "UTC";
 pub enum Rows {
     Readings {
         time: Vec<i64>,
-        thing: StringBuilder,
-        sensor: StringBuilder,
+        thing: Vec<u32>,
+        sensor: Vec<u32>,
         value: Vec<f64>,
+        names: Box<NameKeys>,
     },
     Dweets {
         thing: StringBuilder,
@@ -161,9 +188,10 @@ impl Rows {
         match dataset {
             Dataset::Readings => Rows::Readings {
                 time: Vec::new(),
-                thing: StringBuilder::new(),
-                sensor: StringBuilder::new(),
+                thing: Vec::new(),
+                sensor: Vec::new(),
                 value: Vec::new(),
+                names: Box::default(),
             },
             Dataset::Dweets => Rows::Dweets {
                 thing: StringBuilder::new(),
@@ -197,15 +225,12 @@ impl Rows {
                 thing,
                 sensor,
                 value,
+                names,
             } => {
                 // The dweet's time and board repeat on each of its readings: appended as
                 // runs, column by column.
-                let readings = dweet.readings.len();
-                time.resize(time.len() + readings, dweet.created_ms);
-                thing.append_value_n(&dweet.thing, readings);
-                for reading in &dweet.readings {
-                    sensor.append_value(&reading.sensor);
-                }
+                time.resize(time.len() + dweet.readings.len(), dweet.created_ms);
+                names.push(&dweet.thing, &dweet.readings, thing, sensor);
                 value.extend(dweet.readings.iter().map(|reading| reading.value));
             }
             Rows::Dweets {
@@ -250,10 +275,11 @@ impl Rows {
                 thing,
                 sensor,
                 value,
+                names,
             } => vec![
                 take_times(time),
-                take_text(thing),
-                take_text(sensor),
+                names.things_column(take_sized(thing))?,
+                names.sensors_column(take_sized(sensor))?,
                 Arc::new(Float64Array::new(take_sized(value).into(), None)),
             ],
             Rows::Dweets {
@@ -307,7 +333,7 @@ fn take_times(times: &mut Vec<i64>) -> ArrayRef {
 mod tests {
     use super::*;
     use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float64Type, TimestampMillisecondType};
+    use arrow_array::types::{Float64Type, TimestampMillisecondType, UInt32Type};
 
     fn dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Normalized {
         match crate::record::test_dweet(thing, created_ms, readings) {
@@ -323,12 +349,16 @@ mod tests {
         rows.push_dweet(&dweet("b", 20, &[]));
         rows.push_dweet(&dweet("c", 30, &[("t", 3.0)]));
         for round in 0..2 {
-            let batch = rows.take_batch(&Dataset::Readings.schema()).unwrap();
+            let batch = rows.take_batch(&Dataset::Readings.batch_schema()).unwrap();
+            // The names come as keys into the names seen, which Parquet writes as text.
             let text = |column: usize| -> Vec<String> {
-                let array = batch.column(column).as_string::<i32>();
-                array
+                let keyed = batch.column(column).as_dictionary::<UInt32Type>();
+                let names = keyed.values().as_string::<i32>();
+                keyed
+                    .keys()
+                    .values()
                     .iter()
-                    .map(|v| v.unwrap_or_default().to_owned())
+                    .map(|key| names.value(*key as usize).to_owned())
                     .collect()
             };
             let times: Vec<i64> = batch

@@ -101,7 +101,7 @@ impl OpenFile {
         if self.rows.len() == 0 {
             return Ok(());
         }
-        let batch = self.rows.take_batch(&self.dataset.schema())?;
+        let batch = self.rows.take_batch(&self.dataset.batch_schema())?;
         self.writer.write(&batch)?;
         Ok(())
     }

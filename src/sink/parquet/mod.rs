@@ -23,6 +23,7 @@ pub mod compact;
 mod config;
 mod generation;
 mod held;
+mod names;
 mod recovery;
 mod run;
 
