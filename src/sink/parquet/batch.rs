@@ -343,6 +343,14 @@ mod tests {
     }
 
     #[test]
+    fn all_lists_the_datasets_in_their_declared_order() {
+        // A generation counts its rows by `dataset as usize` into ALL's positions.
+        for (position, dataset) in Dataset::ALL.into_iter().enumerate() {
+            assert_eq!(dataset as usize, position, "{dataset:?}");
+        }
+    }
+
+    #[test]
     fn each_reading_row_carries_its_dweets_time_and_board() {
         let mut rows = Rows::new(Dataset::Readings);
         rows.push_dweet(&dweet("a", 10, &[("t", 1.0), ("h", 2.0)]));

@@ -482,9 +482,11 @@ impl ParquetSink {
             self.metrics.parquet_file_sealed(file.dataset.table());
         }
         self.durable.raise_all(generation.watermarks);
-        for (dataset, rows) in &generation.dataset_rows {
-            self.metrics
-                .rows_written(SinkName::Parquet, dataset.table(), *rows);
+        for (dataset, rows) in Dataset::ALL.into_iter().zip(generation.dataset_rows) {
+            if rows > 0 {
+                self.metrics
+                    .rows_written(SinkName::Parquet, dataset.table(), rows);
+            }
         }
         tracing::debug!(
             generation = generation.id,
