@@ -935,4 +935,47 @@ mod tests {
         sink.close().unwrap();
         assert_eq!(finalised(dir.path()).len(), 1);
     }
+
+    #[test]
+    fn a_sealed_generation_reports_the_rows_of_each_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let (mut sink, _) = ParquetSink::open(
+            ParquetConfig::new(dir.path()),
+            Duration::from_secs(24 * 60 * 60),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let base = 1_795_000_000_000;
+        let mut without_readings = dweet("b", base);
+        if let Record::Dweet(dweet) = &mut without_readings {
+            dweet.readings.clear();
+        }
+        let letter = Record::DeadLetter(DeadLetter {
+            thing: None,
+            created: None,
+            created_ms: None,
+            received_ms: base,
+            payload: "[1,2]".to_owned(),
+            reason: "not an object".to_owned(),
+        });
+        sink.write(&[
+            dweet("a", base),
+            dweet("a", base + 1),
+            without_readings,
+            letter,
+        ])
+        .unwrap();
+        let rows = |table: &str| {
+            metrics.value(
+                "dweetpipe_sink_rows_written_total",
+                &[("sink", "parquet"), ("table", table)],
+            )
+        };
+        assert_eq!(rows("dweets"), 0.0, "nothing counts before the seal");
+        sink.close().unwrap();
+        assert_eq!(rows("readings"), 2.0);
+        assert_eq!(rows("dweets"), 3.0);
+        assert_eq!(rows("dead_letters"), 1.0);
+    }
 }
