@@ -40,6 +40,22 @@ impl Watermarks {
         }
     }
 
+    /// Raises `thing`'s mark to `created_ms` if that is above it (or it has none), and says
+    /// whether it was: one lookup where `holds` and then `raise` took two.
+    pub fn raise_if_newer(&mut self, thing: &str, created_ms: i64) -> bool {
+        match self.0.get_mut(thing) {
+            Some(mark) if created_ms <= *mark => false,
+            Some(mark) => {
+                *mark = created_ms;
+                true
+            }
+            None => {
+                self.0.insert(thing.to_owned(), created_ms);
+                true
+            }
+        }
+    }
+
     /// Sets `thing`'s mark to what its destination says it holds, lower or not.
     pub fn set(&mut self, thing: String, created_ms: i64) {
         self.0.insert(thing, created_ms);
@@ -144,6 +160,15 @@ mod tests {
                 *held,
                 "{raised:?} asked {thing}@{at}"
             );
+            // raise_if_newer answers the opposite of holds and leaves the marks as raise.
+            let mut raised_after = watermarks.clone();
+            raised_after.raise(thing, *at);
+            assert_eq!(
+                watermarks.raise_if_newer(thing, *at),
+                !*held,
+                "{raised:?} raised if newer {thing}@{at}"
+            );
+            assert_eq!(watermarks, raised_after, "{raised:?} then {thing}@{at}");
         }
         let mut lowered = marks(&[("a", 5)]);
         lowered.set("a".to_owned(), 2);

@@ -248,11 +248,23 @@ impl ParquetSink {
                         continue;
                     }
                     let date = self.date_of(dweet.created_ms);
-                    if self.holds(&dweet.thing, dweet.created_ms)
-                        && self.stored_on(date, &dweet.thing, dweet.created_ms)?
-                    {
-                        skipped += 1;
-                        continue;
+                    // The live path: a dweet newer than its board's marks is not held, and
+                    // the lookup that tells raises the open generation's mark.
+                    let newer = !self.durable.holds(&dweet.thing, dweet.created_ms)
+                        && self
+                            .generation()
+                            .watermarks
+                            .raise_if_newer(&dweet.thing, dweet.created_ms);
+                    if !newer {
+                        if self.holds(&dweet.thing, dweet.created_ms)
+                            && self.stored_on(date, &dweet.thing, dweet.created_ms)?
+                        {
+                            skipped += 1;
+                            continue;
+                        }
+                        self.generation()
+                            .watermarks
+                            .raise(&dweet.thing, dweet.created_ms);
                     }
                     // Only while older history is being checked: no lookup on the live path.
                     if !self.held_on.is_empty()
@@ -261,7 +273,6 @@ impl ParquetSink {
                         held.insert((dweet.thing.clone(), dweet.created_ms));
                     }
                     let generation = self.generation();
-                    generation.watermarks.raise(&dweet.thing, dweet.created_ms);
                     generation.count(Dataset::Dweets, 1);
                     generation.count(Dataset::Readings, dweet.readings.len() as u64);
                     self.push(Dataset::Dweets, date, |rows| rows.push_dweet(dweet))?;
