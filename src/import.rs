@@ -250,22 +250,25 @@ fn sorted_by_thing(
 mod tests {
     use super::*;
 
+    /// Lines out of order, repeated, blank and not JSON.
+    const MIXED: &str = concat!(
+        r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
+        "\n",
+        r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
+        "\n",
+        "\n",
+        "not json at all\n",
+        r#"{"thing":"b","created":"2026-01-01T00:00:01.000Z","content":{"v":1},"transaction":"x"}"#,
+        "\n",
+        r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
+        "\n",
+        r#"{"thing":"a","created":"2026-01-01T00:00:03.000Z","content":{"v":3}}"#,
+        "\n",
+    );
+
     #[test]
     fn groups_sorts_deduplicates_and_dead_letters_bad_lines() {
-        let input = concat!(
-            r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
-            "\n",
-            r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
-            "\n",
-            "\n",
-            "not json at all\n",
-            r#"{"thing":"b","created":"2026-01-01T00:00:01.000Z","content":{"v":1},"transaction":"x"}"#,
-            "\n",
-            r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
-            "\n",
-            r#"{"thing":"a","created":"2026-01-01T00:00:03.000Z","content":{"v":3}}"#,
-            "\n",
-        );
+        let input = MIXED;
         let mut imported = Imported::default();
         imported.read("history.jsonl", input.as_bytes(), 9).unwrap();
         assert_eq!((imported.lines, imported.dweets), (6, 5));
@@ -297,40 +300,33 @@ mod tests {
 
     #[test]
     fn lines_read_the_same_whatever_the_buffer_cuts_them_at() {
-        let input = concat!(
-            r#"{"thing":"b","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
-            "\n\r\n\nnot json\n",
-            r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
-            "\r\n",
-            r#"{"thing":"a","created":"2026-01-01T00:00:03.000Z","content":{"v":[3,4]}}"#,
-        );
-        let read = |capacity: usize| {
-            let mut imported = Imported::default();
-            let input = std::io::BufReader::with_capacity(capacity, input.as_bytes());
-            imported.read("in.jsonl", input, 9).unwrap();
-            let counts = (imported.lines, imported.dweets);
-            (counts, format!("{:?}", imported.into_records(9)))
-        };
-        let whole = read(input.len() + 1);
-        assert_eq!(whole.0, (4, 3));
-        assert!(
-            whole.1.contains("in.jsonl line 4: not a dweet"),
-            "{}",
-            whole.1
-        );
-        for capacity in 1..=input.len() {
-            assert_eq!(read(capacity), whole, "a buffer of {capacity} bytes");
+        for input in [MIXED, UNENDED] {
+            let read = |capacity: usize| {
+                let mut imported = Imported::default();
+                let input = std::io::BufReader::with_capacity(capacity, input.as_bytes());
+                imported.read("in.jsonl", input, 9).unwrap();
+                let counts = (imported.lines, imported.dweets);
+                (counts, format!("{:?}", imported.into_records(9)))
+            };
+            let whole = read(input.len() + 1);
+            assert!(whole.1.contains("not a dweet"), "{}", whole.1);
+            for capacity in 1..=input.len() {
+                assert_eq!(read(capacity), whole, "a buffer of {capacity} bytes");
+            }
         }
     }
 
+    /// Windows line ends, a blank line and a last line without its newline.
+    const UNENDED: &str = concat!(
+        "\r\n",
+        r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
+        "\r\n[1]\n",
+        r#"{"thing":"a","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
+    );
+
     #[test]
     fn a_last_line_without_a_newline_is_read_and_lines_are_counted_from_one() {
-        let input = concat!(
-            "\r\n",
-            r#"{"thing":"a","created":"2026-01-01T00:00:01.000Z","content":{"v":1}}"#,
-            "\r\n[1]\n",
-            r#"{"thing":"a","created":"2026-01-01T00:00:02.000Z","content":{"v":2}}"#,
-        );
+        let input = UNENDED;
         let mut imported = Imported::default();
         imported.read("-", input.as_bytes(), 9).unwrap();
         assert_eq!((imported.lines, imported.dweets), (3, 2));
