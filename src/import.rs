@@ -316,6 +316,72 @@ mod tests {
         }
     }
 
+    /// Hands out `bytes` a few at a time, each piece after an `Interrupted` error, and fails
+    /// for good at `fails_at`.
+    struct Flaky {
+        bytes: &'static [u8],
+        at: usize,
+        interrupted: bool,
+        fails_at: usize,
+    }
+
+    impl std::io::Read for Flaky {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let piece = std::io::BufRead::fill_buf(self)?;
+            let n = piece.len().min(out.len());
+            out[..n].copy_from_slice(&piece[..n]);
+            std::io::BufRead::consume(self, n);
+            Ok(n)
+        }
+    }
+
+    impl std::io::BufRead for Flaky {
+        fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+            if self.at >= self.fails_at {
+                return Err(std::io::Error::other("the disk went away"));
+            }
+            self.interrupted = !self.interrupted;
+            if self.interrupted {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let end = (self.at + 7).min(self.bytes.len()).min(self.fails_at);
+            Ok(&self.bytes[self.at..end])
+        }
+
+        fn consume(&mut self, n: usize) {
+            self.at += n;
+        }
+    }
+
+    #[test]
+    fn an_interrupted_read_is_retried_and_a_failed_one_ends_the_input_with_its_error() {
+        let flaky = |fails_at| Flaky {
+            bytes: MIXED.as_bytes(),
+            at: 0,
+            interrupted: false,
+            fails_at,
+        };
+        let mut whole = Imported::default();
+        whole.read("in.jsonl", MIXED.as_bytes(), 9).unwrap();
+        let mut retried = Imported::default();
+        retried.read("in.jsonl", flaky(usize::MAX), 9).unwrap();
+        assert_eq!(
+            format!("{:?}", retried.into_records(9)),
+            format!("{:?}", whole.into_records(9))
+        );
+
+        // Failing in the fourth line: the three before it are read, the rest is not.
+        let fourth = MIXED.find("not json").unwrap() + 3;
+        let mut failed = Imported::default();
+        let error = failed.read("in.jsonl", flaky(fourth), 9).unwrap_err();
+        assert_eq!(error.to_string(), "the disk went away");
+        assert_eq!(
+            (failed.lines, failed.dweets),
+            (2, 2),
+            "the third line is blank"
+        );
+    }
+
     /// Windows line ends, a blank line and a last line without its newline.
     const UNENDED: &str = concat!(
         "\r\n",
