@@ -154,13 +154,6 @@ impl Dataset {
     }
 }
 
-/// Rows buffered per file before they are encoded into the open file.
-pub const BATCH_ROWS: usize = 16 * 1024;
-
-/// The most room a text column of a file's first rows is given before they come: a buffer
-/// of rows like a first dweet of 100 KB would be 1.6 GB.
-const FIRST_TEXT_BYTES: usize = 8 << 20;
-
 /// The time zone of every time column: times are milliseconds since the epoch, in UTC.
 const TIME_ZONE: &str = "UTC";
 
@@ -234,13 +227,6 @@ impl Rows {
                 value,
                 names,
             } => {
-                if time.capacity() == 0 {
-                    // A file's first rows: room for a buffer's worth, not grown by copies.
-                    time.reserve(BATCH_ROWS);
-                    thing.reserve(BATCH_ROWS);
-                    sensor.reserve(BATCH_ROWS);
-                    value.reserve(BATCH_ROWS);
-                }
                 // The dweet's time and board repeat on each of its readings: appended as
                 // runs, column by column.
                 time.resize(time.len() + dweet.readings.len(), dweet.created_ms);
@@ -253,16 +239,6 @@ impl Rows {
                 received_at,
                 content,
             } => {
-                if created.capacity() == 0 {
-                    // A file's first row: room for a buffer's worth of rows its size, where
-                    // growing from nothing copied each column over and over.
-                    let bytes =
-                        |text: &str| BATCH_ROWS.saturating_mul(text.len()).min(FIRST_TEXT_BYTES);
-                    *thing = StringBuilder::with_capacity(BATCH_ROWS, bytes(&dweet.thing));
-                    created.reserve(BATCH_ROWS);
-                    received_at.reserve(BATCH_ROWS);
-                    *content = StringBuilder::with_capacity(BATCH_ROWS, bytes(&dweet.content));
-                }
                 thing.append_value(&dweet.thing);
                 created.push(dweet.created_ms);
                 received_at.push(dweet.received_ms);
@@ -372,20 +348,6 @@ mod tests {
         for (position, dataset) in Dataset::ALL.into_iter().enumerate() {
             assert_eq!(dataset as usize, position, "{dataset:?}");
         }
-    }
-
-    #[test]
-    fn a_large_first_dweet_is_not_given_room_for_a_buffer_of_its_like() {
-        // Room for BATCH_ROWS of these would be 64 GiB, which the allocator refuses.
-        let mut large = dweet("a", 10, &[("t", 1.0)]);
-        large.content = "x".repeat(4 << 20);
-        let mut rows = Rows::new(Dataset::Dweets);
-        rows.push_dweet(&large);
-        rows.push_dweet(&dweet("b", 20, &[]));
-        let batch = rows.take_batch(&Dataset::Dweets.batch_schema()).unwrap();
-        let content = batch.column(3).as_string::<i32>();
-        assert_eq!(content.value(0).len(), 4 << 20);
-        assert_eq!(batch.num_rows(), 2);
     }
 
     #[test]

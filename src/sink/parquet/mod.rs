@@ -41,7 +41,7 @@ use parquet::file::properties::{
 use parquet::schema::types::ColumnPath;
 
 pub use batch::Dataset;
-use batch::{BATCH_ROWS, Rows};
+use batch::Rows;
 pub use config::ParquetConfig;
 use generation::{
     Generation, META_FILES, META_GENERATION, META_WATERMARKS, OpenFile, open_generation,
@@ -52,6 +52,8 @@ use super::{DirLock, LockError, Watermarks};
 use crate::record::{Record, ms_before, ms_to_datetime, now_ms};
 use crate::telemetry::{Metrics, SinkName};
 
+/// Rows buffered per file before they are encoded into the open file.
+const BATCH_ROWS: usize = 16 * 1024;
 /// Recovery opens the footers of generations younger than what the source can replay plus
 /// this margin; older data is past the source's history, so its watermarks cannot matter for
 /// backfill (and a large dataset need not be read whole at every start).
