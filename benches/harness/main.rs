@@ -223,14 +223,10 @@ fn usage_of(pid: &str) -> anyhow::Result<Usage> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .context("no VmRSS in /proc/self/status")?;
-    let fields = stat_fields(pid)?;
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-        .sum();
+    let spent = cpu_spent(pid)?;
     Ok(Usage {
         rss_bytes: rss_kib * 1024,
-        cpu_seconds: ticks / 100.0,
+        cpu_seconds: spent.user + spent.system,
         at: Instant::now(),
     })
 }
@@ -248,7 +244,7 @@ fn stat_fields(pid: &str) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// This process's CPU seconds so far, in user mode and in the kernel, and its minor page
+/// A process's CPU seconds so far, in user mode and in the kernel, and its minor page
 /// faults: a phase's are the difference of two.
 #[derive(Debug, Clone, Copy)]
 struct CpuSpent {
@@ -257,8 +253,8 @@ struct CpuSpent {
     faults: u64,
 }
 
-fn cpu_spent() -> anyhow::Result<CpuSpent> {
-    let fields = stat_fields("self")?;
+fn cpu_spent(pid: &str) -> anyhow::Result<CpuSpent> {
+    let fields = stat_fields(pid)?;
     let seconds = |index: usize| {
         fields
             .get(index)
@@ -740,7 +736,7 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
 
     // dweetpipe: read, normalise, COPY in batches with watermarks (what `import` does).
     let metrics = Arc::new(dweetpipe::telemetry::Metrics::new()?);
-    let before_reading = cpu_spent()?;
+    let before_reading = cpu_spent("self")?;
     let started = Instant::now();
     let mut imported = Imported::default();
     imported.read(
@@ -751,7 +747,7 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
     let (records, _) = imported.into_records(0);
     let parsed = started.elapsed();
     // Whether a slow read was this process working longer or waiting for a core.
-    let after_reading = cpu_spent()?;
+    let after_reading = cpu_spent("self")?;
     let sink_config = PostgresConfig {
         spool_dir: work.join("spool"),
         ..PostgresConfig::new(url.clone())
