@@ -166,6 +166,8 @@ pub enum Rows {
         thing: Vec<u32>,
         sensor: Vec<u32>,
         value: Vec<f64>,
+        /// Boxed: the names' maps and builders would make every variant several times the
+        /// size of the others.
         names: Box<NameKeys>,
     },
     Dweets {
