@@ -31,8 +31,8 @@ pub fn format_created(at: DateTime<Utc>) -> String {
 /// Parses a `created` string. Accepts any RFC 3339 instant so that clones with other precision
 /// still decode; the original string is kept by [`crate::client::Created`] for round trips.
 pub fn parse_created(text: &str) -> Option<DateTime<Utc>> {
-    if is_canonical_created(text) {
-        return DateTime::from_timestamp_millis(canonical_created_ms(text)?);
+    if let Some(digits) = canonical_digits(text) {
+        return DateTime::from_timestamp_millis(canonical_created_ms(digits)?);
     }
     DateTime::parse_from_rfc3339(text)
         .ok()
@@ -41,27 +41,29 @@ pub fn parse_created(text: &str) -> Option<DateTime<Utc>> {
 
 /// [`parse_created`] as milliseconds since the Unix epoch, as records carry it.
 pub fn created_ms(text: &str) -> Option<i64> {
-    if is_canonical_created(text) {
-        return canonical_created_ms(text);
+    match canonical_digits(text) {
+        Some(digits) => canonical_created_ms(digits),
+        None => parse_created(text).map(|at| at.timestamp_millis()),
     }
-    parse_created(text).map(|at| at.timestamp_millis())
 }
 
-/// The instant of a text [`is_canonical_created`] accepts, `None` when no such date or time
-/// exists. Nearly every dweet's: the fields are read straight off their fixed places and the
-/// day counted from the civil calendar (H. Hinnant's `days_from_civil`), where a general
-/// RFC 3339 parse took about 400 instructions and chrono's calendar types 280.
-fn canonical_created_ms(text: &str) -> Option<i64> {
-    let number = |range: std::ops::Range<usize>| {
-        text.as_bytes()[range]
-            .iter()
-            .fold(0i64, |n, digit| n * 10 + i64::from(digit - b'0'))
-    };
-    let (year, month, day) = (number(0..4), number(5..7), number(8..10));
-    let (hour, minute, second) = (number(11..13), number(14..16), number(17..19));
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+/// The instant of a canonical text, from its [`canonical_digits`]; `None` when no such date
+/// or time exists. Nearly every dweet's: the fields are read straight off their fixed places
+/// and the day counted from the civil calendar (H. Hinnant's `days_from_civil`), where a
+/// general RFC 3339 parse took about 400 instructions and chrono's calendar types 280.
+fn canonical_created_ms(digits: [u64; 3]) -> Option<i64> {
+    // Each byte becomes ten times its digit plus the next byte's: every two-digit field is
+    // then one byte where it starts (at most 99, so nothing carries into the next byte).
+    let pairs = digits.map(|word| word.wrapping_mul(10).wrapping_add(word >> 8));
+    let byte = |word: u64, at: u32| (word >> (8 * at)) & 0xff;
+    // `YYYY-MM-` `DDTHH:MM` `:SS.mmmZ`
+    let year = byte(pairs[0], 0) * 100 + byte(pairs[0], 2);
+    let month = byte(pairs[0], 5);
+    let (day, hour, minute) = (byte(pairs[1], 0), byte(pairs[1], 3), byte(pairs[1], 6));
+    let second = byte(pairs[2], 1);
+    let millisecond = byte(pairs[2], 4) * 10 + byte(digits[2], 6);
     let days_in_month = match month {
-        2 if leap => 29,
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
         2 => 28,
         4 | 6 | 9 | 11 => 30,
         1..=12 => 31,
@@ -70,22 +72,36 @@ fn canonical_created_ms(text: &str) -> Option<i64> {
     if !(1..=days_in_month).contains(&day) || hour > 23 || minute > 59 {
         return None;
     }
-    // Years counted from March, so a leap day ends its year (year 0's January is then in
-    // year -1, hence the Euclidean division into 400-year eras).
-    let year = if month <= 2 { year - 1 } else { year };
-    let (era, year_of_era) = (year.div_euclid(400), year.rem_euclid(400));
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    // Years counted from March, so a leap day ends its year; and from 400 years before
+    // year 0, so that year 0's January (then in year -1) is in an era of its own and every
+    // division is unsigned.
+    let (year, month_from_march) = if month <= 2 {
+        (year + 399, month + 9)
+    } else {
+        (year + 400, month - 3)
+    };
+    let (era, year_of_era) = (year / 400, year % 400);
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    Some((((days * 24 + hour) * 60 + minute) * 60 + second) * 1000 + number(20..23))
+    let days = (era * 146_097 + day_of_era) as i64 - 146_097 - 719_468;
+    let seconds_of_day = ((hour * 60 + minute) * 60 + second) as i64;
+    Some((days * 86_400 + seconds_of_day) * 1000 + millisecond as i64)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` with digits where digits go and a second below 60: the shape
 /// [`format_created`] writes, so a text of it that parses is its own canonical form.
 pub fn is_canonical_created(text: &str) -> bool {
-    // Eight bytes at a time (every dweet's `created` is checked, twice): digits where the
-    // shape has `0`, its own bytes elsewhere. A byte is a digit when, less `0`, its high
-    // nibble is clear and adding six keeps it clear (10 to 15 carry into it).
+    canonical_digits(text).is_some()
+}
+
+/// The digits of a text [`is_canonical_created`] accepts, eight bytes to a word as the text
+/// has them (little-endian), each byte its digit's value and every other byte zero.
+///
+/// Eight bytes at a time (every dweet's `created` is read this way): digits where the shape
+/// has `0`, its own bytes elsewhere. A byte is a digit when, less `0`, its high nibble is
+/// clear and adding six keeps it clear (10 to 15 carry into it). The words are what the parse
+/// reads its fields from, where reading them a byte at a time cost 180 instructions a dweet.
+fn canonical_digits(text: &str) -> Option<[u64; 3]> {
     const SHAPE: &[u8; 24] = b"0000-00-00T00:00:00.000Z";
     const WORDS: [u64; 3] = words_of(SHAPE);
     const DIGITS: [u64; 3] = places_of(SHAPE, true);
@@ -93,17 +109,23 @@ pub fn is_canonical_created(text: &str) -> bool {
     const LOW_NIBBLES: u64 = u64::from_le_bytes([0x0f; 8]);
     const SIX: u64 = u64::from_le_bytes([0x06; 8]);
     const ZEROS: u64 = u64::from_le_bytes([b'0'; 8]);
-    let bytes = text.as_bytes();
-    if bytes.len() != SHAPE.len() || bytes[17] >= b'6' {
-        return false;
+    let bytes: &[u8; 24] = text.as_bytes().try_into().ok()?;
+    if bytes[17] >= b'6' {
+        return None;
     }
-    bytes.chunks_exact(8).enumerate().all(|(at, word)| {
+    let mut digits = [0u64; 3];
+    for (at, word) in bytes.chunks_exact(8).enumerate() {
         let word = u64::from_le_bytes(<[u8; 8]>::try_from(word).unwrap_or_default());
-        let digits = (word ^ ZEROS) & DIGITS[at];
-        digits & !LOW_NIBBLES == 0
-            && digits.wrapping_add(SIX) & !LOW_NIBBLES & DIGITS[at] == 0
-            && (word ^ WORDS[at]) & OTHERS[at] == 0
-    })
+        let values = (word ^ ZEROS) & DIGITS[at];
+        let canonical = values & !LOW_NIBBLES == 0
+            && values.wrapping_add(SIX) & !LOW_NIBBLES & DIGITS[at] == 0
+            && (word ^ WORDS[at]) & OTHERS[at] == 0;
+        if !canonical {
+            return None;
+        }
+        digits[at] = values;
+    }
+    Some(digits)
 }
 
 /// `shape`'s bytes, eight to a word, as `is_canonical_created` reads the text's.
@@ -309,6 +331,9 @@ mod tests {
         let texts = [
             "2014-03-19T10:38:46.010Z",
             "0000-01-01T00:00:00.000Z",
+            // Year 0's leap day ends the era before it; March starts the first.
+            "0000-02-29T23:59:59.999Z",
+            "0000-03-01T00:00:00.000Z",
             "9999-12-31T23:59:59.999Z",
             "2024-02-29T12:00:00.500Z",
             "2023-02-29T12:00:00.500Z",
