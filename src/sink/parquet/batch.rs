@@ -45,9 +45,10 @@ pub const TIME_COLUMNS: [&str; 2] = ["time", "received_at"];
 /// that dweeted in its seconds, interleaved. Comparing each row's `thing` for them cost
 /// about 1,400 instructions a dweet. Compaction sorts a date by board and gives `thing` its
 /// statistics back, which is where a reader skips other boards. `value` stays without them
-/// even there: a board's page still holds all its sensors, an accelerometer's -1 beside a
-/// pressure's 1,000, so no range of values is ever outside a page's; they cost 300
-/// instructions a dweet (`run_pipeline` and the import alike).
+/// even there: a board of several sensors puts them all in each page (an S5D9's -1 of an
+/// accelerometer beside 1,000 of pressure), so a filter on values skips nothing. A fleet of
+/// one-sensor things loses that skipping for DuckDB; `dweetpipe query` prunes by time and
+/// thing only. They cost 300 instructions a dweet (`run_pipeline` and the import alike).
 pub const UNPRUNABLE_COLUMNS: [&str; 3] = ["sensor", "thing", "value"];
 
 /// The datasets under `[parquet] dir`, each its own folder of `date=YYYY-MM-DD/` partitions.
