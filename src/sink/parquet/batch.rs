@@ -44,11 +44,11 @@ pub const TIME_COLUMNS: [&str; 2] = ["time", "received_at"];
 /// writes it: every file and page holds each board's whole set of sensors, and every board
 /// that dweeted in its seconds, interleaved. Comparing each row's `thing` for them cost
 /// about 1,400 instructions a dweet. Compaction sorts a date by board and gives `thing` its
-/// statistics back, which is where a reader skips other boards. `value` stays without them
-/// even there: a board of several sensors puts them all in each page (an S5D9's -1 of an
-/// accelerometer beside 1,000 of pressure), so a filter on values skips nothing. A fleet of
-/// one-sensor things loses that skipping for DuckDB; `dweetpipe query` prunes by time and
-/// thing only. They cost 300 instructions a dweet (`run_pipeline` and the import alike).
+/// statistics back, which is where a reader skips other boards. `value` too: as written,
+/// each page holds every sensor of its boards (an S5D9's -1 of an accelerometer beside 1,000
+/// of pressure), so a filter on values skips nothing, and they cost 300 instructions a
+/// dweet. Compaction gives them back, where a board that sends one sensor has pages of a
+/// narrow range.
 pub const UNPRUNABLE_COLUMNS: [&str; 3] = ["sensor", "thing", "value"];
 
 /// The datasets under `[parquet] dir`, each its own folder of `date=YYYY-MM-DD/` partitions.

@@ -5,7 +5,8 @@
 //! files with every board's rows interleaved: a reader opens them all and can skip nothing.
 //! Compaction rewrites a closed date's files of one dataset into one file sorted by
 //! `(thing, time)`, in row groups small enough that one board's rows fall in a few of them,
-//! with `thing` statistics on, so readers skip the other boards' row groups.
+//! with `thing` statistics on, so readers skip the other boards' row groups (and `value`'s,
+//! which the live files go without).
 //!
 //! Both are rewrites, made crash-safe by their order (each step has a test):
 //! 1. the new file is written under a hidden temporary name and fsynced;
@@ -403,7 +404,10 @@ fn compact_one(
         .clone()
         .into_builder()
         .set_max_row_group_row_count(Some(group))
-        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page);
+        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page)
+        // A board's values in a row, where one that sends a single sensor gives pages of
+        // a narrow range: a filter on values can skip the rest there.
+        .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::Page);
     // Written once and kept long: the names' dictionary is worth its cost here.
     for column in super::batch::NAME_COLUMNS {
         properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), true);
@@ -748,6 +752,19 @@ mod tests {
                 groups[0].column(thing).dictionary_page_offset().is_some(),
                 "{dataset:?}: compacted names get their dictionary back"
             );
+            if dataset == Dataset::Readings {
+                let value = groups[0]
+                    .columns()
+                    .iter()
+                    .position(|c| c.column_path().string() == "value")
+                    .unwrap();
+                assert!(
+                    groups
+                        .iter()
+                        .all(|g| g.column(value).statistics().is_some()),
+                    "compacted values get their statistics back"
+                );
+            }
             let admitting = groups
                 .iter()
                 .filter(|group| match group.column(thing).statistics() {
