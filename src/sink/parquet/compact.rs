@@ -743,21 +743,20 @@ mod tests {
             let reader =
                 SerializedFileReader::new(File::open(folder.join(&names[0])).unwrap()).unwrap();
             let groups = reader.metadata().row_groups();
-            let thing = groups[0]
-                .columns()
-                .iter()
-                .position(|c| c.column_path().string() == "thing")
-                .unwrap();
+            let column = |name: &str| {
+                groups[0]
+                    .columns()
+                    .iter()
+                    .position(|c| c.column_path().string() == name)
+                    .unwrap()
+            };
+            let thing = column("thing");
             assert!(
                 groups[0].column(thing).dictionary_page_offset().is_some(),
                 "{dataset:?}: compacted names get their dictionary back"
             );
             if dataset == Dataset::Readings {
-                let value = groups[0]
-                    .columns()
-                    .iter()
-                    .position(|c| c.column_path().string() == "value")
-                    .unwrap();
+                let value = column("value");
                 assert!(
                     groups
                         .iter()
