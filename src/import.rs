@@ -268,9 +268,8 @@ mod tests {
 
     #[test]
     fn groups_sorts_deduplicates_and_dead_letters_bad_lines() {
-        let input = MIXED;
         let mut imported = Imported::default();
-        imported.read("history.jsonl", input.as_bytes(), 9).unwrap();
+        imported.read("history.jsonl", MIXED.as_bytes(), 9).unwrap();
         assert_eq!((imported.lines, imported.dweets), (6, 5));
         let (records, repeats) = imported.into_records(9);
         assert_eq!(repeats, 1);
@@ -392,9 +391,8 @@ mod tests {
 
     #[test]
     fn a_last_line_without_a_newline_is_read_and_lines_are_counted_from_one() {
-        let input = UNENDED;
         let mut imported = Imported::default();
-        imported.read("-", input.as_bytes(), 9).unwrap();
+        imported.read("-", UNENDED.as_bytes(), 9).unwrap();
         assert_eq!((imported.lines, imported.dweets), (3, 2));
         let (records, _) = imported.into_records(9);
         assert_eq!(records.len(), 3);

@@ -337,9 +337,10 @@ fn take_times(times: &mut Vec<i64>) -> ArrayRef {
 
 #[cfg(test)]
 mod tests {
+    use super::super::names::tests::texts;
     use super::*;
     use arrow_array::cast::AsArray;
-    use arrow_array::types::{Float64Type, TimestampMillisecondType, UInt32Type};
+    use arrow_array::types::{Float64Type, TimestampMillisecondType};
 
     fn dweet(thing: &str, created_ms: i64, readings: &[(&str, f64)]) -> Normalized {
         match crate::record::test_dweet(thing, created_ms, readings) {
@@ -365,16 +366,7 @@ mod tests {
         for round in 0..2 {
             let batch = rows.take_batch(&Dataset::Readings.batch_schema()).unwrap();
             // The names come as keys into the names seen, which Parquet writes as text.
-            let text = |column: usize| -> Vec<String> {
-                let keyed = batch.column(column).as_dictionary::<UInt32Type>();
-                let names = keyed.values().as_string::<i32>();
-                keyed
-                    .keys()
-                    .values()
-                    .iter()
-                    .map(|key| names.value(*key as usize).to_owned())
-                    .collect()
-            };
+            let text = |column: usize| texts(batch.column(column));
             let times: Vec<i64> = batch
                 .column(0)
                 .as_primitive::<TimestampMillisecondType>()

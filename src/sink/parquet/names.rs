@@ -128,12 +128,13 @@ impl Texts {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use arrow_array::Array;
     use arrow_array::cast::AsArray;
 
-    fn texts(column: &ArrayRef) -> Vec<String> {
+    /// The names a keyed column's rows stand for, in order: what Parquet writes as its text.
+    pub(in crate::sink::parquet) fn texts(column: &ArrayRef) -> Vec<String> {
         let dictionary = column.as_dictionary::<UInt32Type>();
         let names = dictionary.values().as_string::<i32>();
         dictionary
