@@ -4,7 +4,8 @@
 //! `cargo bench --bench pipeline -- --once` runs the pipeline exactly once over the same input
 //! and exits, so an instruction count of it is repeatable: `scripts/bench` runs that under
 //! `valgrind --tool=callgrind` (seconds move by tens of percent on shared machines; counts do
-//! not).
+//! not). `-- --spool-once` does the same for what a sink that falls behind adds to it: the same
+//! dweets' records written to a spool segment and read back (`spool_round_trip`).
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use dweetpipe::protocol::encode_stream_frame;
 use dweetpipe::record::Record;
 use dweetpipe::sandbox::simulator::S5d9Board;
 use dweetpipe::sink::parquet::{ParquetConfig, ParquetSink};
+use dweetpipe::sink::spool;
 use dweetpipe::telemetry::Metrics;
 
 /// The allocator the `dweetpipe` binary ships with, so the instructions counted are the
@@ -86,6 +88,31 @@ fn run_pipeline(bytes: &Bytes, dir: &std::path::Path) -> usize {
     dweets
 }
 
+/// The records the pipeline's decoder and normaliser make of `bytes`.
+fn records(bytes: &Bytes) -> Vec<Record> {
+    let mut decoder = FrameDecoder::new();
+    let (mut normalizer, mut reader) = (Normalizer::default(), StreamReader::default());
+    decoder.push_read(bytes.clone());
+    std::iter::from_fn(|| decoder.next_event_read_by(&mut reader))
+        .filter_map(|event| match event {
+            Decoded::Dweet(read) => {
+                let created_ms = read.dweet.created().to_ms();
+                Some(read.normalize(&mut normalizer, created_ms, 0))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A backlog's spool path for `records`: one segment written, then read back; how many
+/// records came back.
+#[inline(never)]
+fn spool_round_trip(records: &[Record]) -> usize {
+    let mut segment = spool::header().to_vec();
+    spool::encode(records, &mut segment);
+    spool::decode(&segment).map_or(0, |decoded| decoded.records.len())
+}
+
 fn bench_pipeline(c: &mut Criterion) {
     let bytes = stream_bytes();
     let mut group = c.benchmark_group("pipeline");
@@ -117,6 +144,13 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
 }
 
 fn main() {
+    if std::env::args().any(|arg| arg == "--spool-once") {
+        let records = records(&stream_bytes());
+        assert_eq!(records.len(), DWEETS);
+        assert_eq!(spool_round_trip(&records), DWEETS);
+        println!("pipeline --spool-once: {DWEETS} dweets spooled and read back");
+        return;
+    }
     if std::env::args().any(|arg| arg == "--once") {
         let bytes = stream_bytes();
         let dir = tempfile::tempdir().expect("temp dir");

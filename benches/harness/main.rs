@@ -63,6 +63,10 @@ pub struct CatchupArgs {
     /// `[postgres] max_rows`: records per transaction (the default when not given).
     #[arg(long, value_name = "ROWS")]
     max_rows: Option<usize>,
+    /// Both sinks' `memory_max_rows`: records held in memory before their backlogs spool
+    /// (the default when not given).
+    #[arg(long, value_name = "RECORDS")]
+    memory_max_rows: Option<usize>,
     /// A server to create a scratch database on.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_name = "URL")]
     database_url: String,
@@ -1248,6 +1252,12 @@ async fn catchup(args: CatchupArgs) -> anyhow::Result<()> {
     postgres.spool_dir = data.join("spool");
     if let Some(rows) = args.max_rows {
         postgres.max_rows = rows;
+    }
+    if let Some(records) = args.memory_max_rows {
+        postgres.memory_max_rows = records;
+        if let Some(parquet) = config.parquet.as_mut() {
+            parquet.memory_max_rows = records;
+        }
     }
     config.postgres = Some(postgres);
     let before = usage()?;
