@@ -393,16 +393,16 @@ impl Backlog {
 
     /// Appends `batch` to the open segment, or a new one.
     fn append(&self, state: &mut State, batch: &[Record]) -> Result<(), String> {
-        let mut text = Vec::new();
-        spool::encode(batch, &mut text);
         let reuse = state.appending.is_some()
             && state
                 .segments
                 .back()
                 .is_some_and(|s| s.bytes < SEGMENT_BYTES);
+        let mut text = Vec::new();
         if !reuse {
-            text.splice(0..0, spool::header());
+            text.extend_from_slice(&spool::header());
         }
+        spool::encode(batch, &mut text);
         self.check_room(state, text.len() as u64)?;
         if !reuse {
             let number = state.next_segment;

@@ -55,16 +55,20 @@ pub fn header() -> [u8; HEADER_LEN] {
     bytes
 }
 
-/// Appends one frame per record to `out`.
+/// Appends one frame per record to `out`: each payload is written in place, and its frame's
+/// head filled in behind it.
 pub fn encode(records: &[Record], out: &mut Vec<u8>) {
-    let mut payload = Vec::new();
     for record in records {
-        payload.clear();
-        SpoolRecord(record).write(&mut payload);
-        out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&checksum(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
+        let head = out.len();
+        out.extend_from_slice(&[0; FRAME_HEAD]);
+        SpoolRecord(record).write(out);
+        let payload = &out[head + FRAME_HEAD..];
+        let length = (payload.len() as u32).to_le_bytes();
+        let sum = checksum(payload).to_le_bytes();
+        let frame_head = &mut out[head..head + FRAME_HEAD];
+        frame_head[..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+        frame_head[4..8].copy_from_slice(&length);
+        frame_head[8..].copy_from_slice(&sum);
     }
 }
 
