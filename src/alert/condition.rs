@@ -219,10 +219,10 @@ fn verdict(ctx: &Ctx<'_>, returned: Value<'_>) -> Result<Verdict, ConditionError
     Ok(Verdict::Fired { message })
 }
 
-/// The thrown value's message when the error is a JavaScript exception.
 /// How [`describe`] spells a thrown `null`.
 const THROWN_NULL: &str = "null";
 
+/// The thrown value's message when the error is a JavaScript exception.
 fn describe(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
     match CaughtError::from_error(ctx, error) {
         CaughtError::Exception(exception) => exception

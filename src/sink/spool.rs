@@ -467,7 +467,7 @@ mod tests {
         let shared = |(from, at): (usize, usize), (to, to_at): (usize, usize)| {
             Arc::ptr_eq(&sensors[from][at], &sensors[to][to_at])
         };
-        // The same names in the same places: shared, and a name past the last dweet's is new.
+        // The same names in the same places: shared.
         assert!(shared((0, 0), (1, 0)) && shared((0, 1), (1, 1)));
         // Other names at a place, or nothing before (a dead letter): read anew.
         assert!(!shared((1, 0), (2, 1)) && !shared((1, 1), (2, 0)));
@@ -604,9 +604,9 @@ mod tests {
 
     #[test]
     fn frames_are_checksummed_with_crc_32c_as_older_builds_wrote_them() {
-        // The catalogue's check value of CRC-32/ISCSI, and the checksum of a version 1 frame's
-        // payload as an older build wrote it: a different polynomial or bit order would make
-        // every spooled record damage.
+        // The catalogue's check value of CRC-32/ISCSI, and a short payload's checksum as the
+        // `crc` crate that earlier builds used computes it: a different polynomial or bit
+        // order would make every spooled record damage.
         assert_eq!(checksum(b"123456789"), 0xE306_9283);
         assert_eq!(checksum(&[KIND_DWEET, 0, 0, 0, 0]), 0x7D63_1999);
     }
