@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use dweetpipe::client::{Created, Decoded, Dweet, FrameDecoder};
-use dweetpipe::normalize::{Normalizer, StreamReader};
+use dweetpipe::normalize::{Normalizer, ReadDweet, StreamReader};
 use dweetpipe::protocol::encode_stream_frame;
 use dweetpipe::record::Record;
 use dweetpipe::sandbox::simulator::S5d9Board;
@@ -72,9 +72,7 @@ fn run_pipeline(bytes: &Bytes, dir: &std::path::Path) -> usize {
     for start in (0..bytes.len()).step_by(READ_BYTES) {
         decoder.push_read(bytes.slice(start..bytes.len().min(start + READ_BYTES)));
         while let Some(event) = decoder.next_event_read_by(&mut reader) {
-            if let Decoded::Dweet(read) = event {
-                let created_ms = read.dweet.created().to_ms();
-                batch.push(read.normalize(&mut normalizer, created_ms, 0));
+            if push_normalized(event, &mut normalizer, &mut batch) {
                 dweets += 1;
             }
         }
@@ -88,20 +86,32 @@ fn run_pipeline(bytes: &Bytes, dir: &std::path::Path) -> usize {
     dweets
 }
 
+/// Appends the record of a decoded dweet, read with its readings by the stream's reader, to
+/// `batch`; whether the event was a dweet.
+#[inline]
+fn push_normalized(
+    event: Decoded<ReadDweet>,
+    normalizer: &mut Normalizer,
+    batch: &mut Vec<Record>,
+) -> bool {
+    let Decoded::Dweet(read) = event else {
+        return false;
+    };
+    let created_ms = read.dweet.created().to_ms();
+    batch.push(read.normalize(normalizer, created_ms, 0));
+    true
+}
+
 /// The records the pipeline's decoder and normaliser make of `bytes`.
 fn records(bytes: &Bytes) -> Vec<Record> {
     let mut decoder = FrameDecoder::new();
     let (mut normalizer, mut reader) = (Normalizer::default(), StreamReader::default());
     decoder.push_read(bytes.clone());
-    std::iter::from_fn(|| decoder.next_event_read_by(&mut reader))
-        .filter_map(|event| match event {
-            Decoded::Dweet(read) => {
-                let created_ms = read.dweet.created().to_ms();
-                Some(read.normalize(&mut normalizer, created_ms, 0))
-            }
-            _ => None,
-        })
-        .collect()
+    let mut records = Vec::new();
+    while let Some(event) = decoder.next_event_read_by(&mut reader) {
+        push_normalized(event, &mut normalizer, &mut records);
+    }
+    records
 }
 
 /// A backlog's spool path for `records`: one segment written, then read back; how many
