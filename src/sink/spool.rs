@@ -334,15 +334,19 @@ impl<'a> Reader<'a> {
         Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 
-    fn string(&mut self) -> Option<String> {
+    /// The bytes of a field written as a u32 length and then that many bytes.
+    fn prefixed(&mut self) -> Option<&'a [u8]> {
         let length = self.u32()? as usize;
-        String::from_utf8(self.take(length)?.to_vec()).ok()
+        self.take(length)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.prefixed()?.to_vec()).ok()
     }
 
     /// A sensor's name: `known`'s when it is the same text.
     fn sensor(&mut self, known: Option<&Reading>) -> Option<Arc<str>> {
-        let length = self.u32()? as usize;
-        let text = self.take(length)?;
+        let text = self.prefixed()?;
         match known {
             Some(reading) if reading.sensor.as_bytes() == text => Some(Arc::clone(&reading.sensor)),
             _ => std::str::from_utf8(text).ok().map(Arc::from),
