@@ -163,10 +163,14 @@ impl ConditionEngine {
         if self.deadline.get().is_some_and(|at| Instant::now() >= at) {
             return ConditionError::TimedOut(self.limits.time);
         }
-        let description = describe(ctx, error);
-        // At the ceiling QuickJS throws its "out of memory" error, or null when it cannot
-        // allocate even that error; a condition's own `throw null` reads the same.
-        if description.contains("out of memory") || description == THROWN_NULL {
+        let caught = CaughtError::from_error(ctx, error);
+        // At the ceiling QuickJS throws null when it cannot allocate even its "out of
+        // memory" error; a condition's own `throw null` reads the same.
+        if matches!(&caught, CaughtError::Value(value) if value.is_null()) {
+            return ConditionError::OutOfMemory;
+        }
+        let description = describe_caught(caught);
+        if description.contains("out of memory") {
             return ConditionError::OutOfMemory;
         }
         otherwise(description)
@@ -219,12 +223,13 @@ fn verdict(ctx: &Ctx<'_>, returned: Value<'_>) -> Result<Verdict, ConditionError
     Ok(Verdict::Fired { message })
 }
 
-/// How [`describe`] spells a thrown `null`.
-const THROWN_NULL: &str = "null";
-
 /// The thrown value's message when the error is a JavaScript exception.
 fn describe(ctx: &Ctx<'_>, error: rquickjs::Error) -> String {
-    match CaughtError::from_error(ctx, error) {
+    describe_caught(CaughtError::from_error(ctx, error))
+}
+
+fn describe_caught(caught: CaughtError<'_>) -> String {
+    match caught {
         CaughtError::Exception(exception) => exception
             .message()
             .unwrap_or_else(|| "an exception without a message".to_owned()),
@@ -326,6 +331,11 @@ mod tests {
         assert_eq!(
             engine.evaluate("throw null;", "{}"),
             Err(ConditionError::OutOfMemory)
+        );
+        // Only the value null: a thrown text that reads "null" is what the condition threw.
+        assert_eq!(
+            engine.evaluate("throw 'null';", "{}"),
+            Err(ConditionError::Threw("null".to_owned()))
         );
         assert!(matches!(
             engine.evaluate("function f(n){ return f(n+1) + 1; } return f(0);", "{}"),
