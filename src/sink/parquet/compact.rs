@@ -34,6 +34,7 @@ use arrow_select::take::take_record_batch;
 use chrono::NaiveDate;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -388,6 +389,30 @@ fn order_by_thing_and_time(all: &RecordBatch, time: &str) -> Result<UInt32Array,
     Ok(UInt32Array::from(order))
 }
 
+/// How a compacted file is written: the sink's `properties` with row groups of `group` rows,
+/// and what pays for itself in a file that is sorted, written once and kept long.
+fn compacted_properties(properties: &WriterProperties, group: usize) -> WriterProperties {
+    let mut properties = properties
+        .clone()
+        .into_builder()
+        .set_max_row_group_row_count(Some(group))
+        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page)
+        // A board's values in a row, where one that sends a single sensor gives pages of
+        // a narrow range: a filter on values can skip the rest there.
+        .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::Page);
+    // The names' dictionary and zstd's default level for the values.
+    for column in super::batch::NAME_COLUMNS {
+        properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), true);
+    }
+    for column in super::batch::QUANTISED_COLUMNS {
+        properties = properties.set_column_compression(
+            ColumnPath::from(column),
+            Compression::ZSTD(ZstdLevel::default()),
+        );
+    }
+    properties.build()
+}
+
 /// Rewrites `inputs` (names in `folder`) as one sorted file; returns its rows.
 fn compact_one(
     (dir, folder, dataset): (&Path, &Path, Dataset),
@@ -400,19 +425,7 @@ fn compact_one(
     let (sorted, watermarks) = read_sorted(folder, inputs, dataset)?;
     let rows = sorted.num_rows();
     let group = (rows / ROW_GROUPS).max(MIN_GROUP_ROWS);
-    let mut properties = properties
-        .clone()
-        .into_builder()
-        .set_max_row_group_row_count(Some(group))
-        .set_column_statistics_enabled(ColumnPath::from("thing"), EnabledStatistics::Page)
-        // A board's values in a row, where one that sends a single sensor gives pages of
-        // a narrow range: a filter on values can skip the rest there.
-        .set_column_statistics_enabled(ColumnPath::from("value"), EnabledStatistics::Page);
-    // Written once and kept long: the names' dictionary is worth its cost here.
-    for column in super::batch::NAME_COLUMNS {
-        properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), true);
-    }
-    let properties = properties.build();
+    let properties = compacted_properties(properties, group);
     let name = format!("{COMPACTED}{newest}.parquet");
     let tmp = folder.join(format!(".{name}.tmp"));
     let replaced: Vec<&String> = inputs.to_vec();
@@ -523,6 +536,23 @@ mod tests {
 
     fn dweet(thing: &str, created_ms: i64) -> Record {
         crate::record::test_dweet(thing, created_ms, &[("t", created_ms as f64)])
+    }
+
+    #[test]
+    fn compacted_values_are_compressed_at_zstds_default_level_again() {
+        let (value, thing) = (ColumnPath::from("value"), ColumnPath::from("thing"));
+        let as_written = crate::sink::parquet::writer_properties();
+        let fastest = Compression::ZSTD(ZstdLevel::try_new(-1).unwrap());
+        assert_eq!(as_written.compression(&value), fastest, "the sink's values");
+        let compacted = compacted_properties(&as_written, 1_000);
+        let default = Compression::ZSTD(ZstdLevel::default());
+        assert_eq!(compacted.compression(&value), default, "compacted values");
+        assert_eq!(
+            compacted.compression(&thing),
+            default,
+            "the other columns as they were"
+        );
+        assert_eq!(compacted.max_row_group_row_count(), Some(1_000));
     }
 
     fn open(dir: &Path) -> ParquetSink {
