@@ -164,16 +164,27 @@ impl ConditionEngine {
             return ConditionError::TimedOut(self.limits.time);
         }
         let caught = CaughtError::from_error(ctx, error);
-        // At the ceiling QuickJS throws null when it cannot allocate even its "out of
-        // memory" error; a condition's own `throw null` reads the same.
-        if matches!(&caught, CaughtError::Value(value) if value.is_null()) {
+        if is_out_of_memory(&caught) {
             return ConditionError::OutOfMemory;
         }
-        let description = describe_caught(caught);
-        if description.contains("out of memory") {
-            return ConditionError::OutOfMemory;
+        otherwise(describe_caught(caught))
+    }
+}
+
+/// Whether QuickJS stopped a condition at the memory ceiling: it throws its own
+/// `InternalError` "out of memory", or null when it cannot allocate even that (a condition's
+/// own `throw null` reads the same). An `Error` the condition throws itself is what it threw,
+/// whatever its message says.
+fn is_out_of_memory(caught: &CaughtError<'_>) -> bool {
+    match caught {
+        CaughtError::Value(value) => value.is_null(),
+        CaughtError::Exception(exception) => {
+            exception.message().as_deref() == Some("out of memory")
+                && exception
+                    .get::<_, String>("name")
+                    .is_ok_and(|name| name == "InternalError")
         }
-        otherwise(description)
+        CaughtError::Error(error) => matches!(error, rquickjs::Error::Allocation),
     }
 }
 
@@ -305,6 +316,32 @@ mod tests {
     }
 
     #[test]
+    fn a_condition_that_hoards_memory_is_stopped_at_the_ceiling() {
+        // Time enough to reach the ceiling, so only the memory can stop it.
+        let mut engine = ConditionEngine::new(EvaluationLimits {
+            time: Duration::from_secs(60),
+            ..EvaluationLimits::default()
+        })
+        .unwrap();
+        for hoarding in [
+            "var a = []; while(true) { a.push('xxxxxxxxxxxxxxxx' + a.length); }",
+            "var s = 'x'; while(true) { s = s + s; }",
+        ] {
+            assert_eq!(
+                engine.evaluate(hoarding, "{}"),
+                Err(ConditionError::OutOfMemory),
+                "{hoarding}"
+            );
+        }
+        assert_eq!(
+            engine.evaluate("return 'still here';", "{}").unwrap(),
+            Verdict::Fired {
+                message: "still here".to_owned()
+            }
+        );
+    }
+
+    #[test]
     fn runaway_conditions_are_stopped_and_the_engine_goes_on() {
         let mut engine = ConditionEngine::new(EvaluationLimits {
             time: Duration::from_millis(30),
@@ -336,6 +373,17 @@ mod tests {
         assert_eq!(
             engine.evaluate("throw 'null';", "{}"),
             Err(ConditionError::Threw("null".to_owned()))
+        );
+        // Only QuickJS's own error: a condition's Error that says so is what it threw.
+        assert_eq!(
+            engine.evaluate("throw new Error('out of memory');", "{}"),
+            Err(ConditionError::Threw("out of memory".to_owned()))
+        );
+        assert_eq!(
+            engine.evaluate("throw new Error('the board ran out of memory');", "{}"),
+            Err(ConditionError::Threw(
+                "the board ran out of memory".to_owned()
+            ))
         );
         assert!(matches!(
             engine.evaluate("function f(n){ return f(n+1) + 1; } return f(0);", "{}"),
