@@ -47,6 +47,19 @@ enum BenchCommand {
     /// dashboard panels, bytes per dweet in each sink, the rollups' cost, compaction and
     /// retention.
     History(history::HistoryArgs),
+    /// Writes the import's input, dweets of the simulator's boards as JSON Lines, and stops:
+    /// for counting `dweetpipe import` on them (`scripts/bench` does, beside its own input).
+    S5d9Lines(S5d9LinesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct S5d9LinesArgs {
+    /// Dweets to write (20 boards, one dweet per board per second).
+    #[arg(long, default_value_t = 20_000)]
+    dweets: usize,
+    /// The file to write.
+    #[arg(long, value_name = "FILE")]
+    out: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +216,7 @@ async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Catchup(args) => catchup(args).await,
         BenchCommand::Cluster(args) => cluster::cluster(args).await,
         BenchCommand::History(args) => history::history(args).await,
+        BenchCommand::S5d9Lines(args) => write_s5d9_lines(&args.out, args.dweets),
     }
 }
 
@@ -706,11 +720,34 @@ async fn truncate(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
+/// The import's input: `dweets` S5D9 dweets from the simulator's boards as JSON Lines, 20
+/// boards, one dweet per board per second.
+fn write_s5d9_lines(path: &std::path::Path, dweets: usize) -> anyhow::Result<()> {
     use dweetpipe::client::{Created, Dweet};
+    use dweetpipe::sandbox::simulator::S5d9Board;
+
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut boards: Vec<S5d9Board> = (0..20).map(S5d9Board::new).collect();
+    let start = 1_795_000_000_000i64;
+    for i in 0..dweets {
+        let dweet = Dweet {
+            thing: format!("S5D9-{:04}", i % 20 + 1),
+            created: Created::from_datetime(dweetpipe::record::ms_to_datetime(
+                start + (i / 20) as i64 * 1000,
+            )),
+            content: boards[i % 20].next_payload(),
+            transaction: None,
+        };
+        serde_json::to_writer(&mut out, &dweet)?;
+        std::io::Write::write_all(&mut out, b"\n")?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
     use dweetpipe::import::Imported;
     use dweetpipe::record::Record;
-    use dweetpipe::sandbox::simulator::S5d9Board;
     use dweetpipe::sink::postgres::{DatabaseUrl, PostgresConfig, PostgresSink};
 
     let scratch = ScratchDatabase::create(&args.database_url).await?;
@@ -718,25 +755,9 @@ async fn import(args: ImportBenchArgs) -> anyhow::Result<()> {
     dweetpipe::sink::postgres::migrate(&url).await?;
     let work = tempfile_dir()?;
 
-    // The input: a JSON Lines file of S5D9 dweets, 20 boards, one dweet per board per second.
+    // The input: a JSON Lines file of S5D9 dweets from the simulator's boards.
     let jsonl = work.join("dweets.jsonl");
-    {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&jsonl)?);
-        let mut boards: Vec<S5d9Board> = (0..20).map(S5d9Board::new).collect();
-        let start = 1_795_000_000_000i64;
-        for i in 0..args.dweets {
-            let dweet = Dweet {
-                thing: format!("S5D9-{:04}", i % 20 + 1),
-                created: Created::from_datetime(dweetpipe::record::ms_to_datetime(
-                    start + (i / 20) as i64 * 1000,
-                )),
-                content: boards[i % 20].next_payload(),
-                transaction: None,
-            };
-            serde_json::to_writer(&mut out, &dweet)?;
-            std::io::Write::write_all(&mut out, b"\n")?;
-        }
-    }
+    write_s5d9_lines(&jsonl, args.dweets)?;
 
     // dweetpipe: read, normalise, COPY in batches with watermarks (what `import` does).
     let metrics = Arc::new(dweetpipe::telemetry::Metrics::new()?);
