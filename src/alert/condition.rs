@@ -260,6 +260,14 @@ mod tests {
         ConditionEngine::new(EvaluationLimits::default()).unwrap()
     }
 
+    fn engine_with_time(time: Duration) -> ConditionEngine {
+        ConditionEngine::new(EvaluationLimits {
+            time,
+            ..EvaluationLimits::default()
+        })
+        .unwrap()
+    }
+
     #[test]
     fn the_protocol_example_fires_and_stays_quiet() {
         let mut engine = engine();
@@ -318,11 +326,7 @@ mod tests {
     #[test]
     fn a_condition_that_hoards_memory_is_stopped_at_the_ceiling() {
         // Time enough to reach the ceiling, so only the memory can stop it.
-        let mut engine = ConditionEngine::new(EvaluationLimits {
-            time: Duration::from_secs(60),
-            ..EvaluationLimits::default()
-        })
-        .unwrap();
+        let mut engine = engine_with_time(Duration::from_secs(60));
         for hoarding in [
             "var a = []; while(true) { a.push('xxxxxxxxxxxxxxxx' + a.length); }",
             "var s = 'x'; while(true) { s = s + s; }",
@@ -343,11 +347,7 @@ mod tests {
 
     #[test]
     fn runaway_conditions_are_stopped_and_the_engine_goes_on() {
-        let mut engine = ConditionEngine::new(EvaluationLimits {
-            time: Duration::from_millis(30),
-            ..EvaluationLimits::default()
-        })
-        .unwrap();
+        let mut engine = engine_with_time(Duration::from_millis(30));
         assert_eq!(
             engine.evaluate("while(true){}", "{}"),
             Err(ConditionError::TimedOut(Duration::from_millis(30)))
