@@ -542,8 +542,12 @@ mod tests {
     fn compacted_values_are_compressed_at_zstds_default_level_again() {
         let (value, thing) = (ColumnPath::from("value"), ColumnPath::from("thing"));
         let as_written = crate::sink::parquet::writer_properties();
-        let fastest = Compression::ZSTD(ZstdLevel::try_new(-1).unwrap());
-        assert_eq!(as_written.compression(&value), fastest, "the sink's values");
+        let level_minus_one = Compression::ZSTD(ZstdLevel::try_new(-1).unwrap());
+        assert_eq!(
+            as_written.compression(&value),
+            level_minus_one,
+            "the sink's values"
+        );
         let compacted = compacted_properties(&as_written, 1_000);
         let default = Compression::ZSTD(ZstdLevel::default());
         assert_eq!(compacted.compression(&value), default, "compacted values");
