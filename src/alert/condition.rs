@@ -184,7 +184,7 @@ fn is_out_of_memory(caught: &CaughtError<'_>) -> bool {
                     .get::<_, String>("name")
                     .is_ok_and(|name| name == "InternalError")
         }
-        CaughtError::Error(error) => matches!(error, rquickjs::Error::Allocation),
+        CaughtError::Error(_) => false,
     }
 }
 
