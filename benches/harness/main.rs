@@ -727,15 +727,16 @@ fn write_s5d9_lines(path: &std::path::Path, dweets: usize) -> anyhow::Result<()>
     use dweetpipe::sandbox::simulator::S5d9Board;
 
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut boards: Vec<S5d9Board> = (0..20).map(S5d9Board::new).collect();
+    const BOARDS: usize = 20;
+    let mut boards: Vec<S5d9Board> = (0..BOARDS as u64).map(S5d9Board::new).collect();
     let start = 1_795_000_000_000i64;
     for i in 0..dweets {
         let dweet = Dweet {
-            thing: format!("S5D9-{:04}", i % 20 + 1),
+            thing: format!("S5D9-{:04}", i % BOARDS + 1),
             created: Created::from_datetime(dweetpipe::record::ms_to_datetime(
-                start + (i / 20) as i64 * 1000,
+                start + (i / BOARDS) as i64 * 1000,
             )),
-            content: boards[i % 20].next_payload(),
+            content: boards[i % BOARDS].next_payload(),
             transaction: None,
         };
         serde_json::to_writer(&mut out, &dweet)?;

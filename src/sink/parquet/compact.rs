@@ -34,7 +34,6 @@ use arrow_select::take::take_record_batch;
 use chrono::NaiveDate;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -43,6 +42,7 @@ use parquet::schema::types::ColumnPath;
 use super::DatasetError;
 use super::META_WATERMARKS;
 use super::batch::Dataset;
+use super::file_compression;
 use super::recovery::part_name;
 use crate::sink::Watermarks;
 
@@ -405,10 +405,8 @@ fn compacted_properties(properties: &WriterProperties, group: usize) -> WriterPr
         properties = properties.set_column_dictionary_enabled(ColumnPath::from(column), true);
     }
     for column in super::batch::QUANTISED_COLUMNS {
-        properties = properties.set_column_compression(
-            ColumnPath::from(column),
-            Compression::ZSTD(ZstdLevel::default()),
-        );
+        properties =
+            properties.set_column_compression(ColumnPath::from(column), file_compression());
     }
     properties.build()
 }
@@ -540,6 +538,7 @@ mod tests {
 
     #[test]
     fn compacted_values_are_compressed_at_zstds_default_level_again() {
+        use parquet::basic::{Compression, ZstdLevel};
         let (value, thing) = (ColumnPath::from("value"), ColumnPath::from("thing"));
         let as_written = crate::sink::parquet::writer_properties();
         let level_minus_one = Compression::ZSTD(ZstdLevel::try_new(-1).unwrap());

@@ -540,6 +540,12 @@ impl FileProperties {
     }
 }
 
+/// How a file's columns are compressed unless a column says otherwise: zstd at its default
+/// level. Compaction writes the measured values at it again.
+pub(crate) fn file_compression() -> Compression {
+    Compression::ZSTD(ZstdLevel::default())
+}
+
 /// zstd's first fast level for the measured values as the sink writes them. Their data pages
 /// are dictionary indices in arrival order, every sensor of a board interleaved, which level 1
 /// searched for repeats it seldom found: level -1 took 270 instructions a dweet off the
@@ -558,7 +564,7 @@ pub(crate) fn writer_properties() -> WriterProperties {
 
 fn writer_properties_builder() -> WriterPropertiesBuilder {
     let mut properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_compression(file_compression())
         .set_max_row_group_row_count(Some(1024 * 1024))
         // Page limits and statistics are checked per mini-batch of this many values: 8,192
         // rather than 1,024 took 200 instructions a dweet off, for pages at most that many
