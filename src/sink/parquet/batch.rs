@@ -25,7 +25,8 @@ pub const SELDOM_REPEATED_COLUMNS: [&str; 3] = ["time", "created", "received_at"
 /// bytes from the simulator's boards, 550 fewer from `scripts/bench`'s import (74,000
 /// distinct values). Doubles that never repeat cost 6% more instructions and 9% more bytes
 /// until the dictionary fills and falls back to plain; a smaller limit bounded that but lost
-/// the import's gain.
+/// the import's gain. The sink writes them uncompressed, compaction at zstd's default level
+/// (see `quantised_compression`).
 pub const QUANTISED_COLUMNS: [&str; 1] = ["value"];
 
 /// Names that repeat row after row (a board on each of its readings, the same sensors in

@@ -546,14 +546,17 @@ pub(crate) fn file_compression() -> Compression {
     Compression::ZSTD(ZstdLevel::default())
 }
 
-/// zstd's first fast level for the measured values as the sink writes them. Their data pages
-/// are dictionary indices in arrival order, every sensor of a board interleaved, which level 1
-/// searched for repeats it seldom found: level -1 took 270 instructions a dweet off the
-/// import (`scripts/bench`, 0.1 bytes fewer) and 120 off `run_pipeline` (0.4 bytes more, of
-/// 32.7); -2 and below cost 3% to 17% more bytes. Compaction, which sorts a board's values
-/// into runs and keeps the file long, writes them at the default level again.
+/// The measured values as the sink writes them: uncompressed. zstd found some repeats in
+/// their dictionary page and their pages of dictionary indices (in arrival order, every
+/// sensor of a board interleaved), at a high price. Per dweet, against zstd at level -1 in
+/// one build: `scripts/bench`'s import 1,530 instructions fewer (7%) for 20.6 bytes more (its
+/// random readings), `run_pipeline` 690 fewer (4%) for 5.9 more (39.0 bytes from the
+/// simulator's boards). LZ4 kept three quarters of those bytes but spent 820 of the 1,530
+/// instructions on the import. The files as written live until their date is compacted,
+/// which sorts a board's values into runs and writes them at zstd's default level
+/// (`compact::compacted_properties`).
 fn quantised_compression() -> Compression {
-    Compression::ZSTD(ZstdLevel::try_new(-1).unwrap_or_default())
+    Compression::UNCOMPRESSED
 }
 
 /// How a file is written where its names get a dictionary; the sink's readings files differ
