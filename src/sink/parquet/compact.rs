@@ -526,6 +526,7 @@ mod tests {
     use crate::record::Record;
     use crate::sink::parquet::{ParquetConfig, ParquetSink};
     use crate::telemetry::Metrics;
+    use parquet::basic::{Compression, ZstdLevel};
 
     const DAY: i64 = 24 * 60 * 60 * 1000;
     /// 2026-12-03T00:00:00Z
@@ -538,7 +539,6 @@ mod tests {
 
     #[test]
     fn compacted_values_are_compressed_at_zstds_default_level_again() {
-        use parquet::basic::{Compression, ZstdLevel};
         let (value, thing) = (ColumnPath::from("value"), ColumnPath::from("thing"));
         let as_written = crate::sink::parquet::writer_properties();
         assert_eq!(
@@ -749,6 +749,95 @@ mod tests {
         let order = order_by_thing_and_time(&batch, "time").unwrap();
         assert_eq!(order.values().to_vec(), vec![1, 4, 3, 2, 0]);
         assert!(order_by_thing_and_time(&batch, "received_at").is_err());
+    }
+
+    /// The codec of `value` in each of a date's readings files, by file name.
+    fn value_codecs(folder: &Path) -> Vec<Compression> {
+        let mut names = names_in(folder).unwrap();
+        names.sort();
+        names
+            .iter()
+            .map(|name| {
+                let reader =
+                    SerializedFileReader::new(File::open(folder.join(name)).unwrap()).unwrap();
+                let group = reader.metadata().row_group(0);
+                group
+                    .columns()
+                    .iter()
+                    .find(|column| column.column_path().string() == "value")
+                    .unwrap()
+                    .compression()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_date_with_values_compressed_and_uncompressed_compacts_whole() {
+        // A worker upgraded mid-day: its earlier files hold values at zstd's level -1 (as
+        // before 7d2d401), its later ones uncompressed.
+        let dir = tempfile::tempdir().unwrap();
+        let start = DEC3 - 2 * DAY;
+        let mut sink = open(dir.path());
+        sink.file_properties.names_plain = sink
+            .file_properties
+            .names_plain
+            .clone()
+            .into_builder()
+            .set_column_compression(
+                ColumnPath::from("value"),
+                Compression::ZSTD(ZstdLevel::try_new(-1).unwrap()),
+            )
+            .build();
+        sink.write(&[dweet("a", start + 10), dweet("b", start + 20)])
+            .unwrap();
+        sink.close().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        sink.file_properties = crate::sink::parquet::FileProperties::new();
+        sink.write(&[dweet("a", start + 30), dweet("c", start + 40)])
+            .unwrap();
+        sink.close().unwrap();
+        drop(sink);
+        let folder = dir.path().join("readings").join("date=2026-12-01");
+        let mut before = value_codecs(&folder);
+        before.sort_by_key(|codec| format!("{codec:?}"));
+        assert!(
+            matches!(
+                before.as_slice(),
+                [Compression::UNCOMPRESSED, Compression::ZSTD(_)]
+            ),
+            "one file of each: {before:?}"
+        );
+
+        compact_later(dir.path(), None);
+        assert_eq!(
+            value_codecs(&folder),
+            [Compression::ZSTD(ZstdLevel::default())]
+        );
+        let names = names_in(&folder).unwrap();
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(folder.join(&names[0])).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+        let mut rows = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let things = arrow_array::cast::AsArray::as_string::<i32>(
+                batch.column_by_name("thing").unwrap(),
+            );
+            let values = arrow_array::cast::AsArray::as_primitive::<arrow_array::types::Float64Type>(
+                batch.column_by_name("value").unwrap(),
+            );
+            for row in 0..batch.num_rows() {
+                rows.push((things.value(row).to_owned(), values.value(row)));
+            }
+        }
+        // Each test dweet's one reading is its own time.
+        let expected: Vec<(String, f64)> = [("a", 10), ("a", 30), ("b", 20), ("c", 40)]
+            .iter()
+            .map(|(thing, ms)| ((*thing).to_owned(), (start + ms) as f64))
+            .collect();
+        assert_eq!(rows, expected);
     }
 
     #[test]
