@@ -526,6 +526,8 @@ mod tests {
     use crate::record::Record;
     use crate::sink::parquet::{ParquetConfig, ParquetSink};
     use crate::telemetry::Metrics;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Float64Type;
     use parquet::basic::{Compression, ZstdLevel};
 
     const DAY: i64 = 24 * 60 * 60 * 1000;
@@ -822,12 +824,11 @@ mod tests {
         let mut rows = Vec::new();
         for batch in reader {
             let batch = batch.unwrap();
-            let things = arrow_array::cast::AsArray::as_string::<i32>(
-                batch.column_by_name("thing").unwrap(),
-            );
-            let values = arrow_array::cast::AsArray::as_primitive::<arrow_array::types::Float64Type>(
-                batch.column_by_name("value").unwrap(),
-            );
+            let things = batch.column_by_name("thing").unwrap().as_string::<i32>();
+            let values = batch
+                .column_by_name("value")
+                .unwrap()
+                .as_primitive::<Float64Type>();
             for row in 0..batch.num_rows() {
                 rows.push((things.value(row).to_owned(), values.value(row)));
             }
